@@ -1,0 +1,108 @@
+"""Closed forms: exact values, structure (sympy), and properties that must hold for every layout and workload."""
+import numpy as np
+import pytest
+import sympy as sp
+from hypothesis import given, settings, strategies as st
+
+from llmcomm import Layout, Workload, load_model, volumes as v
+from llmcomm.spec import SpecError
+from llmcomm.volumes import G, L, S, V, b, h, t, w
+
+
+def test_deepspeed_tp_closed_forms():
+    vol = v.volumes("deepspeed")
+    assert set(vol) == {("prefill", "all_reduce", t), ("decode", "all_reduce", t)}
+    calls, nbytes = vol[("prefill", "all_reduce", t)]
+    assert calls.subs(t, 2) == 2 * L + 1
+    assert sp.expand(nbytes.subs(t, 2) - (2 * L * b * S * h * w + b * V * w)) == 0
+    calls, nbytes = vol[("decode", "all_reduce", t)]
+    assert sp.expand(calls.subs(t, 4) - (G - 1) * (2 * L + 1)) == 0
+    assert sp.expand(nbytes.subs(t, 4) - (G - 1) * (2 * L * b * h + b * V) * w) == 0
+    assert calls.subs(t, 1) == 0 and nbytes.subs(t, 1) == 0
+
+
+def test_vllm_tp_closed_forms():
+    vol = v.volumes("vllm")
+    calls, nbytes = vol[("prefill", "all_reduce", t)]
+    assert calls.subs(t, 2) == 2 * L + 1  # embedding all-reduce + two per layer
+    assert sp.expand(nbytes.subs(t, 2) - (2 * L + 1) * b * S * h * w) == 0
+    calls, nbytes = vol[("decode", "gather", t)]
+    assert sp.expand(nbytes.subs(t, 2) - (G - 1) * b * V * w) == 0
+
+
+def test_exact_bytes_llama31_8b():
+    # t=2, bf16, b=1, S=128, G=2: prefill = (2·32·128·4096 + 128256)·2, decode = (2·32·4096 + 128256)·2
+    rows = v.predict_rows("llama-3.1-8b", Layout(2), Workload(1, 128, 2, "bf16"))
+    assert rows == [
+        {"phase": "prefill", "op": "all_reduce", "group_size": 2, "calls": 65, "bytes": 67365376},
+        {"phase": "decode", "op": "all_reduce", "group_size": 2, "calls": 65, "bytes": 780800},
+    ]
+
+
+def test_no_communication_on_one_rank():
+    for engine in v.ENGINES:
+        assert v.predict_rows("llama-3.1-8b", Layout(1, 1), Workload(2, 64, 8), engine) == []
+
+
+def test_unknown_engine():
+    with pytest.raises(SpecError, match="unknown engine 'megatron'"):
+        v.predict_rows("tiny-llama", Layout(2), Workload(), engine="megatron")
+
+
+def test_engines_differ_by_embedding_all_reduce_and_head():
+    # vLLM − DeepSpeed (prefill): one more all-reduce of [b, S, h] (vocab-parallel embedding); the logits move as a
+    # gather of b·V·w instead of an all-reduce of b·V·w, so the head's bytes are equal by nccl-tests' convention.
+    diff = sp.simplify(v.total_bytes("vllm", "prefill") - v.total_bytes("deepspeed", "prefill"))
+    assert sp.expand(diff.subs({t: 2, sp.Symbol("p", integer=True, positive=True): 1})) == b * S * h * w
+
+
+def test_crossover_solved():
+    # Where does DeepSpeed's prefill all-reduce of activations equal the logits all-reduce? 2·L·S·h = V.
+    sol = v.solve_crossover(2 * L * b * S * h * w, b * V * w, S, L=16, h=2048, V=128256)
+    assert sol == [sp.Rational(128256, 2 * 16 * 2048)]
+
+
+settings.register_profile("ci", max_examples=60, deadline=None)
+settings.load_profile("ci")
+
+workloads = st.builds(Workload, b=st.integers(1, 64), S=st.integers(1, 4096), G=st.integers(1, 512),
+                      dtype=st.sampled_from(["fp32", "bf16", "fp16"]))
+models = st.sampled_from(["llama-3.2-1b", "llama-3.1-8b", "llama-3.1-70b", "llama-2-13b"])
+layouts = st.builds(Layout, t=st.sampled_from([1, 2, 4, 8]), p=st.sampled_from([1, 2, 4]))
+
+
+@given(models, layouts, workloads, st.sampled_from(sorted(v.ENGINES)))
+def test_rows_equal_sum_of_forward_messages(model, layout, workload, engine):
+    """Lambdified closed forms == the pattern's messages substituted one forward at a time (two independent paths)."""
+    rows = v.predict_rows(model, layout, workload, engine)
+    expect = {}
+    for phase, forwards in (("prefill", 1), ("decode", workload.G - 1)):
+        for m in v.forward_messages(model, layout, workload, phase, engine):
+            key = (phase, m["op"], m["group_size"])
+            c, nb = expect.get(key, (0, 0))
+            expect[key] = (c + forwards * m["calls"], nb + forwards * m["calls"] * m["bytes_per_call"])
+    got = {(r["phase"], r["op"], r["group_size"]): (r["calls"], r["bytes"]) for r in rows}
+    assert got == {k: val for k, val in expect.items() if val[0]}
+
+
+@given(models, st.sampled_from([2, 4, 8]), workloads)
+def test_deepspeed_tp_bytes_independent_of_t_and_linear_in_b_w(model, tdeg, workload):
+    rows = v.predict_rows(model, Layout(tdeg), workload)
+    ref = v.predict_rows(model, Layout(2), workload)
+    assert [r["bytes"] for r in rows] == [r["bytes"] for r in ref]
+    double_b = v.predict_rows(model, Layout(tdeg), Workload(2 * workload.b, workload.S, workload.G, workload.dtype))
+    assert [2 * r["bytes"] for r in rows] == [r["bytes"] for r in double_b]
+    m = load_model(model)
+    per_decode = (2 * m.L * workload.b * m.h + workload.b * m.V) * workload.w
+    dec = [r for r in rows if r["phase"] == "decode"]
+    assert sum(r["bytes"] for r in dec) == (workload.G - 1) * per_decode
+
+
+def test_grid_matches_rows():
+    tt = np.array([1, 2, 4, 8])[:, None]
+    SS = np.array([1, 17, 1024])[None, :]
+    g = v.grid("deepspeed", "llama-3.1-8b", tt, 1, 3, SS, 9, 2)
+    for i, tv in enumerate([1, 2, 4, 8]):
+        for j, sv in enumerate([1, 17, 1024]):
+            rows = v.predict_rows("llama-3.1-8b", Layout(tv), Workload(3, sv, 9, "bf16"))
+            assert g["total"][i, j] == sum(r["bytes"] for r in rows)
