@@ -128,7 +128,7 @@ def per_forward(engine: str) -> dict[tuple[str, sp.Expr], tuple[sp.Expr, sp.Expr
     for m in pattern(engine):
         calls, nbytes = out.get((m.op, m.group), (sp.Integer(0), sp.Integer(0)))
         out[(m.op, m.group)] = (calls + m.calls, nbytes + m.calls * m.bytes_per_call)
-    return out
+    return {k: (_tidy(c), _tidy(nb)) for k, (c, nb) in out.items()}
 
 
 def _tidy(expr: sp.Expr) -> sp.Expr:
@@ -238,3 +238,53 @@ def grid(engine: str, model, t_values, p_values, b_values, S_values, G_values, w
         out[phase] = out[phase] + np.broadcast_to(bytes_fn(bb, SS, GG, hh, LL, VV, tt, pp, ww), bb.shape)
     out["total"] = out["prefill"] + out["decode"]
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Presentation: the same expressions as tables for the book (LaTeX cells render in HTML, text/plain stays exact).
+# --------------------------------------------------------------------------------------------------------------------
+def _latex(expr) -> str:
+    return f"${sp.latex(expr)}$"
+
+
+def pattern_frame(engine: str = "deepspeed"):
+    """One forward's messages as a table: op, group, calls, bytes per call, why."""
+    import pandas as pd
+
+    return pd.DataFrame([{"op": m.op, "group": _latex(m.group), "calls per forward": _latex(m.calls),
+                          "bytes per call": _latex(m.bytes_per_call), "why": m.why} for m in pattern(engine)])
+
+
+def volumes_frame(engine: str = "deepspeed", **values):
+    """The closed forms per (phase, op, group) as a table; ``values`` (by symbol name) are substituted first."""
+    import pandas as pd
+
+    subs = {sym: values[sym.name] for sym in SYMBOLS if sym.name in values}
+    rows = []
+    for (phase, op, group), (calls, nbytes) in volumes(engine).items():
+        rows.append({"phase": phase, "op": op, "group": _latex(sp.sympify(group).subs(subs)),
+                     "calls": _latex(_tidy(calls.subs(subs))), "bytes": _latex(_tidy(nbytes.subs(subs)))})
+    return pd.DataFrame(rows)
+
+
+def model_bytes_frame(models: Iterable[str], layout: Layout, workload: Workload, engines=("deepspeed", "vllm")):
+    """Bytes per phase for real models (one row per model × engine): the numbers the book quotes."""
+    import pandas as pd
+
+    rows = []
+    for name in models:
+        for engine in engines:
+            r = predict_rows(name, layout, workload, engine)
+            pre = sum(x["bytes"] for x in r if x["phase"] == "prefill")
+            dec = sum(x["bytes"] for x in r if x["phase"] == "decode")
+            rows.append({"model": name, "engine": engine, "prefill MB": pre / 1e6, "decode MB": dec / 1e6,
+                         "total MB": (pre + dec) / 1e6,
+                         "calls": sum(x["calls"] for x in r)})
+    return pd.DataFrame(rows)
+
+
+def wire_bytes(rows: Iterable[dict]) -> float:
+    """Bytes one rank of each group puts on its links: nccl-tests size × bus factor f(n), summed over rows."""
+    from .collectives import busbw_factor
+
+    return float(sum(r["bytes"] * busbw_factor(r["op"], r["group_size"]) for r in rows if r["op"] != "barrier"))
