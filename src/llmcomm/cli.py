@@ -95,7 +95,8 @@ def cmd_measure(args) -> int:
     from .launch import measure
 
     model, layout, workload = _specs(args)
-    res = measure(model, layout, workload, timeout_s=args.timeout, out_dir=args.out, backend=args.backend)
+    backend = None if args.backend == "auto" else args.backend
+    res = measure(model, layout, workload, timeout_s=args.timeout, out_dir=args.out, backend=backend)
     head = dict(_header(model, layout, workload), engine="deepspeed")
     if args.json:
         print(json.dumps(dict(head, ops=res.rows, tokens=res.tokens, ttft_s=res.ttft_s, tpot_s=res.tpot_s,

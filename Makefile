@@ -1,0 +1,141 @@
+# llmcomm — one environment, two commands (README "Quick start"):
+#
+#   make book    create .venv if missing, install the pinned stack, execute every chapter (experiments
+#                included) in place, build the HTML book into book/_build/html
+#   make test    same environment; unit tests + nbval over the chapters + an offline book build
+#
+# Other targets: make help | install | execute [NB=book/x.ipynb] | html | data | clean | distclean
+# Variables you may set: PYTHON (interpreter that creates the venv), VENV (e.g. VENV=$CONDA_PREFIX to use
+# an active conda env), NB, EXEC_TIMEOUT, PYTEST_ARGS, DATA_STEPS.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+MAKEFLAGS += --no-print-directory
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+# Install step reruns only when one of these changes (stamp file inside the venv).
+REQS   := requirements/base.txt requirements/book.txt requirements/test.txt pyproject.toml
+STAMP  := $(VENV)/.llmcomm-installed
+
+# Chapters, in _toc.yml order (plain make, no YAML parser needed before the venv exists).
+TOC_FILES := $(shell sed -n 's/^[[:space:]-]*file:[[:space:]]*\([^[:space:]#]*\).*/\1/p' book/_toc.yml)
+NOTEBOOKS := $(foreach f,$(TOC_FILES),$(wildcard book/$(f).ipynb))
+NB ?= $(NOTEBOOKS)
+
+# Seconds one notebook cell may run (nbconvert and nbval alike); experiments are in cells.
+EXEC_TIMEOUT ?= 1800
+PYTEST_ARGS ?=
+
+# Vendored MathJax (see book/_config.yml): copied from the pinned PyPI package into a gitignored folder.
+MATHJAX_DIR := book/_static_extra/_static/mathjax
+MATHJAX     := $(MATHJAX_DIR)/tex-chtml.js
+
+# ---- environment of every recipe -----------------------------------------------------------------------
+# No NVIDIA GPU answering `nvidia-smi -L` -> DeepSpeed's CPU accelerator (silences its detection warning).
+# A DS_ACCELERATOR set by the caller wins; on a GPU node it stays unset so DeepSpeed picks CUDA.
+ifeq ($(origin DS_ACCELERATOR),undefined)
+  ifneq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),gpu)
+    export DS_ACCELERATOR := cpu
+  endif
+endif
+# DeepSpeed JIT-compiles its shared-memory comm op once (~30 s); keep the build in the checkout.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export MPLBACKEND := Agg
+export PYTHONHASHSEED := 0
+# The venv first on PATH: `python`, `jupyter`, and the python3 kernel all resolve to the venv's.
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(BIN)):$(PATH)
+# Kernel specs: the venv's (sys-prefix) spec wins over a user-level one in ~/.local/share/jupyter.
+export JUPYTER_PREFER_ENV_PATH := 1
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+export TOKENIZERS_PARALLELISM := false
+# Models are built from configs with random weights: nothing is downloaded. Fail fast if something tries.
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: help install book execute html test data clean distclean
+
+help:
+	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
+
+# ---- environment ---------------------------------------------------------------------------------------
+$(PY):
+	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 11) else \
+	  "llmcomm: $(PYTHON) is Python %d.%d; the pinned stack needs Python >= 3.11 (numpy 2.4, pandas 3 and " \
+	  "transformers 5.24 have no 3.10 builds). Run e.g. `make book PYTHON=python3.11`." % v[:2])'
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) $(REQS)
+	$(PY) -m pip install -r requirements/book.txt -r requirements/test.txt -e .
+	@# The notebooks' kernel `python3` = this environment's interpreter (absolute path in the spec).
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ipykernel)"
+	@touch $@
+
+install: $(STAMP) $(MATHJAX)
+
+$(MATHJAX): $(STAMP)
+	@src="$$($(PY) -c 'import importlib.util, os; print(os.path.join(importlib.util.find_spec("mathjax").submodule_search_locations[0], "static", "mathjax", "es5"))')"; \
+	  test -f "$$src/tex-chtml.js" || { echo "MathJax es5 build not found at $$src" >&2; exit 1; }; \
+	  rm -rf $(MATHJAX_DIR) && mkdir -p $(dir $(MATHJAX_DIR)) && cp -R "$$src" $(MATHJAX_DIR); \
+	  echo "vendored MathJax: $$src -> $(MATHJAX_DIR)"
+	@touch $@
+
+# ---- the book ------------------------------------------------------------------------------------------
+# Execute in place, then build with execution off: the HTML shows exactly the committed outputs
+# (reasoning in book/_config.yml). One notebook: make execute NB=book/tp_derivation.ipynb
+execute: $(STAMP)
+	@test -n "$(strip $(NB))" || { echo "no notebooks to execute" >&2; exit 1; }
+	python tools/execute_notebooks.py --timeout $(EXEC_TIMEOUT) $(NB)
+
+# Build the HTML from the notebooks as committed (no execution). --all: every page is re-read, so -W
+# sees the warnings of unchanged pages too.
+html: $(STAMP) $(MATHJAX)
+	jupyter-book build book --builder html --all -W -n --keep-going
+	@echo "book: file://$(CURDIR)/book/_build/html/index.html"
+
+book: $(STAMP) $(MATHJAX)
+	$(MAKE) execute NB="$(NOTEBOOKS)"
+	$(MAKE) html
+
+# ---- tests ---------------------------------------------------------------------------------------------
+# One pytest run: unit tests in tests/ plus nbval (strict) over every chapter, each re-executed in a fresh
+# kernel of this environment and compared with its committed outputs (sanitised, tests/nbval_sanitize.cfg).
+# Then the book is built offline from the committed outputs (-W: a broken page fails the tests).
+# Every step runs; the target fails if any failed.
+test: $(STAMP) $(MATHJAX)
+	@mkdir -p .cache; rc=0; \
+	python -m pytest tests $(NOTEBOOKS) \
+	  --nbval --nbval-current-env \
+	  --nbval-sanitize-with tests/nbval_sanitize.cfg \
+	  --nbval-cell-timeout=$(EXEC_TIMEOUT) \
+	  -ra $(PYTEST_ARGS) || rc=$$?; \
+	echo "== pytest exit status: $$rc"; \
+	jupyter-book build book --builder html --all -W -n --keep-going >.cache/book-build.log 2>&1 \
+	  && echo "== book build (-W -n): clean" \
+	  || { echo "== book build (-W -n) FAILED:"; tail -n 40 .cache/book-build.log; rc=1; }; \
+	exit $$rc
+
+# ---- data ----------------------------------------------------------------------------------------------
+# Re-run the experiments whose results are committed under data/<machine>/ and that the chapters read but do
+# not run themselves (the chapters' own sweeps run in `make book`). Each driver picks data/<machine>/ itself
+# (LLMCOMM_MACHINE or a --machine option; see llmcomm.data) and writes a provenance sidecar (README).
+# HOOK: one command per line; append new experiment drivers here (or: make data DATA_STEPS='...').
+define DATA_STEPS
+python -m llmcomm.bench --no-progress
+endef
+data: $(STAMP)
+	$(DATA_STEPS)
+
+# ---- cleaning ------------------------------------------------------------------------------------------
+clean:
+	rm -rf book/_build book/_static_extra .pytest_cache .cache/book-build.log
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	find book -name .ipynb_checkpoints -type d -prune -exec rm -rf {} +
+
+# Also the environment and the compiled DeepSpeed op.
+distclean: clean
+	rm -rf $(VENV) .cache
