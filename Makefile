@@ -87,9 +87,11 @@ $(MATHJAX): $(STAMP)
 # ---- the book ------------------------------------------------------------------------------------------
 # Execute in place, then build with execution off: the HTML shows exactly the committed outputs
 # (reasoning in book/_config.yml). One notebook: make execute NB=book/tp_derivation.ipynb
+# LLMCOMM_SAVE=1: the chapters' sweeps write data/<machine>/ with provenance (llmcomm.experiments.save); under
+# nbval (make test) it is unset, so re-running the notebooks never rewrites committed data.
 execute: $(STAMP)
 	@test -n "$(strip $(NB))" || { echo "no notebooks to execute" >&2; exit 1; }
-	python tools/execute_notebooks.py --timeout $(EXEC_TIMEOUT) $(NB)
+	LLMCOMM_SAVE=1 python tools/execute_notebooks.py --timeout $(EXEC_TIMEOUT) $(NB)
 
 # Build the HTML from the notebooks as committed (no execution). --all: every page is re-read, so -W
 # sees the warnings of unchanged pages too.

@@ -6,12 +6,15 @@ from hypothesis import given, settings, strategies as st
 
 from llmcomm import Layout, Workload, load_model, volumes as v
 from llmcomm.spec import SpecError
-from llmcomm.volumes import G, L, S, V, b, h, t, w
+from llmcomm.volumes import G, L, S, V, b, h, t, w, p as P
 
 
 def test_deepspeed_tp_closed_forms():
     vol = v.volumes("deepspeed")
-    assert set(vol) == {("prefill", "all_reduce", t), ("decode", "all_reduce", t)}
+    assert {("prefill", "all_reduce", t), ("decode", "all_reduce", t)} <= set(vol)
+    for (phase, op, group), (calls, nbytes) in vol.items():  # TP-only layouts: nothing but the all-reduces
+        if op != "all_reduce":
+            assert calls.subs({P: 1, t: 4}) == 0 and nbytes.subs({P: 1, t: 4}) == 0
     calls, nbytes = vol[("prefill", "all_reduce", t)]
     assert calls.subs(t, 2) == 2 * L + 1
     assert sp.expand(nbytes.subs(t, 2) - (2 * L * b * S * h * w + b * V * w)) == 0
@@ -19,6 +22,23 @@ def test_deepspeed_tp_closed_forms():
     assert sp.expand(calls.subs(t, 4) - (G - 1) * (2 * L + 1)) == 0
     assert sp.expand(nbytes.subs(t, 4) - (G - 1) * (2 * L * b * h + b * V) * w) == 0
     assert calls.subs(t, 1) == 0 and nbytes.subs(t, 1) == 0
+
+
+def test_deepspeed_pipeline_closed_forms():
+    vol = v.volumes("deepspeed")
+    # pure pipeline (t = 1): p−1 hidden-state sends + 1 token hand-back per forward; no all-reduce, no all-gather
+    calls, nbytes = vol[("prefill", "send_recv", 2)]
+    assert sp.expand(calls.subs({t: 1, P: 3}) - 3) == 0
+    assert sp.expand(nbytes.subs({t: 1, P: 3}) - (2 * b * S * h * w + 8 * b)) == 0
+    assert vol[("decode", "all_gather", t)][0].subs({t: 1, P: 3}) == 0
+    # hybrid t×p: each TP rank sends 1/t at each boundary, the next stage all-gathers, t token hand-backs
+    calls, nbytes = vol[("decode", "send_recv", 2)]
+    assert sp.expand(calls.subs({t: 2, P: 2}) - 4 * (G - 1)) == 0
+    assert sp.expand(nbytes.subs({t: 2, P: 2}) - (G - 1) * (b * h * w + 16 * b)) == 0
+    calls, nbytes = vol[("prefill", "all_gather", t)]
+    assert calls.subs({t: 4, P: 3}) == 2 and sp.expand(nbytes.subs({t: 4, P: 3}) - 2 * b * S * h * w) == 0
+    # the all-reduces of a hybrid are those of the TP-only run with the same t, whatever the split of layers
+    assert vol[("prefill", "all_reduce", t)][1].subs({t: 2, P: 4}) == vol[("prefill", "all_reduce", t)][1].subs(t, 2)
 
 
 def test_vllm_tp_closed_forms():

@@ -82,6 +82,16 @@ def _deepspeed() -> list[Msg]:
         # embedding stays replicated and the pattern is the same.
         Msg("all_reduce", t, _tp(1), b * V,
             "lm_head is LmHeadLinearAllreduce: all-reduce of the last position's logits [b, 1, V]"),
+        # Pipeline (llmcomm.runs.pipeline: DeepSpeed PipelineModule + deepspeed.runtime.pipe.p2p, KV cache per stage;
+        # see runs/PIPELINE_PATTERN.md). At each of the p−1 boundaries every TP rank sends its 1/t of the hidden
+        # state [b, s, h] to its peer (DeepSpeed's PartitionedTensor; with t = 1 that is the whole tensor) ...
+        Msg("send_recv", 2, _pp(t * (p - 1)), b * s * h / t,
+            "hidden state, 1/t per TP rank, at each of the p−1 stage boundaries"),
+        # ... and the receiving stage all-gathers the t parts.
+        Msg("all_gather", t, _pp(_tp(p - 1)), b * s * h, "next stage all-gathers the t parts of [b, s, h]"),
+        # The last stage hands the greedy token (int64 [b, 1]) back to stage 0 after every forward, from each TP rank.
+        Msg("send_recv", 2, _pp(t), b, "token ids int64 [b, 1], last stage → stage 0, from every TP rank",
+            width=W_TOKEN),
     ]
 
 
@@ -194,13 +204,16 @@ def predict_rows(model, layout: Layout, workload: Workload, engine: str = "deeps
     layout.validate(model)
     workload.validate(model)
     vals = _values(model, layout, workload)
-    rows = []
+    merged: dict[tuple, list[int]] = {}  # two symbolic groups may be the same size here (e.g. t = 2 and 2)
     for phase, op, group, calls_fn, bytes_fn in evaluator(engine):
         calls = _exact(calls_fn(*vals))
         if calls:
-            rows.append({"phase": phase, "op": op, "group_size": _exact(sp.sympify(group).subs(t, layout.t)),
-                         "calls": calls, "bytes": _exact(bytes_fn(*vals))})
+            key = (phase, op, _exact(sp.sympify(group).subs(t, layout.t)))
+            acc = merged.setdefault(key, [0, 0])
+            acc[0] += calls
+            acc[1] += _exact(bytes_fn(*vals))
     order = {"setup": 0, "prefill": 1, "decode": 2}
+    rows = [{"phase": ph, "op": op, "group_size": n, "calls": c, "bytes": nb} for (ph, op, n), (c, nb) in merged.items()]
     return sorted(rows, key=lambda r: (order[r["phase"]], r["op"], r["group_size"]))
 
 

@@ -1,0 +1,154 @@
+"""Measured results with provenance: ``data/<machine>/<name>.csv`` beside ``<name>.json``.
+
+Every file the book shows was written by :func:`save_frame`, whose JSON sidecar records the machine, the library
+versions, the command and the date. Writes are atomic (temporary file, then ``os.replace``), so an interrupted run
+never leaves a half-written or corrupted result, and an earlier result stays until a complete new one replaces it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+__all__ = ["machine_id", "provenance", "data_dir", "atomic_write_text", "save_frame", "load_frame", "repo_root"]
+
+_VERSIONED = ("llmcomm", "torch", "deepspeed", "transformers", "sympy", "numpy", "pandas")
+
+
+def repo_root() -> Path:
+    """The checkout holding this package (``src/llmcomm`` → two levels up), or the current directory."""
+    here = Path(__file__).resolve().parents[2]
+    return here if (here / "pyproject.toml").exists() else Path.cwd()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _gpus() -> list[str]:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # provenance must never fail a run
+        pass
+    return []
+
+
+def machine_id() -> str:
+    """A stable label for the machine kind: ``$LLMCOMM_MACHINE``, else e.g. ``h100-80gb-hbm3-x8`` or ``cpu-2c``."""
+    if os.environ.get("LLMCOMM_MACHINE"):
+        return os.environ["LLMCOMM_MACHINE"]
+    gpus = _gpus()
+    if gpus:
+        slug = re.sub(r"[^a-z0-9]+", "-", gpus[0].lower().replace("nvidia", "")).strip("-")
+        return f"{slug}-x{len(gpus)}"
+    return f"cpu-{os.cpu_count()}c"
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo_root(), capture_output=True, text=True,
+                             timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_root(),
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (out.stdout.strip() + ("+dirty" if dirty else "")) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(command: str | list[str] | None = None, **extra) -> dict:
+    """Where and how a result was made: machine, CPU/GPU, library versions, command, UTC date, git commit."""
+    versions = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    info = {
+        "machine": machine_id(),
+        "hostname": socket.gethostname(),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "gpus": _gpus(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "versions": versions,
+        "command": command if isinstance(command, str) or command is None else " ".join(map(str, command)),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git": _git_commit(),
+    }
+    try:
+        import torch
+
+        info["cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            info["driver"] = _nvidia_driver()
+    except Exception:
+        pass
+    info.update(extra)
+    return info
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def data_dir(machine: str | None = None) -> Path:
+    """``$LLMCOMM_DATA`` or ``<repo>/data``, then ``<machine>/``."""
+    base = Path(os.environ.get("LLMCOMM_DATA", repo_root() / "data"))
+    return base / (machine or machine_id())
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_frame(df, name: str, command: str | list[str] | None = None, machine: str | None = None, **extra) -> Path:
+    """Save ``df`` as ``data/<machine>/<name>.csv`` with its provenance in ``<name>.json``; returns the CSV path."""
+    folder = data_dir(machine)
+    prov = provenance(command, rows=len(df), columns=list(map(str, df.columns)), **extra)
+    csv = atomic_write_text(folder / f"{name}.csv", df.to_csv(index=False))
+    atomic_write_text(folder / f"{name}.json", json.dumps(prov, indent=2, default=str) + "\n")
+    return csv
+
+
+def load_frame(name: str, machine: str | None = None):
+    """(DataFrame, provenance dict) of a saved result."""
+    import pandas as pd
+
+    folder = data_dir(machine)
+    return pd.read_csv(folder / f"{name}.csv"), json.loads((folder / f"{name}.json").read_text())
