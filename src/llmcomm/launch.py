@@ -1,0 +1,502 @@
+"""Start the ranks of a measurement with the DeepSpeed launcher, watch them, gather and check their results.
+
+:func:`measure` is the measurement half of the predict ⇄ measure loop::
+
+    res = measure("tiny-llama", Layout(t=2), Workload(b=1, S=8, G=4))
+    res.rows        # [{"phase", "op", "group_size", "calls", "bytes"}, ...]  (llmcomm.capture.aggregate)
+
+How a run goes
+--------------
+* DeepSpeed's per-node launcher, ``python -m deepspeed.launcher.launch --world_info=<{"localhost": [0..N-1]}>
+  --master_addr=127.0.0.1 --master_port=<free> --module llmcomm.launch --entry llmcomm.runs.tp --spec RUN/spec.json
+  --out RUN`` — exactly what ``deepspeed --num_gpus N ...`` runs after resolving hosts — in its own session (process
+  group). It starts N processes with RANK/LOCAL_RANK/WORLD_SIZE/MASTER_*, and ``LOCAL_SIZE=N``, which is what enables
+  DeepSpeed's shared-memory all-reduce on CPU (STACK.md). N = t·p; the rank entry is :func:`entry_for` (``runs/tp.py`` for
+  p = 1, ``runs/pipeline.py`` otherwise); both follow the contract of :mod:`llmcomm.runs.rankio`.
+* Each rank runs under a tiny supervisor (this module run as ``__main__``): it starts the real rank process with its
+  output in ``RUN/rank{r}.log``, records its pid (``rank{r}.pid``) and, when it ends, its exit status
+  (``rank{r}.exit.json``). DeepSpeed's launcher only says "a process died" and then kills the rest; the exit files
+  tell which rank died first and how.
+* The whole session is killed when a rank dies or when ``timeout_s`` passes. On a timeout every rank is first asked
+  for its Python stack (SIGUSR1 → faulthandler): a rank outside any collective is the one that hung, ranks inside one
+  were waiting for it. Either way :class:`RunError` is raised once, naming the rank, with the tail of its log.
+* ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` (66 MiB per rank, never removed by DeepSpeed)
+  are removed for this run's port, whatever happened. Other runs' buffers (other ports) are left alone.
+
+Why the reference generation runs on rank 0 (before it shards its model) and not in this process: it uses exactly
+the weights the ranks use (built once, same seed), and this process stays free of torch — it is started from the CLI
+and from tests, and on a small machine a fourth 400 MB process competing with the ranks would only slow them.
+"""
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+from llmcomm.spec import Layout, ModelSpec, SpecError, Workload, load_model
+
+__all__ = ["RunError", "MeasureResult", "measure", "launch_ranks", "rank_spec", "provenance", "entry_for", "default_env",
+           "SHM_PREFIX"]
+
+SHM_PREFIX = "deepspeed_allreduce_buffer"
+BACKENDS = (None, "gloo", "nccl")
+_REPO = Path(__file__).resolve().parents[2]
+# frames that mean "inside a collective" in a faulthandler stack dump
+_COMM_MARKERS = ("deepspeed/comm/", "torch/distributed/", "llmcomm/capture.py")
+
+
+class RunError(RuntimeError):
+    """A measurement that did not produce a valid result: a rank died, hung, failed, or produced wrong tokens.
+
+    ``rank`` is the rank at fault (None when unknown), ``run_dir`` the run folder (kept for inspection),
+    ``master_port`` the port the run used (its shm buffers are named after it)."""
+
+    def __init__(self, message: str, *, rank: int | None = None, run_dir: Path | None = None,
+                 master_port: int | None = None):
+        super().__init__(message)
+        self.rank, self.run_dir, self.master_port = rank, run_dir, master_port
+
+
+@dataclass
+class MeasureResult:
+    """What a measurement gives: aggregated rows, tokens, timings (max over ranks, seconds), raw events, provenance."""
+
+    rows: list[dict]
+    tokens: list[list[int]]
+    reference_tokens: list[list[int]] | None
+    ttft_s: float
+    tpot_s: float
+    e2e_s: float
+    events: list[dict]
+    provenance: dict
+    ranks: list[dict] = field(default_factory=list, repr=False)   # the per-rank records (rankio format)
+
+    @property
+    def tokens_match(self) -> bool | None:
+        return None if self.reference_tokens is None else self.tokens == self.reference_tokens
+
+    @property
+    def phase_spans(self) -> list[dict]:
+        return [s for r in self.ranks for s in r.get("phase_spans", [])]
+
+    def as_dict(self, events: bool = False) -> dict:
+        """JSON-ready summary (``{"ops": rows, ...}``, the CLI's output); raw events only when asked."""
+        d = {"ops": self.rows, "tokens": self.tokens, "reference_tokens": self.reference_tokens,
+             "tokens_match": self.tokens_match, "ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "e2e_s": self.e2e_s,
+             "provenance": self.provenance}
+        if events:
+            d["events"] = self.events
+        return d
+
+
+def entry_for(layout: Layout) -> str:
+    """The rank entry module of a layout: pipeline (and hybrid TP×PP) runs use ``runs/pipeline.py``."""
+    return "llmcomm.runs.pipeline" if layout.p > 1 else "llmcomm.runs.tp"
+
+
+def _has_cuda() -> bool:
+    """Whether the ranks will see a GPU, without importing torch here (honours CUDA_VISIBLE_DEVICES='' / -1)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
+
+
+def default_env(nranks: int, env: Mapping[str, str] | None = None) -> dict:
+    """The ranks' environment: ours, then ``env``, then defaults for what is unset.
+
+    ``DS_ACCELERATOR=cpu`` without CUDA (silences DeepSpeed's detection); ``TORCH_EXTENSIONS_DIR`` in the repository's
+    ``.cache/torch_extensions`` (the shm op is JIT-compiled once, ~30 s, and cached there); ``OMP_NUM_THREADS`` =
+    cores / ranks so that ranks do not oversubscribe the CPU.
+    """
+    out = dict(os.environ)
+    out.update(env or {})
+    if not _has_cuda():
+        out.setdefault("DS_ACCELERATOR", "cpu")
+    cache = _REPO / ".cache" / "torch_extensions" if (_REPO / "pyproject.toml").exists() else \
+        Path.home() / ".cache" / "llmcomm" / "torch_extensions"
+    out.setdefault("TORCH_EXTENSIONS_DIR", str(cache))
+    out.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nranks)))
+    out.setdefault("PYTHONUNBUFFERED", "1")
+    out.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _remove_shm(port: int) -> list[str]:
+    """Remove this run's DeepSpeed shm all-reduce buffers (named after uid, master address and port)."""
+    removed = []
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return removed
+    for p in shm.glob(f"{SHM_PREFIX}_{os.getuid()}_*_{port}_*"):
+        try:
+            p.unlink()
+            removed.append(p.name)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _kill_session(proc: subprocess.Popen, wait_s: float = 10.0) -> None:
+    """SIGKILL the launcher's whole process group (launcher, supervisors, ranks) and wait until it is gone."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:       # pragma: no cover - SIGKILL does not fail
+        pass
+    # The ranks are grandchildren: they die asynchronously. Wait until no live member of the group is left.
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and _group_alive(proc.pid):
+        time.sleep(0.02)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a non-zombie process of process group ``pgid`` exists (Linux /proc; elsewhere: ask the kernel)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":     # fields: state, ppid, pgrp, ...
+            return True
+    return False
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _tail(path: Path, n: int = 15) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return "(no log)"
+    keep = [ln for ln in lines if ln.strip()][-n:]
+    return "\n".join(keep) if keep else "(empty log)"
+
+
+def _parse_stack(path: Path) -> list[list[tuple[str, str, str]]]:
+    """faulthandler dump → threads, each a list of (file, line, function), most recent call first."""
+    threads: list[list[tuple[str, str, str]]] = []
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return threads
+    for ln in text.splitlines():
+        s = ln.strip()
+        if s.startswith(("Thread ", "Current thread ")):
+            threads.append([])
+        elif s.startswith("File ") and threads:
+            # File "/x/y.py", line 12 in func
+            try:
+                f, rest = s[6:].split('", line ', 1)
+                line, func = rest.split(" in ", 1)
+            except ValueError:
+                continue
+            threads[-1].append((f, line, func))
+    return threads
+
+
+def _where(frames) -> str:
+    f, line, func = frames[0]
+    return f"{Path(f).name}:{line} in {func}"
+
+
+def _diagnose_hang(out: Path, pending: list[int]) -> tuple[list[int], str]:
+    """Ask the pending ranks for their stacks; return (culprit ranks, description)."""
+    pids = {}
+    for r in pending:
+        try:
+            pids[r] = int((out / f"rank{r}.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            pass
+    for r, pid in pids.items():
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+    time.sleep(1.0)
+    outside, inside, unknown = [], [], []
+    for r in pending:
+        threads = _parse_stack(out / f"rank{r}.stack")
+        main = next((th for th in threads if any("llmcomm" in f for f, _, _ in th)), threads[0] if threads else [])
+        if not main:
+            unknown.append((r, "no stack: still starting or not a Python rank"))
+            continue
+        comm = [fr for fr in main if any(m in fr[0] for m in _COMM_MARKERS)]
+        if comm:
+            inside.append((r, _where(comm)))
+        else:
+            outside.append((r, _where(main)))
+    parts = []
+    if outside:
+        culprits = [r for r, _ in outside]
+        parts.append("; ".join(f"rank {r} hung outside any collective (at {w})" for r, w in outside))
+        if inside:
+            parts.append("while " + ", ".join(f"rank {r}" for r, _ in inside) + " waited in a collective (at "
+                         + inside[0][1] + ")")
+    elif inside:
+        culprits = [r for r, _ in inside]
+        parts.append("ranks " + ", ".join(str(r) for r, _ in inside) + " were all blocked in collectives (at "
+                     + inside[0][1] + "): mismatched collectives or a peer that never joined")
+    else:
+        culprits = [r for r, _ in unknown] or pending
+    if unknown:
+        parts.append("; ".join(f"rank {r}: {why}" for r, why in unknown))
+    return culprits, " ".join(parts)
+
+
+def _failure(out: Path, nranks: int, launcher_rc: int | None) -> tuple[int | None, str]:
+    """After a run ended without all results: which rank failed first, and how."""
+    errors = {r: _read_json(out / f"rank{r}.error.json") for r in range(nranks)}
+    errors = {r: e for r, e in errors.items() if e}
+    if errors:
+        r = min(errors)
+        return r, f"rank {r} failed: {errors[r]['error']}"
+    exits = [e for e in (_read_json(out / f"rank{r}.exit.json") for r in range(nranks)) if e and e["returncode"]]
+    if exits:
+        # the first to go is the culprit; the rest were killed by the launcher afterwards (SIGKILL, later)
+        first = min(exits, key=lambda e: (e["returncode"] == -signal.SIGKILL, e["t"]))
+        rc = first["returncode"]
+        how = f"was killed by signal {-rc} ({signal.Signals(-rc).name})" if rc < 0 else f"exited with status {rc}"
+        return first["rank"], f"rank {first['rank']} {how} before writing its result"
+    return None, f"the DeepSpeed launcher exited with status {launcher_rc} before any rank reported"
+
+
+def launch_ranks(entry: str, spec: Mapping[str, Any], nranks: int, out: Path, *, timeout_s: float,
+                 env: Mapping[str, str] | None = None) -> tuple[list[dict], dict]:
+    """Start ``nranks`` ranks of ``entry`` with ``spec`` (the rankio spec) and return their result records (sorted by
+    rank) and the launch facts (command, port, wall time). Raises :class:`RunError` on any failure or timeout; always
+    removes this run's shm buffers and leaves no process behind."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in list(out.glob("rank*.*")) + list(out.glob(".rank*")):     # a previous run in the same folder
+        stale.unlink()
+    spec_path = out / "spec.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    port = _free_port()
+    # What `deepspeed --num_gpus N --master_addr 127.0.0.1 --master_port P --module ...` runs on a single node after
+    # resolving its hosts: the per-node launcher with world_info {"localhost": [0..N-1]}. Calling it directly saves
+    # the runner's own DeepSpeed import (seconds per run on a small machine); the ranks see the same environment.
+    world_info = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nranks))}).encode()).decode()
+    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
+           "--master_addr=127.0.0.1", f"--master_port={port}", "--module", "llmcomm.launch",
+           "--entry", entry, "--spec", str(spec_path), "--out", str(out)]
+    full_env = default_env(nranks, env)
+    t0 = time.monotonic()
+    with open(out / "launcher.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
+                                cwd=str(out))
+    error = None
+    try:
+        deadline = t0 + timeout_s
+        while True:
+            rc = proc.poll()
+            done = [r for r in range(nranks) if (out / f"rank{r}.json").exists()]
+            if rc is not None:
+                break
+            died = [e for e in (_read_json(out / f"rank{r}.exit.json") for r in range(nranks))
+                    if e and e["returncode"]]
+            if died:
+                break                               # do not wait for the launcher's 1 s poll to notice
+            if time.monotonic() > deadline:
+                pending = [r for r in range(nranks) if r not in done]
+                culprits, what = _diagnose_hang(out, pending)
+                error = (culprits[0] if culprits else None,
+                         f"timed out after {timeout_s:g} s: {what}")
+                break
+            time.sleep(0.1)
+    finally:
+        _kill_session(proc)
+        removed = _remove_shm(port)
+    wall = time.monotonic() - t0
+    records = [_read_json(out / f"rank{r}.json") for r in range(nranks)]
+    if error is None and not all(records):
+        error = _failure(out, nranks, proc.returncode)
+    if error is not None:
+        rank, what = error
+        log = out / f"rank{rank}.log" if rank is not None else out / "launcher.log"
+        raise RunError(f"{entry} with {nranks} ranks: {what}. All ranks were stopped. Run folder: {out}\n"
+                       f"--- last lines of {log.name} ---\n{_tail(log)}", rank=rank, run_dir=out, master_port=port)
+    facts = {"command": shlex.join(cmd), "master_port": port, "launch_wall_s": wall, "shm_buffers_removed": len(removed),
+             "omp_num_threads": full_env.get("OMP_NUM_THREADS")}
+    return records, facts
+
+
+def measure(model: str | Path | Mapping | ModelSpec, layout: Layout, workload: Workload, *, timeout_s: float = 300,
+            out_dir: str | Path | None = None, backend: str | None = None, env: Mapping[str, str] | None = None,
+            seed: int = 0, sync: bool = False, entry: str | None = None, check_tokens: bool = True,
+            options: Mapping[str, Any] | None = None) -> MeasureResult:
+    """Run ``model`` with ``layout`` on ``workload`` as t·p real DeepSpeed ranks and return what they communicated.
+
+    ``backend``: None (DeepSpeed's default: shm all-reduce on CPU, NCCL on CUDA; on CPU a hybrid t×p with t, p > 1
+    gets gloo, because the shm all-reduce ignores sub-groups), ``"gloo"`` (every collective through gloo) or
+    ``"nccl"``. ``out_dir`` keeps the run folder
+    (spec, per-rank JSON and logs); without it a temporary folder is used and removed after a success. ``entry``
+    overrides the rank module (default :func:`entry_for`). With ``check_tokens`` the generated tokens must equal
+    the single-process reference: a mismatch raises :class:`RunError` in fp32 and warns in bf16/fp16 (rounding of a
+    different summation order can flip a near-tie there).
+    """
+    spec_model = load_model(model)
+    layout.validate(spec_model)
+    workload.validate(spec_model)
+    if backend not in BACKENDS:
+        raise SpecError(f"backend {backend!r} is not one of gloo, nccl (or None for DeepSpeed's default)")
+    if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+        raise SpecError(f"timeout_s={timeout_s!r} must be a positive number of seconds")
+    if backend is None and layout.t > 1 and layout.p > 1 and not _has_cuda():
+        backend = "gloo"        # the shm all-reduce ignores sub-groups: hybrid TP groups would hang (STACK.md)
+    if backend == "nccl" and not _has_cuda():
+        raise SpecError("backend 'nccl' needs CUDA GPUs; none found (use gloo or the default on CPU)")
+    nranks = layout.ranks
+    entry = entry or entry_for(layout)
+    if importlib.util.find_spec(entry) is None:
+        raise SpecError(f"rank entry module {entry!r} does not exist"
+                        + (" (pipeline runs need llmcomm/runs/pipeline.py)" if layout.p > 1 else ""))
+    spec = rank_spec(spec_model, layout, workload, seed=seed, backend=backend, reference=check_tokens, sync=sync,
+                     options=options)
+    tmp = out_dir is None
+    out = Path(tempfile.mkdtemp(prefix="llmcomm-run-")) if tmp else Path(out_dir)
+    started = datetime.now(timezone.utc)
+    records, facts = launch_ranks(entry, spec, nranks, out, timeout_s=timeout_s, env=env)
+    try:
+        result = _assemble(records, spec_model, layout, workload, facts, started, entry, backend, check_tokens)
+    except RunError as e:
+        raise RunError(f"{e} (run folder: {out})", run_dir=out, master_port=facts["master_port"]) from None
+    if tmp:
+        shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def rank_spec(model: ModelSpec, layout: Layout, workload: Workload, *, seed: int = 0, backend: str | None = None,
+              reference: bool = True, sync: bool = False, capture: bool = True,
+              options: Mapping[str, Any] | None = None) -> dict:
+    """The ``spec.json`` every rank reads (format in :mod:`llmcomm.runs.rankio`)."""
+    return {"model": {"name": model.name, "hf_config": dict(model.hf_config) or _hf_dict(model)},
+            "layout": {"t": layout.t, "p": layout.p}, "workload": workload.as_dict(), "seed": seed,
+            "backend": backend, "reference": reference, "sync": sync, "capture": capture,
+            "options": dict(options or {})}
+
+
+def provenance(records: list[dict], facts: Mapping[str, Any], started: datetime) -> dict:
+    """Where and with what a run was made: machine, CPU, device, versions, command, date."""
+    r0 = records[0]
+    return {"date": started.isoformat(timespec="seconds"), "machine": platform.node(),
+            "platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+            "device": r0.get("device"), "versions": r0.get("versions"), "comm": r0.get("comm"), **facts}
+
+
+def _hf_dict(m: ModelSpec) -> dict:
+    """HF config keys of a ModelSpec built without one."""
+    return {"hidden_size": m.h, "num_hidden_layers": m.L, "num_attention_heads": m.heads,
+            "num_key_value_heads": m.kv_heads, "intermediate_size": m.ffn, "vocab_size": m.V,
+            "tie_word_embeddings": m.tied, "head_dim": m.head_dim}
+
+
+def _assemble(records, model, layout, workload, facts, started, entry, backend, check_tokens) -> MeasureResult:
+    from llmcomm.capture import aggregate, check_consistent, CaptureError
+
+    events = [e for r in records for e in r["events"]]
+    try:
+        check_consistent(events)
+    except CaptureError as e:
+        raise RunError(f"the ranks' captures disagree: {e}") from None
+    seen = [(r["rank"], r["tokens"]) for r in records if r.get("tokens") is not None]
+    if not seen:
+        raise RunError("no rank reported generated tokens")
+    tokens = seen[-1][1]                      # TP: all equal; pipeline: the last stage holds the logits
+    for rank, tk in seen:
+        if tk != tokens:
+            raise RunError(f"rank {rank} generated {tk}, rank {seen[-1][0]} generated {tokens}")
+    reference = next((r["reference_tokens"] for r in records if r.get("reference_tokens") is not None), None)
+    if check_tokens and reference is not None and tokens != reference:
+        msg = f"generated tokens {tokens} differ from the single-process reference {reference}"
+        if workload.dtype == "fp32":
+            raise RunError(msg)
+        warnings.warn(msg + f" ({workload.dtype}: rounding may flip near-ties)", RuntimeWarning, stacklevel=3)
+    timing = lambda k: max(float(r.get("timings", {}).get(k, 0.0)) for r in records)  # noqa: E731
+    prov = provenance(records, facts, started)
+    prov.update(entry=entry, backend_requested=backend, model=model.name, layout={"t": layout.t, "p": layout.p},
+                workload=workload.as_dict())
+    return MeasureResult(rows=aggregate(events), tokens=tokens, reference_tokens=reference, ttft_s=timing("ttft_s"),
+                         tpot_s=timing("tpot_s"), e2e_s=timing("e2e_s"), events=events, provenance=prov,
+                         ranks=records)
+
+
+def _cpu_name() -> str:
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("model name"):
+                return ln.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ----------------------------------------------------------------------------------------------- rank supervisor
+def _supervise(argv: list[str]) -> int:
+    """Run one rank (``python -m <entry> <args>``) as a child; record its pid and exit status (see module docs)."""
+    args = [a for a in argv if not a.startswith("--local_rank")]
+    try:
+        i = args.index("--entry")
+        entry = args[i + 1]
+        rest = args[:i] + args[i + 2:]
+        out = Path(rest[rest.index("--out") + 1])
+    except (ValueError, IndexError):
+        print("usage: python -m llmcomm.launch --entry MODULE --spec FILE --out DIR", file=sys.stderr)
+        return 2
+    rank = int(os.environ.get("RANK", "0"))
+    with open(out / f"rank{rank}.log", "w") as log:
+        child = subprocess.Popen([sys.executable, "-u", "-m", entry, *rest], stdout=log, stderr=subprocess.STDOUT)
+    (out / f".rank{rank}.pid.tmp").write_text(str(child.pid))
+    os.replace(out / f".rank{rank}.pid.tmp", out / f"rank{rank}.pid")
+
+    def forward(signum, frame):
+        child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    rc = child.wait()
+    tmp = out / f".rank{rank}.exit.tmp"
+    tmp.write_text(json.dumps({"rank": rank, "returncode": rc, "t": time.time()}))
+    os.replace(tmp, out / f"rank{rank}.exit.json")
+    return rc if rc >= 0 else 128 - rc
+
+
+if __name__ == "__main__":
+    sys.exit(_supervise(sys.argv[1:]))

@@ -1,0 +1,133 @@
+"""What every rank-side run shares: the model with seeded random weights, the prompt, the greedy generation loop.
+
+Generation follows the project's phase convention (and what HF ``generate`` does): ONE prefill forward over the
+S-token prompt keeping the logits of the last position only (``logits_to_keep=1``) gives token 1; then G−1 decode
+forwards of one token each reuse the KV cache. TTFT = prefill incl. the argmax; TPOT = mean decode step; both with the
+device synchronised, so they are wall times of finished work.
+
+Nothing is downloaded: the weights are drawn from ``torch.manual_seed(seed)`` on the CPU in fp32 and then cast/moved,
+so every rank (and the single-process reference) holds bit-identical weights whatever its device.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager
+
+import torch
+
+from llmcomm.spec import ModelSpec, Workload, SpecError
+
+__all__ = ["TORCH_DTYPES", "pick_device", "synchronize", "build_model", "prompt_ids", "Generation", "generate",
+           "versions"]
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(dtype: str, local_rank: int = 0) -> torch.device:
+    """``cuda:{local_rank}`` when CUDA is there, else CPU (fp32 only: CPU fp16 matmuls are not worth measuring)."""
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
+    if dtype == "fp16":
+        raise SpecError("dtype fp16 needs a GPU; on CPU use fp32 (or bf16)")
+    return torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work (CUDA kernels are asynchronous; CPU ops are not)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_model(model: ModelSpec, dtype: str = "fp32", device: torch.device | str = "cpu", seed: int = 0):
+    """An HF ``LlamaForCausalLM`` of this shape with weights drawn from ``seed`` (identical on every process), in
+    eval mode, cast to ``dtype`` and moved to ``device``."""
+    from transformers import LlamaForCausalLM
+
+    cfg = model.to_hf_config()
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        m = LlamaForCausalLM(cfg)
+    return m.to(dtype=TORCH_DTYPES[dtype], device=device).eval()
+
+
+def prompt_ids(workload: Workload, V: int, seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[b, S]`` token ids in ``[0, V)`` drawn from their own generator (independent of the weights' RNG)."""
+    g = torch.Generator().manual_seed(seed + 1_000_003)
+    return torch.randint(0, V, (workload.b, workload.S), generator=g).to(device)
+
+
+@dataclass
+class Generation:
+    """Result of :func:`generate`: ``tokens[i]`` are the G ids generated for sequence i."""
+
+    tokens: list[list[int]]
+    ttft_s: float
+    tpot_s: float                    # mean decode step (0.0 when G = 1)
+    e2e_s: float                     # prefill + all decode steps
+    decode_steps_s: list[float] = field(default_factory=list)
+
+
+def _cache_kwarg(fn) -> str:
+    """transformers ≥ 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns); take whichever ``fn`` has."""
+    target = getattr(fn, "forward", fn)
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@torch.no_grad()
+def generate(forward: Callable, hf_model, input_ids: torch.Tensor, G: int,
+             phase: Callable[[str], ContextManager] | None = None) -> Generation:
+    """Greedy generation of G tokens: 1 prefill forward (``logits_to_keep=1``) + G−1 one-token decode forwards.
+
+    ``forward`` is what is called (the HF model, or a DeepSpeed ``InferenceEngine`` wrapping it); ``hf_model`` is the
+    HF model itself (for its config and forward signature). ``phase(name)`` (e.g. ``Capture.phase``) is entered around
+    the prefill and around the decode steps.
+    """
+    from transformers import DynamicCache
+
+    phase = phase or (lambda name: contextlib.nullcontext())
+    device = input_ids.device
+    cache = DynamicCache(config=hf_model.config)
+    kw = _cache_kwarg(hf_model)
+    out_tokens = []
+    synchronize(device)
+    with phase("prefill"):
+        t0 = time.perf_counter()
+        logits = forward(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits
+        tok = logits[:, -1, :].argmax(dim=-1)
+        synchronize(device)
+        t1 = time.perf_counter()
+    out_tokens.append(tok)
+    steps = []
+    with phase("decode"):
+        for _ in range(G - 1):
+            s0 = time.perf_counter()
+            logits = forward(input_ids=tok[:, None], use_cache=True, **{kw: cache}).logits
+            tok = logits[:, -1, :].argmax(dim=-1)
+            synchronize(device)
+            steps.append(time.perf_counter() - s0)
+            out_tokens.append(tok)
+    tokens = torch.stack(out_tokens, dim=1).cpu().tolist()
+    ttft = t1 - t0
+    return Generation(tokens=tokens, ttft_s=ttft, tpot_s=sum(steps) / len(steps) if steps else 0.0,
+                      e2e_s=ttft + sum(steps), decode_steps_s=steps)
+
+
+def versions() -> dict:
+    """Versions of the stack a result was produced with."""
+    import platform
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("deepspeed", "transformers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:                                          # pragma: no cover - optional in some contexts
+            out[mod] = None
+    out["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
+    return out

@@ -1,0 +1,230 @@
+"""The rank-side harness every runner shares (``runs/tp.py``, ``runs/pipeline.py``, …): arguments, distributed init,
+fault hooks for tests, and the per-rank result file. A runner is a function ``run(ctx) -> dict`` plus
+``if __name__ == "__main__": sys.exit(rank_main(run, entry="llmcomm.runs.NAME"))``.
+
+Command line (what :func:`llmcomm.launch.measure` starts on each rank through the DeepSpeed launcher)::
+
+    python -m llmcomm.runs.NAME --spec RUN/spec.json --out RUN [--local_rank=N]
+
+``spec.json`` (written once by the launcher)::
+
+    {"model": {"name": str, "hf_config": {...}},          # ModelSpec.from_hf_config(hf_config, name)
+     "layout": {"t": int, "p": int},
+     "workload": {"b": int, "S": int, "G": int, "dtype": "fp32"|"bf16"|"fp16"},
+     "seed": int, "backend": null|"gloo"|"nccl", "reference": bool, "sync": bool, "capture": bool,
+     "options": {...}}                                       # runner-specific extras (e.g. the benchmark's)
+
+Per-rank result ``RUN/rank{r}.json`` (format ``llmcomm.rank/1``; written to a temporary name and renamed, so a file
+that exists is complete)::
+
+    {"format": "llmcomm.rank/1", "entry": "llmcomm.runs.tp",
+     "rank": int, "local_rank": int, "world_size": int, "pid": int, "hostname": str, "device": "cpu"|"cuda:N",
+     "comm": {"backend": "gloo"|"nccl", "allreduce_path": "shm"|"process_group"},
+     "events": [Event.as_dict(), ...],                     # llmcomm.capture.Event: rank, seq, phase, op, api, dtype,
+                                                           #   shape, bytes (nccl-tests S), group, peer, async_op,
+                                                           #   t_start, t_end (epoch seconds)
+     "phase_spans": [{"rank", "phase", "t_start", "t_end"}, ...],
+     "tokens": [[int] * G] * b | null,                     # the generated ids as this rank sees them (null on ranks
+                                                           #   that never see logits, e.g. non-last pipeline stages)
+     "reference_tokens": [[int] * G] * b | null,           # single-process reference (rank 0 only)
+     "timings": {"ttft_s", "tpot_s", "e2e_s", "decode_steps_s"},
+     "versions": {"python", "torch", "deepspeed", "transformers", "cuda"},
+     ...}                                                  # plus whatever else the runner returned
+
+On an exception the rank writes ``RUN/rank{r}.error.json`` (``{"rank", "error", "traceback"}``) and exits 1; on
+SIGUSR1 it dumps its Python stack to ``RUN/rank{r}.stack`` (the launcher does so on a timeout to tell a hung rank from
+ranks blocked in a collective).
+
+Test hooks (environment): ``LLMCOMM_TEST_KILL_RANK=r`` makes rank r fail on entering phase
+``LLMCOMM_TEST_KILL_PHASE`` (default ``decode``) by ``LLMCOMM_TEST_KILL_MODE``: ``exit`` (``os._exit(3)``, default) or
+``hang`` (sleeps forever, outside any collective).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import faulthandler
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from llmcomm.spec import ModelSpec, Layout, Workload
+
+__all__ = ["RankContext", "rank_main", "write_json_atomic", "RESULT_FORMAT"]
+
+RESULT_FORMAT = "llmcomm.rank/1"
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write JSON to ``path`` via a temporary file in the same folder and ``os.replace``: readers never see a partial
+    file, and an existing result is only ever replaced by a complete one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+@dataclass
+class RankContext:
+    """What a runner needs to know about its rank and its run."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    model: ModelSpec
+    layout: Layout
+    workload: Workload
+    seed: int
+    backend: str | None
+    reference: bool
+    sync: bool
+    capture_enabled: bool
+    out_dir: Path
+    device: Any = None
+    options: dict = field(default_factory=dict)
+    last_capture: Any = None            # the capture made by capture(); rank_main saves its events
+
+    def capture(self, enabled: bool | None = None):
+        """A :class:`~llmcomm.capture.Capture` for this rank (a do-nothing stand-in when disabled, as the overhead
+        benchmark's baseline is). Its events end up in the rank's result file."""
+        from llmcomm.capture import Capture
+
+        on = self.capture_enabled if enabled is None else enabled
+        self.last_capture = Capture(rank=self.rank, sync=self.sync) if on else _NoCapture(self.rank)
+        return self.last_capture
+
+    def phase_hook(self, cap) -> Callable[[str], Any]:
+        """``cap.phase`` plus the test fault hook (see module docstring)."""
+        kill_rank = os.environ.get("LLMCOMM_TEST_KILL_RANK")
+        if kill_rank is None or int(kill_rank) != self.rank:
+            return cap.phase
+        kill_phase = os.environ.get("LLMCOMM_TEST_KILL_PHASE", "decode")
+        mode = os.environ.get("LLMCOMM_TEST_KILL_MODE", "exit")
+
+        @contextlib.contextmanager
+        def hooked(name):
+            with cap.phase(name):
+                if name == kill_phase:
+                    _test_fault(mode)
+                yield
+
+        return hooked
+
+
+def _test_fault(mode: str) -> None:
+    if mode == "hang":
+        while True:                     # outside any collective: the launcher's stack dump must show it here
+            time.sleep(3600)
+    os._exit(3)
+
+
+class _NoCapture:
+    """Stand-in with Capture's interface that records nothing."""
+
+    def __init__(self, rank):
+        self.rank = rank
+        self.events = []
+        self.phase_spans = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    @contextlib.contextmanager
+    def phase(self, name):
+        yield self
+
+
+def _parse(argv):
+    ap = argparse.ArgumentParser(description="llmcomm rank entry (started by llmcomm.launch)")
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--local_rank", type=int, default=None)     # appended by the DeepSpeed launcher
+    return ap.parse_args(argv)
+
+
+def _init_distributed(ctx: RankContext) -> dict:
+    """Initialise deepspeed.comm; returns ``{"backend", "allreduce_path"}``."""
+    import torch
+    import deepspeed
+    import deepspeed.comm as dist
+
+    if ctx.device.type == "cuda":
+        torch.cuda.set_device(ctx.device)
+    deepspeed.init_distributed(dist_backend=ctx.backend, verbose=False)
+    cdb = dist.comm.cdb
+    if ctx.backend == "gloo":
+        # TorchBackend.inference_all_reduce takes the shm kernel whenever it is loaded and the CPU's vector level
+        # allows; level 0 sends it to torch.distributed.all_reduce on the process group instead.
+        cdb.shm_vector_kernel_level = 0
+    use_shm = (ctx.device.type == "cpu" and hasattr(torch.ops, "deepspeed")
+               and hasattr(torch.ops.deepspeed, "inference_all_reduce_")
+               and getattr(cdb, "shm_vector_kernel_level", 0) >= (1 if ctx.workload.dtype == "fp32" else 2))
+    return {"backend": torch.distributed.get_backend(), "allreduce_path": "shm" if use_shm else "process_group"}
+
+
+def rank_main(run: Callable[[RankContext], dict], entry: str, argv=None) -> int:
+    """Run ``run`` on this rank and write its result file; returns the process exit status."""
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out)
+    rank = int(os.environ.get("RANK", "0"))
+    # Dump the stack on SIGUSR1 even while blocked in C (a collective): the launcher's hang diagnosis.
+    stack_file = open(out / f"rank{rank}.stack", "w")
+    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+    try:
+        spec = json.loads(Path(args.spec).read_text())
+        if spec.get("backend") == "gloo":
+            # Without LOCAL_SIZE the shm kernel never maps its 66 MiB /dev/shm buffer (it is not used under gloo).
+            os.environ.pop("LOCAL_SIZE", None)
+        from llmcomm.runs.common import pick_device, versions
+
+        workload = Workload(**spec["workload"])
+        local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
+        ctx = RankContext(rank=rank, local_rank=local_rank, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                          model=ModelSpec.from_hf_config(spec["model"]["hf_config"], name=spec["model"]["name"]),
+                          layout=Layout(**spec["layout"]), workload=workload, seed=int(spec.get("seed", 0)),
+                          backend=spec.get("backend"), reference=bool(spec.get("reference", True)),
+                          sync=bool(spec.get("sync", False)), capture_enabled=bool(spec.get("capture", True)),
+                          out_dir=out, options=dict(spec.get("options") or {}),
+                          device=pick_device(workload.dtype, local_rank))
+        comm = _init_distributed(ctx)
+        result = run(ctx)
+        cap = ctx.last_capture
+        record = {"format": RESULT_FORMAT, "entry": entry, "rank": rank, "local_rank": local_rank,
+                  "world_size": ctx.world_size, "pid": os.getpid(), "hostname": socket.gethostname(),
+                  "device": str(ctx.device), "comm": comm,
+                  "events": [e.as_dict() for e in cap.events] if cap is not None else [],
+                  "phase_spans": cap.phase_spans if cap is not None else [],
+                  "tokens": None, "reference_tokens": None, "timings": {}, "versions": versions()}
+        record.update(result)
+        write_json_atomic(out / f"rank{rank}.json", record)
+        _shutdown()
+        return 0
+    except BaseException as e:                    # noqa: BLE001 - every failure must leave a readable report
+        write_json_atomic(out / f"rank{rank}.error.json",
+                          {"rank": rank, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+        traceback.print_exc()
+        return 1
+
+
+def _shutdown() -> None:
+    try:
+        import torch.distributed as tdist
+
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+    except Exception:                             # pragma: no cover - best effort at exit
+        pass
