@@ -125,13 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
     me.set_defaults(func=cmd_measure)
 
-    for hook in _EXTRA_COMMANDS:
-        hook(sub)
+    _more_commands(sub)
     return ap
 
 
-#: Functions ``f(subparsers)`` adding more subcommands (bench-collectives, advise); each sets ``func``.
-_EXTRA_COMMANDS: list = []
+def _more_commands(sub) -> None:
+    """Subcommands defined beside their logic: ``bench-collectives`` (llmcomm.bench), ``advise`` (llmcomm.advise)."""
+    from . import advise, bench
+
+    bench.register(sub)
+    advise.register(sub)
 
 
 def main(argv=None) -> int:

@@ -51,14 +51,15 @@ def _gpus() -> list[str]:
 
 
 def machine_id() -> str:
-    """A stable label for the machine kind: ``$LLMCOMM_MACHINE``, else e.g. ``h100-80gb-hbm3-x8`` or ``cpu-2c``."""
+    """A stable label for the machine kind: ``$LLMCOMM_MACHINE``, else e.g. ``h100-80gb-hbm3-x8`` or ``cpu-local``
+    (the CPU you run on; its calibration is the ``cpu-local`` hardware preset; provenance names the exact CPU)."""
     if os.environ.get("LLMCOMM_MACHINE"):
         return os.environ["LLMCOMM_MACHINE"]
     gpus = _gpus()
     if gpus:
         slug = re.sub(r"[^a-z0-9]+", "-", gpus[0].lower().replace("nvidia", "")).strip("-")
         return f"{slug}-x{len(gpus)}"
-    return f"cpu-{os.cpu_count()}c"
+    return "cpu-local"
 
 
 def _git_commit() -> str | None:

@@ -60,6 +60,9 @@ class Msg:
     elems: sp.Expr
     why: str
     width: sp.Expr = w
+    #: which ranks it joins, for the latency model's link choice: "tp" (a TP group), "pp" (neighbouring stages), or
+    #: "wrap" (last stage → stage 0). Empty: "pp" for point-to-point ops, "tp" for collectives.
+    path: str = ""
 
     @property
     def bytes_per_call(self) -> sp.Expr:
@@ -91,7 +94,7 @@ def _deepspeed() -> list[Msg]:
         Msg("all_gather", t, _pp(_tp(p - 1)), b * s * h, "next stage all-gathers the t parts of [b, s, h]"),
         # The last stage hands the greedy token (int64 [b, 1]) back to stage 0 after every forward, from each TP rank.
         Msg("send_recv", 2, _pp(t), b, "token ids int64 [b, 1], last stage → stage 0, from every TP rank",
-            width=W_TOKEN),
+            width=W_TOKEN, path="wrap"),
     ]
 
 

@@ -1,0 +1,252 @@
+"""Layout advice: every t×p layout of N GPUs, its memory feasibility, predicted latency and bytes, ranked.
+
+For ``gpus`` = N, the candidates are all (t, p) with t·p = N, t dividing the attention and KV heads
+(:meth:`llmcomm.spec.Layout.validate`) and p ≤ L. For each:
+
+* **memory per GPU** (the fullest stage): weights ``w·P_l·layers`` (+ the replicated embedding ``V·h·w`` on the first
+  stage, + the lm_head shard ``V·h·w/t`` and final norm on the last; one copy when tied and t = p = 1), KV cache
+  ``w·b·(S+G)·2·(kv/t)·hd`` per layer held, activation margin ``w·b·S·(2h + (heads+2kv)·hd/t + 2·ffn/t) + 4·b·V``;
+  ``fits`` when it is at most the device memory × (1 − reserve_fraction);
+* **latency**: TTFT, TPOT, E2E from :func:`llmcomm.timing.predict_latency_grid` (TP groups spanning nodes pay the
+  inter-node link);
+* **bytes**: all communication of the generation (1 prefill + G−1 decode forwards) from the same message list.
+
+Ranked by ``objective`` (ttft, tpot, e2e or bytes) with infeasible layouts last; ``pareto`` marks the feasible layouts
+that no other feasible layout beats on both latency (the objective's, e2e for "bytes") and bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import numpy as np
+
+from .hardware import GiB, load_hardware
+from .spec import DTYPE_BYTES, Layout, SpecError, Workload, load_model
+
+__all__ = ["advise", "advise_report", "candidate_layouts", "memory_per_rank", "comm_bytes", "pareto_front",
+           "register", "add_arguments", "run", "main", "OBJECTIVES"]
+
+OBJECTIVES = ("ttft", "tpot", "e2e", "bytes")
+
+
+def candidate_layouts(model, gpus: int) -> list[tuple[int, int]]:
+    """All (t, p) with t·p = gpus that the model can be laid out as."""
+    model = load_model(model)
+    out = []
+    for t in range(1, gpus + 1):
+        if gpus % t:
+            continue
+        try:
+            Layout(t, gpus // t).validate(model)
+        except SpecError:
+            continue
+        out.append((t, gpus // t))
+    return out
+
+
+def memory_per_rank(model, t, p, b, S, G, w) -> dict:
+    """Bytes per GPU of the fullest pipeline stage (arrays broadcast): ``weights``, ``kv``, ``act``, ``total``."""
+    model = load_model(model)
+    t, p, b, S, G, w = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (t, p, b, S, G, w)))
+    h, hd, V, L = model.h, model.head_dim, model.V, model.L
+    P = (2 * h * model.heads * hd + 2 * h * model.kv_heads * hd + 3 * h * model.ffn) / t + 2 * h
+    kv_layer = b * (S + G) * 2 * (model.kv_heads / t) * hd * w
+    q = np.floor(L / p)
+    r = L - q * p
+    first_layers = np.where(r > 0, q + 1, q)
+    head = V * h / t + h
+    emb = V * h
+    act = w * b * S * (2 * h + (model.heads + 2 * model.kv_heads) * hd / t + 2 * model.ffn / t) + 4 * b * V
+    single = (p == 1)
+    shared = single & (t == 1) & bool(model.tied)
+    w_single = L * P * w + (emb + np.where(shared, 0.0, head) + np.where(shared, h, 0.0)) * w
+    w_first = first_layers * P * w + emb * w
+    w_last = q * P * w + head * w
+    kv_first = first_layers * kv_layer
+    kv_last = q * kv_layer
+    tot_first = w_first + kv_first
+    tot_last = w_last + kv_last
+    use_first = tot_first >= tot_last
+    weights = np.where(single, w_single, np.where(use_first, w_first, w_last))
+    kv = np.where(single, L * kv_layer, np.where(use_first, kv_first, kv_last))
+    return {"weights": weights, "kv": kv, "act": act, "total": weights + kv + act}
+
+
+def comm_bytes(model, t, p, b, S, G, w, engine: str = "deepspeed") -> dict:
+    """Communication bytes of a whole generation (arrays): ``prefill``, ``decode``, ``total`` — the same messages the
+    latency model charges (every call counted, once per group)."""
+    from .timing import _messages
+
+    model = load_model(model)
+    t, p, b, S, G, w = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (t, p, b, S, G, w)))
+    out = {}
+    for phase, s, forwards in (("prefill", S, 1.0), ("decode", np.ones_like(S), G - 1)):
+        args = (b, s, model.h, model.L, model.V, t, p, w)
+        tot = np.zeros(t.shape)
+        for _op, _g, _crit, calls_fn, bytes_fn, _why, _path in _messages(engine):
+            tot = tot + np.asarray(calls_fn(*args), dtype=float) * np.asarray(bytes_fn(*args), dtype=float)
+        out[phase] = tot * forwards
+    out["total"] = out["prefill"] + out["decode"]
+    return out
+
+
+def pareto_front(latency, nbytes, eligible=None) -> np.ndarray:
+    """Boolean mask of points not dominated (≤ in both, < in one) by another eligible point; minimise both."""
+    x = np.asarray(latency, dtype=float)
+    y = np.asarray(nbytes, dtype=float)
+    ok = np.ones(x.shape, bool) if eligible is None else np.asarray(eligible, bool)
+    front = np.zeros(x.shape, bool)
+    for i in range(x.size):
+        if not ok[i]:
+            continue
+        dominated = ok & (x <= x[i]) & (y <= y[i]) & ((x < x[i]) | (y < y[i]))
+        front[i] = not dominated.any()
+    return front
+
+
+def advise(model, gpus: int, gpus_per_node: int | None = None, hardware: Any = "h100-sxm", S: int = 1024,
+           G: int = 128, b: int = 1, objective: str = "e2e", dtype: str = "bf16", engine: str = "deepspeed",
+           include_infeasible: bool = True) -> list[dict]:
+    """Ranked layouts (best first) as dicts ``{"tp","pp","ttft_s","tpot_s","e2e_s","bytes","fits","pareto", …}``.
+
+    Raises :class:`SpecError` when no layout exists or none fits the device memory (one sentence saying why)."""
+    model = load_model(model)
+    hw = load_hardware(hardware)
+    if objective not in OBJECTIVES:
+        raise SpecError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        raise SpecError(f"gpus={gpus!r} must be a positive integer")
+    K = hw.gpus_per_node if gpus_per_node is None else gpus_per_node
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+        raise SpecError(f"gpus_per_node={K!r} must be a positive integer")
+    wl = Workload(b, S, G, dtype).validate(model)
+    cands = candidate_layouts(model, gpus)
+    if not cands:
+        raise SpecError(f"no layout of {model.name} on {gpus} GPUs: t must divide its {model.heads} heads and "
+                        f"{model.kv_heads} KV heads, and p = {gpus}/t must not exceed its {model.L} layers")
+    t = np.array([c[0] for c in cands])
+    p = np.array([c[1] for c in cands])
+    w = wl.w
+    from .timing import predict_latency_grid
+
+    lat = predict_latency_grid(model, hw, t, p, b, S, G, w, gpus_per_node=K, engine=engine)
+    mem = memory_per_rank(model, t, p, b, S, G, w)
+    nb = comm_bytes(model, t, p, b, S, G, w, engine)
+    usable = hw.usable_memory_bytes
+    fits = mem["total"] <= usable
+    if not fits.any():
+        i = int(np.argmin(mem["total"]))
+        raise SpecError(
+            f"no layout of {model.name} ({dtype}, b={b}, S={S}, G={G}) fits {gpus} x {hw.name}: the smallest needs "
+            f"{mem['total'][i] / GiB:.1f} GiB per GPU (tp={t[i]}, pp={p[i]}) but one has {usable / GiB:.1f} GiB "
+            f"usable ({hw.memory_bytes / GiB:.1f} GiB minus {hw.reserve_fraction:.0%} reserve); use more GPUs, a "
+            f"smaller batch/context or a narrower dtype")
+    lat_key = "e2e_s" if objective == "bytes" else f"{objective}_s"
+    score = nb["total"] if objective == "bytes" else lat[lat_key]
+    front = pareto_front(lat[lat_key], nb["total"], fits)
+    nodes = int(np.ceil(gpus / K))
+    from .timing import placement_fractions
+
+    f_tp, f_pp = placement_fractions(model.L, t, p, K)
+    rows = []
+    for i in range(len(cands)):
+        rows.append({
+            "tp": int(t[i]), "pp": int(p[i]), "ttft_s": float(lat["ttft_s"][i]), "tpot_s": float(lat["tpot_s"][i]),
+            "e2e_s": float(lat["e2e_s"][i]), "bytes": int(round(float(nb["total"][i]))),
+            "fits": bool(fits[i]), "pareto": bool(front[i]),
+            "memory_gib": float(mem["total"][i] / GiB), "weights_gib": float(mem["weights"][i] / GiB),
+            "kv_gib": float(mem["kv"][i] / GiB), "usable_gib": float(usable / GiB),
+            "prefill_comm_s": float(lat["prefill_comm_s"][i]), "decode_comm_s": float(lat["decode_comm_s"][i]),
+            "prefill_compute_s": float(lat["prefill_compute_s"][i]),
+            "decode_compute_s": float(lat["decode_compute_s"][i]),
+            "tp_inter_fraction": float(f_tp[i]), "pp_inter_fraction": float(f_pp[i]), "nodes": nodes,
+            "objective": objective, "score": float(score[i])})
+    rows.sort(key=lambda r: (not r["fits"], r["score"], r["bytes"], r["tp"]))
+    for k, r in enumerate(rows, 1):
+        r["rank"] = k
+    return rows if include_infeasible else [r for r in rows if r["fits"]]
+
+
+def advise_report(model, gpus: int, gpus_per_node: int | None = None, hardware: Any = "h100-sxm", S: int = 1024,
+                  G: int = 128, b: int = 1, objective: str = "e2e", dtype: str = "bf16",
+                  engine: str = "deepspeed") -> dict:
+    """The JSON the CLI prints: ``{"model", "hardware", "gpus", "gpus_per_node", "workload", "objective",
+    "layouts": [...]}`` (layouts best first)."""
+    model = load_model(model)
+    hw = load_hardware(hardware)
+    K = hw.gpus_per_node if gpus_per_node is None else gpus_per_node
+    layouts = advise(model, gpus, K, hw, S, G, b, objective, dtype, engine)
+    return {"model": model.name, "hardware": hw.name, "gpus": gpus, "gpus_per_node": K, "engine": engine,
+            "workload": {"b": b, "S": S, "G": G, "dtype": dtype}, "objective": objective, "layouts": layouts}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI hook
+# ---------------------------------------------------------------------------------------------------------------------
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", required=True, help="preset name or path to an HF config.json")
+    ap.add_argument("--gpus", type=_positive, required=True, help="number of GPUs N (layouts with t·p = N)")
+    ap.add_argument("--gpus-per-node", type=_positive, default=None, help="GPUs per node K (default: the preset's)")
+    ap.add_argument("--hardware", default="h100-sxm", help="hardware preset or JSON path (default h100-sxm)")
+    ap.add_argument("--prompt", type=_positive, default=1024, help="prompt length S")
+    ap.add_argument("--generate", type=_positive, default=128, help="generated tokens G")
+    ap.add_argument("--batch", type=_positive, default=1, help="batch size b")
+    ap.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bf16")
+    ap.add_argument("--objective", choices=list(OBJECTIVES), default="e2e")
+    ap.add_argument("--engine", choices=["deepspeed", "vllm"], default="deepspeed")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args) -> int:
+    rep = advise_report(args.model, args.gpus, args.gpus_per_node, args.hardware, args.prompt, args.generate,
+                        args.batch, args.objective, args.dtype, args.engine)
+    if args.json:
+        print(json.dumps(rep))
+        return 0
+    w = rep["workload"]
+    print(f"model={rep['model']} gpus={rep['gpus']} gpus_per_node={rep['gpus_per_node']} hardware={rep['hardware']} "
+          f"b={w['b']} S={w['S']} G={w['G']} dtype={w['dtype']} objective={rep['objective']}")
+    print(f"{'rank':>4} {'tp':>4} {'pp':>4} {'TTFT ms':>10} {'TPOT ms':>10} {'E2E s':>9} {'bytes':>16} "
+          f"{'GiB/GPU':>8} {'fits':>5} {'pareto':>6}")
+    for r in rep["layouts"]:
+        print(f"{r['rank']:>4} {r['tp']:>4} {r['pp']:>4} {r['ttft_s'] * 1e3:>10.3f} {r['tpot_s'] * 1e3:>10.3f} "
+              f"{r['e2e_s']:>9.4f} {r['bytes']:>16,} {r['memory_gib']:>8.1f} {'yes' if r['fits'] else 'no':>5} "
+              f"{'*' if r['pareto'] else '':>6}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``advise`` to the ``llmcomm`` CLI (a hook for ``cli._EXTRA_COMMANDS``)."""
+    sp = subparsers.add_parser("advise", help="rank every t×p layout of N GPUs by predicted latency or bytes")
+    add_arguments(sp)
+    sp.set_defaults(func=run)
+
+
+def main(argv=None) -> int:
+    """``python -m llmcomm.advise --model M --gpus N …`` (same arguments as ``llmcomm advise``)."""
+    import sys
+
+    ap = argparse.ArgumentParser(prog="llmcomm advise", description=__doc__.split("\n\n")[0])
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    try:
+        return run(args)
+    except SpecError as e:
+        print(f"llmcomm: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

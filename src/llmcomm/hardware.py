@@ -1,0 +1,181 @@
+"""Hardware presets: device memory, compute and memory bandwidth, and the α-β parameters of its links.
+
+A preset is a JSON file in ``llmcomm/presets/hardware`` (or any path / dict with the same keys)::
+
+    {"name", "description", "gpus_per_node", "memory_gib", "reserve_fraction", "mem_bw_GBps",
+     "peak_tflops": {dtype: TFLOP/s}, "efficiency": {"flops", "mem_bw"}, "layer_overhead_us",
+     "links": {"intra": LINK, "inter": LINK},
+     "collectives": {level: {op: {"<n>" | "any": FIT}}},     # optional: fitted per-op overrides (cpu-local)
+     "source": {field: where the number comes from}}          # every number is labelled (published or ASSUMPTION)
+
+    LINK = {"name", "bw_GBps", "efficiency", "alpha_us", "algorithm": "ring"|"tree"|"direct"|"auto"}
+    FIT  = {"alpha_us", "busbw_GBps", "algorithm", "backend", ...}
+
+``level`` is ``intra`` (ranks on one node: NVLink, or shared memory on a CPU) or ``inter`` (ranks on different
+nodes: InfiniBand). A collective on ``n`` ranks costs :func:`llmcomm.collectives.alpha_beta_time` with the α (s per
+step) and β (s per busbw-byte) of the fitted entry for (level, op, n) when there is one, else of (level, op, "any"),
+else of the link (β = 1 / (bw·efficiency)).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .collectives import alpha_beta_time, canonical_op, latency_steps
+from .spec import SpecError
+
+__all__ = ["Hardware", "Link", "hardware_names", "load_hardware", "LEVELS"]
+
+LEVELS = ("intra", "inter")
+GiB = 1 << 30
+
+
+def hardware_names() -> list[str]:
+    """Names of the hardware presets shipped in ``llmcomm/presets/hardware``."""
+    folder = resources.files("llmcomm.presets") / "hardware"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    alpha_s: float            # latency per algorithm step (s)
+    beta_s_per_B: float       # inverse achievable bus bandwidth (s per byte)
+    algorithm: str = "auto"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str) -> "Link":
+        try:
+            bw = float(d["bw_GBps"]) * float(d.get("efficiency", 1.0)) * 1e9
+            return cls(name=str(d.get("name", where)), alpha_s=float(d["alpha_us"]) * 1e-6, beta_s_per_B=1.0 / bw,
+                       algorithm=str(d.get("algorithm", "auto")))
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+            raise SpecError(f"hardware link {where!r} needs bw_GBps > 0 and alpha_us ({e})") from None
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    memory_bytes: float
+    reserve_fraction: float
+    mem_bw: float                        # B/s, peak
+    peak_flops: Mapping[str, float]      # FLOP/s per dtype, peak
+    eff_flops: float
+    eff_mem: float
+    layer_overhead_s: float
+    gpus_per_node: int
+    links: Mapping[str, Link]
+    collectives: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]] = field(default_factory=dict)
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], name: str = "custom") -> "Hardware":
+        if not isinstance(d, Mapping):
+            raise SpecError(f"hardware {name!r} is not a JSON object")
+        name = str(d.get("name", name))
+        try:
+            links = {lvl: Link.from_dict(d["links"][lvl], f"{name}.{lvl}") for lvl in d["links"]}
+            if "intra" not in links:
+                raise KeyError("links.intra")
+            links.setdefault("inter", links["intra"])
+            eff = d.get("efficiency", {})
+            hw = cls(name=name, memory_bytes=float(d["memory_gib"]) * GiB,
+                     reserve_fraction=float(d.get("reserve_fraction", 0.0)), mem_bw=float(d["mem_bw_GBps"]) * 1e9,
+                     peak_flops={k: float(v) * 1e12 for k, v in d["peak_tflops"].items()},
+                     eff_flops=float(eff.get("flops", 1.0)), eff_mem=float(eff.get("mem_bw", 1.0)),
+                     layer_overhead_s=float(d.get("layer_overhead_us", 0.0)) * 1e-6,
+                     gpus_per_node=int(d.get("gpus_per_node", 8)), links=links,
+                     collectives=d.get("collectives", {}) or {}, raw=dict(d))
+        except KeyError as e:
+            raise SpecError(f"hardware {name!r} lacks {e.args[0]}") from None
+        except (TypeError, ValueError) as e:
+            raise SpecError(f"hardware {name!r} has a malformed value ({e})") from None
+        return hw
+
+    # --------------------------------------------------------------------------------------------------------------
+    @property
+    def usable_memory_bytes(self) -> float:
+        return self.memory_bytes * (1.0 - self.reserve_fraction)
+
+    def flops(self, dtype: str) -> float:
+        """Achievable FLOP/s for ``dtype`` (peak × efficiency)."""
+        peak = self.peak_flops.get(dtype) or self.peak_flops.get("fp32") or max(self.peak_flops.values())
+        return peak * self.eff_flops
+
+    def bandwidth(self) -> float:
+        """Achievable memory bandwidth (B/s)."""
+        return self.mem_bw * self.eff_mem
+
+    def coll_params(self, op: str, n: int, level: str = "intra") -> tuple[float, float, str]:
+        """(α s/step, β s/B, algorithm) of ``op`` on ``n`` ranks at ``level``."""
+        op = canonical_op(op)
+        if level not in self.links:
+            raise SpecError(f"hardware {self.name!r} has no {level!r} link")
+        fits = self.collectives.get(level, {}).get(op, {})
+        fit = fits.get(str(int(n))) or fits.get("any")
+        if fit:
+            return (float(fit["alpha_us"]) * 1e-6, 1.0 / (float(fit["busbw_GBps"]) * 1e9),
+                    str(fit.get("algorithm", "ring")))
+        link = self.links[level]
+        return link.alpha_s, link.beta_s_per_B, link.algorithm
+
+    def collective_coeffs(self, op: str, n: int, level: str = "intra") -> tuple[float, float]:
+        """(A, F) with time = A + F·S for ``op`` on ``n`` ranks: A = steps·α (``auto``: the fewer steps of ring and
+        tree, whose bandwidth terms are equal), F = busbw_factor·β (0 for a group of one)."""
+        a, b, alg = self.coll_params(op, int(n), level)
+        zero = np.zeros(())
+        steps = min(float(latency_steps(op, n, "ring")), float(latency_steps(op, n, "tree"))) if alg == "auto" \
+            else float(latency_steps(op, n, alg))
+        f = float(alpha_beta_time(op, n, 1.0, zero, 1.0, "ring"))        # busbw factor (0 when n = 1)
+        return steps * a, f * b
+
+    def collective_time(self, op: str, n, size_bytes, level: str = "intra"):
+        """Time (s) of one ``op`` of S = ``size_bytes`` on ``n`` ranks at ``level``; ``n`` and ``size_bytes`` may be
+        numpy arrays (coefficients tabulated per distinct n, then gathered: two lookups and one multiply-add)."""
+        n_arr = np.asarray(n)
+        size = np.asarray(size_bytes, dtype=float)
+        if n_arr.ndim == 0:
+            a, b, alg = self.coll_params(op, int(n_arr), level)
+            return alpha_beta_time(op, n_arr, size, a, b, alg)
+        n_arr = n_arr.astype(np.int64, copy=False)
+        lo, hi = int(n_arr.min()), int(n_arr.max())
+        if lo == hi:
+            A, F = self.collective_coeffs(op, lo, level)
+            return A + F * size + np.zeros(n_arr.shape)
+        present = np.flatnonzero(np.bincount(n_arr.ravel() - lo)) + lo
+        A_tab = np.zeros(hi - lo + 1)
+        F_tab = np.zeros(hi - lo + 1)
+        for k in present:
+            A_tab[k - lo], F_tab[k - lo] = self.collective_coeffs(op, int(k), level)
+        idx = n_arr - lo
+        return A_tab[idx] + F_tab[idx] * size
+
+    def describe(self) -> dict:
+        """A small JSON-able summary (what advice output carries)."""
+        return {"name": self.name, "memory_gib": self.memory_bytes / GiB, "gpus_per_node": self.gpus_per_node,
+                "links": {k: {"name": v.name, "alpha_us": v.alpha_s * 1e6, "busbw_GBps": 1e-9 / v.beta_s_per_B}
+                          for k, v in self.links.items()}}
+
+
+def load_hardware(hw: "str | Path | Mapping[str, Any] | Hardware") -> Hardware:
+    """A :class:`Hardware` from a preset name, a JSON path or a dict."""
+    if isinstance(hw, Hardware):
+        return hw
+    if isinstance(hw, Mapping):
+        return Hardware.from_dict(hw)
+    text = str(hw)
+    if text in hardware_names():
+        data = (resources.files("llmcomm.presets") / "hardware" / f"{text}.json").read_text()
+        return Hardware.from_dict(json.loads(data), name=text)
+    path = Path(text)
+    if not path.exists():
+        raise SpecError(f"unknown hardware {text!r}: not a preset ({', '.join(hardware_names())}) and no such file")
+    try:
+        return Hardware.from_dict(json.loads(path.read_text()), name=path.stem)
+    except json.JSONDecodeError as e:
+        raise SpecError(f"hardware file {text!r} is not valid JSON ({e.msg} at line {e.lineno})") from None

@@ -1,0 +1,108 @@
+"""Layout advice: memory feasibility edge cases, Pareto front, ranking, JSON shape, CLI hook."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from llmcomm.advise import (advise, advise_report, candidate_layouts, comm_bytes, memory_per_rank, pareto_front,
+                            register)
+from llmcomm.hardware import GiB, load_hardware
+from llmcomm.spec import Layout, SpecError, Workload, load_model
+
+
+def test_70b_bf16_does_not_fit_one_h100_but_fits_eight():
+    m = load_model("llama-3.1-70b")
+    h100 = load_hardware("h100-sxm")
+    one = memory_per_rank(m, 1, 1, 1, 1024, 128, 2)
+    assert one["weights"] > 130 * GiB and one["total"] > h100.usable_memory_bytes
+    with pytest.raises(SpecError, match="no layout of llama-3.1-70b"):
+        advise(m, gpus=1, gpus_per_node=8, hardware="h100-sxm", S=1024, G=128, b=1)
+    rows = advise(m, gpus=8, gpus_per_node=8, hardware="h100-sxm", S=1024, G=128, b=1)
+    assert all(r["fits"] for r in rows)
+    tp8 = next(r for r in rows if r["tp"] == 8)
+    # sharded layers and head + the replicated embedding (AutoTP keeps embed_tokens whole on every rank)
+    norms = (2 * m.L + 1) * m.h                                 # RMSNorm weights: replicated too
+    expect = ((m.params - m.V * m.h - norms) / 8 + m.V * m.h + norms) * 2 / GiB
+    assert tp8["weights_gib"] == pytest.approx(expect, rel=1e-12) and 18 < expect < 18.3
+    assert tp8["memory_gib"] < h100.usable_memory_bytes / GiB
+
+
+def test_405b_on_four_a100_raises_one_clear_message():
+    with pytest.raises(SpecError) as e:
+        advise("llama-3.1-405b", gpus=4, gpus_per_node=8, hardware="a100-sxm-80gb", S=1024, G=128, b=1)
+    msg = str(e.value)
+    assert "\n" not in msg and "no layout of llama-3.1-405b" in msg and "GiB" in msg
+
+
+def test_no_valid_layout_raises():
+    with pytest.raises(SpecError, match="no layout"):
+        advise("tiny-llama", gpus=7, hardware="h100-sxm", S=16, G=4)       # t=7 ∤ 4 heads, p=7 > 4 layers
+
+
+def test_memory_edges():
+    import dataclasses
+
+    m = load_model("tiny-llama-tied")
+    u = dataclasses.replace(m, tied=False)
+    one = memory_per_rank(m, 1, 1, 1, 16, 4, 4)
+    untied = memory_per_rank(u, 1, 1, 1, 16, 4, 4)
+    # tied, one rank: the head is the embedding (one copy) → exactly V·h·w less than untied
+    assert untied["weights"] - one["weights"] == pytest.approx(m.V * m.h * 4)
+    # exact weights of an unsharded untied model = params·w
+    assert untied["weights"] == pytest.approx(u.params * 4)
+    assert one["weights"] == pytest.approx(m.params * 4)
+    # KV: b·(S+G)·2·kv·hd·w per layer, all L layers on one rank
+    assert untied["kv"] == pytest.approx(m.L * 1 * 20 * 2 * m.kv_heads * m.head_dim * 4)
+    # pipeline: the fullest stage holds fewer layers → less memory per rank
+    assert memory_per_rank(m, 1, 2, 1, 16, 4, 4)["total"] < one["total"]
+
+
+def test_pareto_front_hand_example():
+    lat = [1.0, 2.0, 3.0, 4.0, 2.0, 5.0]
+    nb = [5.0, 3.0, 4.0, 1.0, 3.0, 1.0]
+    # (3,4) dominated by (2,3); (5,1) dominated by (4,1); equal points (2,3) both stay
+    np.testing.assert_array_equal(pareto_front(lat, nb), [True, True, False, True, True, False])
+    # an ineligible point neither dominates nor is on the front
+    np.testing.assert_array_equal(pareto_front(lat, nb, [True, False, True, True, False, True]),
+                                  [True, False, True, True, False, False])
+
+
+def test_ranking_candidates_and_json_shape():
+    m = load_model("llama-3.1-70b")
+    rep = advise_report(m, 16, 8, "h100-sxm", 2048, 64, 4, "ttft")
+    rows = rep["layouts"]
+    assert {(r["tp"], r["pp"]) for r in rows} == set(candidate_layouts(m, 16)) == {(1, 16), (2, 8), (4, 4), (8, 2)}
+    for r in rows:
+        for k in ("tp", "pp", "ttft_s", "tpot_s", "e2e_s", "bytes", "fits", "pareto"):
+            assert k in r
+        Layout(r["tp"], r["pp"]).validate(m)
+    feasible = [r for r in rows if r["fits"]]
+    assert [r["ttft_s"] for r in feasible] == sorted(r["ttft_s"] for r in feasible)
+    assert rows[0]["pareto"]                                       # the best latency is on the front
+    json.dumps(rep)
+    by_bytes = advise(m, 16, 8, "h100-sxm", 2048, 64, 4, "bytes")
+    assert [r["bytes"] for r in by_bytes] == sorted(r["bytes"] for r in by_bytes)
+    with pytest.raises(SpecError):
+        advise(m, 16, 8, "h100-sxm", 2048, 64, 4, "throughput")
+
+
+def test_bytes_match_volumes_for_tp():
+    from llmcomm.volumes import predict_rows
+
+    m = load_model("llama-3.1-8b")
+    for t in (2, 4, 8):
+        rows = predict_rows(m, Layout(t, 1), Workload(2, 100, 7, "bf16"))
+        assert comm_bytes(m, t, 1, 2, 100, 7, 2)["total"] == pytest.approx(sum(r["bytes"] for r in rows))
+
+
+def test_cli_hook_parses_the_documented_arguments(capsys):
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd")
+    register(sub)
+    args = ap.parse_args(["advise", "--model", "llama-3.1-8b", "--gpus", "4", "--gpus-per-node", "2", "--hardware",
+                          "a100-sxm-80gb", "--prompt", "512", "--generate", "32", "--batch", "2", "--objective",
+                          "tpot", "--json"])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["objective"] == "tpot" and out["gpus_per_node"] == 2 and out["layouts"]

@@ -1,0 +1,175 @@
+"""nccl-tests conventions, α-β formulas on hand-computed cases, hardware presets, α-β fits, and the microbenchmark."""
+import json
+
+import numpy as np
+import pytest
+
+from llmcomm import collectives as C
+from llmcomm.fit import fit_alpha_beta, fit_table
+from llmcomm.hardware import hardware_names, load_hardware
+from llmcomm.spec import SpecError
+
+
+@pytest.mark.parametrize("op,n,f", [("all_reduce", 2, 1.0), ("all_reduce", 4, 1.5), ("all_reduce", 8, 1.75),
+                                    ("all_gather", 4, 0.75), ("reduce_scatter", 8, 0.875), ("gather", 2, 0.5),
+                                    ("broadcast", 8, 1.0), ("send_recv", 2, 1.0), ("reduce", 4, 1.0)])
+def test_busbw_factors(op, n, f):
+    assert C.busbw_factor(op, n) == pytest.approx(f, abs=0, rel=1e-15)
+
+
+def test_busbw_factor_vectorised_and_synonyms():
+    np.testing.assert_array_equal(C.busbw_factor("all_reduce", np.array([2, 4, 8])), [1.0, 1.5, 1.75])
+    assert C.canonical_op("inference_all_reduce") == "all_reduce"
+    assert C.canonical_op("isend") == "send_recv"
+    with pytest.raises(ValueError):
+        C.canonical_op("all_to_all_v")
+
+
+def test_algbw_busbw():
+    # 1 MiB all_reduce on 4 ranks in 1 ms: algbw 1.048576 GB/s, busbw ×1.5
+    assert C.algbw(1 << 20, 1e-3) == pytest.approx(1.048576e9)
+    assert C.busbw("all_reduce", 4, 1 << 20, 1e-3) == pytest.approx(1.572864e9)
+    assert C.busbw("all_gather", 4, 1 << 20, 1e-3) == pytest.approx(0.786432e9)
+
+
+def test_ring_all_reduce_hand_case():
+    a, b = 1e-6, 1e-9
+    # 2(n−1)α + 2(n−1)/n·S·β with n = 4, S = 1e6: 6 µs + 1.5 ms
+    assert C.ring_time("all_reduce", 4, 1e6, a, b) == pytest.approx(6e-6 + 1.5e-3, rel=1e-14)
+    # all_gather: (n−1)α + (n−1)/n·S·β
+    assert C.ring_time("all_gather", 4, 1e6, a, b) == pytest.approx(3e-6 + 0.75e-3, rel=1e-14)
+    # broadcast chain: (n−1)α + S·β
+    assert C.ring_time("broadcast", 8, 1e6, a, b) == pytest.approx(7e-6 + 1e-3, rel=1e-14)
+    # send_recv: α + S·β
+    assert C.ring_time("send_recv", 2, 1e6, a, b) == pytest.approx(1e-6 + 1e-3, rel=1e-14)
+
+
+def test_tree_direct_auto():
+    a, b = 2e-6, 1e-10
+    # tree all_reduce n = 8: 2·log2(8)·α + 1.75·S·β
+    assert C.tree_time("all_reduce", 8, 1e6, a, b) == pytest.approx(12e-6 + 1.75e-4, rel=1e-14)
+    # n = 6 → ⌈log2 6⌉ = 3
+    assert C.tree_time("all_gather", 6, 0, a, b) == pytest.approx(3 * a)
+    assert C.direct_time("all_reduce", 4, 1e6, a, b) == pytest.approx(a + 1.5e-4, rel=1e-14)
+    ring, tree = C.ring_time("all_reduce", 8, 4, a, b), C.tree_time("all_reduce", 8, 4, a, b)
+    assert C.best_time("all_reduce", 8, 4, a, b) == min(ring, tree) == tree
+    assert C.alpha_beta_time("all_reduce", 8, 4, a, b, "auto") == tree
+
+
+def test_group_of_one_is_free_and_vectorised_equals_scalar():
+    assert C.ring_time("all_reduce", 1, 1e6, 1e-6, 1e-9) == 0.0
+    rng = np.random.default_rng(0)
+    n = rng.choice([1, 2, 4, 8, 16], 200)
+    S = rng.integers(4, 1 << 26, 200).astype(float)
+    for op in ("all_reduce", "all_gather", "broadcast", "send_recv"):
+        for alg in ("ring", "tree", "direct", "auto"):
+            vec = C.alpha_beta_time(op, n, S, 3e-6, 2e-11, alg)
+            one = [C.alpha_beta_time(op, int(k), float(s), 3e-6, 2e-11, alg) for k, s in zip(n, S)]
+            np.testing.assert_allclose(vec, one, rtol=1e-15)
+
+
+# ----------------------------------------------------------------------------------------------- hardware presets
+def test_presets_load_and_label_sources():
+    names = hardware_names()
+    for required in ("h100-sxm", "h200", "a100-sxm-80gb"):
+        assert required in names
+    for name in names:
+        hw = load_hardware(name)
+        assert hw.memory_bytes > 0 and hw.mem_bw > 0 and hw.peak_flops
+        assert "source" in hw.raw and hw.raw["source"], f"{name} has no source labels"
+    h100 = load_hardware("h100-sxm")
+    assert h100.peak_flops["bf16"] == pytest.approx(989e12)
+    assert h100.mem_bw == pytest.approx(3.35e12)
+    assert h100.links["intra"].beta_s_per_B == pytest.approx(1 / (450e9 * 0.8))
+    assert h100.links["inter"].beta_s_per_B == pytest.approx(1 / (50e9 * 0.9))
+    h200 = load_hardware("h200")
+    assert h200.mem_bw == pytest.approx(4.8e12) and h200.peak_flops == h100.peak_flops
+    a100 = load_hardware("a100-sxm-80gb")
+    assert a100.peak_flops["bf16"] == pytest.approx(312e12) and a100.mem_bw == pytest.approx(2.039e12)
+
+
+def test_hardware_collective_time_uses_link_and_fits():
+    hw = load_hardware({"name": "x", "memory_gib": 1, "mem_bw_GBps": 1, "peak_tflops": {"fp32": 1},
+                        "links": {"intra": {"bw_GBps": 100, "alpha_us": 2, "algorithm": "ring"},
+                                  "inter": {"bw_GBps": 10, "alpha_us": 20, "algorithm": "ring"}},
+                        "collectives": {"intra": {"all_reduce": {"2": {"alpha_us": 5, "busbw_GBps": 1,
+                                                                        "algorithm": "direct"}}}}})
+    # fitted entry for n = 2: 5 µs + 1·S/1 GB/s
+    assert hw.collective_time("all_reduce", 2, 1e6, "intra") == pytest.approx(5e-6 + 1e-3)
+    # n = 4 falls back to the ring on the link: 6·2 µs + 1.5·S/100 GB/s
+    assert hw.collective_time("all_reduce", 4, 1e6, "intra") == pytest.approx(12e-6 + 1.5e-5)
+    assert hw.collective_time("all_reduce", 4, 1e6, "inter") == pytest.approx(120e-6 + 1.5e-4)
+    np.testing.assert_allclose(hw.collective_time("all_reduce", np.array([2, 4]), np.array([1e6, 1e6])),
+                               [5e-6 + 1e-3, 12e-6 + 1.5e-5])
+    with pytest.raises(SpecError):
+        load_hardware("no-such-hardware")
+
+
+# ----------------------------------------------------------------------------------------------------------- fits
+def test_fit_recovers_alpha_beta_exactly():
+    S = 4.0 * 2 ** np.arange(0, 25)
+    for op, n, alg in (("all_reduce", 4, "ring"), ("all_gather", 2, "ring"), ("all_reduce", 2, "direct")):
+        T = C.alpha_beta_time(op, n, S, 7e-6, 1 / 3e9, alg)
+        r = fit_alpha_beta(op, n, S, T, alg)
+        assert r["alpha_us"] == pytest.approx(7.0, rel=1e-6)
+        assert r["busbw_GBps"] == pytest.approx(3.0, rel=1e-6)
+        assert r["r2"] == pytest.approx(1.0) and r["median_rel_err"] < 1e-9
+
+
+def test_fit_pooled_over_group_sizes_and_nonnegative():
+    import pandas as pd
+
+    S = 4.0 * 2 ** np.arange(0, 20)
+    rows = []
+    for n in (2, 4):
+        T = C.ring_time("all_reduce", n, S, 5e-6, 1e-9)
+        rows += [{"backend": "gloo", "op": "all_reduce", "group_size": n, "bytes": s, "time_s": t}
+                 for s, t in zip(S, T)]
+    fits = fit_table(pd.DataFrame(rows))
+    assert set(fits["group_size"]) == {"2", "4", "any"}
+    anyrow = fits[fits["group_size"] == "any"].iloc[0]
+    assert anyrow["alpha_us"] == pytest.approx(5.0, rel=1e-6) and anyrow["busbw_GBps"] == pytest.approx(1.0, rel=1e-6)
+    # a pure-bandwidth set: α clamped at 0, never negative
+    r = fit_alpha_beta("send_recv", 2, S, S * 1e-9, "ring")
+    assert r["alpha_s"] >= 0 and r["busbw_GBps"] == pytest.approx(1.0, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- microbenchmark (slow)
+def test_size_parsing():
+    from llmcomm.bench import parse_size, size_grid
+
+    assert parse_size("64M") == 64 << 20 and parse_size("4") == 4 and parse_size("1K") == 1024
+    assert size_grid(4, 64) == [4, 8, 16, 32, 64]
+    with pytest.raises(ValueError):
+        parse_size("12Q")
+
+
+@pytest.mark.slow
+def test_bench_collectives_schema(tmp_path):
+    import glob
+
+    import pandas as pd
+    import torch
+
+    from llmcomm.bench import CSV_COLUMNS, run_bench
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU backends only")
+    run_bench(sizes=[4, 4096], ranks=[2], out=tmp_path, machine="test", point_s=0.02, min_reps=3, max_reps=5,
+              warmup=1, progress=False, timeout_s=240)
+    df = pd.read_csv(tmp_path / "collectives.csv")
+    assert list(df.columns) == CSV_COLUMNS
+    # shm: all_reduce only; gloo: the four ops; 2 sizes each
+    assert len(df) == (1 + 4) * 2
+    assert set(df["backend"]) == {"shm", "gloo"} and set(df["group_size"]) == {2}
+    assert (df["time_p10_s"] <= df["time_s"]).all() and (df["time_s"] <= df["time_p90_s"]).all()
+    ar = df[df["op"] == "all_reduce"]
+    np.testing.assert_allclose(ar["busbw_GBps"], ar["algbw_GBps"] * 1.0)     # f = 2(n−1)/n = 1 for n = 2
+    ag = df[df["op"] == "all_gather"]
+    np.testing.assert_allclose(ag["busbw_GBps"], ag["algbw_GBps"] * 0.5)
+    np.testing.assert_allclose(df["algbw_GBps"], df["bytes"] / df["time_s"] / 1e9)
+    prov = json.loads((tmp_path / "collectives.provenance.json").read_text())
+    for k in ("machine", "cpu_model", "torch", "deepspeed", "command", "date"):
+        assert prov[k]
+    port = prov["ranks_meta"]["2"]["master_port"]          # other runs may share /dev/shm: look at ours only
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"), "shm buffers left behind"
