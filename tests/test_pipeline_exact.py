@@ -8,6 +8,7 @@ import pytest
 from llmcomm.launch import RunError, launch_ranks, measure, rank_spec
 from llmcomm.runs.pipeline import check_layout
 from llmcomm.spec import Layout, SpecError, Workload, load_model, stage_layers
+from llmcomm.volumes import engine_for, predict_rows
 
 RNG_STATE_BYTES = 5056          # CPU generator state that init_inference broadcasts over the world when t > 1
 W_TOKEN = 8                     # the token handed back is int64
@@ -46,17 +47,9 @@ def hand_rows(model, layout: Layout, workload: Workload, p2p: str = "partitioned
 
 
 def predicted(model, layout, workload, p2p):
-    """The lead's closed forms once they cover pipelines (default stage-to-stage mode), else the hand formula."""
-    if p2p == "partitioned":
-        try:
-            from llmcomm.volumes import predict_rows
-
-            rows = predict_rows(model, layout, workload, engine="deepspeed")
-            if any(r["op"] == "send_recv" for r in rows):
-                return rows
-        except ImportError:
-            pass
-    return hand_rows(model, layout, workload, p2p)
+    """The library's closed forms (llmcomm.volumes): the ``deepspeed`` pattern, or ``deepspeed-full`` for the full
+    stage-to-stage mode."""
+    return predict_rows(model, layout, workload, engine=engine_for("deepspeed", p2p))
 
 
 def _key(r):
@@ -129,6 +122,22 @@ def test_message_shapes_and_dtypes(run):
     assert len(tokens) == n * layout.t and {tuple(e["shape"]) for e in tokens} <= {(workload.b, 1)}
     assert all(e["peer"] == e["rank"] - (layout.p - 1) * layout.t for e in tokens)   # last stage → stage 0
     assert len(acts) == n * layout.t * (layout.p - 1)
+
+
+# Fast: the library's closed forms equal the hand formula above on many layouts (both modes), without launching.
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-llama-tied", "llama-3.1-8b", "llama-3.1-70b"])
+@pytest.mark.parametrize("t,p", [(1, 2), (1, 3), (2, 2), (2, 4), (4, 2), (1, 4)])
+@pytest.mark.parametrize("p2p", ["partitioned", "full"])
+def test_closed_forms_equal_hand_formula(model, t, p, p2p):
+    m = load_model(model)
+    layout = Layout(t, p)
+    try:
+        layout.validate(m)
+    except SpecError:
+        pytest.skip("layout does not fit this model")
+    for workload in (Workload(2, 8, 4), Workload(1, 1, 1, "bf16"), Workload(3, 17, 9, "bf16")):
+        assert sorted(predicted(model, layout, workload, p2p), key=_key) == \
+            sorted(hand_rows(model, layout, workload, p2p), key=_key)
 
 
 # ----------------------------------------------------------------------------------------------------- bad input

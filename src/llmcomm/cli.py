@@ -37,6 +37,10 @@ def _add_spec_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--prompt", type=_positive, default=16, help="prompt length S")
     sp.add_argument("--generate", type=_positive, default=4, help="generated tokens G")
     sp.add_argument("--dtype", choices=list(DTYPE_BYTES), default="fp32")
+    sp.add_argument("--p2p", choices=["partitioned", "full"], default="partitioned",
+                    help="stage-to-stage mode of the DeepSpeed pipeline runner when --pp > 1: 'partitioned' (each TP "
+                         "rank sends 1/t of [b, s, h], the next stage all-gathers; the default) or 'full' (every TP "
+                         "rank sends the whole tensor); the same with --tp 1")
     sp.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -68,19 +72,27 @@ def _print_rows(head: dict, rows: list[dict], extra_lines=()) -> None:
         print(line)
 
 
+def _with_p2p(head: dict, layout, p2p: str) -> dict:
+    """The stage-to-stage mode joins the header only where it means something (pipelines)."""
+    return dict(head, p2p=p2p) if layout.p > 1 else head
+
+
 def cmd_predict(args) -> int:
-    from .volumes import predict_rows
+    from .volumes import engine_for, predict_rows
 
     model, layout, workload = _specs(args)
-    rows = predict_rows(model, layout, workload, engine=args.engine)
+    engine = engine_for(args.engine, args.p2p)          # deepspeed + full → the "deepspeed-full" pattern
+    rows = predict_rows(model, layout, workload, engine=engine)
     head = dict(_header(model, layout, workload), engine=args.engine)
+    if args.engine == "deepspeed":
+        head = _with_p2p(head, layout, args.p2p)
     out = dict(head, ops=rows)
     extra = []
     if args.hardware:
         from .timing import predict_latency
 
         lat = predict_latency(model, layout, workload, args.hardware, gpus_per_node=args.gpus_per_node,
-                              engine=args.engine)
+                              engine=engine)
         out["latency"] = lat
         extra = [f"TTFT {lat['ttft_s'] * 1e3:.3f} ms  TPOT {lat['tpot_s'] * 1e3:.3f} ms  E2E {lat['e2e_s'] * 1e3:.3f} ms"
                  f"  (hardware {args.hardware})"]
@@ -96,8 +108,10 @@ def cmd_measure(args) -> int:
 
     model, layout, workload = _specs(args)
     backend = None if args.backend == "auto" else args.backend
-    res = measure(model, layout, workload, timeout_s=args.timeout, out_dir=args.out, backend=backend)
-    head = dict(_header(model, layout, workload), engine="deepspeed")
+    options = {"p2p": args.p2p} if layout.p > 1 else None      # the TP runner has no stage-to-stage messages
+    res = measure(model, layout, workload, timeout_s=args.timeout, out_dir=args.out, backend=backend, options=options,
+                  hostfile=args.hostfile)
+    head = _with_p2p(dict(_header(model, layout, workload), engine="deepspeed"), layout, args.p2p)
     if args.json:
         print(json.dumps(dict(head, ops=res.rows, tokens=res.tokens, ttft_s=res.ttft_s, tpot_s=res.tpot_s,
                               e2e_s=res.e2e_s, provenance=res.provenance)))
@@ -123,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--timeout", type=float, default=300.0, help="seconds before a hung run is killed")
     me.add_argument("--out", help="folder for per-rank results (kept)")
     me.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
+    me.add_argument("--hostfile", help="DeepSpeed hostfile ('HOST slots=N' lines, slots summing to t*p): run across "
+                    "nodes; --out must then be a folder every node shares")
     me.set_defaults(func=cmd_measure)
 
     _more_commands(sub)

@@ -26,9 +26,9 @@ import sympy as sp
 
 from .spec import Layout, ModelSpec, SpecError, Workload, load_model
 
-__all__ = ["b", "S", "G", "h", "L", "V", "t", "p", "w", "s", "Msg", "ENGINES", "PHASES", "pattern",
-           "per_forward", "volumes", "total_bytes", "predict_rows", "forward_messages", "solve_crossover",
-           "rows_table", "evaluator"]
+__all__ = ["b", "S", "G", "h", "L", "V", "t", "p", "w", "s", "Msg", "ENGINES", "PHASES", "P2P_MODES", "pattern",
+           "engine_for", "per_forward", "volumes", "total_bytes", "total_wire_bytes", "bus_factor", "predict_rows",
+           "forward_messages", "solve_crossover", "rows_table", "evaluator", "layouts_frame", "branch"]
 
 # One notation everywhere (see llmcomm.spec): integer, positive symbols so that sympy simplifies as a human would.
 b, S, G, h, L, V, t, p, w = sp.symbols("b S G h L V t p w", integer=True, positive=True)
@@ -73,7 +73,22 @@ class Msg:
 # Engine patterns. Each line cites what it models; the deepspeed lines were read from DeepSpeed 0.19.8's source
 # (module_inject/auto_tp.py, layers.py) and confirmed by capture (book: "Tensor parallelism: measured vs predicted").
 # --------------------------------------------------------------------------------------------------------------------
-def _deepspeed() -> list[Msg]:
+def _deepspeed(p2p: str = "partitioned") -> list[Msg]:
+    """DeepSpeed AutoTP, and the llmcomm pipeline runner on DeepSpeed's PipelineModule + p2p when p > 1. ``p2p``:
+    the runner's stage-to-stage mode — ``"partitioned"`` (its default: 1/t per TP rank, then an all-gather) or
+    ``"full"`` (every TP rank sends the whole [b, s, h]; no all-gather). With t = 1 the two are the same."""
+    if p2p == "full":
+        hops = [Msg("send_recv", 2, _pp(t * (p - 1)), b * s * h,
+                    "hidden state, whole [b, s, h] from every TP rank, at each of the p−1 stage boundaries")]
+    else:
+        hops = [
+            # At each of the p−1 boundaries every TP rank sends its 1/t of the hidden state [b, s, h] to its peer
+            # (DeepSpeed's PartitionedTensor; with t = 1 that is the whole tensor) ...
+            Msg("send_recv", 2, _pp(t * (p - 1)), b * s * h / t,
+                "hidden state, 1/t per TP rank, at each of the p−1 stage boundaries"),
+            # ... and the receiving stage all-gathers the t parts.
+            Msg("all_gather", t, _pp(_tp(p - 1)), b * s * h, "next stage all-gathers the t parts of [b, s, h]"),
+        ]
     return [
         # AutoTP makes o_proj and down_proj LinearAllreduce: a row-parallel matmul then an all-reduce of the
         # full activation [b, s, h] — two per decoder layer. Embedding, norms, rotary: replicated, no traffic.
@@ -86,12 +101,8 @@ def _deepspeed() -> list[Msg]:
         Msg("all_reduce", t, _tp(1), b * V,
             "lm_head is LmHeadLinearAllreduce: all-reduce of the last position's logits [b, 1, V]"),
         # Pipeline (llmcomm.runs.pipeline: DeepSpeed PipelineModule + deepspeed.runtime.pipe.p2p, KV cache per stage;
-        # see runs/PIPELINE_PATTERN.md). At each of the p−1 boundaries every TP rank sends its 1/t of the hidden
-        # state [b, s, h] to its peer (DeepSpeed's PartitionedTensor; with t = 1 that is the whole tensor) ...
-        Msg("send_recv", 2, _pp(t * (p - 1)), b * s * h / t,
-            "hidden state, 1/t per TP rank, at each of the p−1 stage boundaries"),
-        # ... and the receiving stage all-gathers the t parts.
-        Msg("all_gather", t, _pp(_tp(p - 1)), b * s * h, "next stage all-gathers the t parts of [b, s, h]"),
+        # see runs/PIPELINE_PATTERN.md): the stage-to-stage hops above, then the token hand-back.
+        *hops,
         # The last stage hands the greedy token (int64 [b, 1]) back to stage 0 after every forward, from each TP rank.
         Msg("send_recv", 2, _pp(t), b, "token ids int64 [b, 1], last stage → stage 0, from every TP rank",
             width=W_TOKEN, path="wrap"),
@@ -115,7 +126,22 @@ def _vllm() -> list[Msg]:
     ]
 
 
-ENGINES: dict[str, Callable[[], list[Msg]]] = {"deepspeed": _deepspeed, "vllm": _vllm}
+ENGINES: dict[str, Callable[[], list[Msg]]] = {"deepspeed": _deepspeed, "deepspeed-full": lambda: _deepspeed("full"),
+                                               "vllm": _vllm}
+#: Stage-to-stage modes of the DeepSpeed pipeline runner (``llmcomm measure --p2p``); the engine of each.
+P2P_MODES = {"partitioned": "deepspeed", "full": "deepspeed-full"}
+
+
+def engine_for(engine: str = "deepspeed", p2p: str = "partitioned") -> str:
+    """The pattern name for ``engine`` with stage-to-stage mode ``p2p``: ``deepspeed`` + ``full`` →
+    ``deepspeed-full``; ``partitioned`` leaves any engine as it is (vLLM's pattern has its own pipeline rows)."""
+    if p2p not in P2P_MODES:
+        raise SpecError(f"p2p mode {p2p!r} is not one of {', '.join(P2P_MODES)}")
+    if p2p == "partitioned":
+        return engine
+    if engine not in ("deepspeed", "deepspeed-full"):
+        raise SpecError(f"p2p mode {p2p!r} models the DeepSpeed pipeline runner; engine {engine!r} has its own")
+    return P2P_MODES[p2p]
 
 
 def pattern(engine: str) -> list[Msg]:
@@ -144,12 +170,17 @@ def per_forward(engine: str) -> dict[tuple[str, sp.Expr], tuple[sp.Expr, sp.Expr
     return {k: (_tidy(c), _tidy(nb)) for k, (c, nb) in out.items()}
 
 
+def _readable(expr: sp.Expr) -> sp.Expr:
+    """Factor, then group the activation terms inside sums: ``b(Shw(p − 1) + 8t)``, not ``b(Shpw − Shw + 8t)``."""
+    return sp.factor(expr).replace(lambda x: x.is_Add, lambda x: sp.collect(x, [S * h * w, h * w], sp.factor))
+
+
 def _tidy(expr: sp.Expr) -> sp.Expr:
     """Fold conditions outward and factor each branch: ``(G − 1)(2L + 1)`` rather than ``2GL + G − 2L − 1``."""
     expr = sp.piecewise_fold(expr)
     if isinstance(expr, sp.Piecewise):
-        return sp.Piecewise(*[(sp.factor(e), c) for e, c in expr.args])
-    return sp.factor(expr)
+        return sp.Piecewise(*[(_readable(e), c) for e, c in expr.args])
+    return _readable(expr)
 
 
 @lru_cache(maxsize=None)
@@ -176,6 +207,25 @@ def solve_crossover(lhs: sp.Expr, rhs: sp.Expr, var: sp.Symbol, **values) -> lis
     subs[var] = x
     eq = sp.Eq(sp.piecewise_fold(lhs).subs(subs), sp.piecewise_fold(rhs).subs(subs))
     return sp.solve(eq, x)
+
+
+def bus_factor(op: str, n) -> sp.Expr:
+    """nccl-tests bus factor f(n) as a sympy expression (the symbolic twin of
+    :func:`llmcomm.collectives.busbw_factor`): all_reduce 2(n−1)/n; all_gather, reduce_scatter, gather, scatter
+    (n−1)/n; broadcast, reduce, send_recv 1."""
+    n = sp.sympify(n)
+    if op == "all_reduce":
+        return 2 * (n - 1) / n
+    if op in ("all_gather", "reduce_scatter", "gather", "scatter"):
+        return (n - 1) / n
+    return sp.Integer(1)
+
+
+def total_wire_bytes(engine: str = "deepspeed", phase: str | None = None) -> sp.Expr:
+    """Symbolic twin of :func:`wire_bytes`: the bytes one rank of each group puts on its links over a generation
+    (or one phase), nccl-tests size × f(group size) summed over ops."""
+    terms = [nb * bus_factor(op, group) for (ph, op, group), (_, nb) in volumes(engine).items() if phase in (None, ph)]
+    return sp.piecewise_fold(sp.Add(*terms))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -263,12 +313,25 @@ def _latex(expr) -> str:
     return f"${sp.latex(expr)}$"
 
 
+def branch(expr: sp.Expr) -> tuple[sp.Expr, str]:
+    """(value, condition) of a one-branch Piecewise (``value`` when ``condition``, else 0), for table cells."""
+    expr = sp.piecewise_fold(sp.sympify(expr))
+    if isinstance(expr, sp.Piecewise) and len(expr.args) == 2 and expr.args[1] == (0, True):
+        value, cond = expr.args[0]
+        return value, _latex(cond)
+    return expr, "always"
+
+
 def pattern_frame(engine: str = "deepspeed"):
-    """One forward's messages as a table: op, group, calls, bytes per call, why."""
+    """One forward's messages as a table: op, group, calls, bytes per call, when (else none), why."""
     import pandas as pd
 
-    return pd.DataFrame([{"op": m.op, "group": _latex(m.group), "calls per forward": _latex(m.calls),
-                          "bytes per call": _latex(m.bytes_per_call), "why": m.why} for m in pattern(engine)])
+    rows = []
+    for m in pattern(engine):
+        calls, when = branch(_tidy(m.calls))
+        rows.append({"op": m.op, "group": _latex(m.group), "calls per forward": _latex(calls),
+                     "bytes per call": _latex(m.bytes_per_call), "when": when, "why": m.why})
+    return pd.DataFrame(rows)
 
 
 def volumes_frame(engine: str = "deepspeed", **values):
@@ -278,8 +341,10 @@ def volumes_frame(engine: str = "deepspeed", **values):
     subs = {sym: values[sym.name] for sym in SYMBOLS if sym.name in values}
     rows = []
     for (phase, op, group), (calls, nbytes) in volumes(engine).items():
+        c, when = branch(_tidy(calls.subs(subs)))
+        nb, _ = branch(_tidy(nbytes.subs(subs)))
         rows.append({"phase": phase, "op": op, "group": _latex(sp.sympify(group).subs(subs)),
-                     "calls": _latex(_tidy(calls.subs(subs))), "bytes": _latex(_tidy(nbytes.subs(subs)))})
+                     "calls": _latex(c), "bytes": _latex(nb), "when": when})
     return pd.DataFrame(rows)
 
 
@@ -304,3 +369,32 @@ def wire_bytes(rows: Iterable[dict]) -> float:
     from .collectives import busbw_factor
 
     return float(sum(r["bytes"] * busbw_factor(r["op"], r["group_size"]) for r in rows if r["op"] != "barrier"))
+
+
+def layouts_frame(models: Iterable[str], layouts: Iterable[Layout], workloads: Iterable[Workload],
+                  engines=("deepspeed",)):
+    """Tidy bytes of every model × layout × workload × engine: one row per phase (prefill, decode, total) with the
+    nccl-tests bytes and the wire bytes (:func:`wire_bytes`). Layouts a model cannot take are skipped. Columns:
+    model, engine, layout ("t×p"), t, p, kind ("TP", "PP" or "hybrid"), b, S, G, dtype, phase, bytes, wire_bytes."""
+    import pandas as pd
+
+    layouts, workloads = list(layouts), list(workloads)
+    rows = []
+    for name in models:
+        model = load_model(name)
+        for lay in layouts:
+            try:
+                lay.validate(model)
+            except SpecError:
+                continue
+            kind = "TP" if lay.p == 1 else "PP" if lay.t == 1 else "hybrid"
+            for wl in workloads:
+                for engine in engines:
+                    r = predict_rows(model, lay, wl, engine)
+                    base = {"model": name, "engine": engine, "layout": f"{lay.t}×{lay.p}", "t": lay.t, "p": lay.p,
+                            "kind": kind, "b": wl.b, "S": wl.S, "G": wl.G, "dtype": wl.dtype}
+                    for phase in (*PHASES, "total"):
+                        sel = [x for x in r if phase in ("total", x["phase"])]
+                        rows.append(dict(base, phase=phase, bytes=sum(x["bytes"] for x in sel),
+                                         wire_bytes=wire_bytes(sel)))
+    return pd.DataFrame(rows)
