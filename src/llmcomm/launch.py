@@ -22,6 +22,12 @@ How a run goes
   were waiting for it. Either way :class:`RunError` is raised once, naming the rank, with the tail of its log.
 * ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` (66 MiB per rank, never removed by DeepSpeed)
   are removed for this run's port, whatever happened. Other runs' buffers (other ports) are left alone.
+* On a GPU node (``DS_ACCELERATOR`` not ``cpu``) each rank gets one GPU: the launcher's world_info lists the first N
+  visible GPUs (``CUDA_VISIBLE_DEVICES`` when set, else all that ``nvidia-smi -L`` lists), the launcher exports them as
+  ``CUDA_VISIBLE_DEVICES`` and rank r computes on ``cuda:{LOCAL_RANK}``; fewer GPUs than ranks is refused up front.
+  DeepSpeed picks NCCL; ``LOCAL_SIZE`` (set by the launcher) only matters to the CPU shm all-reduce.
+* Several nodes: ``measure(..., hostfile=H, out_dir=SHARED)`` starts DeepSpeed's runner instead
+  (:func:`launcher_cmd`).
 
 Why the reference generation runs on rank 0 (before it shards its model) and not in this process: it uses exactly
 the weights the ranks use (built once, same seed), and this process stays free of torch — it is started from the CLI
@@ -51,7 +57,7 @@ from typing import Any, Mapping
 from llmcomm.spec import Layout, ModelSpec, SpecError, Workload, load_model
 
 __all__ = ["RunError", "MeasureResult", "measure", "launch_ranks", "rank_spec", "provenance", "entry_for", "default_env",
-           "SHM_PREFIX"]
+           "launcher_cmd", "read_hostfile", "SHM_PREFIX"]
 
 SHM_PREFIX = "deepspeed_allreduce_buffer"
 BACKENDS = (None, "gloo", "nccl")
@@ -114,6 +120,68 @@ def _has_cuda() -> bool:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
     return Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
+
+
+def _gpu_ids(env: Mapping[str, str] | None = None) -> list[str]:
+    """The GPUs this node lets the ranks use, without importing torch: ``CUDA_VISIBLE_DEVICES`` when set (ids or
+    UUIDs, in its order; ``""``/``-1`` = none), else one id per GPU ``nvidia-smi -L`` lists; ``[]`` without a GPU."""
+    env = os.environ if env is None else env
+    vis = env.get("CUDA_VISIBLE_DEVICES")
+    if vis is not None:
+        return [] if vis.strip() in ("", "-1") else [d.strip() for d in vis.split(",") if d.strip()]
+    if not _has_cuda():
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    n = sum(1 for ln in out.stdout.splitlines() if ln.startswith("GPU ")) if out.returncode == 0 else 0
+    return [str(i) for i in range(n)]
+
+
+def read_hostfile(path: str | Path) -> dict[str, int]:
+    """``{host: slots}`` of a DeepSpeed hostfile (``node1 slots=8`` per line, ``#`` comments)."""
+    hosts: dict[str, int] = {}
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise SpecError(f"hostfile {path}: {e.strerror or e}") from None
+    for ln in lines:
+        ln = ln.split("#", 1)[0].strip()
+        if not ln:
+            continue
+        parts = ln.split()
+        try:
+            if len(parts) != 2 or not parts[1].startswith("slots="):
+                raise ValueError
+            slots = int(parts[1][len("slots="):])
+            if slots < 1 or parts[0] in hosts:
+                raise ValueError
+        except ValueError:
+            raise SpecError(f"hostfile {path}: bad line {ln!r} (expected 'HOST slots=N', each host once)") from None
+        hosts[parts[0]] = slots
+    if not hosts:
+        raise SpecError(f"hostfile {path} names no host")
+    return hosts
+
+
+def launcher_cmd(entry: str, spec_path: Path, out: Path, nranks: int, port: int, *,
+                 local_ids: list | None = None, hostfile: str | Path | None = None) -> list[str]:
+    """The command that starts the ranks.
+
+    One node (default): DeepSpeed's per-node launcher with ``world_info = {"localhost": local_ids}`` (default
+    ``0..nranks-1``; on a GPU node the visible GPU ids, which it exports as ``CUDA_VISIBLE_DEVICES``) — exactly what
+    ``deepspeed --num_gpus N`` runs after resolving its hosts, minus the runner's own import.
+    Several nodes (``hostfile``): DeepSpeed's runner (``deepspeed --hostfile``), which reaches the other nodes over
+    password-less ssh (pdsh) and picks the master address from the first host."""
+    tail = ["--module", "llmcomm.launch", "--entry", entry, "--spec", str(spec_path), "--out", str(out)]
+    if hostfile is not None:
+        return [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
+                f"--master_port={port}", *tail]
+    ids = list(range(nranks)) if local_ids is None else list(local_ids)[:nranks]
+    world_info = base64.urlsafe_b64encode(json.dumps({"localhost": ids}).encode()).decode()
+    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
+            "--master_addr=127.0.0.1", f"--master_port={port}", *tail]
 
 
 def default_env(nranks: int, env: Mapping[str, str] | None = None) -> dict:
@@ -245,6 +313,11 @@ def _diagnose_hang(out: Path, pending: list[int]) -> tuple[list[int], str]:
             pids[r] = int((out / f"rank{r}.pid").read_text())
         except (FileNotFoundError, ValueError):
             pass
+    here = socket.gethostname()
+    for r in list(pids):              # a rank on another node (hostfile runs): its pid means nothing here
+        host = (out / f"rank{r}.host")
+        if host.exists() and host.read_text().strip() != here:
+            del pids[r]
     for r, pid in pids.items():
         try:
             os.kill(pid, signal.SIGUSR1)
@@ -299,10 +372,12 @@ def _failure(out: Path, nranks: int, launcher_rc: int | None) -> tuple[int | Non
 
 
 def launch_ranks(entry: str, spec: Mapping[str, Any], nranks: int, out: Path, *, timeout_s: float,
-                 env: Mapping[str, str] | None = None) -> tuple[list[dict], dict]:
+                 env: Mapping[str, str] | None = None, hostfile: str | Path | None = None) -> tuple[list[dict], dict]:
     """Start ``nranks`` ranks of ``entry`` with ``spec`` (the rankio spec) and return their result records (sorted by
     rank) and the launch facts (command, port, wall time). Raises :class:`RunError` on any failure or timeout; always
-    removes this run's shm buffers and leaves no process behind."""
+    removes this run's shm buffers and leaves no process behind on this node. With ``hostfile`` the ranks run on
+    the nodes it names (:func:`launcher_cmd`); ``out`` must then be on a file system every node shares, and on a
+    timeout only this node's processes are stopped and asked for their stacks."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in list(out.glob("rank*.*")) + list(out.glob(".rank*")):     # a previous run in the same folder
@@ -310,14 +385,18 @@ def launch_ranks(entry: str, spec: Mapping[str, Any], nranks: int, out: Path, *,
     spec_path = out / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
     port = _free_port()
-    # What `deepspeed --num_gpus N --master_addr 127.0.0.1 --master_port P --module ...` runs on a single node after
-    # resolving its hosts: the per-node launcher with world_info {"localhost": [0..N-1]}. Calling it directly saves
-    # the runner's own DeepSpeed import (seconds per run on a small machine); the ranks see the same environment.
-    world_info = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nranks))}).encode()).decode()
-    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
-           "--master_addr=127.0.0.1", f"--master_port={port}", "--module", "llmcomm.launch",
-           "--entry", entry, "--spec", str(spec_path), "--out", str(out)]
     full_env = default_env(nranks, env)
+    # One node: the GPUs the caller made visible (CUDA_VISIBLE_DEVICES), one rank per GPU; on CPU 0..N-1.
+    local_ids = None
+    if hostfile is None and full_env.get("DS_ACCELERATOR", "cuda") != "cpu":
+        gpus = _gpu_ids(full_env)
+        if gpus:
+            if len(gpus) < nranks:
+                raise SpecError(f"{nranks} ranks need {nranks} GPUs (one each; NCCL does not share a GPU); "
+                                f"this node shows {len(gpus)}")
+            local_ids = gpus[:nranks]
+            full_env.pop("CUDA_VISIBLE_DEVICES", None)       # the launcher sets it from world_info
+    cmd = launcher_cmd(entry, spec_path, out, nranks, port, local_ids=local_ids, hostfile=hostfile)
     t0 = time.monotonic()
     with open(out / "launcher.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
@@ -361,7 +440,7 @@ def launch_ranks(entry: str, spec: Mapping[str, Any], nranks: int, out: Path, *,
 def measure(model: str | Path | Mapping | ModelSpec, layout: Layout, workload: Workload, *, timeout_s: float = 300,
             out_dir: str | Path | None = None, backend: str | None = None, env: Mapping[str, str] | None = None,
             seed: int = 0, sync: bool = False, entry: str | None = None, check_tokens: bool = True,
-            options: Mapping[str, Any] | None = None) -> MeasureResult:
+            options: Mapping[str, Any] | None = None, hostfile: str | Path | None = None) -> MeasureResult:
     """Run ``model`` with ``layout`` on ``workload`` as t·p real DeepSpeed ranks and return what they communicated.
 
     ``backend``: None (DeepSpeed's default: shm all-reduce on CPU, NCCL on CUDA; on CPU a hybrid t×p with t, p > 1
@@ -370,7 +449,10 @@ def measure(model: str | Path | Mapping | ModelSpec, layout: Layout, workload: W
     (spec, per-rank JSON and logs); without it a temporary folder is used and removed after a success. ``entry``
     overrides the rank module (default :func:`entry_for`). With ``check_tokens`` the generated tokens must equal
     the single-process reference: a mismatch raises :class:`RunError` in fp32 and warns in bf16/fp16 (rounding of a
-    different summation order can flip a near-tie there).
+    different summation order can flip a near-tie there). ``hostfile`` (a DeepSpeed hostfile, ``HOST slots=N`` per
+    line, slots summing to t·p) runs the ranks across nodes through DeepSpeed's runner; it needs ``out_dir`` on a
+    file system all nodes share (the ranks write their results there), the same checkout and environment at the
+    same path on every node, and password-less ssh from this node.
     """
     spec_model = load_model(model)
     layout.validate(spec_model)
@@ -384,6 +466,12 @@ def measure(model: str | Path | Mapping | ModelSpec, layout: Layout, workload: W
     if backend == "nccl" and not _has_cuda():
         raise SpecError("backend 'nccl' needs CUDA GPUs; none found (use gloo or the default on CPU)")
     nranks = layout.ranks
+    if hostfile is not None:
+        slots = sum(read_hostfile(hostfile).values())
+        if slots != nranks:
+            raise SpecError(f"hostfile {hostfile} has {slots} slots; t·p = {nranks} ranks need exactly {nranks}")
+        if out_dir is None:
+            raise SpecError("a multi-node run (hostfile) needs out_dir on a file system every node shares")
     entry = entry or entry_for(layout)
     if importlib.util.find_spec(entry) is None:
         raise SpecError(f"rank entry module {entry!r} does not exist"
@@ -393,7 +481,12 @@ def measure(model: str | Path | Mapping | ModelSpec, layout: Layout, workload: W
     tmp = out_dir is None
     out = Path(tempfile.mkdtemp(prefix="llmcomm-run-")) if tmp else Path(out_dir)
     started = datetime.now(timezone.utc)
-    records, facts = launch_ranks(entry, spec, nranks, out, timeout_s=timeout_s, env=env)
+    try:
+        records, facts = launch_ranks(entry, spec, nranks, out, timeout_s=timeout_s, env=env, hostfile=hostfile)
+    except SpecError:                       # refused before any rank started (e.g. too few GPUs)
+        if tmp:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     try:
         result = _assemble(records, spec_model, layout, workload, facts, started, entry, backend, check_tokens)
     except RunError as e:
@@ -483,6 +576,7 @@ def _supervise(argv: list[str]) -> int:
     rank = int(os.environ.get("RANK", "0"))
     with open(out / f"rank{rank}.log", "w") as log:
         child = subprocess.Popen([sys.executable, "-u", "-m", entry, *rest], stdout=log, stderr=subprocess.STDOUT)
+    (out / f"rank{rank}.host").write_text(socket.gethostname())
     (out / f".rank{rank}.pid.tmp").write_text(str(child.pid))
     os.replace(out / f".rank{rank}.pid.tmp", out / f"rank{rank}.pid")
 

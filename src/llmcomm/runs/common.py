@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager
@@ -27,9 +28,14 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 
 
 def pick_device(dtype: str, local_rank: int = 0) -> torch.device:
-    """``cuda:{local_rank}`` when CUDA is there, else CPU (fp32 only: CPU fp16 matmuls are not worth measuring)."""
-    if torch.cuda.is_available():
-        return torch.device(f"cuda:{local_rank % torch.cuda.device_count()}")
+    """``cuda:{local_rank}`` when CUDA is there (and ``DS_ACCELERATOR`` is not ``cpu``, which keeps DeepSpeed and the
+    model on the CPU together), else CPU (fp32 or bf16: CPU fp16 matmuls are not worth measuring). One GPU per rank:
+    a local rank without its own visible GPU is an error (NCCL refuses two ranks on one GPU)."""
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
+        n = torch.cuda.device_count()
+        if not 0 <= local_rank < n:
+            raise SpecError(f"local rank {local_rank} has no GPU of its own: {n} visible (one GPU per rank)")
+        return torch.device(f"cuda:{local_rank}")
     if dtype == "fp16":
         raise SpecError("dtype fp16 needs a GPU; on CPU use fp32 (or bf16)")
     return torch.device("cpu")
