@@ -126,8 +126,13 @@ test: $(STAMP) $(MATHJAX)
 # not run themselves (the chapters' own sweeps run in `make book`). Each driver picks data/<machine>/ itself
 # (LLMCOMM_MACHINE or a --machine option; see llmcomm.data) and writes a provenance sidecar (README).
 # HOOK: one command per line; append new experiment drivers here (or: make data DATA_STEPS='...').
+# Calibration of this machine (the time model's cpu-local preset): collectives microbenchmark, then the α-β fits
+# and the compute calibration (at the thread counts the runs use) written into the preset. On a GPU node only the
+# microbenchmark runs (nccl), into data/<machine>/. ~2½ min on a quiet 2-core machine.
+BENCH_ARGS ?= $(if $(filter cpu,$(DS_ACCELERATOR)),--backend shm gloo --max-bytes 16M --point-seconds 0.15 --ranks 2 $$([ $$(nproc) -ge 4 ] && echo 4 || true))
 define DATA_STEPS
-python -m llmcomm.bench --no-progress
+llmcomm bench-collectives --out data/$$(python -c 'from llmcomm.data import machine_id; print(machine_id())') $(BENCH_ARGS) --no-progress
+if [ "$${DS_ACCELERATOR:-}" = cpu ]; then python -m llmcomm.fit --csv data/cpu-local/collectives.csv --compute --write src/llmcomm/presets/hardware/cpu-local.json; fi
 endef
 data: $(STAMP)
 	$(DATA_STEPS)

@@ -26,6 +26,7 @@ from .hardware import GiB, load_hardware
 from .spec import DTYPE_BYTES, Layout, SpecError, Workload, load_model
 
 __all__ = ["advise", "advise_report", "candidate_layouts", "memory_per_rank", "comm_bytes", "pareto_front",
+           "advice_map", "what_if", "LEVERS",
            "register", "add_arguments", "run", "main", "OBJECTIVES"]
 
 OBJECTIVES = ("ttft", "tpot", "e2e", "bytes")
@@ -180,6 +181,89 @@ def advise_report(model, gpus: int, gpus_per_node: int | None = None, hardware: 
     layouts = advise(model, gpus, K, hw, S, G, b, objective, dtype, engine)
     return {"model": model.name, "hardware": hw.name, "gpus": gpus, "gpus_per_node": K, "engine": engine,
             "workload": {"b": b, "S": S, "G": G, "dtype": dtype}, "objective": objective, "layouts": layouts}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Maps and what-if levers (predictions, for the book's "Choosing a layout")
+# ---------------------------------------------------------------------------------------------------------------------
+def _layout_grid(model, gpus: int, hw, K, b, S, G, w, engine="deepspeed", comm_w=None, overlap=False):
+    """(t, p, latency dict, fits) for every candidate layout of ``gpus`` (axis 0) × the broadcast workload grid."""
+    from .timing import predict_latency_grid
+
+    cands = candidate_layouts(model, gpus)
+    if not cands:
+        raise SpecError(f"no layout of {model.name} on {gpus} GPUs")
+    t = np.array([c[0] for c in cands])
+    p = np.array([c[1] for c in cands])
+    b, S, G = (np.asarray(x) for x in (b, S, G))
+    shape = np.broadcast_shapes(b.shape, S.shape, G.shape)
+    ext = (slice(None),) + (None,) * len(shape)
+    lat = predict_latency_grid(model, hw, t[ext], p[ext], b, S, G, w, gpus_per_node=K, engine=engine,
+                               comm_w=comm_w, overlap=overlap)
+    mem = memory_per_rank(model, t[ext], p[ext], b, S, G, w)["total"]
+    fits = mem <= hw.usable_memory_bytes
+    return t, p, lat, np.broadcast_to(fits, lat["e2e_s"].shape)
+
+
+def advice_map(model, gpus: int, hardware: Any = "h100-sxm", gpus_per_node: int | None = None, S=(128, 1024, 8192),
+               b=(1, 8, 32), G: int = 128, objective: str = "e2e", dtype: str = "bf16", engine: str = "deepspeed"):
+    """Which layout wins where: one row per (b, S) with the best feasible layout for ``objective`` (ttft, tpot,
+    e2e), its predicted value and the runner-up's (``margin`` = runner-up / best − 1). A prediction of the model."""
+    import pandas as pd
+
+    model = load_model(model)
+    hw = load_hardware(hardware)
+    K = hw.gpus_per_node if gpus_per_node is None else gpus_per_node
+    if objective not in ("ttft", "tpot", "e2e"):
+        raise SpecError(f"objective {objective!r} is not one of ttft, tpot, e2e")
+    w = DTYPE_BYTES[dtype]
+    bb, SS = np.meshgrid(np.asarray(b), np.asarray(S), indexing="ij")
+    t, p, lat, fits = _layout_grid(model, gpus, hw, K, bb, SS, G, w, engine)
+    val = np.where(fits, lat[f"{objective}_s"], np.inf)
+    order = np.argsort(val, axis=0)
+    rows = []
+    for i, j in np.ndindex(bb.shape):
+        k0 = order[0, i, j]
+        best = val[k0, i, j]
+        second = val[order[1, i, j], i, j] if len(t) > 1 else np.inf
+        rows.append({"model": model.name, "gpus": gpus, "b": int(bb[i, j]), "S": int(SS[i, j]), "G": G,
+                     "best": f"t={t[k0]}×p={p[k0]}" if np.isfinite(best) else "none fits",
+                     "tp": int(t[k0]), "pp": int(p[k0]), f"{objective}_s": float(best),
+                     "margin": float(second / best - 1) if np.isfinite(second) and np.isfinite(best) else np.nan})
+    return pd.DataFrame(rows)
+
+
+#: what-if levers of :func:`what_if`: name → keyword arguments (``link_factor`` scales every link's bandwidth)
+LEVERS = {"baseline": {}, "links ×2": {"link_factor": 2.0}, "inter-node ×4": {"link_factor": 4.0,
+                                                                             "levels": ("inter",)},
+          "fp8 communication (w=1)": {"comm_w": 1}, "overlap comm with compute (bound)": {"overlap": True}}
+
+
+def what_if(model, gpus: int, hardware: Any = "h100-sxm", gpus_per_node: int | None = None, S: int = 1024,
+            G: int = 128, b: int = 1, dtype: str = "bf16", levers: dict | None = None, engine: str = "deepspeed"):
+    """Predicted E2E (and TTFT, TPOT) of every feasible layout under each lever of ``levers`` (default
+    :data:`LEVERS`): faster links (β / factor), narrower communication (``comm_w`` bytes per element), perfect
+    overlap of communication with compute (``max`` instead of sum: a lower bound). One row per (lever, layout)."""
+    import pandas as pd
+
+    from .timing import scale_links
+
+    model = load_model(model)
+    hw0 = load_hardware(hardware)
+    K = hw0.gpus_per_node if gpus_per_node is None else gpus_per_node
+    w = DTYPE_BYTES[dtype]
+    rows = []
+    for name, kw in (levers or LEVERS).items():
+        kw = dict(kw)
+        hw = scale_links(hw0, kw.pop("link_factor"), kw.pop("levels", ("intra", "inter"))) \
+            if "link_factor" in kw else hw0
+        t, p, lat, fits = _layout_grid(model, gpus, hw, K, b, S, G, w, engine, **kw)
+        for i in range(len(t)):
+            if fits[i]:
+                rows.append({"lever": name, "layout": f"t={t[i]}×p={p[i]}", "tp": int(t[i]), "pp": int(p[i]),
+                             "ttft_s": float(lat["ttft_s"][i]), "tpot_s": float(lat["tpot_s"][i]),
+                             "e2e_s": float(lat["e2e_s"][i])})
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

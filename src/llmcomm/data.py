@@ -18,7 +18,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["machine_id", "provenance", "data_dir", "atomic_write_text", "save_frame", "load_frame", "repo_root"]
+__all__ = ["machine_id", "cpu_model", "provenance", "data_dir", "atomic_write_text", "save_frame", "load_frame", "repo_root"]
 
 _VERSIONED = ("llmcomm", "torch", "deepspeed", "transformers", "sympy", "numpy", "pandas")
 
@@ -29,7 +29,8 @@ def repo_root() -> Path:
     return here if (here / "pyproject.toml").exists() else Path.cwd()
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -84,7 +85,7 @@ def provenance(command: str | list[str] | None = None, **extra) -> dict:
     info = {
         "machine": machine_id(),
         "hostname": socket.gethostname(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "gpus": _gpus(),
         "platform": platform.platform(),

@@ -10,7 +10,7 @@ constrained to be ≥ 0. Reported: ``alpha_us`` (per step), ``busbw_GBps`` = 1/�
 ``beta_ns_per_B``, ``r2`` (on log time) and ``median_rel_err``. A pooled fit over all measured n (``group_size`` =
 "any") gives the parameters used for group sizes that were not measured.
 
-Command (the calibration of this machine; ~5 min on 2 cores)::
+Command (the calibration of this machine; `make data` runs it after the microbenchmark; ~20 s on 2 cores)::
 
     python -m llmcomm.fit --csv data/cpu-local/collectives.csv --compute \
         --write src/llmcomm/presets/hardware/cpu-local.json
@@ -28,7 +28,8 @@ import numpy as np
 
 from .collectives import busbw_factor, canonical_op, latency_steps
 
-__all__ = ["fit_alpha_beta", "fit_table", "ALGORITHM_OF_BACKEND", "calibrate_cpu_local", "main"]
+__all__ = ["fit_alpha_beta", "fit_table", "ALGORITHM_OF_BACKEND", "calibrate_cpu_local", "default_threads",
+           "subgroup_fits", "main"]
 
 #: algorithm form each backend's α is expressed in: DeepSpeed's shm all-reduce is one-shot (every rank reads every
 #: other rank's buffer), gloo and NCCL rings.
@@ -94,10 +95,32 @@ def _entry(r, backend: str) -> dict:
             "median_rel_err": round(r["median_rel_err"], 4)}
 
 
-def calibrate_cpu_local(csv_path, out_path=None, compute: bool = True, threads: int = 1, existing=None,
+def default_threads(cores: int | None = None, ranks=(2, 4)) -> list[int]:
+    """Thread counts the CPU runs use: ``cores // ranks`` (at least 1) for 2- and 4-rank runs (launch.default_env)."""
+    cores = int(cores or os.cpu_count() or 1)
+    return sorted({max(1, cores // r) for r in ranks})
+
+
+def subgroup_fits(coll: dict, fits) -> dict:
+    """The fits a TP sub-group of a hybrid uses on CPU: DeepSpeed's shm all-reduce ignores sub-groups, so there the
+    all-reduce goes through gloo (ring form). ``{op: {n: FIT}}``; empty when the CSV has no gloo all_reduce."""
+    sub = fits[(fits["op"] == "all_reduce") & (fits["backend"] == "gloo")]
+    if sub.empty or coll.get("all_reduce", {}).get("any", coll.get("all_reduce", {}).get("2", {})).get(
+            "backend") != "shm":
+        return {}
+    return {"all_reduce": {r["group_size"]: _entry(r, "gloo") for _, r in sub.iterrows()}}
+
+
+def calibrate_cpu_local(csv_path, out_path=None, compute: bool = True, threads=None, existing=None,
                         command: str | None = None) -> dict:
-    """Build the ``cpu-local`` preset from a bench-collectives CSV (shm all_reduce, gloo for the other ops) and,
-    with ``compute``, from :func:`llmcomm.timing.calibrate_compute`. Writes JSON to ``out_path`` when given."""
+    """Build the ``cpu-local`` preset from a bench-collectives CSV (shm all_reduce, gloo for the other ops and for
+    all-reduces on sub-groups) and, with ``compute``, from :func:`llmcomm.timing.calibrate_compute` run at every
+    thread count in ``threads`` (default :func:`default_threads`: the ``OMP_NUM_THREADS`` the measured runs use),
+    kept in ``compute_by_threads``; the top-level compute numbers are those of the first (2-rank) count. Writes JSON
+    to ``out_path`` when given."""
+    if threads is None:
+        threads = default_threads()
+    threads = [int(x) for x in ([threads] if isinstance(threads, int) else threads)]
     import pandas as pd
 
     df = pd.read_csv(csv_path)
@@ -120,12 +143,13 @@ def calibrate_cpu_local(csv_path, out_path=None, compute: bool = True, threads: 
     link = {"name": "loopback TCP (gloo ring) on this machine", "bw_GBps": round(gl_row["busbw_GBps"], 4) if gl_row
             is not None else 1.0, "efficiency": 1.0, "alpha_us": round(gl_row["alpha_us"], 3) if gl_row is not None
             else 100.0, "algorithm": "ring"}
+    sub_coll = subgroup_fits(coll, fits)
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
     preset = {
         "name": "cpu-local",
         "description": "this machine, calibrated from its own microbenchmarks (bench-collectives) and a timed "
                        "decoder-layer forward; ranks are processes on one node, one core each",
-        "gpus_per_node": 64,
+        "gpus_per_node": os.cpu_count() or 1,
         "memory_gib": round(mem_gib, 2),
         "reserve_fraction": 0.25,
         "mem_bw_GBps": prev.get("mem_bw_GBps", 10.0),
@@ -134,6 +158,7 @@ def calibrate_cpu_local(csv_path, out_path=None, compute: bool = True, threads: 
         "layer_overhead_us": prev.get("layer_overhead_us", 0.0),
         "links": {"intra": link, "inter": dict(link, name="stand-in: the same loopback (one machine, no network)")},
         "collectives": {"intra": coll, "inter": coll},
+        "subgroup_collectives": {"intra": sub_coll, "inter": sub_coll} if sub_coll else {},
         "fits": json.loads(fits.to_json(orient="records")),
         "source": {
             "collectives": f"alpha-beta fits of {csv_path} (llmcomm.fit; all_reduce = DeepSpeed shm "
@@ -141,23 +166,33 @@ def calibrate_cpu_local(csv_path, out_path=None, compute: bool = True, threads: 
             "links": "gloo all_reduce fit (pooled over group sizes); 'inter' is a stand-in: this is one machine",
             "memory_gib": "os.sysconf physical pages of this machine",
             "reserve_fraction": "ASSUMPTION: Python, torch and the OS keep ~25% of RAM",
-            "gpus_per_node": "all ranks run on this one machine",
+            "gpus_per_node": "the cores of this machine (one rank per core at most)",
+            "subgroup_collectives": "gloo all_reduce fits: DeepSpeed's shm all-reduce ignores sub-groups, so the "
+                                    "TP groups of a hybrid all-reduce through gloo",
         },
     }
     if compute:
         from .timing import calibrate_compute
 
-        c = calibrate_compute(threads=threads)
-        preset["mem_bw_GBps"] = round(c["mem_bw_Bps"] / 1e9, 3)
-        preset["peak_tflops"] = {"fp32": round(c["peak_flops_fp32"] / 1e12, 5)}
-        if c.get("peak_flops_bf16"):
-            preset["peak_tflops"]["bf16"] = round(c["peak_flops_bf16"] / 1e12, 5)
-            preset["peak_tflops"]["fp16"] = preset["peak_tflops"]["bf16"]
-        preset["efficiency"] = {"flops": round(c["eff_flops"], 4), "mem_bw": 1.0}
-        preset["layer_overhead_us"] = round(c["layer_overhead_s"] * 1e6, 2)
-        preset["compute_calibration"] = c
+        by = {}
+        for th in threads:
+            c = calibrate_compute(threads=th)
+            e = {"mem_bw_GBps": round(c["mem_bw_Bps"] / 1e9, 3),
+                 "peak_tflops": {"fp32": round(c["peak_flops_fp32"] / 1e12, 5)},
+                 "efficiency": {"flops": round(c["eff_flops"], 4), "mem_bw": 1.0},
+                 "layer_overhead_us": round(c["layer_overhead_s"] * 1e6, 2), "calibration": c}
+            if c.get("peak_flops_bf16"):
+                e["peak_tflops"]["bf16"] = round(c["peak_flops_bf16"] / 1e12, 5)
+                e["peak_tflops"]["fp16"] = e["peak_tflops"]["bf16"]
+            by[str(th)] = e
+        top = by[str(threads[0])]
+        preset.update({k: top[k] for k in ("mem_bw_GBps", "peak_tflops", "efficiency", "layer_overhead_us")})
+        preset["compute_calibration"] = top["calibration"]
+        preset["compute_by_threads"] = by
         preset["source"].update({
-            "peak_tflops": f"measured: best of torch.mm 1024^3 with {threads} thread(s) "
+            "compute_by_threads": "calibrate_compute at each thread count the measured runs use (OMP_NUM_THREADS = "
+                                  "cores // ranks); llmcomm.timing.hardware_for_ranks picks one per run",
+            "peak_tflops": f"measured: best of torch.mm 1024^3 with {threads[0]} thread(s) "
                            "(llmcomm.timing.calibrate_compute)",
             "mem_bw_GBps": "measured: 64 MiB tensor copy (read + write bytes)",
             "efficiency": "fitted so that the roofline reproduces the measured per-layer prefill time (h=512, S=128)",
@@ -183,7 +218,8 @@ def main(argv=None) -> int:
     ap.add_argument("--csv", default="data/cpu-local/collectives.csv")
     ap.add_argument("--write", help="write the cpu-local hardware preset JSON here")
     ap.add_argument("--compute", action="store_true", help="also calibrate compute (matmul, bandwidth, a layer)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, nargs="+", default=None,
+                    help="torch threads of the compute calibration (default: cores // ranks for 2 and 4 ranks)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     import pandas as pd

@@ -6,6 +6,9 @@ A preset is a JSON file in ``llmcomm/presets/hardware`` (or any path / dict with
      "peak_tflops": {dtype: TFLOP/s}, "efficiency": {"flops", "mem_bw"}, "layer_overhead_us",
      "links": {"intra": LINK, "inter": LINK},
      "collectives": {level: {op: {"<n>" | "any": FIT}}},     # optional: fitted per-op overrides (cpu-local)
+     "subgroup_collectives": {level: {op: {...: FIT}}},      # optional: fits for proper sub-groups (CPU hybrids: gloo)
+     "compute_by_threads": {"<threads>": {...}},             # optional: compute calibration per thread count
+                                                              # (cpu-local; llmcomm.timing.hardware_for_ranks)
      "source": {field: where the number comes from}}          # every number is labelled (published or ASSUMPTION)
 
     LINK = {"name", "bw_GBps", "efficiency", "alpha_us", "algorithm": "ring"|"tree"|"direct"|"auto"}
@@ -71,6 +74,9 @@ class Hardware:
     gpus_per_node: int
     links: Mapping[str, Link]
     collectives: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]] = field(default_factory=dict)
+    #: fits used instead of ``collectives`` when the group is a proper sub-group of the world (a TP group of a
+    #: hybrid): on CPU DeepSpeed's shm all-reduce ignores sub-groups, so hybrids all-reduce through gloo
+    subgroup_collectives: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]] = field(default_factory=dict)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     @classmethod
@@ -90,7 +96,8 @@ class Hardware:
                      eff_flops=float(eff.get("flops", 1.0)), eff_mem=float(eff.get("mem_bw", 1.0)),
                      layer_overhead_s=float(d.get("layer_overhead_us", 0.0)) * 1e-6,
                      gpus_per_node=int(d.get("gpus_per_node", 8)), links=links,
-                     collectives=d.get("collectives", {}) or {}, raw=dict(d))
+                     collectives=d.get("collectives", {}) or {},
+                     subgroup_collectives=d.get("subgroup_collectives", {}) or {}, raw=dict(d))
         except KeyError as e:
             raise SpecError(f"hardware {name!r} lacks {e.args[0]}") from None
         except (TypeError, ValueError) as e:
@@ -111,12 +118,16 @@ class Hardware:
         """Achievable memory bandwidth (B/s)."""
         return self.mem_bw * self.eff_mem
 
-    def coll_params(self, op: str, n: int, level: str = "intra") -> tuple[float, float, str]:
-        """(α s/step, β s/B, algorithm) of ``op`` on ``n`` ranks at ``level``."""
+    def coll_params(self, op: str, n: int, level: str = "intra", subgroup: bool = False) -> tuple[float, float, str]:
+        """(α s/step, β s/B, algorithm) of ``op`` on ``n`` ranks at ``level``; ``subgroup``: the group is a proper
+        sub-group of the world (``subgroup_collectives`` fits first, when the preset has them)."""
         op = canonical_op(op)
         if level not in self.links:
             raise SpecError(f"hardware {self.name!r} has no {level!r} link")
-        fits = self.collectives.get(level, {}).get(op, {})
+        fits = {}
+        if subgroup:
+            fits = self.subgroup_collectives.get(level, {}).get(op, {})
+        fits = fits or self.collectives.get(level, {}).get(op, {})
         fit = fits.get(str(int(n))) or fits.get("any")
         if fit:
             return (float(fit["alpha_us"]) * 1e-6, 1.0 / (float(fit["busbw_GBps"]) * 1e9),
@@ -124,34 +135,34 @@ class Hardware:
         link = self.links[level]
         return link.alpha_s, link.beta_s_per_B, link.algorithm
 
-    def collective_coeffs(self, op: str, n: int, level: str = "intra") -> tuple[float, float]:
+    def collective_coeffs(self, op: str, n: int, level: str = "intra", subgroup: bool = False) -> tuple[float, float]:
         """(A, F) with time = A + F·S for ``op`` on ``n`` ranks: A = steps·α (``auto``: the fewer steps of ring and
         tree, whose bandwidth terms are equal), F = busbw_factor·β (0 for a group of one)."""
-        a, b, alg = self.coll_params(op, int(n), level)
+        a, b, alg = self.coll_params(op, int(n), level, subgroup)
         zero = np.zeros(())
         steps = min(float(latency_steps(op, n, "ring")), float(latency_steps(op, n, "tree"))) if alg == "auto" \
             else float(latency_steps(op, n, alg))
         f = float(alpha_beta_time(op, n, 1.0, zero, 1.0, "ring"))        # busbw factor (0 when n = 1)
         return steps * a, f * b
 
-    def collective_time(self, op: str, n, size_bytes, level: str = "intra"):
+    def collective_time(self, op: str, n, size_bytes, level: str = "intra", subgroup: bool = False):
         """Time (s) of one ``op`` of S = ``size_bytes`` on ``n`` ranks at ``level``; ``n`` and ``size_bytes`` may be
         numpy arrays (coefficients tabulated per distinct n, then gathered: two lookups and one multiply-add)."""
         n_arr = np.asarray(n)
         size = np.asarray(size_bytes, dtype=float)
         if n_arr.ndim == 0:
-            a, b, alg = self.coll_params(op, int(n_arr), level)
+            a, b, alg = self.coll_params(op, int(n_arr), level, subgroup)
             return alpha_beta_time(op, n_arr, size, a, b, alg)
         n_arr = n_arr.astype(np.int64, copy=False)
         lo, hi = int(n_arr.min()), int(n_arr.max())
         if lo == hi:
-            A, F = self.collective_coeffs(op, lo, level)
+            A, F = self.collective_coeffs(op, lo, level, subgroup)
             return A + F * size + np.zeros(n_arr.shape)
         present = np.flatnonzero(np.bincount(n_arr.ravel() - lo)) + lo
         A_tab = np.zeros(hi - lo + 1)
         F_tab = np.zeros(hi - lo + 1)
         for k in present:
-            A_tab[k - lo], F_tab[k - lo] = self.collective_coeffs(op, int(k), level)
+            A_tab[k - lo], F_tab[k - lo] = self.collective_coeffs(op, int(k), level, subgroup)
         idx = n_arr - lo
         return A_tab[idx] + F_tab[idx] * size
 

@@ -54,6 +54,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
+from llmcomm.data import cpu_model
 from llmcomm.spec import Layout, ModelSpec, SpecError, Workload, load_model
 
 __all__ = ["RunError", "MeasureResult", "measure", "launch_ranks", "rank_spec", "provenance", "entry_for", "default_env",
@@ -510,7 +511,7 @@ def provenance(records: list[dict], facts: Mapping[str, Any], started: datetime)
     """Where and with what a run was made: machine, CPU, device, versions, command, date."""
     r0 = records[0]
     return {"date": started.isoformat(timespec="seconds"), "machine": platform.node(),
-            "platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
             "device": r0.get("device"), "versions": r0.get("versions"), "comm": r0.get("comm"), **facts}
 
 
@@ -549,16 +550,6 @@ def _assemble(records, model, layout, workload, facts, started, entry, backend, 
     return MeasureResult(rows=aggregate(events), tokens=tokens, reference_tokens=reference, ttft_s=timing("ttft_s"),
                          tpot_s=timing("tpot_s"), e2e_s=timing("e2e_s"), events=events, provenance=prov,
                          ranks=records)
-
-
-def _cpu_name() -> str:
-    try:
-        for ln in Path("/proc/cpuinfo").read_text().splitlines():
-            if ln.startswith("model name"):
-                return ln.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ----------------------------------------------------------------------------------------------- rank supervisor

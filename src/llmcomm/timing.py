@@ -26,12 +26,18 @@ charge per boundary).
 
 Phases: ``TTFT = prefill forward``; ``TPOT = one decode forward`` at the mean KV length; ``E2E = TTFT + (G−1)·TPOT``.
 
+What-if levers (book: "Choosing a layout"): ``comm_w`` (bytes per element on the wire), ``overlap`` (``max`` instead
+of the sum of compute and communication: a bound), :func:`scale_links` (β / factor). CPU validation:
+:func:`hardware_for_ranks` (the compute calibration at the runs' thread count), :func:`validate_latency` (measure,
+predict from the calibration only, :func:`latency_errors`).
+
 Everything is vectorised: :func:`predict_latency_grid` takes numpy arrays of t, p, b, S, G (broadcast together) and
 evaluates millions of points per second; :func:`predict_latency` is the one-point form with a breakdown.
 """
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import time
 from functools import lru_cache
@@ -45,7 +51,8 @@ from .spec import Layout, ModelSpec, SpecError, Workload, load_model, stage_laye
 __all__ = ["layer_shapes", "layer_cost", "forward_compute", "forward_comm", "predict_latency",
            "predict_latency_grid", "tp_inter_fraction", "pp_inter_fraction", "placement_fractions",
            "placement_reference",
-           "calibrate_compute", "dtype_of_width"]
+           "calibrate_compute", "dtype_of_width", "rank_threads", "hardware_for_ranks", "scale_links",
+           "latency_errors", "measured_comm_s", "validate_latency", "METRICS"]
 
 _W_TO_DTYPE = {4: "fp32", 2: "bf16"}
 
@@ -229,9 +236,15 @@ def _messages(engine: str):
 
 
 def forward_comm(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str, K, engine: str = "deepspeed",
-                 detail: bool = False, fractions=None):
-    """Communication time of one forward of ``phase`` (sum of its messages' α-β times at their link levels)."""
+                 detail: bool = False, fractions=None, comm_w=None):
+    """Communication time of one forward of ``phase`` (sum of its messages' α-β times at their link levels).
+
+    ``comm_w``: bytes per element on the wire when it differs from the compute width ``w`` (what-if: fp8 or bf16
+    communication of an fp32/bf16 model); token ids keep their own width. TP collectives of a hybrid (p > 1: the TP
+    group is a proper sub-group of the world) use the preset's ``subgroup_collectives`` fits when it has them."""
     s, _, _ = _phase_tokens(phase, S, G)
+    if comm_w is not None:
+        w = comm_w
     t, p, b, s, w, K = np.broadcast_arrays(*(np.asarray(x) for x in (t, p, b, s, w, K)))
     args = (b.astype(float), s, model.h, model.L, model.V, t.astype(float), p.astype(float), w.astype(float))
     f_tp, f_pp = placement_fractions(model.L, t, p, K) if fractions is None else fractions
@@ -246,9 +259,16 @@ def forward_comm(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str, K
         n = np.broadcast_to(np.asarray(group_fn(*args)), t.shape).astype(np.int64)
         nbytes = np.broadcast_to(np.asarray(bytes_fn(*args), dtype=float), t.shape)
         frac = {"tp": f_tp, "pp": f_pp, "wrap": f_wrap}[path]
-        ti = hw.collective_time(op, n, nbytes, "intra")
+        sub = hw.subgroup_collectives and path == "tp" and bool((p > 1).any())
+
+        def level_time(level):
+            tm = hw.collective_time(op, n, nbytes, level)
+            if sub:
+                tm = np.where(p > 1, hw.collective_time(op, n, nbytes, level, subgroup=True), tm)
+            return tm
+        ti = level_time("intra")
         if frac.any():
-            te = hw.collective_time(op, n, nbytes, "inter")
+            te = level_time("inter")
             cost = calls * (ti + frac * (te - ti))
         else:
             cost = calls * ti
@@ -262,9 +282,14 @@ def forward_comm(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str, K
 # ---------------------------------------------------------------------------------------------------------------------
 # Prediction
 # ---------------------------------------------------------------------------------------------------------------------
-def predict_latency_grid(model, hardware, t, p, b, S, G, w=2, gpus_per_node=None, engine: str = "deepspeed") -> dict:
+def predict_latency_grid(model, hardware, t, p, b, S, G, w=2, gpus_per_node=None, engine: str = "deepspeed",
+                         comm_w=None, overlap: bool = False) -> dict:
     """TTFT/TPOT/E2E (s) over a broadcast grid of layouts (t, p) × workloads (b, S, G, w). Returns arrays:
     ``ttft_s, tpot_s, e2e_s, prefill_compute_s, prefill_comm_s, decode_compute_s, decode_comm_s``.
+
+    What-if levers: ``comm_w`` bytes per element on the wire (e.g. 1 = fp8 communication); ``overlap=True`` charges
+    each forward ``max(compute, comm)`` instead of ``compute + comm`` (perfect overlap of communication with
+    compute: a lower bound, not a schedule any engine here runs).
 
     No validation here (the grid is the caller's): t must divide the heads, p ≤ L (see :func:`llmcomm.advise`)."""
     model = load_model(model)
@@ -278,9 +303,10 @@ def predict_latency_grid(model, hardware, t, p, b, S, G, w=2, gpus_per_node=None
     for phase in ("prefill", "decode"):
         out[f"{phase}_compute_s"] = forward_compute(model, hw, t, p, b, S, G, wf, phase, inv_t)["compute_s"]
         out[f"{phase}_comm_s"] = forward_comm(model, hw, t, p, b, S, G, w, phase, K, engine,
-                                              fractions=fractions)
-    out["ttft_s"] = out["prefill_compute_s"] + out["prefill_comm_s"]
-    out["tpot_s"] = out["decode_compute_s"] + out["decode_comm_s"]
+                                              fractions=fractions, comm_w=comm_w)
+    join = np.maximum if overlap else np.add
+    out["ttft_s"] = join(out["prefill_compute_s"], out["prefill_comm_s"])
+    out["tpot_s"] = join(out["decode_compute_s"], out["decode_comm_s"])
     out["e2e_s"] = out["ttft_s"] + (G - 1) * out["tpot_s"]
     return out
 
@@ -292,7 +318,7 @@ def _f(x):
 
 
 def predict_latency(model, layout: Layout, workload: Workload, hardware, gpus_per_node: int | None = None,
-                    engine: str = "deepspeed") -> dict:
+                    engine: str = "deepspeed", comm_w=None, overlap: bool = False) -> dict:
     """One point: ``{"ttft_s", "tpot_s", "e2e_s", "breakdown": {"prefill": {...}, "decode": {...}}, ...}``.
 
     ``breakdown[phase]`` has ``compute_s`` and ``comm_s`` of one forward, its FLOPs and bytes moved per rank summed
@@ -310,14 +336,15 @@ def predict_latency(model, layout: Layout, workload: Workload, hardware, gpus_pe
                            "tp": layout.t, "pp": layout.p, "breakdown": {}}
     for phase in ("prefill", "decode"):
         c = forward_compute(model, hw, *args, phase)
-        comm, parts = forward_comm(model, hw, *args, phase, K, engine, detail=True)
+        comm, parts = forward_comm(model, hw, *args, phase, K, engine, detail=True, comm_w=comm_w)
         res["breakdown"][phase] = {
             "compute_s": _f(c["compute_s"]), "comm_s": _f(comm), "flops": _f(c["flops"]), "bytes": _f(c["bytes"]),
             "layer_s": _f(c["layer_s"]), "compute_bound": _f(c["compute_bound"]),
             "messages": [{k: (_f(v) if k != "why" else v) for k, v in m.items()} for m in parts]}
     pre, dec = res["breakdown"]["prefill"], res["breakdown"]["decode"]
-    res["ttft_s"] = pre["compute_s"] + pre["comm_s"]
-    res["tpot_s"] = dec["compute_s"] + dec["comm_s"]
+    join = max if overlap else (lambda a, c: a + c)
+    res["ttft_s"] = join(pre["compute_s"], pre["comm_s"])
+    res["tpot_s"] = join(dec["compute_s"], dec["comm_s"])
     res["e2e_s"] = res["ttft_s"] + (workload.G - 1) * res["tpot_s"]
     return res
 
@@ -404,3 +431,131 @@ def calibrate_compute(threads: int = 1, h: int = 512, heads: int = 8, kv_heads: 
             "layer_prefill_s": layer["prefill"], "layer_decode_s": layer["decode"], "eff_flops": e_f,
             "layer_overhead_s": o, "shape": {"h": h, "heads": heads, "kv_heads": kv_heads, "ffn": ffn, "S": S},
             "raw_times_s": {f"{ph}_L{n}": v for (ph, n), v in times.items()}}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CPU runs: the compute calibration for the threads a rank gets; what-if levers; predicted vs measured
+# ---------------------------------------------------------------------------------------------------------------------
+def rank_threads(ranks: int, cores: int | None = None) -> int:
+    """Threads per rank of a CPU run of ``ranks`` ranks: ``OMP_NUM_THREADS = max(1, cores // ranks)`` (what
+    :func:`llmcomm.launch.default_env` sets)."""
+    import os
+
+    cores = int(cores or os.cpu_count() or 1)
+    return max(1, cores // int(ranks))
+
+
+def hardware_for_ranks(hardware="cpu-local", ranks: int = 2, cores: int | None = None) -> Hardware:
+    """``hardware`` with the compute calibration taken at the thread count each of ``ranks`` ranks runs with.
+
+    The ``cpu-local`` preset keeps one compute calibration per thread count (``compute_by_threads``: peak FLOP/s,
+    memory bandwidth, flops efficiency, per-layer overhead, written by ``python -m llmcomm.fit --compute``); the
+    entry for :func:`rank_threads` (or the nearest calibrated count) replaces the top-level compute numbers. Presets
+    without ``compute_by_threads`` (the GPUs) are returned unchanged."""
+    hw = load_hardware(hardware)
+    by = hw.raw.get("compute_by_threads") or {}
+    if not by:
+        return hw
+    want = rank_threads(ranks, cores)
+    key = min(by, key=lambda k: (abs(int(k) - want), int(k)))
+    d = dict(hw.raw)
+    d.update({k: v for k, v in by[key].items() if k in ("peak_tflops", "mem_bw_GBps", "efficiency",
+                                                          "layer_overhead_us")})
+    d["threads"] = int(key)
+    return Hardware.from_dict(d, name=hw.name)
+
+
+def scale_links(hardware, factor: float, levels=("intra", "inter")) -> Hardware:
+    """What-if: ``hardware`` with the bandwidth of its ``levels`` links (and fitted collectives) × ``factor``
+    (β / factor; α unchanged)."""
+    hw = load_hardware(hardware)
+    d = json.loads(json.dumps(dict(hw.raw))) if hw.raw else None
+    if d is None:
+        raise SpecError(f"hardware {hw.name!r} has no raw preset to scale")
+    if factor <= 0:
+        raise SpecError(f"link speed factor {factor!r} must be positive")
+    for lvl in levels:
+        if lvl in d.get("links", {}):
+            d["links"][lvl]["bw_GBps"] = float(d["links"][lvl]["bw_GBps"]) * factor
+        for key in ("collectives", "subgroup_collectives"):
+            for fits in d.get(key, {}).get(lvl, {}).values():
+                for fit in fits.values():
+                    fit["busbw_GBps"] = float(fit["busbw_GBps"]) * factor
+    d["name"] = f"{hw.name} (links ×{factor:g})"
+    return Hardware.from_dict(d, name=d["name"])
+
+
+METRICS = ("ttft_s", "tpot_s", "e2e_s")
+
+
+def latency_errors(df):
+    """Signed relative error ``(predicted − measured) / measured`` of each metric of a predicted-vs-measured frame
+    (columns ``<metric>_measured``, ``<metric>_predicted``); adds ``err_<metric>`` columns (TPOT only where G > 1)
+    and returns ``(frame, summary)``, ``summary`` the median |error| per metric and over all of them."""
+    import pandas as pd
+
+    df = df.copy()
+    errs = []
+    for m in METRICS:
+        meas, pred = df[f"{m}_measured"].astype(float), df[f"{m}_predicted"].astype(float)
+        e = (pred - meas) / meas
+        if m == "tpot_s" and "G" in df:
+            e = e.where(df["G"] > 1)
+        df[f"err_{m[:-2]}"] = e
+        errs.append(e.dropna().abs())
+    summary = {f"median_abs_err_{m[:-2]}": float(e.median()) for m, e in zip(METRICS, errs)}
+    summary["median_abs_err"] = float(pd.concat(errs).median())
+    return df, summary
+
+
+def measured_comm_s(res, phase: str, rank: int = 0) -> float:
+    """Seconds rank ``rank`` spent inside collectives and sends/receives during ``phase`` of a measurement (from its
+    captured events: each call's start and end; waiting for a slower peer included)."""
+    tot = 0.0
+    for e in res.events:
+        if e.get("rank") == rank and e.get("phase") == phase:
+            tot += max(float(e.get("t_end", 0.0)) - float(e.get("t_start", 0.0)), 0.0)
+    return tot
+
+
+def validate_latency(cfgs, hardware="cpu-local", cores: int | None = None, runner=None, progress: bool = True):
+    """Measure each configuration (real DeepSpeed ranks, :func:`llmcomm.launch.measure`) and predict it with
+    :func:`predict_latency` on ``hardware`` at the rank's thread count (:func:`hardware_for_ranks`; the cpu-local
+    calibration only — nothing is fitted to these runs), ``gpus_per_node`` = the cores (one machine).
+
+    Returns one row per configuration: the config, ``<metric>_measured`` / ``<metric>_predicted`` for TTFT, TPOT,
+    E2E, the per-phase breakdown (predicted compute and comm of one forward; measured time rank 0 spent in
+    communication calls per forward), the threads per rank and the all-reduce path; then :func:`latency_errors`
+    adds the signed errors."""
+    import os
+    from dataclasses import asdict
+
+    import pandas as pd
+
+    if runner is None:
+        from .launch import measure as runner
+    cores = int(cores or os.cpu_count() or 1)
+    cfgs = list(cfgs)
+    it = cfgs
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(cfgs, desc="runs", leave=False)
+    rows = []
+    for c in it:
+        res = runner(c.model, c.layout, c.workload)
+        ranks = c.t * c.p
+        hw = hardware_for_ranks(hardware, ranks, cores)
+        pred = predict_latency(c.model, c.layout, c.workload, hw, gpus_per_node=cores)
+        pre, dec = pred["breakdown"]["prefill"], pred["breakdown"]["decode"]
+        row = dict(asdict(c), ranks=ranks, threads=rank_threads(ranks, cores),
+                   allreduce=("shm" if c.p == 1 else "gloo") if c.t > 1 else "-")
+        for m in METRICS:
+            row[f"{m}_measured"] = float(getattr(res, m))
+            row[f"{m}_predicted"] = float(pred[m])
+        row.update(prefill_compute_pred_s=pre["compute_s"], prefill_comm_pred_s=pre["comm_s"],
+                   decode_compute_pred_s=dec["compute_s"], decode_comm_pred_s=dec["comm_s"],
+                   prefill_comm_meas_s=measured_comm_s(res, "prefill"),
+                   decode_comm_meas_s=measured_comm_s(res, "decode") / max(c.G - 1, 1))
+        rows.append(row)
+    return latency_errors(pd.DataFrame(rows))
