@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llmcomm.data import cpu_model
+
 T = [1, 2, 4, 8]
 P = [1, 2, 4, 5, 8, 10, 16, 20]
 B = list(range(1, 33))
@@ -136,7 +138,7 @@ def main(argv=None) -> int:
     except OSError:
         load = None
     res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.node(),
-           "cpu": _cpu(), "cpus": os.cpu_count(), "pinned_one_core": pinned, "load_avg": load,
+           "cpu": cpu_model(), "cpus": os.cpu_count(), "pinned_one_core": pinned, "load_avg": load,
            "python": platform.python_version(), "numpy": np.__version__,
            "grid": {"model": "llama-3.1-70b", "hardware": "h100-sxm", "gpus_per_node": 8, "t": T, "p": P,
                     "b": [min(B), max(B), len(B)], "S": S, "G": G},
@@ -148,16 +150,6 @@ def main(argv=None) -> int:
     (out / "predict_speed.json").write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out / 'predict_speed.json'}")
     return 0
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

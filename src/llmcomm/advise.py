@@ -269,17 +269,9 @@ def what_if(model, gpus: int, hardware: Any = "h100-sxm", gpus_per_node: int | N
 # ---------------------------------------------------------------------------------------------------------------------
 # CLI hook
 # ---------------------------------------------------------------------------------------------------------------------
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
-    return v
-
-
 def add_arguments(ap: argparse.ArgumentParser) -> None:
+    from .cli import positive_int as _positive
+
     ap.add_argument("--model", required=True, help="preset name or path to an HF config.json")
     ap.add_argument("--gpus", type=_positive, required=True, help="number of GPUs N (layouts with t·p = N)")
     ap.add_argument("--gpus-per-node", type=_positive, default=None, help="GPUs per node K (default: the preset's)")

@@ -39,6 +39,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .data import cpu_model
+
 __all__ = ["main", "run_bench", "parse_size", "size_grid", "register", "CSV_COLUMNS", "DEFAULT_OPS"]
 
 DEFAULT_OPS = ("all_reduce", "all_gather", "broadcast", "send_recv")
@@ -203,16 +205,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _cleanup_shm(port: int) -> list[str]:
     """Remove the shm all-reduce buffers of the run that used ``port`` (named …_<uid>_<addr>_<port>_<rank>)."""
     removed = []
@@ -327,7 +319,6 @@ def run_bench(ops=DEFAULT_OPS, sizes=None, ranks=(2, 4), backends=None, out=None
             rows.extend(res["rows"])
     wall = time.time() - t_start
     df = pd.DataFrame(rows)
-    itemsize = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
     df["machine"] = machine
     df["dtype"] = dtype
     df["link"] = "intra"
@@ -346,7 +337,7 @@ def run_bench(ops=DEFAULT_OPS, sizes=None, ranks=(2, 4), backends=None, out=None
     df_write.to_csv(csv_path, index=False)
     import deepspeed  # noqa: F401  (version only)
 
-    prov = {"machine": machine, "cpu_model": _cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform(),
+    prov = {"machine": machine, "cpu_model": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "command": command or "llmcomm bench-collectives (python API)",
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "wall_s": round(wall, 1),

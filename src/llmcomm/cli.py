@@ -19,7 +19,8 @@ class _Parser(argparse.ArgumentParser):
         raise SpecError(f"{self.prog}: {message}")
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
     try:
         v = int(text)
     except ValueError:
@@ -31,11 +32,11 @@ def _positive(text: str) -> int:
 
 def _add_spec_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--model", required=True, help="preset name or path to an HF config.json")
-    sp.add_argument("--tp", type=_positive, default=1, help="tensor-parallel degree t")
-    sp.add_argument("--pp", type=_positive, default=1, help="pipeline-parallel degree p")
-    sp.add_argument("--batch", type=_positive, default=1, help="batch size b")
-    sp.add_argument("--prompt", type=_positive, default=16, help="prompt length S")
-    sp.add_argument("--generate", type=_positive, default=4, help="generated tokens G")
+    sp.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree t")
+    sp.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel degree p")
+    sp.add_argument("--batch", type=positive_int, default=1, help="batch size b")
+    sp.add_argument("--prompt", type=positive_int, default=16, help="prompt length S")
+    sp.add_argument("--generate", type=positive_int, default=4, help="generated tokens G")
     sp.add_argument("--dtype", choices=list(DTYPE_BYTES), default="fp32")
     sp.add_argument("--p2p", choices=["partitioned", "full"], default="partitioned",
                     help="stage-to-stage mode of the DeepSpeed pipeline runner when --pp > 1: 'partitioned' (each TP "
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(pr)
     pr.add_argument("--engine", choices=["deepspeed", "vllm"], default="deepspeed")
     pr.add_argument("--hardware", help="hardware preset: adds TTFT/TPOT/E2E predictions")
-    pr.add_argument("--gpus-per-node", type=_positive, default=8)
+    pr.add_argument("--gpus-per-node", type=positive_int, default=8)
     pr.set_defaults(func=cmd_predict)
 
     me = sub.add_parser("measure", help="run DeepSpeed ranks and capture every collective")

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .collectives import alpha_beta_time, canonical_op, latency_steps
-from .spec import SpecError
+from .spec import SpecError, preset_names
 
 __all__ = ["Hardware", "Link", "hardware_names", "load_hardware", "LEVELS"]
 
@@ -40,8 +40,7 @@ GiB = 1 << 30
 
 def hardware_names() -> list[str]:
     """Names of the hardware presets shipped in ``llmcomm/presets/hardware``."""
-    folder = resources.files("llmcomm.presets") / "hardware"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+    return preset_names("hardware")
 
 
 @dataclass(frozen=True)

@@ -160,7 +160,6 @@ def predicted_vs_measured_latency(df: pd.DataFrame, title: str = ""):
 def advice_heatmaps(maps: dict, value: str = "e2e_s", title: str = ""):
     """One heatmap per model: rows b, columns S, cell text = the winning layout, colour = its predicted ``value``
     (ms, log colour). ``maps``: {title: frame from :func:`llmcomm.advise.advice_map`}."""
-    import numpy as np
     from matplotlib.colors import LogNorm
 
     fig, axes = plt.subplots(1, len(maps), figsize=(4.2 * len(maps), 3.2), squeeze=False)

@@ -35,9 +35,9 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 _TORCH_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def preset_names() -> list[str]:
-    """Names of the model presets shipped in ``llmcomm/presets/models``."""
-    folder = resources.files("llmcomm.presets") / "models"
+def preset_names(kind: str = "models") -> list[str]:
+    """Names of the presets shipped in ``llmcomm/presets/<kind>`` (``models`` or ``hardware``)."""
+    folder = resources.files("llmcomm.presets") / kind
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
 
 

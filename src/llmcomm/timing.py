@@ -533,7 +533,12 @@ def validate_latency(cfgs, hardware="cpu-local", cores: int | None = None, runne
     import pandas as pd
 
     if runner is None:
-        from .launch import measure as runner
+        from functools import partial
+
+        from .launch import measure
+
+        # The cpu-local calibration describes this machine's CPUs: validate against CPU runs even on a GPU node.
+        runner = partial(measure, env={"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""})
     cores = int(cores or os.cpu_count() or 1)
     cfgs = list(cfgs)
     it = cfgs
