@@ -21,16 +21,14 @@ else of the link (β = 1 / (bw·efficiency)).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from .collectives import alpha_beta_time, canonical_op, latency_steps
-from .spec import SpecError, preset_names
+from .spec import SpecError, preset_names, read_preset_or_file
 
 __all__ = ["Hardware", "Link", "hardware_names", "load_hardware", "LEVELS"]
 
@@ -178,14 +176,5 @@ def load_hardware(hw: "str | Path | Mapping[str, Any] | Hardware") -> Hardware:
         return hw
     if isinstance(hw, Mapping):
         return Hardware.from_dict(hw)
-    text = str(hw)
-    if text in hardware_names():
-        data = (resources.files("llmcomm.presets") / "hardware" / f"{text}.json").read_text()
-        return Hardware.from_dict(json.loads(data), name=text)
-    path = Path(text)
-    if not path.exists():
-        raise SpecError(f"unknown hardware {text!r}: not a preset ({', '.join(hardware_names())}) and no such file")
-    try:
-        return Hardware.from_dict(json.loads(path.read_text()), name=path.stem)
-    except json.JSONDecodeError as e:
-        raise SpecError(f"hardware file {text!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    data, name = read_preset_or_file("hardware", str(hw), "hardware")
+    return Hardware.from_dict(data, name=name)

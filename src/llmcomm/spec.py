@@ -109,26 +109,31 @@ class ModelSpec:
         return LlamaConfig(**cfg)
 
 
+def read_preset_or_file(kind: str, text: str, what: str) -> tuple[Any, str]:
+    """(parsed JSON, name) of ``text``: a preset of ``llmcomm/presets/<kind>``, else a JSON file (a folder means its
+    ``config.json``). One clear :class:`SpecError` for an unknown name or malformed JSON (``what`` names the thing)."""
+    if text in preset_names(kind):
+        return json.loads((resources.files("llmcomm.presets") / kind / f"{text}.json").read_text()), text
+    path = Path(text)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        raise SpecError(f"unknown {what} {text!r}: not a preset ({', '.join(preset_names(kind))}) and no such file")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{what} file {str(path)!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    return data, path.parent.name if path.name == "config.json" else path.stem
+
+
 def load_model(model: str | Path | Mapping[str, Any] | ModelSpec) -> ModelSpec:
     """A :class:`ModelSpec` from a preset name, a path to an HF ``config.json`` (or its folder), or a dict."""
     if isinstance(model, ModelSpec):
         return model
     if isinstance(model, Mapping):
         return ModelSpec.from_hf_config(model)
-    text = str(model)
-    if text in preset_names():
-        data = (resources.files("llmcomm.presets") / "models" / f"{text}.json").read_text()
-        return ModelSpec.from_hf_config(json.loads(data), name=text)
-    path = Path(text)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.exists():
-        raise SpecError(f"unknown model {text!r}: not a preset ({', '.join(preset_names())}) and no such file")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SpecError(f"model config {str(path)!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    return ModelSpec.from_hf_config(cfg, name=path.parent.name if path.name == "config.json" else path.stem)
+    cfg, name = read_preset_or_file("models", str(model), "model")
+    return ModelSpec.from_hf_config(cfg, name=name)
 
 
 def stage_layers(L: int, p: int) -> list[int]:
