@@ -4,7 +4,7 @@
 #                included) in place, build the HTML book into book/_build/html
 #   make test    same environment; unit tests + nbval over the chapters + an offline book build
 #
-# Other targets: make help | install | execute [NB=book/x.ipynb] | html | data | clean | distclean
+# Other targets: make help | install | execute [NB=book/CHAPTER.ipynb] | html | data | clean | distclean
 # Variables you may set: PYTHON (interpreter that creates the venv), VENV (e.g. VENV=$CONDA_PREFIX to use
 # an active conda env), NB, EXEC_TIMEOUT, PYTEST_ARGS, DATA_STEPS.
 
@@ -87,7 +87,7 @@ $(MATHJAX): $(STAMP)
 # ---- the book ------------------------------------------------------------------------------------------
 # Execute in place, then build with execution off: the HTML shows exactly the committed outputs
 # (reasoning in book/_config.yml). One notebook: make execute NB=book/tp_derivation.ipynb
-# LLMCOMM_SAVE=1: the chapters' sweeps write data/<machine>/ with provenance (llmcomm.experiments.save); under
+# LLMCOMM_SAVE=1: the chapters' sweeps write data/<machine>/ with provenance (llmcomm.compare.sweeps.save); under
 # nbval (make test) it is unset, so re-running the notebooks never rewrites committed data.
 execute: $(STAMP)
 	@test -n "$(strip $(NB))" || { echo "no notebooks to execute" >&2; exit 1; }
@@ -124,15 +124,15 @@ test: $(STAMP) $(MATHJAX)
 # ---- data ----------------------------------------------------------------------------------------------
 # Re-run the experiments whose results are committed under data/<machine>/ and that the chapters read but do
 # not run themselves (the chapters' own sweeps run in `make book`). Each driver picks data/<machine>/ itself
-# (LLMCOMM_MACHINE or a --machine option; see llmcomm.data) and writes a provenance sidecar (README).
+# (LLMCOMM_MACHINE or a --machine option; see llmcomm.record) and writes a provenance sidecar (README).
 # HOOK: one command per line; append new experiment drivers here (or: make data DATA_STEPS='...').
 # Calibration of this machine (the time model's cpu-local preset): collectives microbenchmark, then the α-β fits
 # and the compute calibration (at the thread counts the runs use) written into the preset. On a GPU node only the
 # microbenchmark runs (nccl), into data/<machine>/. ~2½ min on a quiet 2-core machine.
 BENCH_ARGS ?= $(if $(filter cpu,$(DS_ACCELERATOR)),--backend shm gloo --max-bytes 16M --point-seconds 0.15 --ranks 2 $$([ $$(nproc) -ge 4 ] && echo 4 || true))
 define DATA_STEPS
-llmcomm bench-collectives --out data/$$(python -c 'from llmcomm.data import machine_id; print(machine_id())') $(BENCH_ARGS) --no-progress
-if [ "$${DS_ACCELERATOR:-}" = cpu ]; then python -m llmcomm.fit --csv data/cpu-local/collectives.csv --compute --write src/llmcomm/presets/hardware/cpu-local.json; fi
+llmcomm bench-collectives --out data/$$(python -c 'from llmcomm.record import machine_id; print(machine_id())') $(BENCH_ARGS) --no-progress
+if [ "$${DS_ACCELERATOR:-}" = cpu ]; then llmcomm calibrate --csv data/cpu-local/collectives.csv --compute --write src/llmcomm/presets/hardware/cpu-local.json; fi
 endef
 data: $(STAMP)
 	$(DATA_STEPS)

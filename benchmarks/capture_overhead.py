@@ -9,14 +9,14 @@ Numbers from a shared or loaded machine are provisional: rerun on a quiet one.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from llmcomm.launch import launch_ranks, provenance, rank_spec
-from llmcomm.runs.overhead import MODES
+from llmcomm.measure.launch import launch_ranks, provenance, rank_spec
+from llmcomm.measure.runs.overhead import MODES
+from llmcomm.record import write_json
 from llmcomm.spec import Layout, Workload, load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,8 @@ def main(argv=None) -> dict:
                      options={"reps": a.reps, "warmup": a.warmup, "modes": list(MODES)})
     started = datetime.now(timezone.utc)
     with tempfile.TemporaryDirectory(prefix="llmcomm-overhead-") as tmp:
-        records, facts = launch_ranks("llmcomm.runs.overhead", spec, layout.ranks, Path(tmp), timeout_s=a.timeout)
+        records, facts = launch_ranks("llmcomm.measure.runs.overhead", spec, layout.ranks, Path(tmp),
+                                      timeout_s=a.timeout)
     r0 = records[0]
     result = {
         "what": "end-to-end generation time under each way of observing the communication, median over reps; "
@@ -75,9 +76,7 @@ def main(argv=None) -> dict:
     base = result["modes"]["none"]["median_e2e_s"]
     result["wrapper_cost"]["implied_ratio_e2e"] = \
         1 + result["wrapper_cost"]["overhead_us"] * 1e-6 * (r0["calls_per_generation"] or 0) / base
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = write_json(a.out, result, indent=1)
     for m, v in result["modes"].items():
         print(f"{m:15s} e2e {v['median_e2e_s'] * 1e3:8.2f} ms   ratio {v['ratio_e2e']:.3f}   "
               f"tpot {v['median_tpot_s'] * 1e3:7.3f} ms")

@@ -4,7 +4,7 @@
 
 The grid: llama-3.1-70b on h100-sxm (8 GPUs per node), t ∈ {1,2,4,8} × p ∈ {1,2,4,5,8,10,16,20} × b ∈ 1..32 ×
 32 prompt lengths × 32 generation lengths = 1,048,576 points, evaluated by one call of
-:func:`llmcomm.timing.predict_latency_grid` (TTFT, TPOT, E2E and the compute/comm split per phase). Best of 3 runs,
+:func:`llmcomm.predict.latency.predict_latency_grid` (TTFT, TPOT, E2E and the compute/comm split per phase). Best of 3 runs,
 pinned to one core.
 
 llm-analysis (PyPI ``llm-analysis``, per-point Python) is timed on a random sample of the same grid in a throwaway
@@ -16,17 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from llmcomm.data import cpu_model
+from llmcomm.record import provenance, write_json
 
 T = [1, 2, 4, 8]
 P = [1, 2, 4, 5, 8, 10, 16, 20]
@@ -74,15 +72,18 @@ def _pin_one_core():
 
 
 def bench_llmcomm(repeats: int = 3) -> dict:
-    from llmcomm.timing import predict_latency_grid
+    from llmcomm import load_model
+    from llmcomm.predict.hardware import load_hardware
+    from llmcomm.predict.latency import predict_latency_grid
 
+    model, hw = load_model("llama-3.1-70b"), load_hardware("h100-sxm")
     t, p, b, s, g = np.meshgrid(T, P, B, S, G, indexing="ij")
     t, p, b, s, g = (x.ravel() for x in (t, p, b, s, g))
-    predict_latency_grid("llama-3.1-70b", "h100-sxm", t[:100], p[:100], b[:100], s[:100], g[:100], 2)  # lambdify
+    predict_latency_grid(model, hw, t[:100], p[:100], b[:100], s[:100], g[:100], 2)  # lambdify once
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        out = predict_latency_grid("llama-3.1-70b", "h100-sxm", t, p, b, s, g, 2, gpus_per_node=8)
+        out = predict_latency_grid(model, hw, t, p, b, s, g, 2, gpus_per_node=8)
         best = min(best, time.perf_counter() - t0)
     assert np.isfinite(out["e2e_s"]).all()
     return {"points": int(t.size), "seconds": best, "points_per_s": t.size / best, "repeats": repeats,
@@ -137,18 +138,14 @@ def main(argv=None) -> int:
         load = os.getloadavg()
     except OSError:
         load = None
-    res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.node(),
-           "cpu": cpu_model(), "cpus": os.cpu_count(), "pinned_one_core": pinned, "load_avg": load,
-           "python": platform.python_version(), "numpy": np.__version__,
-           "grid": {"model": "llama-3.1-70b", "hardware": "h100-sxm", "gpus_per_node": 8, "t": T, "p": P,
+    command = "python benchmarks/predict_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    res = {"grid": {"model": "llama-3.1-70b", "hardware": "h100-sxm", "gpus_per_node": 8, "t": T, "p": P,
                     "b": [min(B), max(B), len(B)], "S": S, "G": G},
            "llmcomm": ours, "llm_analysis": la,
            "speedup": (ours["points_per_s"] / la["points_per_s"]) if la.get("status") == "ok" else None,
-           "command": "python benchmarks/predict_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "predict_speed.json").write_text(json.dumps(res, indent=1) + "\n")
-    print(f"wrote {out / 'predict_speed.json'}")
+           "provenance": provenance(command, pinned_one_core=pinned, load_avg=load)}
+    out = write_json(Path(args.out) / "predict_speed.json", res, indent=1)
+    print(f"wrote {out}")
     return 0
 
 

@@ -1,14 +1,16 @@
-"""Layout advice: memory feasibility edge cases, Pareto front, ranking, JSON shape, CLI hook."""
-import argparse
+"""Layout advice: memory feasibility edge cases, Pareto front, ranking, JSON shape, the CLI subcommand."""
 import json
 
 import numpy as np
 import pytest
 
-from llmcomm.advise import (advise, advise_report, candidate_layouts, comm_bytes, memory_per_rank, pareto_front,
-                            register)
-from llmcomm.hardware import GiB, load_hardware
+from llmcomm.cli import main
+from llmcomm.derive.evaluate import phase_bytes, rows as predict_rows
+from llmcomm.predict.advise import advise, advise_report, candidate_layouts, memory_per_rank, pareto_front
+from llmcomm.predict.hardware import GiB, load_hardware
 from llmcomm.spec import Layout, SpecError, Workload, load_model
+
+H100, A100 = load_hardware("h100-sxm"), load_hardware("a100-sxm-80gb")
 
 
 def test_70b_bf16_does_not_fit_one_h100_but_fits_eight():
@@ -17,8 +19,8 @@ def test_70b_bf16_does_not_fit_one_h100_but_fits_eight():
     one = memory_per_rank(m, 1, 1, 1, 1024, 128, 2)
     assert one["weights"] > 130 * GiB and one["total"] > h100.usable_memory_bytes
     with pytest.raises(SpecError, match="no layout of llama-3.1-70b"):
-        advise(m, gpus=1, gpus_per_node=8, hardware="h100-sxm", S=1024, G=128, b=1)
-    rows = advise(m, gpus=8, gpus_per_node=8, hardware="h100-sxm", S=1024, G=128, b=1)
+        advise(m, gpus=1, gpus_per_node=8, hw=H100, S=1024, G=128, b=1)
+    rows = advise(m, gpus=8, gpus_per_node=8, hw=H100, S=1024, G=128, b=1)
     assert all(r["fits"] for r in rows)
     tp8 = next(r for r in rows if r["tp"] == 8)
     # sharded layers and head + the replicated embedding (AutoTP keeps embed_tokens whole on every rank)
@@ -30,14 +32,14 @@ def test_70b_bf16_does_not_fit_one_h100_but_fits_eight():
 
 def test_405b_on_four_a100_raises_one_clear_message():
     with pytest.raises(SpecError) as e:
-        advise("llama-3.1-405b", gpus=4, gpus_per_node=8, hardware="a100-sxm-80gb", S=1024, G=128, b=1)
+        advise(load_model("llama-3.1-405b"), gpus=4, gpus_per_node=8, hw=A100, S=1024, G=128, b=1)
     msg = str(e.value)
     assert "\n" not in msg and "no layout of llama-3.1-405b" in msg and "GiB" in msg
 
 
 def test_no_valid_layout_raises():
     with pytest.raises(SpecError, match="no layout"):
-        advise("tiny-llama", gpus=7, hardware="h100-sxm", S=16, G=4)       # t=7 ∤ 4 heads, p=7 > 4 layers
+        advise(load_model("tiny-llama"), gpus=7, gpus_per_node=None, hw=H100, S=16, G=4)   # 7 ∤ 4 heads, 7 > L
 
 
 def test_memory_edges():
@@ -70,7 +72,7 @@ def test_pareto_front_hand_example():
 
 def test_ranking_candidates_and_json_shape():
     m = load_model("llama-3.1-70b")
-    rep = advise_report(m, 16, 8, "h100-sxm", 2048, 64, 4, "ttft")
+    rep = advise_report(m, 16, 8, H100, 2048, 64, 4, "ttft")
     rows = rep["layouts"]
     assert {(r["tp"], r["pp"]) for r in rows} == set(candidate_layouts(m, 16)) == {(1, 16), (2, 8), (4, 4), (8, 2)}
     for r in rows:
@@ -81,28 +83,22 @@ def test_ranking_candidates_and_json_shape():
     assert [r["ttft_s"] for r in feasible] == sorted(r["ttft_s"] for r in feasible)
     assert rows[0]["pareto"]                                       # the best latency is on the front
     json.dumps(rep)
-    by_bytes = advise(m, 16, 8, "h100-sxm", 2048, 64, 4, "bytes")
+    by_bytes = advise(m, 16, 8, H100, 2048, 64, 4, "bytes")
     assert [r["bytes"] for r in by_bytes] == sorted(r["bytes"] for r in by_bytes)
     with pytest.raises(SpecError):
-        advise(m, 16, 8, "h100-sxm", 2048, 64, 4, "throughput")
+        advise(m, 16, 8, H100, 2048, 64, 4, "throughput")
 
 
 def test_bytes_match_volumes_for_tp():
-    from llmcomm.volumes import predict_rows
-
     m = load_model("llama-3.1-8b")
     for t in (2, 4, 8):
         rows = predict_rows(m, Layout(t, 1), Workload(2, 100, 7, "bf16"))
-        assert comm_bytes(m, t, 1, 2, 100, 7, 2)["total"] == pytest.approx(sum(r["bytes"] for r in rows))
+        assert phase_bytes("deepspeed", m, t, 1, 2, 100, 7, 2)["total"] == pytest.approx(sum(r["bytes"] for r in rows))
 
 
-def test_cli_hook_parses_the_documented_arguments(capsys):
-    ap = argparse.ArgumentParser()
-    sub = ap.add_subparsers(dest="cmd")
-    register(sub)
-    args = ap.parse_args(["advise", "--model", "llama-3.1-8b", "--gpus", "4", "--gpus-per-node", "2", "--hardware",
-                          "a100-sxm-80gb", "--prompt", "512", "--generate", "32", "--batch", "2", "--objective",
-                          "tpot", "--json"])
-    assert args.func(args) == 0
+def test_cli_parses_the_documented_arguments(capsys):
+    assert main(["advise", "--model", "llama-3.1-8b", "--gpus", "4", "--gpus-per-node", "2", "--hardware",
+                 "a100-sxm-80gb", "--prompt", "512", "--generate", "32", "--batch", "2", "--objective", "tpot",
+                 "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["objective"] == "tpot" and out["gpus_per_node"] == 2 and out["layouts"]

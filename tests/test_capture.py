@@ -1,9 +1,9 @@
-"""Counting rules of llmcomm.capture on synthetic events (exact values), and the wrapping on a 1-process gloo group."""
+"""Counting rules of llmcomm.measure.capture on synthetic events (exact values), and the wrapping on a 1-process gloo group."""
 import json
 
 import pytest
 
-from llmcomm.capture import Capture, CaptureError, Event, aggregate, check_consistent, write_chrome_trace
+from llmcomm.measure.capture import Capture, CaptureError, Event, aggregate, check_consistent, write_chrome_trace
 
 
 def ev(rank, op, nbytes, group=(0, 1), phase="prefill", peer=None, seq=0):

@@ -4,25 +4,35 @@ import json
 import numpy as np
 import pytest
 
-from llmcomm import collectives as C
-from llmcomm.fit import fit_alpha_beta, fit_table
-from llmcomm.hardware import hardware_names, load_hardware
+from llmcomm.derive.conventions import bus_factor, canonical_op
+from llmcomm.predict import collectives as C
+from llmcomm.predict.fit import fit_alpha_beta, fit_table
+from llmcomm.predict.hardware import hardware_names, load_hardware
 from llmcomm.spec import SpecError
+
+
+def ring_time(op, n, m, alpha, beta):
+    return C.alpha_beta_time(op, n, m, alpha, beta, "ring")
+
+
+def tree_time(op, n, m, alpha, beta):
+    return C.alpha_beta_time(op, n, m, alpha, beta, "tree")
 
 
 @pytest.mark.parametrize("op,n,f", [("all_reduce", 2, 1.0), ("all_reduce", 4, 1.5), ("all_reduce", 8, 1.75),
                                     ("all_gather", 4, 0.75), ("reduce_scatter", 8, 0.875), ("gather", 2, 0.5),
-                                    ("broadcast", 8, 1.0), ("send_recv", 2, 1.0), ("reduce", 4, 1.0)])
+                                    ("broadcast", 8, 1.0), ("send_recv", 2, 1.0), ("reduce", 4, 1.0),
+                                    ("all_to_all", 4, 0.75)])
 def test_busbw_factors(op, n, f):
-    assert C.busbw_factor(op, n) == pytest.approx(f, abs=0, rel=1e-15)
+    assert bus_factor(op, n) == pytest.approx(f, abs=0, rel=1e-15)
 
 
 def test_busbw_factor_vectorised_and_synonyms():
-    np.testing.assert_array_equal(C.busbw_factor("all_reduce", np.array([2, 4, 8])), [1.0, 1.5, 1.75])
-    assert C.canonical_op("inference_all_reduce") == "all_reduce"
-    assert C.canonical_op("isend") == "send_recv"
-    with pytest.raises(ValueError):
-        C.canonical_op("all_to_all_v")
+    np.testing.assert_array_equal(bus_factor("all_reduce", np.array([2, 4, 8])), [1.0, 1.5, 1.75])
+    assert canonical_op("inference_all_reduce") == "all_reduce"
+    assert canonical_op("isend") == "send_recv"
+    with pytest.raises(SpecError, match="unknown collective 'all_to_all_v'"):
+        canonical_op("all_to_all_v")
 
 
 def test_algbw_busbw():
@@ -35,29 +45,29 @@ def test_algbw_busbw():
 def test_ring_all_reduce_hand_case():
     a, b = 1e-6, 1e-9
     # 2(n−1)α + 2(n−1)/n·S·β with n = 4, S = 1e6: 6 µs + 1.5 ms
-    assert C.ring_time("all_reduce", 4, 1e6, a, b) == pytest.approx(6e-6 + 1.5e-3, rel=1e-14)
+    assert ring_time("all_reduce", 4, 1e6, a, b) == pytest.approx(6e-6 + 1.5e-3, rel=1e-14)
     # all_gather: (n−1)α + (n−1)/n·S·β
-    assert C.ring_time("all_gather", 4, 1e6, a, b) == pytest.approx(3e-6 + 0.75e-3, rel=1e-14)
+    assert ring_time("all_gather", 4, 1e6, a, b) == pytest.approx(3e-6 + 0.75e-3, rel=1e-14)
     # broadcast chain: (n−1)α + S·β
-    assert C.ring_time("broadcast", 8, 1e6, a, b) == pytest.approx(7e-6 + 1e-3, rel=1e-14)
+    assert ring_time("broadcast", 8, 1e6, a, b) == pytest.approx(7e-6 + 1e-3, rel=1e-14)
     # send_recv: α + S·β
-    assert C.ring_time("send_recv", 2, 1e6, a, b) == pytest.approx(1e-6 + 1e-3, rel=1e-14)
+    assert ring_time("send_recv", 2, 1e6, a, b) == pytest.approx(1e-6 + 1e-3, rel=1e-14)
 
 
 def test_tree_direct_auto():
     a, b = 2e-6, 1e-10
     # tree all_reduce n = 8: 2·log2(8)·α + 1.75·S·β
-    assert C.tree_time("all_reduce", 8, 1e6, a, b) == pytest.approx(12e-6 + 1.75e-4, rel=1e-14)
+    assert tree_time("all_reduce", 8, 1e6, a, b) == pytest.approx(12e-6 + 1.75e-4, rel=1e-14)
     # n = 6 → ⌈log2 6⌉ = 3
-    assert C.tree_time("all_gather", 6, 0, a, b) == pytest.approx(3 * a)
-    assert C.direct_time("all_reduce", 4, 1e6, a, b) == pytest.approx(a + 1.5e-4, rel=1e-14)
-    ring, tree = C.ring_time("all_reduce", 8, 4, a, b), C.tree_time("all_reduce", 8, 4, a, b)
+    assert tree_time("all_gather", 6, 0, a, b) == pytest.approx(3 * a)
+    assert C.alpha_beta_time("all_reduce", 4, 1e6, a, b, "direct") == pytest.approx(a + 1.5e-4, rel=1e-14)
+    ring, tree = ring_time("all_reduce", 8, 4, a, b), tree_time("all_reduce", 8, 4, a, b)
     assert C.best_time("all_reduce", 8, 4, a, b) == min(ring, tree) == tree
     assert C.alpha_beta_time("all_reduce", 8, 4, a, b, "auto") == tree
 
 
 def test_group_of_one_is_free_and_vectorised_equals_scalar():
-    assert C.ring_time("all_reduce", 1, 1e6, 1e-6, 1e-9) == 0.0
+    assert ring_time("all_reduce", 1, 1e6, 1e-6, 1e-9) == 0.0
     rng = np.random.default_rng(0)
     n = rng.choice([1, 2, 4, 8, 16], 200)
     S = rng.integers(4, 1 << 26, 200).astype(float)
@@ -122,7 +132,7 @@ def test_fit_pooled_over_group_sizes_and_nonnegative():
     S = 4.0 * 2 ** np.arange(0, 20)
     rows = []
     for n in (2, 4):
-        T = C.ring_time("all_reduce", n, S, 5e-6, 1e-9)
+        T = ring_time("all_reduce", n, S, 5e-6, 1e-9)
         rows += [{"backend": "gloo", "op": "all_reduce", "group_size": n, "bytes": s, "time_s": t}
                  for s, t in zip(S, T)]
     fits = fit_table(pd.DataFrame(rows))
@@ -136,12 +146,13 @@ def test_fit_pooled_over_group_sizes_and_nonnegative():
 
 # ------------------------------------------------------------------------------------------- microbenchmark (slow)
 def test_size_parsing():
-    from llmcomm.bench import parse_size, size_grid
+    from llmcomm.measure.bench import parse_size, size_grid
 
     assert parse_size("64M") == 64 << 20 and parse_size("4") == 4 and parse_size("1K") == 1024
     assert size_grid(4, 64) == [4, 8, 16, 32, 64]
-    with pytest.raises(ValueError):
-        parse_size("12Q")
+    for bad in ("12Q", "0", "-4", "", "1.5M"):
+        with pytest.raises(SpecError, match="size"):
+            parse_size(bad)
 
 
 @pytest.mark.slow
@@ -151,7 +162,7 @@ def test_bench_collectives_schema(tmp_path):
     import pandas as pd
     import torch
 
-    from llmcomm.bench import CSV_COLUMNS, run_bench
+    from llmcomm.measure.bench import CSV_COLUMNS, run_bench
 
     if torch.cuda.is_available():
         pytest.skip("CPU backends only")
@@ -168,8 +179,9 @@ def test_bench_collectives_schema(tmp_path):
     ag = df[df["op"] == "all_gather"]
     np.testing.assert_allclose(ag["busbw_GBps"], ag["algbw_GBps"] * 0.5)
     np.testing.assert_allclose(df["algbw_GBps"], df["bytes"] / df["time_s"] / 1e9)
-    prov = json.loads((tmp_path / "collectives.provenance.json").read_text())
-    for k in ("machine", "cpu_model", "torch", "deepspeed", "command", "date"):
+    prov = json.loads((tmp_path / "collectives.json").read_text())
+    for k in ("machine", "cpu", "versions", "command", "date"):
         assert prov[k]
+    assert prov["versions"]["torch"] and prov["versions"]["deepspeed"]
     port = prov["ranks_meta"]["2"]["master_port"]          # other runs may share /dev/shm: look at ours only
     assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"), "shm buffers left behind"

@@ -15,10 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
-from llmcomm import data, launch
-from llmcomm.launch import launcher_cmd, read_hostfile
-from llmcomm.runs import common, rankio
-from llmcomm.spec import Layout, SpecError, Workload
+from llmcomm import record
+from llmcomm.measure import launch
+from llmcomm.measure.launch import launcher_cmd, read_hostfile
+from llmcomm.measure.runs import common, rankio
+from llmcomm.spec import Layout, SpecError, Workload, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +70,7 @@ def test_synchronize_only_on_cuda(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ backend choice
 def _ctx(device, backend, dtype="bf16"):
-    return types.SimpleNamespace(device=device, backend=backend, workload=Workload(1, 8, 2, dtype))
+    return types.SimpleNamespace(device=device, backend=backend, dtype=dtype)
 
 
 def _fake_deepspeed(monkeypatch, backend_name):
@@ -106,22 +107,22 @@ def test_init_distributed_gloo_forced_only_when_asked(monkeypatch):
 # ------------------------------------------------------------------------------------------------ launcher side
 def test_default_env_gpu_node_leaves_ds_accelerator_unset(monkeypatch):
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
-    monkeypatch.setattr(launch, "_has_cuda", lambda: True)
+    monkeypatch.setattr(launch, "has_cuda", lambda: True)
     env = launch.default_env(8)
     assert "DS_ACCELERATOR" not in env
     assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 8))
-    monkeypatch.setattr(launch, "_has_cuda", lambda: False)
+    monkeypatch.setattr(launch, "has_cuda", lambda: False)
     assert launch.default_env(2)["DS_ACCELERATOR"] == "cpu"
     assert launch.default_env(2, {"DS_ACCELERATOR": "cuda"})["DS_ACCELERATOR"] == "cuda"   # the caller wins
 
 
 def test_gpu_ids_honour_cuda_visible_devices(monkeypatch):
-    monkeypatch.setattr(launch, "_has_cuda", lambda: True)
-    assert launch._gpu_ids({"CUDA_VISIBLE_DEVICES": "4,5, 6"}) == ["4", "5", "6"]
-    assert launch._gpu_ids({"CUDA_VISIBLE_DEVICES": ""}) == []
-    assert launch._gpu_ids({"CUDA_VISIBLE_DEVICES": "-1"}) == []
-    monkeypatch.setattr(launch, "_has_cuda", lambda: False)
-    assert launch._gpu_ids({}) == []
+    monkeypatch.setattr(launch, "has_cuda", lambda: True)
+    assert launch.gpu_ids({"CUDA_VISIBLE_DEVICES": "4,5, 6"}) == ["4", "5", "6"]
+    assert launch.gpu_ids({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert launch.gpu_ids({"CUDA_VISIBLE_DEVICES": "-1"}) == []
+    monkeypatch.setattr(launch, "has_cuda", lambda: False)
+    assert launch.gpu_ids({}) == []
 
 
 def _world_info(cmd):
@@ -130,19 +131,20 @@ def _world_info(cmd):
 
 
 def test_launcher_cmd_one_node():
-    cmd = launcher_cmd("llmcomm.runs.tp", Path("R/spec.json"), Path("R"), 4, 29500, local_ids=["2", "3", "5", "7"])
+    cmd = launcher_cmd("llmcomm.measure.runs.tp", Path("R/spec.json"), Path("R"), 4, 29500,
+                       local_ids=["2", "3", "5", "7"])
     assert cmd[1:5] == ["-u", "-m", "deepspeed.launcher.launch", cmd[4]]
     assert _world_info(cmd) == {"localhost": ["2", "3", "5", "7"]}
-    assert cmd[5:] == ["--master_addr=127.0.0.1", "--master_port=29500", "--module", "llmcomm.launch",
-                       "--entry", "llmcomm.runs.tp", "--spec", "R/spec.json", "--out", "R"]
+    assert cmd[5:] == ["--master_addr=127.0.0.1", "--master_port=29500", "--module", "llmcomm.measure.launch",
+                       "--entry", "llmcomm.measure.runs.tp", "--spec", "R/spec.json", "--out", "R"]
     assert _world_info(launcher_cmd("e", Path("s"), Path("o"), 2, 1)) == {"localhost": [0, 1]}
 
 
 def test_launcher_cmd_hostfile_uses_the_runner(tmp_path):
-    cmd = launcher_cmd("llmcomm.runs.tp", Path("R/spec.json"), Path("R"), 16, 29501, hostfile="hosts")
+    cmd = launcher_cmd("llmcomm.measure.runs.tp", Path("R/spec.json"), Path("R"), 16, 29501, hostfile="hosts")
     assert cmd[1:] == ["-u", "-m", "deepspeed.launcher.runner", "--hostfile", "hosts", "--master_port=29501",
-                       "--module", "llmcomm.launch", "--entry", "llmcomm.runs.tp", "--spec", "R/spec.json",
-                       "--out", "R"]
+                       "--module", "llmcomm.measure.launch", "--entry", "llmcomm.measure.runs.tp", "--spec",
+                       "R/spec.json", "--out", "R"]
 
 
 def test_read_hostfile(tmp_path):
@@ -161,31 +163,43 @@ def test_measure_hostfile_checks_slots_and_shared_out(tmp_path):
     h = tmp_path / "hosts"
     h.write_text("node1 slots=8\nnode2 slots=8\n")
     with pytest.raises(SpecError, match="has 16 slots; t·p = 8 ranks need exactly 8"):
-        launch.measure("llama-3.1-8b", Layout(8), Workload(1, 8, 2, "bf16"), hostfile=h, out_dir=tmp_path)
+        launch.measure(load_model("llama-3.1-8b"), Layout(8), Workload(1, 8, 2, "bf16"), hostfile=h,
+                       out_dir=tmp_path)
     with pytest.raises(SpecError, match="needs out_dir on a file system every node shares"):
-        launch.measure("llama-3.1-8b", Layout(8, 2), Workload(1, 8, 2, "bf16"), hostfile=h)
+        launch.measure(load_model("llama-3.1-8b"), Layout(8, 2), Workload(1, 8, 2, "bf16"), hostfile=h)
 
 
 def test_launch_refuses_more_ranks_than_gpus(monkeypatch, tmp_path):
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
-    monkeypatch.setattr(launch, "_has_cuda", lambda: True)
+    monkeypatch.setattr(launch, "has_cuda", lambda: True)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     with pytest.raises(SpecError, match="2 ranks need 2 GPUs .* this node shows 1"):
-        launch.launch_ranks("llmcomm.runs.tp", {}, 2, tmp_path, timeout_s=5)
+        launch.launch_ranks("llmcomm.measure.runs.tp", {}, 2, tmp_path, timeout_s=5)
     assert not list(tmp_path.glob("rank*"))                 # nothing was started
 
 
 def test_machine_id_from_fake_gpu_names(monkeypatch):
     monkeypatch.delenv("LLMCOMM_MACHINE", raising=False)
-    monkeypatch.setattr(data, "_gpus", lambda: ["NVIDIA H100 80GB HBM3"])
-    assert data.machine_id() == "h100-80gb-hbm3-x1"
-    monkeypatch.setattr(data, "_gpus", lambda: ["NVIDIA H200"] * 8)
-    assert data.machine_id() == "h200-x8"
-    monkeypatch.setattr(data, "_gpus", lambda: [])
-    assert data.machine_id() == "cpu-local"
+    monkeypatch.setattr(record, "_gpus", lambda: ["NVIDIA H100 80GB HBM3"])
+    assert record.machine_id() == "h100-80gb-hbm3-x1"
+    monkeypatch.setattr(record, "_gpus", lambda: ["NVIDIA H200"] * 8)
+    assert record.machine_id() == "h200-x8"
+    monkeypatch.setattr(record, "_gpus", lambda: [])
+    assert record.machine_id() == "cpu-local"
 
 
 # ------------------------------------------------------------------------------------------------ tools/gpu
+def _isolate_env(monkeypatch):
+    """The script sets variables for its own process; under pytest they must not outlive the test (later tests and
+    the notebooks nbval runs inherit this process's environment)."""
+    import os
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" /
+                                                                                       "torch_extensions")))
+
+
 def _single_gpu():
     spec = importlib.util.spec_from_file_location("single_gpu", ROOT / "tools" / "gpu" / "single_gpu.py")
     mod = importlib.util.module_from_spec(spec)
@@ -222,13 +236,13 @@ def test_gpu_plan_shards_divide():
 
 def test_single_gpu_dry_run_layers(tmp_path, monkeypatch):
     """The per-layer timing path end to end on the CPU (seconds): files and columns as the book reads them."""
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    _isolate_env(monkeypatch)
     mod = _single_gpu()
     monkeypatch.setitem(mod.DRY_PLAN, "t", [2])
     monkeypatch.setitem(mod.DRY_PLAN, "S", [8])
     monkeypatch.setitem(mod.DRY_PLAN, "b", [1])
     assert mod.main(["--dry-run", "--out", str(tmp_path), "--skip-generate"]) == 0
-    folder = tmp_path / f"dry-run-{data.machine_id()}"
+    folder = tmp_path / f"dry-run-{record.machine_id()}"
     df = pd.read_csv(folder / "layer_times.csv")
     assert list(df.columns) == mod.LAYER_COLUMNS
     assert sorted(df.phase) == ["decode", "prefill"]
@@ -241,12 +255,27 @@ def test_single_gpu_dry_run_layers(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_single_gpu_dry_run_generate(tmp_path, monkeypatch):
     """The measure path (DeepSpeed launcher, init_inference tp_size=1, capture) in dry-run mode (~25 s)."""
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    _isolate_env(monkeypatch)
     mod = _single_gpu()
     assert mod.main(["--dry-run", "--out", str(tmp_path), "--skip-layers"]) == 0
-    folder = tmp_path / f"dry-run-{data.machine_id()}"
+    folder = tmp_path / f"dry-run-{record.machine_id()}"
     gen = pd.read_csv(folder / "generate.csv")
     assert list(gen.columns) == mod.GENERATE_COLUMNS and len(gen) == 1
     assert bool(gen.tokens_match[0]) and gen.ttft_s[0] > 0 and gen.tpot_s[0] > 0
     assert list(pd.read_csv(folder / "generate_ops.csv").columns) == mod.OPS_COLUMNS
     assert not (tmp_path / "work").exists()
+
+
+def test_single_gpu_leaves_the_data_root_alone(tmp_path, monkeypatch):
+    """Its files go under --out, and the process's data root (what the chapters read) is unchanged."""
+    import os
+
+    _isolate_env(monkeypatch)
+    mod = _single_gpu()
+    monkeypatch.setitem(mod.DRY_PLAN, "t", [1])
+    monkeypatch.setitem(mod.DRY_PLAN, "S", [8])
+    monkeypatch.setitem(mod.DRY_PLAN, "b", [1])
+    before = os.environ.get("LLMCOMM_DATA")
+    assert mod.main(["--dry-run", "--out", str(tmp_path), "--skip-generate"]) == 0
+    assert os.environ.get("LLMCOMM_DATA") == before
+    assert record.data_dir("cpu-local") == ROOT / "data" / "cpu-local" or before is not None

@@ -1,14 +1,16 @@
 """Real DeepSpeed pipeline (p > 1) and hybrid t×p runs on CPU with KV-cache decode: tokens equal the single-process
 reference, the last stage's logits equal the reference's, and every measured row equals the closed form of
-``src/llmcomm/runs/PIPELINE_PATTERN.md``. Bad layouts end with one clear error. Launched tests are ``slow``."""
+``src/llmcomm/measure/runs/PIPELINE_PATTERN.md``. Bad layouts end with one clear error. Launched tests are ``slow``."""
 from __future__ import annotations
 
 import pytest
 
-from llmcomm.launch import RunError, launch_ranks, measure, rank_spec
-from llmcomm.runs.pipeline import check_layout
+from llmcomm.derive.patterns import engine_for
+from llmcomm.derive.phases import order as phase_order
+from llmcomm.measure.launch import RunError, launch_ranks, measure, rank_spec
+from llmcomm.measure.runs.pipeline import check_layout
 from llmcomm.spec import Layout, SpecError, Workload, load_model, stage_layers
-from llmcomm.volumes import engine_for, predict_rows
+from support import predicted as predicted_rows
 
 RNG_STATE_BYTES = 5056          # CPU generator state that init_inference broadcasts over the world when t > 1
 W_TOKEN = 8                     # the token handed back is int64
@@ -47,13 +49,13 @@ def hand_rows(model, layout: Layout, workload: Workload, p2p: str = "partitioned
 
 
 def predicted(model, layout, workload, p2p):
-    """The library's closed forms (llmcomm.volumes): the ``deepspeed`` pattern, or ``deepspeed-full`` for the full
+    """The library's closed forms (llmcomm.derive): the ``deepspeed`` pattern, or ``deepspeed-full`` for the full
     stage-to-stage mode."""
-    return predict_rows(model, layout, workload, engine=engine_for("deepspeed", p2p))
+    return predicted_rows(model, layout, workload, engine=engine_for("deepspeed", p2p))
 
 
 def _key(r):
-    return (("setup", "prefill", "decode").index(r["phase"]), r["op"], r["group_size"])
+    return (phase_order(r["phase"]), r["op"], r["group_size"])
 
 
 def _ids(case):
@@ -64,7 +66,8 @@ def _ids(case):
 def run(request):
     model, t, p, b, S, G, p2p = request.param
     layout, workload = Layout(t=t, p=p), Workload(b=b, S=S, G=G)
-    return model, layout, workload, p2p, measure(model, layout, workload, timeout_s=240, options={"p2p": p2p})
+    return model, layout, workload, p2p, measure(load_model(model), layout, workload, timeout_s=240,
+                                                 options={"p2p": p2p})
 
 
 @pytest.mark.slow
@@ -162,7 +165,7 @@ def test_check_layout_splits_like_stage_layers():
 
 def test_measure_refuses_a_stage_without_layers_before_launching():
     with pytest.raises(SpecError, match="a stage would hold no layer"):
-        measure("tiny-llama", Layout(1, 5), Workload(1, 4, 2))
+        measure(load_model("tiny-llama"), Layout(1, 5), Workload(1, 4, 2))
 
 
 @pytest.mark.slow
@@ -173,7 +176,7 @@ def test_measure_refuses_a_stage_without_layers_before_launching():
 def test_runner_refuses_bad_layout_with_one_error(tmp_path, layout, nranks, msg):
     spec = rank_spec(load_model("tiny-llama"), layout, Workload(1, 4, 2))
     with pytest.raises(RunError) as err:
-        launch_ranks("llmcomm.runs.pipeline", spec, nranks, tmp_path / "run", timeout_s=120)
+        launch_ranks("llmcomm.measure.runs.pipeline", spec, nranks, tmp_path / "run", timeout_s=120)
     text = str(err.value)
     assert "SpecError" in text and msg in text, text
     assert err.value.rank == 0

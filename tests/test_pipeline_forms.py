@@ -8,24 +8,28 @@ import matplotlib.figure
 import pytest
 import sympy as sp
 
-from llmcomm import Layout, SpecError, Workload, plots, volumes as v
+from llmcomm import Layout, SpecError, Workload, load_model
 from llmcomm.cli import build_parser, main
-from llmcomm.volumes import G, L, S, V, b, h, p, t, w
+from llmcomm.derive import patterns, volumes as v
+from llmcomm.derive.conventions import bus_factor
+from llmcomm.notation import G, L, S, V, b, h, p, t, w
+from llmcomm.report import plots, tables
+from support import predicted
 
 
 def test_engine_for():
-    assert v.engine_for("deepspeed", "partitioned") == "deepspeed"
-    assert v.engine_for("deepspeed", "full") == "deepspeed-full"
-    assert v.engine_for("vllm") == "vllm"
+    assert patterns.engine_for("deepspeed", "partitioned") == "deepspeed"
+    assert patterns.engine_for("deepspeed", "full") == "deepspeed-full"
+    assert patterns.engine_for("vllm") == "vllm"
     with pytest.raises(SpecError, match="models the DeepSpeed pipeline runner"):
-        v.engine_for("vllm", "full")
+        patterns.engine_for("vllm", "full")
     with pytest.raises(SpecError, match="p2p mode 'ring'"):
-        v.engine_for("deepspeed", "ring")
+        patterns.engine_for("deepspeed", "ring")
 
 
 def test_full_mode_exact_rows():
     # PIPELINE_PATTERN.md, measured: tiny-llama-tied 2×2 [3, 2], b=1, S=6, G=2, full mode
-    assert v.predict_rows("tiny-llama-tied", Layout(2, 2), Workload(1, 6, 2), "deepspeed-full") == [
+    assert predicted("tiny-llama-tied", Layout(2, 2), Workload(1, 6, 2), "deepspeed-full") == [
         {"phase": "prefill", "op": "all_reduce", "group_size": 2, "calls": 11, "bytes": 19456},
         {"phase": "prefill", "op": "send_recv", "group_size": 2, "calls": 4, "bytes": 3088},
         {"phase": "decode", "op": "all_reduce", "group_size": 2, "calls": 11, "bytes": 6656},
@@ -36,40 +40,39 @@ def test_full_mode_exact_rows():
 def test_modes_equal_without_tp_and_full_minus_partitioned():
     for lay in (Layout(1, 2), Layout(1, 4), Layout(2, 1)):
         wl = Workload(2, 9, 5, "bf16")
-        assert v.predict_rows("llama-3.1-8b", lay, wl) == v.predict_rows("llama-3.1-8b", lay, wl, "deepspeed-full")
-    diff = v.total_bytes("deepspeed-full").args[0][0] - v.total_bytes("deepspeed").args[0][0]
+        assert predicted("llama-3.1-8b", lay, wl) == predicted("llama-3.1-8b", lay, wl, "deepspeed-full")
+    diff = v.regime(v.total_bytes("deepspeed-full"), "hybrid") - v.regime(v.total_bytes("deepspeed"), "hybrid")
     assert sp.expand(diff - (t - 2) * (p - 1) * b * h * w * (S + G - 1)) == 0
 
 
 def test_pipeline_totals_closed_forms():
     B = v.total_bytes("deepspeed")
-    assert sp.expand(B.subs(t, 1).args[0][0] - ((p - 1) * b * h * w * (S + G - 1) + 8 * b * G)) == 0
-    tp = B.subs(p, 1).args[0][0]
-    assert sp.expand(B.args[0][0] - tp - (2 * (p - 1) * b * h * w * (S + G - 1) + 8 * t * b * G)) == 0
-    lim = sp.limit(sp.simplify(tp / B.subs(t, 1).args[0][0]), S, sp.oo)
+    assert sp.expand(v.regime(B, "PP") - ((p - 1) * b * h * w * (S + G - 1) + 8 * b * G)) == 0
+    tp = v.regime(B, "TP")
+    assert sp.expand(v.regime(B, "hybrid") - tp - (2 * (p - 1) * b * h * w * (S + G - 1) + 8 * t * b * G)) == 0
+    lim = sp.limit(sp.simplify(tp / v.regime(B, "PP")), S, sp.oo)
     assert sp.simplify(lim - 2 * L / (p - 1)) == 0
 
 
 def test_bus_factor_symbolic_matches_numeric():
-    from llmcomm.collectives import busbw_factor
-
-    for op in ("all_reduce", "all_gather", "gather", "send_recv", "broadcast"):
-        for n in (2, 4, 8):
-            assert float(v.bus_factor(op, n)) == pytest.approx(busbw_factor(op, n))
+    n = sp.Symbol("n", positive=True, integer=True)
+    for op in ("all_reduce", "all_gather", "gather", "send_recv", "broadcast", "all_to_all"):
+        for k in (2, 4, 8):
+            assert float(bus_factor(op, n).subs(n, k)) == pytest.approx(bus_factor(op, k))
 
 
 @pytest.mark.parametrize("engine", ["deepspeed", "deepspeed-full", "vllm"])
 @pytest.mark.parametrize("layout", [Layout(8, 1), Layout(2, 4), Layout(1, 8), Layout(4, 2)])
 def test_total_wire_bytes_equals_wire_bytes(engine, layout):
-    m = v.load_model("llama-3.1-70b")
+    m = load_model("llama-3.1-70b")
     wl = Workload(3, 100, 7, "bf16")
     sym = v.total_wire_bytes(engine).subs({b: 3, S: 100, G: 7, h: m.h, L: m.L, V: m.V, t: layout.t, p: layout.p, w: 2})
-    assert float(sym) == pytest.approx(v.wire_bytes(v.predict_rows(m, layout, wl, engine)), rel=1e-12)
+    assert float(sym) == pytest.approx(tables.wire_bytes(predicted("llama-3.1-70b", layout, wl, engine)), rel=1e-12)
 
 
 def test_layouts_frame_exact_and_skips_bad_layouts():
-    f = v.layouts_frame(["tiny-llama"], [Layout(2, 1), Layout(1, 2), Layout(2, 2), Layout(4, 1)],
-                        [Workload(2, 8, 4)])
+    f = tables.layouts_frame([load_model("tiny-llama")], [Layout(2, 1), Layout(1, 2), Layout(2, 2), Layout(4, 1)],
+                             [Workload(2, 8, 4)])
     assert sorted(set(f.layout)) == ["1×2", "2×1", "2×2"]          # t=4 does not divide tiny-llama's 2 KV heads
     tot = f[f.phase == "total"].set_index("layout")
     assert tot.loc["2×2", "bytes"] == 4096 + 40768 + 4128 + 1536 + 36288 + 1632      # PIPELINE_PATTERN.md
@@ -80,7 +83,8 @@ def test_layouts_frame_exact_and_skips_bad_layouts():
 
 
 def test_plot_functions_return_figures():
-    f = v.layouts_frame(["tiny-llama"], [Layout(2, 1), Layout(1, 2)], [Workload(1, s_, 4) for s_ in (4, 16)])
+    f = tables.layouts_frame([load_model("tiny-llama")], [Layout(2, 1), Layout(1, 2)],
+                             [Workload(1, s_, 4) for s_ in (4, 16)])
     fig = plots.layout_lines(f[f.phase == "total"], x="S", col="model", title="t")
     assert isinstance(fig, matplotlib.figure.Figure)
     fig2 = plots.phase_bars(f[f.phase != "total"], x="layout", col="model")
@@ -98,7 +102,7 @@ def test_cli_p2p_option_parses():
 
 
 def test_cli_measure_passes_p2p_option(monkeypatch, capsys):
-    import llmcomm.launch
+    import llmcomm.measure.launch
 
     seen = {}
 
@@ -109,7 +113,7 @@ def test_cli_measure_passes_p2p_option(monkeypatch, capsys):
         seen.update(kw)
         return Res()
 
-    monkeypatch.setattr(llmcomm.launch, "measure", fake)
+    monkeypatch.setattr(llmcomm.measure.launch, "measure", fake)
     assert main(["measure", "--model", "tiny-llama", "--pp", "2", "--p2p", "full", "--json"]) == 0
     assert seen["options"] == {"p2p": "full"}
     assert json.loads(capsys.readouterr().out)["p2p"] == "full"

@@ -5,10 +5,11 @@ import itertools
 import numpy as np
 import pytest
 
-from llmcomm.hardware import load_hardware
+from llmcomm.predict.compute import layer_cost
+from llmcomm.predict.hardware import load_hardware
+from llmcomm.predict.latency import forward_comm, predict_latency, predict_latency_grid
+from llmcomm.predict.placement import placement_fractions, placement_reference, pp_inter_fraction, tp_inter_fraction
 from llmcomm.spec import Layout, SpecError, Workload, load_model
-from llmcomm.timing import (forward_comm, layer_cost, placement_fractions, placement_reference, pp_inter_fraction,
-                            predict_latency, predict_latency_grid, tp_inter_fraction)
 
 TINY = load_model("tiny-llama")        # h=64, L=4, heads=4, kv=2, hd=16, ffn=176, V=1000
 
@@ -86,12 +87,12 @@ def test_predict_latency_hand_case():
 def test_placement_closed_forms_match_enumeration():
     L = 80
     combos = list(itertools.product([1, 2, 3, 4, 6, 8, 16], [1, 2, 3, 5, 8, 16], [1, 2, 4, 6, 8]))
-    for t, p, K in combos:
-        f_tp, f_pp = placement_reference(L, t, p, K)
-        assert float(tp_inter_fraction(L, t, p, K)) == pytest.approx(f_tp), (t, p, K)
-        assert float(pp_inter_fraction(L, t, p, K)) == pytest.approx(f_pp), (t, p, K)
-    t, p, K = (np.array(c) for c in zip(*combos))
-    f_tp, f_pp = placement_fractions(L, t, p, K)
+    for t, p, g in combos:
+        f_tp, f_pp = placement_reference(L, t, p, g)
+        assert float(tp_inter_fraction(L, t, p, g)) == pytest.approx(f_tp), (t, p, g)
+        assert float(pp_inter_fraction(L, t, p, g)) == pytest.approx(f_pp), (t, p, g)
+    t, p, g = (np.array(c) for c in zip(*combos))
+    f_tp, f_pp = placement_fractions(L, t, p, g)
     ref = np.array([placement_reference(L, *c) for c in combos])
     np.testing.assert_allclose(f_tp, ref[:, 0])
     np.testing.assert_allclose(f_pp, ref[:, 1])
@@ -103,8 +104,9 @@ def test_placement_closed_forms_match_enumeration():
 def test_tp_group_spanning_nodes_pays_inter_link():
     m = load_model("llama-3.1-70b")
     wl = Workload(1, 1024, 16, "bf16")
-    one_node = predict_latency(m, Layout(8, 1), wl, "h100-sxm", gpus_per_node=8)
-    two_nodes = predict_latency(m, Layout(8, 1), wl, "h100-sxm", gpus_per_node=4)
+    h100 = load_hardware("h100-sxm")
+    one_node = predict_latency(m, Layout(8, 1), wl, h100, gpus_per_node=8)
+    two_nodes = predict_latency(m, Layout(8, 1), wl, h100, gpus_per_node=4)
     assert two_nodes["breakdown"]["prefill"]["comm_s"] > 5 * one_node["breakdown"]["prefill"]["comm_s"]
     assert two_nodes["breakdown"]["prefill"]["compute_s"] == one_node["breakdown"]["prefill"]["compute_s"]
 
@@ -116,10 +118,11 @@ def test_vectorised_equals_scalar():
            zip(rng.choice([1, 2, 4, 8], 40), rng.choice([1, 2, 3, 4, 8], 40), rng.integers(1, 17, 40),
                rng.integers(1, 4096, 40), rng.integers(1, 512, 40))]
     t, p, b, S, G = (np.array(c) for c in zip(*pts))
-    for hw, K in (("h100-sxm", 8), ("a100-sxm-80gb", 2), ("h200", 3)):
-        grid = predict_latency_grid(m, hw, t, p, b, S, G, 2, gpus_per_node=K)
+    for name, g in (("h100-sxm", 8), ("a100-sxm-80gb", 2), ("h200", 3)):
+        hw = load_hardware(name)
+        grid = predict_latency_grid(m, hw, t, p, b, S, G, 2, gpus_per_node=g)
         for i, (ti, pi, bi, Si, Gi) in enumerate(pts):
-            one = predict_latency(m, Layout(ti, pi), Workload(bi, Si, Gi, "bf16"), hw, gpus_per_node=K)
+            one = predict_latency(m, Layout(ti, pi), Workload(bi, Si, Gi, "bf16"), hw, gpus_per_node=g)
             for k in ("ttft_s", "tpot_s", "e2e_s"):
                 assert grid[k][i] == pytest.approx(one[k], rel=1e-12), (k, pts[i], hw)
 
@@ -127,16 +130,17 @@ def test_vectorised_equals_scalar():
 def test_more_tp_is_faster_compute_and_validation():
     m = load_model("llama-3.1-70b")
     wl = Workload(1, 2048, 32, "bf16")
-    r1 = predict_latency(m, Layout(2, 1), wl, "h100-sxm")
-    r8 = predict_latency(m, Layout(8, 1), wl, "h100-sxm")
+    h100 = load_hardware("h100-sxm")
+    r1 = predict_latency(m, Layout(2, 1), wl, h100)
+    r8 = predict_latency(m, Layout(8, 1), wl, h100)
     assert r8["breakdown"]["prefill"]["compute_s"] < r1["breakdown"]["prefill"]["compute_s"]
     assert r8["breakdown"]["decode"]["comm_s"] > 0 and r1["tpot_s"] > r8["tpot_s"]
     with pytest.raises(SpecError):
-        predict_latency(m, Layout(3, 1), wl, "h100-sxm")       # 3 does not divide 64 heads
+        predict_latency(m, Layout(3, 1), wl, h100)       # 3 does not divide 64 heads
     with pytest.raises(SpecError):
-        predict_latency(m, Layout(1, 1), wl, "no-such-gpu")
+        load_hardware("no-such-gpu")
 
 
 def test_cpu_local_preset_predicts_tiny_model():
-    r = predict_latency("tiny-llama", Layout(2, 1), Workload(1, 16, 4, "fp32"), "cpu-local")
+    r = predict_latency(TINY, Layout(2, 1), Workload(1, 16, 4, "fp32"), load_hardware("cpu-local"))
     assert 0 < r["ttft_s"] < 10 and 0 < r["tpot_s"] < 10

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from llmcomm.launch import RunError, measure, SHM_PREFIX
+from llmcomm.measure.launch import RunError, measure, SHM_PREFIX
 from llmcomm.spec import Layout, Workload, load_model
+from support import predicted
 
 pytestmark = pytest.mark.slow
 
@@ -22,21 +23,6 @@ CASES = [
 RNG_STATE_BYTES = 5056          # CPU generator state (mt19937) that init_inference broadcasts from rank 0
 
 
-def predicted(model, layout, workload):
-    try:
-        from llmcomm.volumes import predict_rows
-    except ImportError:             # the lead's module not there yet: the closed form it returns for t > 1
-        m, w, b, S, G = load_model(model), workload.w, workload.b, workload.S, workload.G
-        L, h, V, t = m.L, m.h, m.V, layout.t
-        rows = [{"phase": "prefill", "op": "all_reduce", "group_size": t, "calls": 2 * L + 1,
-                 "bytes": (2 * L * b * S * h + b * V) * w}]
-        if G > 1:
-            rows.append({"phase": "decode", "op": "all_reduce", "group_size": t, "calls": (G - 1) * (2 * L + 1),
-                         "bytes": (G - 1) * (2 * L * b * h + b * V) * w})
-        return rows
-    return predict_rows(model, layout, workload, engine="deepspeed")
-
-
 def _ids(case):
     return "{}-t{}-b{}-S{}-G{}-{}".format(*case[:5], case[5] or "default")
 
@@ -45,7 +31,8 @@ def _ids(case):
 def run(request):
     model, t, b, S, G, backend = request.param
     layout, workload = Layout(t=t), Workload(b=b, S=S, G=G)
-    return model, layout, workload, backend, measure(model, layout, workload, backend=backend, timeout_s=240)
+    return model, layout, workload, backend, measure(load_model(model), layout, workload, backend=backend,
+                                                     timeout_s=240)
 
 
 def test_rows_equal_prediction(run):
@@ -89,7 +76,7 @@ def test_dead_or_hung_rank_is_named_and_cleaned_up(tmp_path, mode, timeout_s, ex
     env = {"LLMCOMM_TEST_KILL_RANK": "1", "LLMCOMM_TEST_KILL_PHASE": "prefill", "LLMCOMM_TEST_KILL_MODE": mode}
     t0 = time.monotonic()
     with pytest.raises(RunError) as err:
-        measure("tiny-llama", Layout(t=2), Workload(b=1, S=4, G=2), timeout_s=timeout_s, env=env,
+        measure(load_model("tiny-llama"), Layout(t=2), Workload(b=1, S=4, G=2), timeout_s=timeout_s, env=env,
                 out_dir=tmp_path / "run")
     elapsed = time.monotonic() - t0
     msg = str(err.value)

@@ -4,9 +4,11 @@ import pytest
 import sympy as sp
 from hypothesis import given, settings, strategies as st
 
-from llmcomm import Layout, Workload, load_model, volumes as v
+from llmcomm import Layout, Workload, load_model
+from llmcomm.derive import evaluate as ev, patterns, volumes as v
+from llmcomm.notation import G, L, S, V, b, h, t, w, p as P
 from llmcomm.spec import SpecError
-from llmcomm.volumes import G, L, S, V, b, h, t, w, p as P
+from support import predicted
 
 
 def test_deepspeed_tp_closed_forms():
@@ -52,7 +54,7 @@ def test_vllm_tp_closed_forms():
 
 def test_exact_bytes_llama31_8b():
     # t=2, bf16, b=1, S=128, G=2: prefill = (2·32·128·4096 + 128256)·2, decode = (2·32·4096 + 128256)·2
-    rows = v.predict_rows("llama-3.1-8b", Layout(2), Workload(1, 128, 2, "bf16"))
+    rows = predicted("llama-3.1-8b", Layout(2), Workload(1, 128, 2, "bf16"))
     assert rows == [
         {"phase": "prefill", "op": "all_reduce", "group_size": 2, "calls": 65, "bytes": 67365376},
         {"phase": "decode", "op": "all_reduce", "group_size": 2, "calls": 65, "bytes": 780800},
@@ -60,20 +62,20 @@ def test_exact_bytes_llama31_8b():
 
 
 def test_no_communication_on_one_rank():
-    for engine in v.ENGINES:
-        assert v.predict_rows("llama-3.1-8b", Layout(1, 1), Workload(2, 64, 8), engine) == []
+    for engine in patterns.ENGINES:
+        assert predicted("llama-3.1-8b", Layout(1, 1), Workload(2, 64, 8), engine) == []
 
 
 def test_unknown_engine():
     with pytest.raises(SpecError, match="unknown engine 'megatron'"):
-        v.predict_rows("tiny-llama", Layout(2), Workload(), engine="megatron")
+        predicted("tiny-llama", Layout(2), Workload(), engine="megatron")
 
 
 def test_engines_differ_by_embedding_all_reduce_and_head():
     # vLLM − DeepSpeed (prefill): one more all-reduce of [b, S, h] (vocab-parallel embedding); the logits move as a
     # gather of b·V·w instead of an all-reduce of b·V·w, so the head's bytes are equal by nccl-tests' convention.
     diff = sp.simplify(v.total_bytes("vllm", "prefill") - v.total_bytes("deepspeed", "prefill"))
-    assert sp.expand(diff.subs({t: 2, sp.Symbol("p", integer=True, positive=True): 1})) == b * S * h * w
+    assert sp.expand(diff.subs({t: 2, P: 1})) == b * S * h * w
 
 
 def test_crossover_solved():
@@ -91,13 +93,13 @@ models = st.sampled_from(["llama-3.2-1b", "llama-3.1-8b", "llama-3.1-70b", "llam
 layouts = st.builds(Layout, t=st.sampled_from([1, 2, 4, 8]), p=st.sampled_from([1, 2, 4]))
 
 
-@given(models, layouts, workloads, st.sampled_from(sorted(v.ENGINES)))
+@given(models, layouts, workloads, st.sampled_from(sorted(patterns.ENGINES)))
 def test_rows_equal_sum_of_forward_messages(model, layout, workload, engine):
     """Lambdified closed forms == the pattern's messages substituted one forward at a time (two independent paths)."""
-    rows = v.predict_rows(model, layout, workload, engine)
+    rows = predicted(model, layout, workload, engine)
     expect = {}
     for phase, forwards in (("prefill", 1), ("decode", workload.G - 1)):
-        for m in v.forward_messages(model, layout, workload, phase, engine):
+        for m in ev.forward_messages(load_model(model), layout, workload, phase, engine):
             key = (phase, m["op"], m["group_size"])
             c, nb = expect.get(key, (0, 0))
             expect[key] = (c + forwards * m["calls"], nb + forwards * m["calls"] * m["bytes_per_call"])
@@ -107,10 +109,10 @@ def test_rows_equal_sum_of_forward_messages(model, layout, workload, engine):
 
 @given(models, st.sampled_from([2, 4, 8]), workloads)
 def test_deepspeed_tp_bytes_independent_of_t_and_linear_in_b_w(model, tdeg, workload):
-    rows = v.predict_rows(model, Layout(tdeg), workload)
-    ref = v.predict_rows(model, Layout(2), workload)
+    rows = predicted(model, Layout(tdeg), workload)
+    ref = predicted(model, Layout(2), workload)
     assert [r["bytes"] for r in rows] == [r["bytes"] for r in ref]
-    double_b = v.predict_rows(model, Layout(tdeg), Workload(2 * workload.b, workload.S, workload.G, workload.dtype))
+    double_b = predicted(model, Layout(tdeg), Workload(2 * workload.b, workload.S, workload.G, workload.dtype))
     assert [2 * r["bytes"] for r in rows] == [r["bytes"] for r in double_b]
     m = load_model(model)
     per_decode = (2 * m.L * workload.b * m.h + workload.b * m.V) * workload.w
@@ -121,8 +123,26 @@ def test_deepspeed_tp_bytes_independent_of_t_and_linear_in_b_w(model, tdeg, work
 def test_grid_matches_rows():
     tt = np.array([1, 2, 4, 8])[:, None]
     SS = np.array([1, 17, 1024])[None, :]
-    g = v.grid("deepspeed", "llama-3.1-8b", tt, 1, 3, SS, 9, 2)
+    g = ev.phase_bytes("deepspeed", load_model("llama-3.1-8b"), tt, 1, 3, SS, 9, 2)
     for i, tv in enumerate([1, 2, 4, 8]):
         for j, sv in enumerate([1, 17, 1024]):
-            rows = v.predict_rows("llama-3.1-8b", Layout(tv), Workload(3, sv, 9, "bf16"))
+            rows = predicted("llama-3.1-8b", Layout(tv), Workload(3, sv, 9, "bf16"))
             assert g["total"][i, j] == sum(r["bytes"] for r in rows)
+
+
+def test_readable_totals_are_the_derived_branches():
+    B = v.total_bytes("deepspeed")
+    assert sp.expand(v.regime(B, "TP") - v.B_TP) == 0
+    assert sp.expand(v.regime(B, "PP") - v.B_PP) == 0
+    assert sp.expand(v.regime(B, "hybrid") - v.B_hybrid) == 0
+    assert v.regime(B, "single") == 0
+    assert t not in v.B_TP.free_symbols and P not in v.B_TP.free_symbols and L not in v.B_PP.free_symbols
+    with pytest.raises(ValueError, match="unknown regime 'ring'"):
+        v.regime(B, "ring")
+
+
+def test_regime_substitutes_the_degrees_it_fixes():
+    calls, _ = v.volumes("deepspeed")[("prefill", "send_recv", 2)]
+    assert v.regime(calls, "PP") == P                      # t = 1: p−1 hops + 1 hand-back
+    assert sp.expand(v.regime(calls, "hybrid") - t * P) == 0
+    assert v.regime(calls, "TP") == 0

@@ -1,6 +1,6 @@
 """Execute book notebooks in place, top to bottom, in a fresh ``python3`` kernel (``make execute``/``make book``).
 
-    python tools/execute_notebooks.py [--timeout S] [--kernel NAME] book/a.ipynb [book/b.ipynb ...]
+    python tools/execute_notebooks.py [--timeout S] [--kernel NAME] book/CHAPTER.ipynb [book/CHAPTER2.ipynb ...]
 
 Why not ``jupyter nbconvert --execute --inplace``: nbconvert is not part of jupyter-book 1.x's dependencies, and
 ``jupyter execute`` (nbclient's CLI) cannot switch off per-cell timing metadata, which would put fresh timestamps

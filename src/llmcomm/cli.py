@@ -1,17 +1,25 @@
-"""The ``llmcomm`` command.
+"""The ``llmcomm`` command: every subcommand, and the only module that parses a user's arguments.
 
-``llmcomm predict`` evaluates the closed forms; ``llmcomm measure`` runs DeepSpeed ranks and captures every collective.
-Both print the same rows (``--json``: one JSON object with a list ``"ops"`` of
-``{"phase", "op", "group_size", "calls", "bytes"}``). Bad input: one line on stderr, exit status 2, no traceback; a
-failed run (dead or hung rank): one line, exit status 1.
+``predict`` evaluates the closed forms (no torch needed); ``measure`` runs DeepSpeed ranks and captures every
+collective; both print the same rows (``--json``: one JSON object with a list ``"ops"`` of
+``{"phase", "op", "group_size", "calls", "bytes"}``). ``advise`` ranks every t×p layout of N GPUs (no torch
+needed); ``bench-collectives`` times collectives nccl-tests style; ``calibrate`` writes the ``cpu-local`` preset.
+
+Inputs are resolved here, once (model and hardware presets or files → :class:`~llmcomm.spec.ModelSpec`,
+:class:`~llmcomm.predict.hardware.Hardware`), and passed inward as objects. Exit status: 0 success; 2 bad input (one
+line on stderr, no traceback); 1 a failed run (one line naming the rank, then the tail of its log).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
+from . import __version__
 from .spec import DTYPE_BYTES, Layout, SpecError, Workload, load_model
+
+__all__ = ["main", "build_parser"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,7 +38,20 @@ def positive_int(text: str) -> int:
     return v
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive, finite number")
+    return v
+
+
 def _add_spec_args(sp: argparse.ArgumentParser) -> None:
+    from .derive.patterns import P2P_MODES
+
     sp.add_argument("--model", required=True, help="preset name or path to an HF config.json")
     sp.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree t")
     sp.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel degree p")
@@ -38,7 +59,7 @@ def _add_spec_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--prompt", type=positive_int, default=16, help="prompt length S")
     sp.add_argument("--generate", type=positive_int, default=4, help="generated tokens G")
     sp.add_argument("--dtype", choices=list(DTYPE_BYTES), default="fp32")
-    sp.add_argument("--p2p", choices=["partitioned", "full"], default="partitioned",
+    sp.add_argument("--p2p", choices=list(P2P_MODES), default="partitioned",
                     help="stage-to-stage mode of the DeepSpeed pipeline runner when --pp > 1: 'partitioned' (each TP "
                          "rank sends 1/t of [b, s, h], the next stage all-gathers; the default) or 'full' (every TP "
                          "rank sends the whole tensor); the same with --tp 1")
@@ -63,8 +84,8 @@ def _print_rows(head: dict, rows: list[dict], extra_lines=()) -> None:
         print("(no communication)")
     else:
         cols = ["phase", "op", "group_size", "calls", "bytes"]
-        width = {c: max(len(c), *(len(f"{r[c]:,}" if isinstance(r[c], int) else str(r[c])) for r in rows)) for c in cols}
         fmt = lambda v: f"{v:,}" if isinstance(v, int) else str(v)  # noqa: E731
+        width = {c: max(len(c), *(len(fmt(r[c])) for r in rows)) for c in cols}
         print("  ".join(c.rjust(width[c]) for c in cols))
         for r in rows:
             print("  ".join(fmt(r[c]).rjust(width[c]) for c in cols))
@@ -78,8 +99,10 @@ def _with_p2p(head: dict, layout, p2p: str) -> dict:
     return dict(head, p2p=p2p) if layout.p > 1 else head
 
 
+# ---------------------------------------------------------------------------------------------------------- predict
 def cmd_predict(args) -> int:
-    from .volumes import engine_for, predict_rows
+    from .derive.evaluate import rows as predict_rows
+    from .derive.patterns import engine_for
 
     model, layout, workload = _specs(args)
     engine = engine_for(args.engine, args.p2p)          # deepspeed + full → the "deepspeed-full" pattern
@@ -90,13 +113,14 @@ def cmd_predict(args) -> int:
     out = dict(head, ops=rows)
     extra = []
     if args.hardware:
-        from .timing import predict_latency
+        from .predict.hardware import load_hardware
+        from .predict.latency import predict_latency
 
-        lat = predict_latency(model, layout, workload, args.hardware, gpus_per_node=args.gpus_per_node,
-                              engine=engine)
+        hw = load_hardware(args.hardware)
+        lat = predict_latency(model, layout, workload, hw, gpus_per_node=args.gpus_per_node, engine=engine)
         out["latency"] = lat
         extra = [f"TTFT {lat['ttft_s'] * 1e3:.3f} ms  TPOT {lat['tpot_s'] * 1e3:.3f} ms  E2E {lat['e2e_s'] * 1e3:.3f} ms"
-                 f"  (hardware {args.hardware})"]
+                 f"  (hardware {hw.name}, {lat['gpus_per_node']} GPUs per node)"]
     if args.json:
         print(json.dumps(out))
     else:
@@ -104,8 +128,9 @@ def cmd_predict(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------- measure
 def cmd_measure(args) -> int:
-    from .launch import measure
+    from .measure.launch import measure
 
     model, layout, workload = _specs(args)
     backend = None if args.backend == "auto" else args.backend
@@ -115,59 +140,176 @@ def cmd_measure(args) -> int:
     head = _with_p2p(dict(_header(model, layout, workload), engine="deepspeed"), layout, args.p2p)
     if args.json:
         print(json.dumps(dict(head, ops=res.rows, tokens=res.tokens, ttft_s=res.ttft_s, tpot_s=res.tpot_s,
-                              e2e_s=res.e2e_s, provenance=res.provenance)))
+                              e2e_s=res.e2e_s, provenance=res.provenance), default=str))
     else:
         _print_rows(head, res.rows, [f"TTFT {res.ttft_s * 1e3:.2f} ms  TPOT {res.tpot_s * 1e3:.2f} ms  "
                                      f"E2E {res.e2e_s * 1e3:.2f} ms (this machine; tokens match the reference)"])
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------------- advise
+def cmd_advise(args) -> int:
+    from .predict.advise import advise_report
+    from .predict.hardware import load_hardware
+
+    model, hw = load_model(args.model), load_hardware(args.hardware)
+    rep = advise_report(model, args.gpus, args.gpus_per_node, hw, args.prompt, args.generate, args.batch,
+                        args.objective, args.dtype, args.engine)
+    if args.json:
+        print(json.dumps(rep))
+        return 0
+    w = rep["workload"]
+    print(f"model={rep['model']} gpus={rep['gpus']} gpus_per_node={rep['gpus_per_node']} hardware={rep['hardware']} "
+          f"b={w['b']} S={w['S']} G={w['G']} dtype={w['dtype']} objective={rep['objective']}")
+    print(f"{'rank':>4} {'tp':>4} {'pp':>4} {'TTFT ms':>10} {'TPOT ms':>10} {'E2E s':>9} {'bytes':>16} "
+          f"{'GiB/GPU':>8} {'fits':>5} {'pareto':>6}")
+    for r in rep["layouts"]:
+        print(f"{r['rank']:>4} {r['tp']:>4} {r['pp']:>4} {r['ttft_s'] * 1e3:>10.3f} {r['tpot_s'] * 1e3:>10.3f} "
+              f"{r['e2e_s']:>9.4f} {r['bytes']:>16,} {r['memory_gib']:>8.1f} {'yes' if r['fits'] else 'no':>5} "
+              f"{'*' if r['pareto'] else '':>6}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ bench-collectives
+def cmd_bench(args) -> int:
+    from .measure.bench import parse_size, run_bench, size_grid
+
+    sizes = [parse_size(x) for x in args.sizes] if args.sizes else \
+        size_grid(parse_size(args.min_bytes), parse_size(args.max_bytes))
+    df = run_bench(ops=args.ops, sizes=sizes, ranks=args.ranks, backends=args.backend, out=args.out,
+                   machine=args.machine, dtype=args.dtype, warmup=args.warmup, min_reps=args.min_reps,
+                   max_reps=args.max_reps, point_s=args.point_seconds, sample_s=args.sample_seconds,
+                   timeout_s=args.timeout, append=args.append, progress=not args.no_progress,
+                   command="llmcomm " + shlex.join(args.argv))
+    for (be, op, n), grp in df.groupby(["backend", "op", "group_size"]):
+        small, big = grp.iloc[0], grp.iloc[-1]
+        print(f"{be:5s} {op:11s} n={n}: {small['bytes']:>9,d} B {small['time_s'] * 1e6:9.1f} us   "
+              f"{big['bytes']:>9,d} B {big['time_s'] * 1e3:8.2f} ms busbw {big['busbw_GBps']:.2f} GB/s")
+    print(f"wrote collectives.csv and collectives.json in {args.out or 'data/' + df['machine'].iloc[0]}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------- calibrate
+def cmd_calibrate(args) -> int:
+    import pandas as pd
+
+    from .compare.calibration import calibrate_cpu_local
+    from .predict.fit import fit_table
+
+    try:
+        table = pd.read_csv(args.csv)
+        fits = fit_table(table)
+    except (OSError, ValueError, KeyError) as e:
+        raise SpecError(f"cannot read a bench-collectives table from {args.csv!r}: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if args.json:
+        print(fits.to_json(orient="records"))
+    else:
+        cols = ["backend", "op", "group_size", "algorithm", "alpha_us", "busbw_GBps", "r2", "median_rel_err",
+                "n_points"]
+        print(fits[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    if args.write:
+        calibrate_cpu_local(args.csv, args.write, compute=args.compute, threads=args.threads, existing=args.write,
+                            command="llmcomm " + shlex.join(args.argv))
+        print(f"wrote {args.write}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="llmcomm", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--version", action="version", version=f"llmcomm {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     pr = sub.add_parser("predict", help="closed-form calls and bytes per op and phase")
     _add_spec_args(pr)
     pr.add_argument("--engine", choices=["deepspeed", "vllm"], default="deepspeed")
-    pr.add_argument("--hardware", help="hardware preset: adds TTFT/TPOT/E2E predictions")
-    pr.add_argument("--gpus-per-node", type=positive_int, default=8)
+    pr.add_argument("--hardware", help="hardware preset or JSON file: adds TTFT/TPOT/E2E predictions")
+    pr.add_argument("--gpus-per-node", type=positive_int, default=None,
+                    help="GPUs per node g (default: the hardware preset's)")
     pr.set_defaults(func=cmd_predict)
 
     me = sub.add_parser("measure", help="run DeepSpeed ranks and capture every collective")
     _add_spec_args(me)
-    me.add_argument("--timeout", type=float, default=300.0, help="seconds before a hung run is killed")
+    me.add_argument("--timeout", type=positive_float, default=300.0, help="seconds before a hung run is killed")
     me.add_argument("--out", help="folder for per-rank results (kept)")
     me.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
     me.add_argument("--hostfile", help="DeepSpeed hostfile ('HOST slots=N' lines, slots summing to t*p): run across "
                     "nodes; --out must then be a folder every node shares")
     me.set_defaults(func=cmd_measure)
 
-    _more_commands(sub)
+    ad = sub.add_parser("advise", help="rank every t×p layout of N GPUs by predicted latency or bytes")
+    ad.add_argument("--model", required=True, help="preset name or path to an HF config.json")
+    ad.add_argument("--gpus", type=positive_int, required=True, help="number of GPUs N (layouts with t·p = N)")
+    ad.add_argument("--gpus-per-node", type=positive_int, default=None,
+                    help="GPUs per node g (default: the hardware preset's)")
+    ad.add_argument("--hardware", default="h100-sxm", help="hardware preset or JSON file (default h100-sxm)")
+    ad.add_argument("--prompt", type=positive_int, default=1024, help="prompt length S")
+    ad.add_argument("--generate", type=positive_int, default=128, help="generated tokens G")
+    ad.add_argument("--batch", type=positive_int, default=1, help="batch size b")
+    ad.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bf16")
+    ad.add_argument("--objective", choices=["ttft", "tpot", "e2e", "bytes"], default="e2e")
+    ad.add_argument("--engine", choices=["deepspeed", "vllm"], default="deepspeed")
+    ad.add_argument("--json", action="store_true", help="print one JSON object")
+    ad.set_defaults(func=cmd_advise)
+
+    be = sub.add_parser("bench-collectives", help="microbenchmark all_reduce/all_gather/broadcast/send_recv")
+    be.add_argument("--ops", nargs="+", default=["all_reduce", "all_gather", "broadcast", "send_recv"],
+                    help="collectives: all_reduce all_gather broadcast send_recv (default: all four)")
+    be.add_argument("--sizes", nargs="+", default=None,
+                    help="explicit sizes (4 64K 1M …); default: powers of two from --min-bytes to --max-bytes")
+    be.add_argument("--min-bytes", default="4", help="smallest size (default 4)")
+    be.add_argument("--max-bytes", default="64M", help="largest size (default 64M)")
+    be.add_argument("--ranks", nargs="+", type=positive_int, default=[2, 4], help="group sizes n (default: 2 4)")
+    be.add_argument("--backend", nargs="+", choices=["shm", "gloo", "nccl"], default=None,
+                    help="default: shm gloo on CPU, nccl on CUDA")
+    be.add_argument("--out", default=None, help="output folder (default data/<machine>)")
+    be.add_argument("--machine", default=None, help="machine label (default: llmcomm.record.machine_id())")
+    be.add_argument("--dtype", choices=list(DTYPE_BYTES), default="fp32")
+    be.add_argument("--warmup", type=int, default=3)
+    be.add_argument("--min-reps", type=positive_int, default=5)
+    be.add_argument("--max-reps", type=positive_int, default=30)
+    be.add_argument("--point-seconds", type=positive_float, default=0.2, help="time budget per (op, size) point")
+    be.add_argument("--sample-seconds", type=positive_float, default=0.02,
+                    help="back-to-back calls per sample last about this long (amortises barrier exit skew)")
+    be.add_argument("--timeout", type=positive_float, default=900.0, help="seconds per launch before it is killed")
+    be.add_argument("--append", action="store_true", help="merge into an existing CSV (same keys replaced)")
+    be.add_argument("--no-progress", action="store_true")
+    be.set_defaults(func=cmd_bench)
+
+    ca = sub.add_parser("calibrate", help="α-β fits of a bench-collectives table; --write the cpu-local preset")
+    ca.add_argument("--csv", default="data/cpu-local/collectives.csv", help="a bench-collectives collectives.csv")
+    ca.add_argument("--write", help="write the cpu-local hardware preset JSON here")
+    ca.add_argument("--compute", action="store_true", help="also time compute (matmul, bandwidth, a decoder layer)")
+    ca.add_argument("--threads", type=positive_int, nargs="+", default=None,
+                    help="torch threads of the compute timing (default: cores // ranks for 2 and 4 ranks)")
+    ca.add_argument("--json", action="store_true", help="print the fits as JSON records")
+    ca.set_defaults(func=cmd_calibrate)
     return ap
 
 
-def _more_commands(sub) -> None:
-    """Subcommands defined beside their logic: ``bench-collectives`` (llmcomm.bench), ``advise`` (llmcomm.advise)."""
-    from . import advise, bench
-
-    bench.register(sub)
-    advise.register(sub)
-
-
 def main(argv=None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 a failed run, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from .measure.launch import RunError
+
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv
         return args.func(args)
+    except SystemExit as e:                      # --help, --version
+        return e.code if isinstance(e.code, int) else 0
     except SpecError as e:
-        print(f"llmcomm: error: {e}", file=sys.stderr)
+        print(f"llmcomm: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except Exception as e:  # a failed run: one line, not a traceback
-        from .launch import RunError
+    except RunError as e:
+        print(f"llmcomm: run failed: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:                      # the reader went away (`llmcomm … | head`): not an error of ours
+        import os
 
-        if isinstance(e, RunError):
-            print(f"llmcomm: run failed: {e}", file=sys.stderr)
-            return 1
-        raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

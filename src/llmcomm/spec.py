@@ -1,16 +1,8 @@
 """Specifications: the model (from an HF ``config.json`` or a preset), the layout (t, p) and the workload (b, S, G, dtype).
 
-One notation throughout the project (code, formulas, book):
-
-====  ==========================================  ====  =========================================
-sym   meaning                                     sym   meaning
-====  ==========================================  ====  =========================================
-b     batch size (sequences per forward)          h     hidden size
-S     prompt length (tokens)                      L     decoder layers
-G     generated tokens per sequence               V     vocabulary size
-t     tensor-parallel degree                      p     pipeline-parallel degree
-w     bytes per element of the wire dtype
-====  ==========================================  ====  =========================================
+Symbols as in :mod:`llmcomm.notation` (b, S, G, w; h, L, V, a = ``heads``, a_kv = ``kv_heads``, d = ``head_dim``,
+F = ``ffn``; t, p). Resolve a model once, at the edge (the command line or a chapter), with :func:`load_model`, and
+pass the :class:`ModelSpec` inward.
 
 Every validation failure raises :class:`SpecError` with one sentence that names the offending value; the CLI prints it
 and exits with status 2.
@@ -24,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 __all__ = ["SpecError", "ModelSpec", "Layout", "Workload", "DTYPE_BYTES", "preset_names", "load_model",
-           "stage_layers"]
+           "stage_layers", "read_preset_or_file", "cpu_threads_per_rank"]
 
 
 class SpecError(ValueError):
@@ -93,10 +85,6 @@ class ModelSpec:
         attn = h * self.heads * self.head_dim * 2 + h * self.kv_heads * self.head_dim * 2
         layer = attn + 3 * h * f + 2 * h
         return self.V * h * (1 if self.tied else 2) + self.L * layer + h
-
-    def symbols_values(self) -> dict[str, int]:
-        """Values of the model symbols (h, L, V) for substitution into closed forms."""
-        return {"h": self.h, "L": self.L, "V": self.V}
 
     def to_hf_config(self, dtype: str = "fp32"):
         """A ``transformers.LlamaConfig`` with this shape (random weights are built from it, nothing is downloaded)."""
@@ -212,3 +200,13 @@ class Workload:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def cpu_threads_per_rank(ranks: int, cores: int | None = None) -> int:
+    """Threads each rank of a CPU run gets: ``OMP_NUM_THREADS = max(1, cores // ranks)`` — what the launcher sets
+    (:func:`llmcomm.measure.launch.default_env`) and the calibration the time model picks
+    (:func:`llmcomm.predict.hardware.for_ranks`)."""
+    import os
+
+    cores = int(cores or os.cpu_count() or 1)
+    return max(1, cores // int(ranks))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download, HERE (a machine with a package index), the wheels that tools/gpu/single_gpu.py needs on the lent GPU
 # machine, whose image has torch, transformers, numpy, pandas, sympy, einops, msgpack, ninja, psutil, py-cpuinfo,
-# tqdm, packaging, but no deepspeed, hjson or pydantic, and no package index (STACK.md, last section).
+# tqdm, packaging, but no deepspeed, hjson or pydantic, and no package index (tools/gpu/README.md).
 #
 #   tools/gpu/fetch_wheels.sh            # -> .whl/*.whl (gitignored), prints the total size
 #

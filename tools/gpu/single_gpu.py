@@ -1,19 +1,19 @@
 """The prepared single-GPU measurement: one command, one time budget, files ready for ``data/<machine>/``.
 
-On a machine with ONE GPU (H100/H200) it measures what one GPU can tell the time model (STACK.md, last section):
+On a machine with ONE GPU (H100/H200) it measures what one GPU can tell the time model (book appendix "Dependency facts": the lent GPU machine):
 
 (a) ``layer_times``: one Llama decoder layer at the shard each rank computes under t-way tensor parallelism
     (heads, KV heads and FFN width divided by t; hidden size and head size kept), for real shapes (Llama-3.2-3B,
     Llama-3.1-8B), t = 1, 2, 4, 8, batch b and prompt S: a prefill forward over S tokens, and a decode forward of one
     token with a KV cache of S tokens. bf16, CUDA events, warm-up, repetitions; median and min per point, with the
-    FLOPs and bytes :func:`llmcomm.timing.layer_cost` counts for it (not a prediction: the model's work count);
+    FLOPs and bytes :func:`llmcomm.predict.compute.layer_cost` counts for it (not a prediction: the model's work count);
 (b) ``generate``: a single-GPU generation of a Llama-3.2-3B-shaped random-weight model through the project's own
-    run path (:func:`llmcomm.launch.measure`, t = 1: DeepSpeed launcher, ``init_inference(tp_size=1)``, capture on),
+    run path (:func:`llmcomm.measure.launch.measure`, t = 1: DeepSpeed launcher, ``init_inference(tp_size=1)``, capture on),
     TTFT and TPOT; ``generate_ops``: the collectives it captured (setup only at t = 1);
 (c) provenance (GPU, driver, CUDA, torch, transformers, deepspeed, command, date) beside every CSV
-    (:func:`llmcomm.data.save_frame`).
+    (:func:`llmcomm.record.save_frame`).
 
-Files: ``OUT/<machine>/{layer_times,generate,generate_ops}.{csv,json}`` (machine = :func:`llmcomm.data.machine_id`,
+Files: ``OUT/<machine>/{layer_times,generate,generate_ops}.{csv,json}`` (machine = :func:`llmcomm.record.machine_id`,
 e.g. ``h100-80gb-hbm3-x1``) — copy that folder to ``data/`` — and ``OUT/single_gpu.log`` (run.sh). Every step checks the
 time left (``--budget-s``) before it starts and is skipped, and said so, when it would not fit.
 
@@ -23,7 +23,6 @@ time left (``--budget-s``) before it starts and is skipped, and said so, when it
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import statistics
@@ -101,11 +100,6 @@ def _crop(cache, S: int) -> None:
         cache.crop(-n)
 
 
-def _cache_kw(layer) -> str:
-    params = inspect.signature(layer.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 class _Timer:
     """CUDA events on a GPU, perf_counter on the CPU: seconds of each call of ``fn``."""
 
@@ -146,8 +140,8 @@ def time_layers(plan: dict, device, budget: Budget, reserve_s: float) -> list[di
     import torch
     from transformers import DynamicCache
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-    from llmcomm.runs.common import TORCH_DTYPES
-    from llmcomm.timing import layer_cost
+    from llmcomm.measure.runs.common import TORCH_DTYPES, cache_kwarg
+    from llmcomm.predict.compute import layer_cost
 
     dtype = TORCH_DTYPES[plan["dtype"]]
     w = torch.finfo(dtype).bits // 8
@@ -163,7 +157,7 @@ def time_layers(plan: dict, device, budget: Budget, reserve_s: float) -> list[di
             with torch.device(device):
                 layer = LlamaDecoderLayer(cfg, layer_idx=0).to(dtype).eval()
                 rope = LlamaRotaryEmbedding(cfg)
-            kw = _cache_kw(layer)
+            kw = cache_kwarg(layer)
             for b in plan["b"]:
                 for S in plan["S"]:
                     if budget.left() < reserve_s:
@@ -215,9 +209,9 @@ def time_layers(plan: dict, device, budget: Budget, reserve_s: float) -> list[di
 
 
 def run_generate(plan: dict, budget: Budget, per_run_s: float, reserve_s: float, work: Path):
-    """(b): single-GPU generation through llmcomm.launch.measure (t = 1, DeepSpeed init_inference, capture on)."""
-    from llmcomm.launch import measure, RunError
-    from llmcomm.spec import Layout, Workload
+    """(b): single-GPU generation through llmcomm.measure.launch.measure (t = 1, DeepSpeed init_inference, capture on)."""
+    from llmcomm.measure.launch import measure, RunError
+    from llmcomm.spec import Layout, Workload, load_model
 
     gen, ops = [], []
     g = plan["generate"]
@@ -226,9 +220,9 @@ def run_generate(plan: dict, budget: Budget, per_run_s: float, reserve_s: float,
         if left < min(per_run_s, 60):
             log(f"time guard: generate b={b} S={S} G={G} skipped ({budget.left():.0f} s left)")
             continue
-        log(f"generate {g['model']} b={b} S={S} G={G} through llmcomm.launch.measure (timeout {left:.0f} s)")
+        log(f"generate {g['model']} b={b} S={S} G={G} through llmcomm.measure.launch.measure (timeout {left:.0f} s)")
         try:
-            res = measure(g["model"], Layout(1, 1), Workload(b, S, G, plan["dtype"]), timeout_s=left,
+            res = measure(load_model(g["model"]), Layout(1, 1), Workload(b, S, G, plan["dtype"]), timeout_s=left,
                           out_dir=work / f"run-b{b}-S{S}-G{G}")
         except RunError as e:
             log(f"generate b={b} S={S} G={G} FAILED: {e}")
@@ -262,7 +256,7 @@ def main(argv=None) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""           # the dry run stays on the CPU even on a GPU machine
     import torch
     import pandas as pd
-    from llmcomm import data
+    from llmcomm import record as data
 
     plan = DRY_PLAN if args.dry else GPU_PLAN
     if not args.dry and not torch.cuda.is_available():
@@ -273,7 +267,6 @@ def main(argv=None) -> int:
     folder = f"dry-run-{machine}" if args.dry else machine
     out = Path(args.out)
     (out / folder).mkdir(parents=True, exist_ok=True)
-    os.environ["LLMCOMM_DATA"] = str(out)                # save_frame -> OUT/<folder>/<name>.csv + .json
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_ROOT / ".cache" / "torch_extensions"))
     command = "tools/gpu/single_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
     gpu = {}
@@ -293,7 +286,7 @@ def main(argv=None) -> int:
         try:
             rows = time_layers(plan, device, budget, reserve)
             df = pd.DataFrame(rows, columns=LAYER_COLUMNS)
-            data.save_frame(df, "layer_times", command, **common, timer="cuda events" if device.type == "cuda"
+            data.save_frame(df, "layer_times", command, root=out, **common, timer="cuda events" if device.type == "cuda"
                             else "perf_counter", warmup=plan["warmup"])
             log(f"layer_times: {len(df)} rows")
         except Exception:                                  # noqa: BLE001 - keep going: the generate step may work
@@ -304,10 +297,10 @@ def main(argv=None) -> int:
         try:
             gen, ops = run_generate(plan, budget, per_run_s=20.0 if args.dry else 120.0, reserve_s=5.0,
                                     work=out / "work")
-            data.save_frame(pd.DataFrame(gen, columns=GENERATE_COLUMNS), "generate", command, **common,
-                            what="single-GPU generation through llmcomm.launch.measure (t=1, DeepSpeed "
+            data.save_frame(pd.DataFrame(gen, columns=GENERATE_COLUMNS), "generate", command, root=out, **common,
+                            what="single-GPU generation through llmcomm.measure.launch.measure (t=1, DeepSpeed "
                                  "init_inference tp_size=1, random weights, greedy)")
-            data.save_frame(pd.DataFrame(ops, columns=OPS_COLUMNS), "generate_ops", command, **common,
+            data.save_frame(pd.DataFrame(ops, columns=OPS_COLUMNS), "generate_ops", command, root=out, **common,
                             what="collectives captured during the generate runs (t=1: setup only)")
             log(f"generate: {len(gen)} runs, {len(ops)} captured rows")
         except Exception:                                  # noqa: BLE001

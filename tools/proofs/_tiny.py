@@ -82,7 +82,7 @@ def pipe_engine(model, num_stages: int, micro_batch: int, micro_batches: int = 1
 
 
 def eval_logits(engine, ids: torch.Tensor):
-    """One ``eval_batch`` returning logits; ``total_loss`` is reset as dynamic shapes require (STACK.md)."""
+    """One ``eval_batch`` returning logits; ``total_loss`` is reset as dynamic shapes require (proof shape_trap.py)."""
     engine.total_loss = None
     _, logits = engine.eval_batch(iter([(ids, ids)]), return_logits=True, compute_loss=False, reduce_output=None)
     return logits

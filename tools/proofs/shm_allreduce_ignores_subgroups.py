@@ -9,7 +9,7 @@ Why: ``TorchBackend.inference_all_reduce`` calls ``torch.ops.deepspeed.inference
 argument — whenever the shm kernel is loaded (LOCAL_SIZE = world size) and the CPU has the vector level. The fix the
 pipeline runner uses: ``deepspeed.comm.comm.cdb.shm_vector_kernel_level = 0`` sends it to
 ``torch.distributed.all_reduce(group=...)`` (gloo), and dropping ``LOCAL_SIZE`` before ``init_distributed`` keeps the
-kernel from mapping its /dev/shm buffer at all (llmcomm.runs.rankio does both for backend "gloo").
+kernel from mapping its /dev/shm buffer at all (llmcomm.measure.runs.rankio does both for backend "gloo").
 """
 import glob
 import os

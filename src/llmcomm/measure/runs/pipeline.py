@@ -1,6 +1,6 @@
 """Rank-side entry of a pipeline (p > 1) or hybrid t×p measurement with real KV-cache decode:
-``python -m llmcomm.runs.pipeline --spec RUN/spec.json --out RUN`` (started on t·p ranks by
-:func:`llmcomm.launch.measure`; arguments and result file as in :mod:`llmcomm.runs.rankio`).
+``python -m llmcomm.measure.runs.pipeline --spec RUN/spec.json --out RUN`` (started on t·p ranks by
+:func:`llmcomm.measure.launch.measure`; arguments and result file as in :mod:`llmcomm.measure.runs.rankio`).
 
 Why not DeepSpeed's ``PipelineEngine``
 --------------------------------------
@@ -27,7 +27,7 @@ of these on CPU. So this runner keeps DeepSpeed for what fits and adds the thinn
   each stage keeps the KV cache of its own layers in a ``DynamicCache``.
 
 Shapes are never sent: every rank derives ``[b, s, h]`` from the schedule it runs (the shared greedy loop of
-:func:`llmcomm.runs.common.generate` calls each stage with the same ``input_ids`` shape), so there is no metadata
+:func:`llmcomm.measure.runs.common.generate` calls each stage with the same ``input_ids`` shape), so there is no metadata
 message and no stale buffer — exactness is checked by comparing tokens (and last-stage logits) with the
 single-process reference.
 
@@ -50,18 +50,17 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from llmcomm.runs.rankio import RankContext, rank_main
+from llmcomm.derive.patterns import P2P_MODES
+from llmcomm.measure.runs.rankio import RankContext, rank_main
 from llmcomm.spec import Layout, ModelSpec, SpecError, stage_layers
 
-__all__ = ["P2P_MODES", "check_layout", "run"]
-
-P2P_MODES = ("partitioned", "full")
+__all__ = ["check_layout", "run"]
 
 
 def check_layout(model: ModelSpec, layout: Layout, world_size: int, p2p: str = "partitioned") -> list[int]:
     """Layers per stage for this run, or one :class:`SpecError` that says what is wrong."""
     if layout.p < 2:
-        raise SpecError(f"the pipeline runner needs p >= 2, got p={layout.p} (p = 1 is llmcomm.runs.tp)")
+        raise SpecError(f"the pipeline runner needs p >= 2, got p={layout.p} (p = 1 is llmcomm.measure.runs.tp)")
     layout.validate(model)                                   # t divides the heads, p <= L (every stage has a layer)
     if layout.ranks != world_size:
         raise SpecError(f"layout t={layout.t} x p={layout.p} needs {layout.ranks} ranks, but {world_size} were launched")
@@ -71,10 +70,7 @@ def check_layout(model: ModelSpec, layout: Layout, world_size: int, p2p: str = "
         # PartitionedTensor.full() gathers uneven parts with broadcasts whose src is a group-local rank (wrong for
         # any TP group but the first); even parts use all_gather_into_tensor, which is right.
         raise SpecError(f"partitioned p2p needs t={layout.t} to divide h={model.h}; use p2p 'full'")
-    parts = stage_layers(model.L, layout.p)
-    if min(parts) < 1:                                       # stage_layers already refuses p > L; keep the promise
-        raise SpecError(f"stage split {parts} leaves a stage without a decoder layer")
-    return parts
+    return stage_layers(model.L, layout.p)
 
 
 @dataclass
@@ -112,7 +108,7 @@ def _decoder_pipe_class():
 
 class Stage:
     """This rank's part of the pipeline, callable like an HF causal LM so that the shared greedy loop
-    (:func:`llmcomm.runs.common.generate`: phases, timing, argmax) drives it unchanged.
+    (:func:`llmcomm.measure.runs.common.generate`: phases, timing, argmax) drives it unchanged.
 
     What a call returns as ``.logits``: the last stage its real logits ``[b, keep, V]``; stage 0 a one-hot of the
     token handed back (so the loop's argmax yields it and feeds it to the next decode step); middle stages a
@@ -128,7 +124,7 @@ class Stage:
         from deepspeed.runtime.pipe import p2p
         from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-        from llmcomm.runs.common import TORCH_DTYPES, _cache_kwarg
+        from llmcomm.measure.runs.common import TORCH_DTYPES, cache_kwarg
 
         model, layout, workload = ctx.model, ctx.layout, ctx.workload
         t, p = layout.t, layout.p
@@ -173,7 +169,7 @@ class Stage:
         for k, layer in enumerate(self.hf.model.layers):     # run what AutoTP left in the model, whatever it replaced
             self.pipe.forward_funcs[k].layer = layer
         self.first_layer = self.start                         # global index of this stage's first layer (its cache)
-        self.cache_kw = _cache_kwarg(next(iter(self.hf.model.layers)))
+        self.cache_kw = cache_kwarg(next(iter(self.hf.model.layers)))
         self.partitioned = p2p_mode == "partitioned" and t > 1
         self.p2p_mode = p2p_mode if t > 1 else "full"
         self.step_logits: list = []                           # last stage: logits of the last position per forward
@@ -250,7 +246,7 @@ def run(ctx: RankContext) -> dict:
     """The pipeline experiment on this rank; returns the rank-specific part of the result."""
     import torch
 
-    from llmcomm.runs.common import build_model, generate, prompt_ids
+    from llmcomm.measure.runs.common import build_model, generate, prompt_ids
 
     model, layout, workload = ctx.model, ctx.layout, ctx.workload
     p2p_mode = ctx.options.get("p2p", "partitioned")
@@ -294,4 +290,4 @@ def run(ctx: RankContext) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(rank_main(run, entry="llmcomm.runs.pipeline"))
+    sys.exit(rank_main(run, entry="llmcomm.measure.runs.pipeline"))

@@ -92,7 +92,7 @@ def bytes_sweep(df: pd.DataFrame, x: str, hue: str = "what", col: str | None = N
 def layout_lines(df: pd.DataFrame, x: str = "S", y: str = "bytes", hue: str = "layout", col: str | None = "model",
                  row: str | None = None, style: str | None = "kind", title: str = "", ylabel: str | None = None):
     """Lines of ``y`` (bytes, or any positive quantity) against ``x`` per layout, log–log; one panel per ``col`` ×
-    ``row`` value. Expects a tidy frame such as :func:`llmcomm.volumes.layouts_frame` (one phase selected)."""
+    ``row`` value. Expects a tidy frame such as :func:`llmcomm.report.tables.layouts_frame` (one phase selected)."""
     g = sns.relplot(data=df, x=x, y=y, hue=hue, style=style, col=col, row=row, kind="line", marker="o",
                     height=3.3, aspect=1.2, facet_kws={"sharey": False})
     g.set(xscale="log", yscale="log")
@@ -133,7 +133,7 @@ def busbw_vs_size(df: pd.DataFrame, title: str = ""):
 
 def predicted_vs_measured_latency(df: pd.DataFrame, title: str = ""):
     """Measured vs predicted TTFT, TPOT, E2E (one panel each, log-log, the diagonal = perfect prediction); colour =
-    layout (t×p), marker = model. ``df`` as from :func:`llmcomm.timing.validate_latency`."""
+    layout (t×p), marker = model. ``df`` as from :func:`llmcomm.compare.validate.validate_latency`."""
     import numpy as np
 
     metrics = [("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")]
@@ -159,7 +159,7 @@ def predicted_vs_measured_latency(df: pd.DataFrame, title: str = ""):
 
 def advice_heatmaps(maps: dict, value: str = "e2e_s", title: str = ""):
     """One heatmap per model: rows b, columns S, cell text = the winning layout, colour = its predicted ``value``
-    (ms, log colour). ``maps``: {title: frame from :func:`llmcomm.advise.advice_map`}."""
+    (ms, log colour). ``maps``: {title: frame from :func:`llmcomm.predict.advise.advice_map`}."""
     from matplotlib.colors import LogNorm
 
     fig, axes = plt.subplots(1, len(maps), figsize=(4.2 * len(maps), 3.2), squeeze=False)
@@ -177,7 +177,7 @@ def advice_heatmaps(maps: dict, value: str = "e2e_s", title: str = ""):
 
 
 def pareto(rows, latency: str = "e2e_s", title: str = ""):
-    """Latency vs communication bytes of every layout (rows from :func:`llmcomm.advise.advise`), the Pareto front
+    """Latency vs communication bytes of every layout (rows from :func:`llmcomm.predict.advise.advise`), the Pareto front
     joined; infeasible layouts hollow."""
     d = pd.DataFrame(rows)
     fig, ax = plt.subplots(figsize=(5.6, 3.8))

@@ -2,7 +2,8 @@
 
 The scale is chosen by ``$LLMCOMM_SCALE``: ``cpu`` (tiny random-weight models, 2–4 ranks, fp32; what CI and the
 committed notebooks use) or ``gpu`` (real model shapes in bf16 on a GPU node; default when CUDA is present). A chapter
-calls :func:`configs` for its scale, :func:`sweep` to run, and :func:`llmcomm.data.save_frame` to keep the result.
+calls :func:`run_sweep` (the configurations of its kind at this scale, measured, predicted, saved and checked) and
+shows the frames it returns.
 """
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from typing import Callable, Iterable
 
 import pandas as pd
 
-from .spec import Layout, Workload, load_model
+from ..derive.evaluate import rows as predict_rows
+from ..derive.phases import order as phase_order
+from ..spec import Layout, Workload, load_model
 
-__all__ = ["Config", "scale", "configs", "compare_rows", "sweep"]
+__all__ = ["Config", "scale", "configs", "configs_frame", "compare_rows", "sweep", "save", "run_sweep", "ROW_COLUMNS",
+           "row_columns", "setup_rows", "measured_by_config", "CONFIG_COLUMNS", "measure_one"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ _SWEEPS = {
                     Config("tiny-llama-tied", 4, 1, 1, 8, 4), Config("tiny-llama-tied", 4, 1, 2, 24, 3)],
     ("tp", "gpu"): [Config(m, t, 1, b, S, 32, "bf16") for m in ("llama-3.2-3b", "llama-3.1-8b")
                     for t in (2, 4, 8) for b, S in ((1, 128), (8, 1024))],
-    # Pipelines and hybrids (llmcomm.runs.pipeline, default partitioned stage-to-stage mode). tiny-llama: L=4,
+    # Pipelines and hybrids (llmcomm.measure.runs.pipeline, default partitioned stage-to-stage mode). tiny-llama: L=4,
     # KV heads 2 (t ≤ 2); tiny-llama-tied: L=5 (uneven splits: p=2 → [3, 2], p=4 → [2, 1, 1, 1]), KV heads 4.
     # About 70 s of runs on 2 quiet cores (2 ranks ≈ 7 s, 4 ranks ≈ 12 s each).
     ("pipeline", "cpu"): [Config("tiny-llama", 1, 2, 2, 8, 4),          # even split [2, 2]
@@ -91,27 +95,34 @@ def configs(kind: str, which: str | None = None) -> list[Config]:
     return list(_SWEEPS[(kind, which or scale())])
 
 
+#: the columns that name a configuration in every frame of a sweep
+CONFIG_COLUMNS = ["model", "t", "p", "b", "S", "G", "dtype"]
+
+
+def configs_frame(cfgs: Iterable[Config]) -> pd.DataFrame:
+    """The configurations as a table (one row each)."""
+    return pd.DataFrame([asdict(c) for c in cfgs], columns=CONFIG_COLUMNS)
+
+
 def compare_rows(measured: Iterable[dict], predicted: Iterable[dict]) -> pd.DataFrame:
     """Outer join of measured and predicted rows on (phase, op, group_size); setup rows are kept but never 'match'
     (setup is reported apart). Columns: calls/bytes _measured and _predicted, and ``match``."""
     key = ["phase", "op", "group_size"]
-    m = pd.DataFrame(list(measured), columns=key + ["calls", "bytes"])
-    p = pd.DataFrame(list(predicted), columns=key + ["calls", "bytes"])
-    d = m.merge(p, on=key, how="outer", suffixes=("_measured", "_predicted"))
+    meas = pd.DataFrame(list(measured), columns=key + ["calls", "bytes"])
+    pred = pd.DataFrame(list(predicted), columns=key + ["calls", "bytes"])
+    d = meas.merge(pred, on=key, how="outer", suffixes=("_measured", "_predicted"))
     for c in ("calls_measured", "calls_predicted", "bytes_measured", "bytes_predicted"):
         d[c] = d[c].fillna(0).astype("int64")
     d["match"] = (d.calls_measured == d.calls_predicted) & (d.bytes_measured == d.bytes_predicted)
-    order = d.phase.map({"setup": 0, "prefill": 1, "decode": 2})
-    return d.assign(_o=order).sort_values(["_o", "op", "group_size"]).drop(columns="_o").reset_index(drop=True)
+    d["_o"] = [phase_order(x) for x in d.phase]
+    return d.sort_values(["_o", "op", "group_size"]).drop(columns="_o").reset_index(drop=True)
 
 
 def sweep(cfgs: Iterable[Config], engine: str = "deepspeed", runner: Callable | None = None, progress: bool = True):
     """Run every configuration; return (rows, runs): ``rows`` one line per config × (phase, op, group) with measured
     and predicted calls and bytes; ``runs`` one line per config with TTFT/TPOT/E2E and whether tokens matched."""
-    from .volumes import predict_rows
-
     if runner is None:
-        from .launch import measure as runner
+        from ..measure.launch import measure as runner
     cfgs = list(cfgs)
     it = cfgs
     if progress:
@@ -137,6 +148,60 @@ def save(df: pd.DataFrame, name: str, command: str, **extra):
     re-running notebooks under nbval never rewrites the committed data; returns the path or None."""
     if os.environ.get("LLMCOMM_SAVE") != "1":
         return None
-    from .data import save_frame
+    from ..record import save_frame
 
     return save_frame(df, name, command, scale=scale(), **extra)
+
+
+#: the columns a chapter shows of a sweep's rows (the configuration, the row's key, measured beside predicted)
+ROW_COLUMNS = ["model", "t", "p", "b", "S", "G", "phase", "op", "group_size", "calls_measured", "calls_predicted",
+               "bytes_measured", "bytes_predicted", "match"]
+
+
+def row_columns(df: pd.DataFrame) -> list[str]:
+    """:data:`ROW_COLUMNS`, without ``p`` when every row has p = 1 (a TP-only sweep)."""
+    return [c for c in ROW_COLUMNS if not (c == "p" and (df["p"] == 1).all())]
+
+
+def setup_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The distinct setup rows of a sweep (what start-up sends, reported apart from the phases), per model and
+    layout."""
+    keep = [c for c in ("model", "t", "p") if not (c == "p" and (rows["p"] == 1).all())] + \
+        ["op", "group_size", "calls_measured", "bytes_measured"]
+    return rows[rows.phase == "setup"][keep].drop_duplicates(keep).reset_index(drop=True)
+
+
+def measured_by_config(rows: pd.DataFrame, abbreviate: dict[str, str] | None = None) -> pd.DataFrame:
+    """A sweep's rows with ``bytes`` = the measured bytes and a ``config`` label per configuration
+    (``"<model> t×p b= S= G="``, model names shortened by ``abbreviate``), for per-configuration figures."""
+    names = rows.model.replace(abbreviate or {})
+    label = (names + " " + rows.t.astype(str) + "×" + rows.p.astype(str) + " b=" + rows.b.astype(str) + " S="
+             + rows.S.astype(str) + " G=" + rows.G.astype(str))
+    return rows.assign(bytes=rows.bytes_measured, config=label)
+
+
+def run_sweep(kind: str, command: str, engine: str = "deepspeed", runner: Callable | None = None,
+              progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The sweep of ``kind`` at this scale (:func:`configs`), measured and predicted (:func:`sweep`), saved as
+    ``<kind>_rows`` and ``<kind>_runs`` with provenance (:func:`save`, when ``$LLMCOMM_SAVE=1``; ``command`` names
+    what ran it), checked: every run's tokens equal the single-process reference (else ``AssertionError``)."""
+    rows, runs = sweep(configs(kind), engine=engine, runner=runner, progress=progress)
+    save(rows, f"{kind}_rows", command)
+    save(runs, f"{kind}_runs", command)
+    bad = runs[~runs.tokens_match]
+    assert bad.empty, f"runs generated tokens different from the single-process reference:\n{bad}"
+    return rows, runs
+
+
+def measure_one(config: Config, p2p: str = "partitioned", runner: Callable | None = None):
+    """One configuration measured (the runner's stage-to-stage mode ``p2p`` when p > 1) beside the closed forms of
+    the matching pattern: ``(result, compare_rows frame)``; the tokens must equal the reference."""
+    from ..derive.patterns import engine_for
+
+    if runner is None:
+        from ..measure.launch import measure as runner
+    model = load_model(config.model)
+    res = runner(model, config.layout, config.workload, options={"p2p": p2p} if config.p > 1 else None)
+    assert res.tokens == res.reference_tokens, f"{config.label}: tokens differ from the single-process reference"
+    pred = predict_rows(model, config.layout, config.workload, engine_for("deepspeed", p2p))
+    return res, compare_rows(res.rows, pred)

@@ -1,28 +1,28 @@
-"""Rank-side entry of a tensor-parallel measurement: ``python -m llmcomm.runs.tp --spec RUN/spec.json --out RUN``.
+"""Rank-side entry of a tensor-parallel measurement: ``python -m llmcomm.measure.runs.tp --spec RUN/spec.json --out RUN``.
 
-Started on every rank by :func:`llmcomm.launch.measure` (through the DeepSpeed launcher), it
+Started on every rank by :func:`llmcomm.measure.launch.measure` (through the DeepSpeed launcher), it
 
 1. initialises ``deepspeed.comm`` (``--backend gloo`` in the spec disables DeepSpeed's shared-memory all-reduce so
-   that every all-reduce goes through the gloo process group: needed for sub-groups, STACK.md);
+   that every all-reduce goes through the gloo process group: needed for sub-groups: book appendix "Dependency facts");
 2. builds the seeded model; rank 0 first runs the single-process reference generation on it (before any sharding);
-3. under a :class:`~llmcomm.capture.Capture`: ``deepspeed.init_inference(tp_size=t, replace_with_kernel_inject=False)``
+3. under a :class:`~llmcomm.measure.capture.Capture`: ``deepspeed.init_inference(tp_size=t, replace_with_kernel_inject=False)``
    (AutoTP) in phase ``setup``, then the generation (phases ``prefill``, ``decode``);
-4. writes ``rank{r}.json`` (format in :mod:`llmcomm.runs.rankio`) atomically.
+4. writes ``rank{r}.json`` (format in :mod:`llmcomm.measure.runs.rankio`) atomically.
 
-The flow is in :func:`run_rank`, shared with other runners through :mod:`llmcomm.runs.rankio`.
+The flow is in :func:`run_rank`, shared with other runners through :mod:`llmcomm.measure.runs.rankio`.
 """
 from __future__ import annotations
 
 import sys
 
-from llmcomm.runs.rankio import RankContext, rank_main
+from llmcomm.measure.runs.rankio import RankContext, rank_main
 
 
 def run(ctx: RankContext) -> dict:
     """The TP experiment on this rank; returns the rank-specific part of the result (tokens, timings)."""
     import deepspeed
 
-    from llmcomm.runs.common import build_model, prompt_ids, generate, TORCH_DTYPES
+    from llmcomm.measure.runs.common import build_model, prompt_ids, generate, TORCH_DTYPES
 
     model, layout, workload = ctx.model, ctx.layout, ctx.workload
     hf = build_model(model, workload.dtype, ctx.device, seed=ctx.seed)
@@ -44,4 +44,4 @@ def run(ctx: RankContext) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(rank_main(run, entry="llmcomm.runs.tp"))
+    sys.exit(rank_main(run, entry="llmcomm.measure.runs.tp"))

@@ -3,16 +3,17 @@
 :func:`measure` is the measurement half of the predict ⇄ measure loop::
 
     res = measure("tiny-llama", Layout(t=2), Workload(b=1, S=8, G=4))
-    res.rows        # [{"phase", "op", "group_size", "calls", "bytes"}, ...]  (llmcomm.capture.aggregate)
+    res.rows        # [{"phase", "op", "group_size", "calls", "bytes"}, ...]  (llmcomm.measure.capture.aggregate)
 
 How a run goes
 --------------
 * DeepSpeed's per-node launcher, ``python -m deepspeed.launcher.launch --world_info=<{"localhost": [0..N-1]}>
-  --master_addr=127.0.0.1 --master_port=<free> --module llmcomm.launch --entry llmcomm.runs.tp --spec RUN/spec.json
-  --out RUN`` — exactly what ``deepspeed --num_gpus N ...`` runs after resolving hosts — in its own session (process
-  group). It starts N processes with RANK/LOCAL_RANK/WORLD_SIZE/MASTER_*, and ``LOCAL_SIZE=N``, which is what enables
-  DeepSpeed's shared-memory all-reduce on CPU (STACK.md). N = t·p; the rank entry is :func:`entry_for` (``runs/tp.py`` for
-  p = 1, ``runs/pipeline.py`` otherwise); both follow the contract of :mod:`llmcomm.runs.rankio`.
+  --master_addr=127.0.0.1 --master_port=<free> --module llmcomm.measure.launch --entry llmcomm.measure.runs.tp
+  --spec RUN/spec.json --out RUN`` — exactly what ``deepspeed --num_gpus N ...`` runs after resolving hosts — in its
+  own session (process group). It starts N processes with RANK/LOCAL_RANK/WORLD_SIZE/MASTER_*, and ``LOCAL_SIZE=N``,
+  which is what enables DeepSpeed's shared-memory all-reduce on CPU. N = t·p; the rank entry is :func:`entry_for`
+  (``runs/tp.py`` for p = 1, ``runs/pipeline.py`` otherwise); every entry — the microbenchmark's and the overhead
+  benchmark's too — follows the contract of :mod:`llmcomm.measure.runs.rankio`.
 * Each rank runs under a tiny supervisor (this module run as ``__main__``): it starts the real rank process with its
   output in ``RUN/rank{r}.log``, records its pid (``rank{r}.pid``) and, when it ends, its exit status
   (``rank{r}.exit.json``). DeepSpeed's launcher only says "a process died" and then kills the rest; the exit files
@@ -39,7 +40,6 @@ import base64
 import importlib.util
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -52,17 +52,16 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from llmcomm.data import cpu_model
-from llmcomm.spec import Layout, ModelSpec, SpecError, Workload, load_model
+from llmcomm.record import atomic_write_text, provenance as record_provenance, repo_root, write_json
+from llmcomm.spec import Layout, ModelSpec, SpecError, Workload, cpu_threads_per_rank
 
 __all__ = ["RunError", "MeasureResult", "measure", "launch_ranks", "rank_spec", "provenance", "entry_for", "default_env",
            "launcher_cmd", "read_hostfile", "SHM_PREFIX"]
 
 SHM_PREFIX = "deepspeed_allreduce_buffer"
 BACKENDS = (None, "gloo", "nccl")
-_REPO = Path(__file__).resolve().parents[2]
 # frames that mean "inside a collective" in a faulthandler stack dump
 _COMM_MARKERS = ("deepspeed/comm/", "torch/distributed/", "llmcomm/capture.py")
 
@@ -113,24 +112,24 @@ class MeasureResult:
 
 def entry_for(layout: Layout) -> str:
     """The rank entry module of a layout: pipeline (and hybrid TP×PP) runs use ``runs/pipeline.py``."""
-    return "llmcomm.runs.pipeline" if layout.p > 1 else "llmcomm.runs.tp"
+    return "llmcomm.measure.runs.pipeline" if layout.p > 1 else "llmcomm.measure.runs.tp"
 
 
-def _has_cuda() -> bool:
+def has_cuda() -> bool:
     """Whether the ranks will see a GPU, without importing torch here (honours CUDA_VISIBLE_DEVICES='' / -1)."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
     return Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None
 
 
-def _gpu_ids(env: Mapping[str, str] | None = None) -> list[str]:
+def gpu_ids(env: Mapping[str, str] | None = None) -> list[str]:
     """The GPUs this node lets the ranks use, without importing torch: ``CUDA_VISIBLE_DEVICES`` when set (ids or
     UUIDs, in its order; ``""``/``-1`` = none), else one id per GPU ``nvidia-smi -L`` lists; ``[]`` without a GPU."""
     env = os.environ if env is None else env
     vis = env.get("CUDA_VISIBLE_DEVICES")
     if vis is not None:
         return [] if vis.strip() in ("", "-1") else [d.strip() for d in vis.split(",") if d.strip()]
-    if not _has_cuda():
+    if not has_cuda():
         return []
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
@@ -175,7 +174,7 @@ def launcher_cmd(entry: str, spec_path: Path, out: Path, nranks: int, port: int,
     ``deepspeed --num_gpus N`` runs after resolving its hosts, minus the runner's own import.
     Several nodes (``hostfile``): DeepSpeed's runner (``deepspeed --hostfile``), which reaches the other nodes over
     password-less ssh (pdsh) and picks the master address from the first host."""
-    tail = ["--module", "llmcomm.launch", "--entry", entry, "--spec", str(spec_path), "--out", str(out)]
+    tail = ["--module", "llmcomm.measure.launch", "--entry", entry, "--spec", str(spec_path), "--out", str(out)]
     if hostfile is not None:
         return [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
                 f"--master_port={port}", *tail]
@@ -194,12 +193,13 @@ def default_env(nranks: int, env: Mapping[str, str] | None = None) -> dict:
     """
     out = dict(os.environ)
     out.update(env or {})
-    if not _has_cuda():
+    if not has_cuda():
         out.setdefault("DS_ACCELERATOR", "cpu")
-    cache = _REPO / ".cache" / "torch_extensions" if (_REPO / "pyproject.toml").exists() else \
+    root = repo_root()
+    cache = root / ".cache" / "torch_extensions" if (root / "pyproject.toml").exists() else \
         Path.home() / ".cache" / "llmcomm" / "torch_extensions"
     out.setdefault("TORCH_EXTENSIONS_DIR", str(cache))
-    out.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nranks)))
+    out.setdefault("OMP_NUM_THREADS", str(cpu_threads_per_rank(nranks)))
     out.setdefault("PYTHONUNBUFFERED", "1")
     out.setdefault("TOKENIZERS_PARALLELISM", "false")
     return out
@@ -373,24 +373,25 @@ def _failure(out: Path, nranks: int, launcher_rc: int | None) -> tuple[int | Non
 
 
 def launch_ranks(entry: str, spec: Mapping[str, Any], nranks: int, out: Path, *, timeout_s: float,
-                 env: Mapping[str, str] | None = None, hostfile: str | Path | None = None) -> tuple[list[dict], dict]:
+                 env: Mapping[str, str] | None = None, hostfile: str | Path | None = None,
+                 on_poll: Callable[[Path], None] | None = None) -> tuple[list[dict], dict]:
     """Start ``nranks`` ranks of ``entry`` with ``spec`` (the rankio spec) and return their result records (sorted by
     rank) and the launch facts (command, port, wall time). Raises :class:`RunError` on any failure or timeout; always
     removes this run's shm buffers and leaves no process behind on this node. With ``hostfile`` the ranks run on
     the nodes it names (:func:`launcher_cmd`); ``out`` must then be on a file system every node shares, and on a
-    timeout only this node's processes are stopped and asked for their stacks."""
+    timeout only this node's processes are stopped and asked for their stacks. ``on_poll(out)`` is called about ten
+    times a second while the ranks run (progress bars read the ranks' progress files there)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in list(out.glob("rank*.*")) + list(out.glob(".rank*")):     # a previous run in the same folder
         stale.unlink()
-    spec_path = out / "spec.json"
-    spec_path.write_text(json.dumps(spec, indent=1))
+    spec_path = write_json(out / "spec.json", spec, indent=1)
     port = _free_port()
     full_env = default_env(nranks, env)
     # One node: the GPUs the caller made visible (CUDA_VISIBLE_DEVICES), one rank per GPU; on CPU 0..N-1.
     local_ids = None
     if hostfile is None and full_env.get("DS_ACCELERATOR", "cuda") != "cpu":
-        gpus = _gpu_ids(full_env)
+        gpus = gpu_ids(full_env)
         if gpus:
             if len(gpus) < nranks:
                 raise SpecError(f"{nranks} ranks need {nranks} GPUs (one each; NCCL does not share a GPU); "
@@ -414,6 +415,8 @@ def launch_ranks(entry: str, spec: Mapping[str, Any], nranks: int, out: Path, *,
                     if e and e["returncode"]]
             if died:
                 break                               # do not wait for the launcher's 1 s poll to notice
+            if on_poll is not None:
+                on_poll(out)
             if time.monotonic() > deadline:
                 pending = [r for r in range(nranks) if r not in done]
                 culprits, what = _diagnose_hang(out, pending)
@@ -438,7 +441,7 @@ def launch_ranks(entry: str, spec: Mapping[str, Any], nranks: int, out: Path, *,
     return records, facts
 
 
-def measure(model: str | Path | Mapping | ModelSpec, layout: Layout, workload: Workload, *, timeout_s: float = 300,
+def measure(model: ModelSpec, layout: Layout, workload: Workload, *, timeout_s: float = 300,
             out_dir: str | Path | None = None, backend: str | None = None, env: Mapping[str, str] | None = None,
             seed: int = 0, sync: bool = False, entry: str | None = None, check_tokens: bool = True,
             options: Mapping[str, Any] | None = None, hostfile: str | Path | None = None) -> MeasureResult:
@@ -455,16 +458,15 @@ def measure(model: str | Path | Mapping | ModelSpec, layout: Layout, workload: W
     file system all nodes share (the ranks write their results there), the same checkout and environment at the
     same path on every node, and password-less ssh from this node.
     """
-    spec_model = load_model(model)
-    layout.validate(spec_model)
-    workload.validate(spec_model)
+    layout.validate(model)
+    workload.validate(model)
     if backend not in BACKENDS:
         raise SpecError(f"backend {backend!r} is not one of gloo, nccl (or None for DeepSpeed's default)")
     if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
         raise SpecError(f"timeout_s={timeout_s!r} must be a positive number of seconds")
-    if backend is None and layout.t > 1 and layout.p > 1 and not _has_cuda():
-        backend = "gloo"        # the shm all-reduce ignores sub-groups: hybrid TP groups would hang (STACK.md)
-    if backend == "nccl" and not _has_cuda():
+    if backend is None and layout.t > 1 and layout.p > 1 and not has_cuda():
+        backend = "gloo"        # the shm all-reduce ignores sub-groups (book appendix "Dependency facts")
+    if backend == "nccl" and not has_cuda():
         raise SpecError("backend 'nccl' needs CUDA GPUs; none found (use gloo or the default on CPU)")
     nranks = layout.ranks
     if hostfile is not None:
@@ -476,8 +478,8 @@ def measure(model: str | Path | Mapping | ModelSpec, layout: Layout, workload: W
     entry = entry or entry_for(layout)
     if importlib.util.find_spec(entry) is None:
         raise SpecError(f"rank entry module {entry!r} does not exist"
-                        + (" (pipeline runs need llmcomm/runs/pipeline.py)" if layout.p > 1 else ""))
-    spec = rank_spec(spec_model, layout, workload, seed=seed, backend=backend, reference=check_tokens, sync=sync,
+                        + (" (pipeline runs need llmcomm/measure/runs/pipeline.py)" if layout.p > 1 else ""))
+    spec = rank_spec(model, layout, workload, seed=seed, backend=backend, reference=check_tokens, sync=sync,
                      options=options)
     tmp = out_dir is None
     out = Path(tempfile.mkdtemp(prefix="llmcomm-run-")) if tmp else Path(out_dir)
@@ -489,7 +491,7 @@ def measure(model: str | Path | Mapping | ModelSpec, layout: Layout, workload: W
             shutil.rmtree(out, ignore_errors=True)
         raise
     try:
-        result = _assemble(records, spec_model, layout, workload, facts, started, entry, backend, check_tokens)
+        result = _assemble(records, model, layout, workload, facts, started, entry, backend, check_tokens)
     except RunError as e:
         raise RunError(f"{e} (run folder: {out})", run_dir=out, master_port=facts["master_port"]) from None
     if tmp:
@@ -500,7 +502,7 @@ def measure(model: str | Path | Mapping | ModelSpec, layout: Layout, workload: W
 def rank_spec(model: ModelSpec, layout: Layout, workload: Workload, *, seed: int = 0, backend: str | None = None,
               reference: bool = True, sync: bool = False, capture: bool = True,
               options: Mapping[str, Any] | None = None) -> dict:
-    """The ``spec.json`` every rank reads (format in :mod:`llmcomm.runs.rankio`)."""
+    """The ``spec.json`` every rank reads (format in :mod:`llmcomm.measure.runs.rankio`)."""
     return {"model": {"name": model.name, "hf_config": dict(model.hf_config) or _hf_dict(model)},
             "layout": {"t": layout.t, "p": layout.p}, "workload": workload.as_dict(), "seed": seed,
             "backend": backend, "reference": reference, "sync": sync, "capture": capture,
@@ -508,11 +510,12 @@ def rank_spec(model: ModelSpec, layout: Layout, workload: Workload, *, seed: int
 
 
 def provenance(records: list[dict], facts: Mapping[str, Any], started: datetime) -> dict:
-    """Where and with what a run was made: machine, CPU, device, versions, command, date."""
+    """Where and with what a run was made (:func:`llmcomm.record.provenance`), plus what the ranks reported: their
+    device, communication path and library versions, and the launch facts (command, port, wall time)."""
     r0 = records[0]
-    return {"date": started.isoformat(timespec="seconds"), "machine": platform.node(),
-            "platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-            "device": r0.get("device"), "versions": r0.get("versions"), "comm": r0.get("comm"), **facts}
+    return record_provenance(facts.get("command"), started=started.isoformat(timespec="seconds"),
+                             device=r0.get("device"), rank_versions=r0.get("versions"), comm=r0.get("comm"),
+                             **{k: v for k, v in facts.items() if k != "command"})
 
 
 def _hf_dict(m: ModelSpec) -> dict:
@@ -523,7 +526,7 @@ def _hf_dict(m: ModelSpec) -> dict:
 
 
 def _assemble(records, model, layout, workload, facts, started, entry, backend, check_tokens) -> MeasureResult:
-    from llmcomm.capture import aggregate, check_consistent, CaptureError
+    from llmcomm.measure.capture import aggregate, check_consistent, CaptureError
 
     events = [e for r in records for e in r["events"]]
     try:
@@ -562,14 +565,13 @@ def _supervise(argv: list[str]) -> int:
         rest = args[:i] + args[i + 2:]
         out = Path(rest[rest.index("--out") + 1])
     except (ValueError, IndexError):
-        print("usage: python -m llmcomm.launch --entry MODULE --spec FILE --out DIR", file=sys.stderr)
+        print("usage: python -m llmcomm.measure.launch --entry MODULE --spec FILE --out DIR", file=sys.stderr)
         return 2
     rank = int(os.environ.get("RANK", "0"))
     with open(out / f"rank{rank}.log", "w") as log:
         child = subprocess.Popen([sys.executable, "-u", "-m", entry, *rest], stdout=log, stderr=subprocess.STDOUT)
-    (out / f"rank{rank}.host").write_text(socket.gethostname())
-    (out / f".rank{rank}.pid.tmp").write_text(str(child.pid))
-    os.replace(out / f".rank{rank}.pid.tmp", out / f"rank{rank}.pid")
+    atomic_write_text(out / f"rank{rank}.host", socket.gethostname())
+    atomic_write_text(out / f"rank{rank}.pid", str(child.pid))
 
     def forward(signum, frame):
         child.send_signal(signum)
@@ -577,9 +579,7 @@ def _supervise(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     rc = child.wait()
-    tmp = out / f".rank{rank}.exit.tmp"
-    tmp.write_text(json.dumps({"rank": rank, "returncode": rc, "t": time.time()}))
-    os.replace(tmp, out / f"rank{rank}.exit.json")
+    write_json(out / f"rank{rank}.exit.json", {"rank": rank, "returncode": rc, "t": time.time()})
     return rc if rc >= 0 else 128 - rc
 
 

@@ -7,34 +7,32 @@ For ``gpus`` = N, the candidates are all (t, p) with t·p = N, t dividing the at
   stage, + the lm_head shard ``V·h·w/t`` and final norm on the last; one copy when tied and t = p = 1), KV cache
   ``w·b·(S+G)·2·(kv/t)·hd`` per layer held, activation margin ``w·b·S·(2h + (heads+2kv)·hd/t + 2·ffn/t) + 4·b·V``;
   ``fits`` when it is at most the device memory × (1 − reserve_fraction);
-* **latency**: TTFT, TPOT, E2E from :func:`llmcomm.timing.predict_latency_grid` (TP groups spanning nodes pay the
-  inter-node link);
-* **bytes**: all communication of the generation (1 prefill + G−1 decode forwards) from the same message list.
+* **latency**: TTFT, TPOT, E2E from :func:`llmcomm.predict.latency.predict_latency_grid` (TP groups spanning nodes pay
+  the inter-node link);
+* **bytes**: all communication of the generation (1 prefill + G−1 decode forwards) from the same compiled messages
+  (:func:`llmcomm.derive.evaluate.phase_bytes`).
 
 Ranked by ``objective`` (ttft, tpot, e2e or bytes) with infeasible layouts last; ``pareto`` marks the feasible layouts
 that no other feasible layout beats on both latency (the objective's, e2e for "bytes") and bytes.
 """
 from __future__ import annotations
 
-import argparse
-import json
-from typing import Any
-
 import numpy as np
 
-from .hardware import GiB, load_hardware
-from .spec import DTYPE_BYTES, Layout, SpecError, Workload, load_model
+from ..derive.evaluate import phase_bytes
+from ..spec import DTYPE_BYTES, Layout, ModelSpec, SpecError, Workload
+from .hardware import GiB, Hardware, scale_links
+from .latency import predict_latency_grid
+from .placement import placement_fractions
 
-__all__ = ["advise", "advise_report", "candidate_layouts", "memory_per_rank", "comm_bytes", "pareto_front",
-           "advice_map", "what_if", "LEVERS",
-           "register", "add_arguments", "run", "main", "OBJECTIVES"]
+__all__ = ["advise", "advise_report", "candidate_layouts", "memory_per_rank", "pareto_front", "advice_map",
+           "what_if", "LEVERS", "OBJECTIVES"]
 
 OBJECTIVES = ("ttft", "tpot", "e2e", "bytes")
 
 
-def candidate_layouts(model, gpus: int) -> list[tuple[int, int]]:
+def candidate_layouts(model: ModelSpec, gpus: int) -> list[tuple[int, int]]:
     """All (t, p) with t·p = gpus that the model can be laid out as."""
-    model = load_model(model)
     out = []
     for t in range(1, gpus + 1):
         if gpus % t:
@@ -47,9 +45,8 @@ def candidate_layouts(model, gpus: int) -> list[tuple[int, int]]:
     return out
 
 
-def memory_per_rank(model, t, p, b, S, G, w) -> dict:
+def memory_per_rank(model: ModelSpec, t, p, b, S, G, w) -> dict:
     """Bytes per GPU of the fullest pipeline stage (arrays broadcast): ``weights``, ``kv``, ``act``, ``total``."""
-    model = load_model(model)
     t, p, b, S, G, w = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (t, p, b, S, G, w)))
     h, hd, V, L = model.h, model.head_dim, model.V, model.L
     P = (2 * h * model.heads * hd + 2 * h * model.kv_heads * hd + 3 * h * model.ffn) / t + 2 * h
@@ -75,24 +72,6 @@ def memory_per_rank(model, t, p, b, S, G, w) -> dict:
     return {"weights": weights, "kv": kv, "act": act, "total": weights + kv + act}
 
 
-def comm_bytes(model, t, p, b, S, G, w, engine: str = "deepspeed") -> dict:
-    """Communication bytes of a whole generation (arrays): ``prefill``, ``decode``, ``total`` — the same messages the
-    latency model charges (every call counted, once per group)."""
-    from .timing import _messages
-
-    model = load_model(model)
-    t, p, b, S, G, w = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (t, p, b, S, G, w)))
-    out = {}
-    for phase, s, forwards in (("prefill", S, 1.0), ("decode", np.ones_like(S), G - 1)):
-        args = (b, s, model.h, model.L, model.V, t, p, w)
-        tot = np.zeros(t.shape)
-        for _op, _g, _crit, calls_fn, bytes_fn, _why, _path in _messages(engine):
-            tot = tot + np.asarray(calls_fn(*args), dtype=float) * np.asarray(bytes_fn(*args), dtype=float)
-        out[phase] = tot * forwards
-    out["total"] = out["prefill"] + out["decode"]
-    return out
-
-
 def pareto_front(latency, nbytes, eligible=None) -> np.ndarray:
     """Boolean mask of points not dominated (≤ in both, < in one) by another eligible point; minimise both."""
     x = np.asarray(latency, dtype=float)
@@ -107,21 +86,19 @@ def pareto_front(latency, nbytes, eligible=None) -> np.ndarray:
     return front
 
 
-def advise(model, gpus: int, gpus_per_node: int | None = None, hardware: Any = "h100-sxm", S: int = 1024,
-           G: int = 128, b: int = 1, objective: str = "e2e", dtype: str = "bf16", engine: str = "deepspeed",
+def advise(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware, S: int = 1024, G: int = 128,
+           b: int = 1, objective: str = "e2e", dtype: str = "bf16", engine: str = "deepspeed",
            include_infeasible: bool = True) -> list[dict]:
     """Ranked layouts (best first) as dicts ``{"tp","pp","ttft_s","tpot_s","e2e_s","bytes","fits","pareto", …}``.
 
     Raises :class:`SpecError` when no layout exists or none fits the device memory (one sentence saying why)."""
-    model = load_model(model)
-    hw = load_hardware(hardware)
     if objective not in OBJECTIVES:
         raise SpecError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
         raise SpecError(f"gpus={gpus!r} must be a positive integer")
-    K = hw.gpus_per_node if gpus_per_node is None else gpus_per_node
-    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
-        raise SpecError(f"gpus_per_node={K!r} must be a positive integer")
+    g = hw.gpus_per_node if gpus_per_node is None else gpus_per_node
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        raise SpecError(f"gpus_per_node={g!r} must be a positive integer")
     wl = Workload(b, S, G, dtype).validate(model)
     cands = candidate_layouts(model, gpus)
     if not cands:
@@ -130,11 +107,9 @@ def advise(model, gpus: int, gpus_per_node: int | None = None, hardware: Any = "
     t = np.array([c[0] for c in cands])
     p = np.array([c[1] for c in cands])
     w = wl.w
-    from .timing import predict_latency_grid
-
-    lat = predict_latency_grid(model, hw, t, p, b, S, G, w, gpus_per_node=K, engine=engine)
+    lat = predict_latency_grid(model, hw, t, p, b, S, G, w, gpus_per_node=g, engine=engine)
     mem = memory_per_rank(model, t, p, b, S, G, w)
-    nb = comm_bytes(model, t, p, b, S, G, w, engine)
+    nb = phase_bytes(engine, model, t, p, b, S, G, w)
     usable = hw.usable_memory_bytes
     fits = mem["total"] <= usable
     if not fits.any():
@@ -147,10 +122,8 @@ def advise(model, gpus: int, gpus_per_node: int | None = None, hardware: Any = "
     lat_key = "e2e_s" if objective == "bytes" else f"{objective}_s"
     score = nb["total"] if objective == "bytes" else lat[lat_key]
     front = pareto_front(lat[lat_key], nb["total"], fits)
-    nodes = int(np.ceil(gpus / K))
-    from .timing import placement_fractions
-
-    f_tp, f_pp = placement_fractions(model.L, t, p, K)
+    nodes = int(np.ceil(gpus / g))
+    f_tp, f_pp = placement_fractions(model.L, t, p, g)
     rows = []
     for i in range(len(cands)):
         rows.append({
@@ -170,26 +143,23 @@ def advise(model, gpus: int, gpus_per_node: int | None = None, hardware: Any = "
     return rows if include_infeasible else [r for r in rows if r["fits"]]
 
 
-def advise_report(model, gpus: int, gpus_per_node: int | None = None, hardware: Any = "h100-sxm", S: int = 1024,
+def advise_report(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware, S: int = 1024,
                   G: int = 128, b: int = 1, objective: str = "e2e", dtype: str = "bf16",
                   engine: str = "deepspeed") -> dict:
     """The JSON the CLI prints: ``{"model", "hardware", "gpus", "gpus_per_node", "workload", "objective",
     "layouts": [...]}`` (layouts best first)."""
-    model = load_model(model)
-    hw = load_hardware(hardware)
-    K = hw.gpus_per_node if gpus_per_node is None else gpus_per_node
-    layouts = advise(model, gpus, K, hw, S, G, b, objective, dtype, engine)
-    return {"model": model.name, "hardware": hw.name, "gpus": gpus, "gpus_per_node": K, "engine": engine,
+    g = hw.gpus_per_node if gpus_per_node is None else gpus_per_node
+    layouts = advise(model, gpus, g, hw, S, G, b, objective, dtype, engine)
+    return {"model": model.name, "hardware": hw.name, "gpus": gpus, "gpus_per_node": g, "engine": engine,
             "workload": {"b": b, "S": S, "G": G, "dtype": dtype}, "objective": objective, "layouts": layouts}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Maps and what-if levers (predictions, for the book's "Choosing a layout")
 # ---------------------------------------------------------------------------------------------------------------------
-def _layout_grid(model, gpus: int, hw, K, b, S, G, w, engine="deepspeed", comm_w=None, overlap=False):
+def _layout_grid(model: ModelSpec, gpus: int, hw: Hardware, g, b, S, G, w, engine="deepspeed", comm_w=None,
+                 overlap=False):
     """(t, p, latency dict, fits) for every candidate layout of ``gpus`` (axis 0) × the broadcast workload grid."""
-    from .timing import predict_latency_grid
-
     cands = candidate_layouts(model, gpus)
     if not cands:
         raise SpecError(f"no layout of {model.name} on {gpus} GPUs")
@@ -198,27 +168,25 @@ def _layout_grid(model, gpus: int, hw, K, b, S, G, w, engine="deepspeed", comm_w
     b, S, G = (np.asarray(x) for x in (b, S, G))
     shape = np.broadcast_shapes(b.shape, S.shape, G.shape)
     ext = (slice(None),) + (None,) * len(shape)
-    lat = predict_latency_grid(model, hw, t[ext], p[ext], b, S, G, w, gpus_per_node=K, engine=engine,
+    lat = predict_latency_grid(model, hw, t[ext], p[ext], b, S, G, w, gpus_per_node=g, engine=engine,
                                comm_w=comm_w, overlap=overlap)
     mem = memory_per_rank(model, t[ext], p[ext], b, S, G, w)["total"]
     fits = mem <= hw.usable_memory_bytes
     return t, p, lat, np.broadcast_to(fits, lat["e2e_s"].shape)
 
 
-def advice_map(model, gpus: int, hardware: Any = "h100-sxm", gpus_per_node: int | None = None, S=(128, 1024, 8192),
+def advice_map(model: ModelSpec, gpus: int, hw: Hardware, gpus_per_node: int | None = None, S=(128, 1024, 8192),
                b=(1, 8, 32), G: int = 128, objective: str = "e2e", dtype: str = "bf16", engine: str = "deepspeed"):
     """Which layout wins where: one row per (b, S) with the best feasible layout for ``objective`` (ttft, tpot,
     e2e), its predicted value and the runner-up's (``margin`` = runner-up / best − 1). A prediction of the model."""
     import pandas as pd
 
-    model = load_model(model)
-    hw = load_hardware(hardware)
-    K = hw.gpus_per_node if gpus_per_node is None else gpus_per_node
+    g = hw.gpus_per_node if gpus_per_node is None else gpus_per_node
     if objective not in ("ttft", "tpot", "e2e"):
         raise SpecError(f"objective {objective!r} is not one of ttft, tpot, e2e")
     w = DTYPE_BYTES[dtype]
     bb, SS = np.meshgrid(np.asarray(b), np.asarray(S), indexing="ij")
-    t, p, lat, fits = _layout_grid(model, gpus, hw, K, bb, SS, G, w, engine)
+    t, p, lat, fits = _layout_grid(model, gpus, hw, g, bb, SS, G, w, engine)
     val = np.where(fits, lat[f"{objective}_s"], np.inf)
     order = np.argsort(val, axis=0)
     rows = []
@@ -239,90 +207,24 @@ LEVERS = {"baseline": {}, "links ×2": {"link_factor": 2.0}, "inter-node ×4": {
           "fp8 communication (w=1)": {"comm_w": 1}, "overlap comm with compute (bound)": {"overlap": True}}
 
 
-def what_if(model, gpus: int, hardware: Any = "h100-sxm", gpus_per_node: int | None = None, S: int = 1024,
+def what_if(model: ModelSpec, gpus: int, hw0: Hardware, gpus_per_node: int | None = None, S: int = 1024,
             G: int = 128, b: int = 1, dtype: str = "bf16", levers: dict | None = None, engine: str = "deepspeed"):
     """Predicted E2E (and TTFT, TPOT) of every feasible layout under each lever of ``levers`` (default
     :data:`LEVERS`): faster links (β / factor), narrower communication (``comm_w`` bytes per element), perfect
     overlap of communication with compute (``max`` instead of sum: a lower bound). One row per (lever, layout)."""
     import pandas as pd
 
-    from .timing import scale_links
-
-    model = load_model(model)
-    hw0 = load_hardware(hardware)
-    K = hw0.gpus_per_node if gpus_per_node is None else gpus_per_node
+    g = hw0.gpus_per_node if gpus_per_node is None else gpus_per_node
     w = DTYPE_BYTES[dtype]
     rows = []
     for name, kw in (levers or LEVERS).items():
         kw = dict(kw)
         hw = scale_links(hw0, kw.pop("link_factor"), kw.pop("levels", ("intra", "inter"))) \
             if "link_factor" in kw else hw0
-        t, p, lat, fits = _layout_grid(model, gpus, hw, K, b, S, G, w, engine, **kw)
+        t, p, lat, fits = _layout_grid(model, gpus, hw, g, b, S, G, w, engine, **kw)
         for i in range(len(t)):
             if fits[i]:
                 rows.append({"lever": name, "layout": f"t={t[i]}×p={p[i]}", "tp": int(t[i]), "pp": int(p[i]),
                              "ttft_s": float(lat["ttft_s"][i]), "tpot_s": float(lat["tpot_s"][i]),
                              "e2e_s": float(lat["e2e_s"][i])})
     return pd.DataFrame(rows)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# CLI hook
-# ---------------------------------------------------------------------------------------------------------------------
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    from .cli import positive_int as _positive
-
-    ap.add_argument("--model", required=True, help="preset name or path to an HF config.json")
-    ap.add_argument("--gpus", type=_positive, required=True, help="number of GPUs N (layouts with t·p = N)")
-    ap.add_argument("--gpus-per-node", type=_positive, default=None, help="GPUs per node K (default: the preset's)")
-    ap.add_argument("--hardware", default="h100-sxm", help="hardware preset or JSON path (default h100-sxm)")
-    ap.add_argument("--prompt", type=_positive, default=1024, help="prompt length S")
-    ap.add_argument("--generate", type=_positive, default=128, help="generated tokens G")
-    ap.add_argument("--batch", type=_positive, default=1, help="batch size b")
-    ap.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bf16")
-    ap.add_argument("--objective", choices=list(OBJECTIVES), default="e2e")
-    ap.add_argument("--engine", choices=["deepspeed", "vllm"], default="deepspeed")
-    ap.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def run(args) -> int:
-    rep = advise_report(args.model, args.gpus, args.gpus_per_node, args.hardware, args.prompt, args.generate,
-                        args.batch, args.objective, args.dtype, args.engine)
-    if args.json:
-        print(json.dumps(rep))
-        return 0
-    w = rep["workload"]
-    print(f"model={rep['model']} gpus={rep['gpus']} gpus_per_node={rep['gpus_per_node']} hardware={rep['hardware']} "
-          f"b={w['b']} S={w['S']} G={w['G']} dtype={w['dtype']} objective={rep['objective']}")
-    print(f"{'rank':>4} {'tp':>4} {'pp':>4} {'TTFT ms':>10} {'TPOT ms':>10} {'E2E s':>9} {'bytes':>16} "
-          f"{'GiB/GPU':>8} {'fits':>5} {'pareto':>6}")
-    for r in rep["layouts"]:
-        print(f"{r['rank']:>4} {r['tp']:>4} {r['pp']:>4} {r['ttft_s'] * 1e3:>10.3f} {r['tpot_s'] * 1e3:>10.3f} "
-              f"{r['e2e_s']:>9.4f} {r['bytes']:>16,} {r['memory_gib']:>8.1f} {'yes' if r['fits'] else 'no':>5} "
-              f"{'*' if r['pareto'] else '':>6}")
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add ``advise`` to the ``llmcomm`` CLI (a hook for ``cli._EXTRA_COMMANDS``)."""
-    sp = subparsers.add_parser("advise", help="rank every t×p layout of N GPUs by predicted latency or bytes")
-    add_arguments(sp)
-    sp.set_defaults(func=run)
-
-
-def main(argv=None) -> int:
-    """``python -m llmcomm.advise --model M --gpus N …`` (same arguments as ``llmcomm advise``)."""
-    import sys
-
-    ap = argparse.ArgumentParser(prog="llmcomm advise", description=__doc__.split("\n\n")[0])
-    add_arguments(ap)
-    args = ap.parse_args(argv)
-    try:
-        return run(args)
-    except SpecError as e:
-        print(f"llmcomm: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

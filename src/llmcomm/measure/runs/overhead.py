@@ -1,7 +1,7 @@
 """Rank-side entry of the capture-overhead benchmark (``benchmarks/capture_overhead.py`` launches it).
 
 One TP engine per rank; then the same greedy generation repeated under each way of observing the communication —
-``none`` (baseline), ``llmcomm`` (:class:`~llmcomm.capture.Capture`), ``ds_logger`` (DeepSpeed's comms logger,
+``none`` (baseline), ``llmcomm`` (:class:`~llmcomm.measure.capture.Capture`), ``ds_logger`` (DeepSpeed's comms logger,
 ``deepspeed.comm.configure(enabled=True, prof_all=True)``), ``torch_profiler`` (``torch.profiler.profile`` with shapes) —
 in a rotating order per repetition, so that drift of a shared machine hits every mode alike. All ranks run the same
 schedule (they are in lockstep through the all-reduces). Options (``spec["options"]``): ``reps``, ``warmup``,
@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from llmcomm.runs.rankio import RankContext, rank_main
+from llmcomm.measure.runs.rankio import RankContext, rank_main
 
 MODES = ("none", "llmcomm", "ds_logger", "torch_profiler")
 
@@ -23,7 +23,7 @@ def observed(mode: str, rank: int):
     if mode == "none":
         yield None
     elif mode == "llmcomm":
-        from llmcomm.capture import Capture
+        from llmcomm.measure.capture import Capture
 
         with Capture(rank=rank) as cap:
             yield cap
@@ -50,7 +50,7 @@ def run(ctx: RankContext) -> dict:
     import deepspeed
     import deepspeed.comm as dist
 
-    from llmcomm.runs.common import build_model, prompt_ids, generate, TORCH_DTYPES
+    from llmcomm.measure.runs.common import build_model, prompt_ids, generate, TORCH_DTYPES
 
     opts = ctx.options
     modes = list(opts.get("modes", MODES))
@@ -88,7 +88,7 @@ def wrapper_cost(group, ctx: RankContext, batches: int = 200, calls: int = 20) -
     import torch
     import deepspeed.comm as dist
 
-    from llmcomm.capture import Capture
+    from llmcomm.measure.capture import Capture
 
     x = torch.ones(1, 1, ctx.model.h, device=ctx.device)
 
@@ -109,4 +109,4 @@ def wrapper_cost(group, ctx: RankContext, batches: int = 200, calls: int = 20) -
 
 
 if __name__ == "__main__":
-    sys.exit(rank_main(run, entry="llmcomm.runs.overhead"))
+    sys.exit(rank_main(run, entry="llmcomm.measure.runs.overhead"))

@@ -19,9 +19,9 @@ pickled bytes), and those are recorded. Limits: references to the functions take
 (``from torch.distributed import all_reduce`` at import time) and functional collectives (DTensor) are not seen; the
 wrappers keep a per-capture depth counter, so calls are assumed to come from one thread.
 
-Counting (nccl-tests size S, the convention of the whole project)
------------------------------------------------------------------
-Each :class:`Event` carries ``bytes`` = S of that call: all_reduce/reduce/broadcast the buffer; all_gather and gather
+Counting (nccl-tests size m, :mod:`llmcomm.derive.conventions`)
+--------------------------------------------------------------
+Each :class:`Event` carries ``bytes`` = m of that call: all_reduce/reduce/broadcast the buffer; all_gather and gather
 the total gathered (output) bytes; reduce_scatter and scatter the total input; all_to_all the bytes one rank sends;
 send/recv the tensor; barrier 0. :func:`aggregate` counts a collective on a group once (from the lowest rank of the
 group whose events are present), and a send/recv pair once (from the sender, or the receiver when the sender's
@@ -32,18 +32,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import json
 import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-__all__ = ["Capture", "CaptureError", "Event", "aggregate", "check_consistent", "write_chrome_trace", "PHASES",
-           "OPS"]
+from llmcomm.derive.conventions import OPS as COLLECTIVE_OPS
+from llmcomm.derive.phases import order as phase_order
+from llmcomm.record import write_json
 
-PHASES = ("setup", "prefill", "decode")
-OPS = ("all_reduce", "all_gather", "gather", "broadcast", "reduce_scatter", "send_recv", "barrier", "all_to_all",
-       "reduce", "scatter")
+__all__ = ["Capture", "CaptureError", "Event", "aggregate", "check_consistent", "write_chrome_trace", "OPS"]
+
+#: the ops a captured row can have: the collectives of the conventions, and barriers (size 0)
+OPS = (*COLLECTIVE_OPS, "barrier")
 
 
 class CaptureError(RuntimeError):
@@ -390,10 +391,6 @@ def _get(e, key):
     return e[key] if isinstance(e, Mapping) else getattr(e, key)
 
 
-def _phase_key(phase: str):
-    return (PHASES.index(phase), "") if phase in PHASES else (len(PHASES), phase)
-
-
 def aggregate(events: Iterable[Event | Mapping]) -> list[dict]:
     """Rows ``{"phase", "op", "group_size", "calls", "bytes"}`` over the events of any set of ranks.
 
@@ -427,7 +424,7 @@ def aggregate(events: Iterable[Event | Mapping]) -> list[dict]:
         a[0] += 1
         a[1] += int(_get(e, "bytes"))
     return [{"phase": ph, "op": op, "group_size": n, "calls": c, "bytes": b}
-            for (ph, op, n), (c, b) in sorted(acc.items(), key=lambda kv: (_phase_key(kv[0][0]), kv[0][1], kv[0][2]))]
+            for (ph, op, n), (c, b) in sorted(acc.items(), key=lambda kv: (phase_order(kv[0][0]), kv[0][1], kv[0][2]))]
 
 
 def check_consistent(events: Iterable[Event | Mapping]) -> None:
@@ -493,7 +490,4 @@ def write_chrome_trace(events: Iterable[Event | Mapping], path: str | Path,
         out.append({"ph": "X", "name": d["op"], "cat": d["phase"], "pid": d["rank"], "tid": 1,
                     "ts": (d["t_start"] - t0) * 1e6, "dur": max(d["t_end"] - d["t_start"], 0.0) * 1e6,
                     "args": {k: d.get(k) for k in ("api", "dtype", "shape", "bytes", "group", "peer", "seq")}})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"traceEvents": out, "displayTimeUnit": "ms"}))
-    return path
+    return write_json(path, {"traceEvents": out, "displayTimeUnit": "ms"})

@@ -76,7 +76,7 @@ class Generation:
     decode_steps_s: list[float] = field(default_factory=list)
 
 
-def _cache_kwarg(fn) -> str:
+def cache_kwarg(fn) -> str:
     """transformers ≥ 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns); take whichever ``fn`` has."""
     target = getattr(fn, "forward", fn)
     try:
@@ -100,7 +100,7 @@ def generate(forward: Callable, hf_model, input_ids: torch.Tensor, G: int,
     phase = phase or (lambda name: contextlib.nullcontext())
     device = input_ids.device
     cache = DynamicCache(config=hf_model.config)
-    kw = _cache_kwarg(hf_model)
+    kw = cache_kwarg(hf_model)
     out_tokens = []
     synchronize(device)
     with phase("prefill"):

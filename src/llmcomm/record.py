@@ -1,8 +1,12 @@
-"""Measured results with provenance: ``data/<machine>/<name>.csv`` beside ``<name>.json``.
+"""Results with provenance — the one place that writes and reads them.
 
-Every file the book shows was written by :func:`save_frame`, whose JSON sidecar records the machine, the library
-versions, the command and the date. Writes are atomic (temporary file, then ``os.replace``), so an interrupted run
-never leaves a half-written or corrupted result, and an earlier result stays until a complete new one replaces it.
+* :func:`provenance` — where and how a result was made: machine, CPU/GPU, library versions, command, UTC date, git
+  commit (``+dirty`` when the tree had uncommitted changes);
+* :func:`atomic_write_text`, :func:`write_json` — every file the project writes goes through a temporary file in the
+  same folder and ``os.replace``: an interrupted run never leaves a half-written or corrupted result, and an earlier
+  result stays until a complete new one replaces it;
+* :func:`save_frame` / :func:`load_frame` — ``data/<machine>/<name>.csv`` beside ``<name>.json`` (its provenance);
+  :func:`save_json` / :func:`load_json` — a JSON result with its provenance inside (benchmarks, calibrations).
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["machine_id", "cpu_model", "provenance", "data_dir", "atomic_write_text", "save_frame", "load_frame", "repo_root"]
+__all__ = ["load_average", "machine_id", "cpu_model", "provenance", "data_dir", "atomic_write_text", "write_json", "save_frame",
+           "load_frame", "save_json", "load_json", "repo_root"]
 
 _VERSIONED = ("llmcomm", "torch", "deepspeed", "transformers", "sympy", "numpy", "pandas")
 
@@ -49,6 +54,14 @@ def _gpus() -> list[str]:
     except Exception:  # provenance must never fail a run
         pass
     return []
+
+
+def load_average() -> tuple[float, float, float] | None:
+    """The 1, 5 and 15-minute load averages (how quiet the machine was when a timing was taken), or None."""
+    try:
+        return tuple(round(x, 2) for x in os.getloadavg())
+    except (AttributeError, OSError):
+        return None
 
 
 def machine_id() -> str:
@@ -116,9 +129,9 @@ def _nvidia_driver() -> str | None:
         return None
 
 
-def data_dir(machine: str | None = None) -> Path:
-    """``$LLMCOMM_DATA`` or ``<repo>/data``, then ``<machine>/``."""
-    base = Path(os.environ.get("LLMCOMM_DATA", repo_root() / "data"))
+def data_dir(machine: str | None = None, root: str | Path | None = None) -> Path:
+    """``<root>/<machine>/``: ``root`` defaults to ``$LLMCOMM_DATA``, else ``<repo>/data``."""
+    base = Path(root) if root is not None else Path(os.environ.get("LLMCOMM_DATA", repo_root() / "data"))
     return base / (machine or machine_id())
 
 
@@ -139,9 +152,16 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
-def save_frame(df, name: str, command: str | list[str] | None = None, machine: str | None = None, **extra) -> Path:
-    """Save ``df`` as ``data/<machine>/<name>.csv`` with its provenance in ``<name>.json``; returns the CSV path."""
-    folder = data_dir(machine)
+def write_json(path: str | Path, obj, indent: int | None = None) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically (:func:`atomic_write_text`)."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, default=str) + ("\n" if indent else ""))
+
+
+def save_frame(df, name: str, command: str | list[str] | None = None, machine: str | None = None,
+               root: str | Path | None = None, **extra) -> Path:
+    """Save ``df`` as ``<root>/<machine>/<name>.csv`` (root: :func:`data_dir`'s) with its provenance in
+    ``<name>.json``; returns the CSV path."""
+    folder = data_dir(machine, root)
     prov = provenance(command, rows=len(df), columns=list(map(str, df.columns)), **extra)
     csv = atomic_write_text(folder / f"{name}.csv", df.to_csv(index=False))
     atomic_write_text(folder / f"{name}.json", json.dumps(prov, indent=2, default=str) + "\n")
@@ -154,3 +174,15 @@ def load_frame(name: str, machine: str | None = None):
 
     folder = data_dir(machine)
     return pd.read_csv(folder / f"{name}.csv"), json.loads((folder / f"{name}.json").read_text())
+
+
+def save_json(result: dict, name: str, command: str | list[str] | None = None, machine: str | None = None,
+              **extra) -> Path:
+    """Save ``result`` as ``data/<machine>/<name>.json`` with its provenance under the key ``"provenance"``."""
+    return write_json(data_dir(machine) / f"{name}.json", dict(result, provenance=provenance(command, **extra)),
+                      indent=2)
+
+
+def load_json(name: str, machine: str | None = None) -> dict:
+    """A JSON result saved by :func:`save_json` (or any JSON file under ``data/<machine>/``)."""
+    return json.loads((data_dir(machine) / f"{name}.json").read_text())

@@ -1,26 +1,27 @@
-"""The rank-side harness every runner shares (``runs/tp.py``, ``runs/pipeline.py``, …): arguments, distributed init,
-fault hooks for tests, and the per-rank result file. A runner is a function ``run(ctx) -> dict`` plus
-``if __name__ == "__main__": sys.exit(rank_main(run, entry="llmcomm.runs.NAME"))``.
+"""The rank-side harness every runner shares (``runs/tp.py``, ``runs/pipeline.py``, ``runs/bench.py``, …): the rank
+protocol, distributed init, fault hooks for tests, and the per-rank result file. A runner is a function
+``run(ctx) -> dict`` plus ``if __name__ == "__main__": sys.exit(rank_main(run, entry="llmcomm.measure.runs.NAME"))``.
 
-Command line (what :func:`llmcomm.launch.measure` starts on each rank through the DeepSpeed launcher)::
+Rank protocol (what :func:`llmcomm.measure.launch.launch_ranks` starts on each rank through the DeepSpeed launcher;
+not a user command)::
 
-    python -m llmcomm.runs.NAME --spec RUN/spec.json --out RUN [--local_rank=N]
+    python -m llmcomm.measure.runs.NAME --spec RUN/spec.json --out RUN [--local_rank=N]
 
 ``spec.json`` (written once by the launcher)::
 
-    {"model": {"name": str, "hf_config": {...}},          # ModelSpec.from_hf_config(hf_config, name)
-     "layout": {"t": int, "p": int},
-     "workload": {"b": int, "S": int, "G": int, "dtype": "fp32"|"bf16"|"fp16"},
+    {"model": {"name": str, "hf_config": {...}} | null,   # ModelSpec.from_hf_config(hf_config, name)
+     "layout": {"t": int, "p": int} | null,
+     "workload": {"b": int, "S": int, "G": int, "dtype": "fp32"|"bf16"|"fp16"} | null,
      "seed": int, "backend": null|"gloo"|"nccl", "reference": bool, "sync": bool, "capture": bool,
      "options": {...}}                                       # runner-specific extras (e.g. the benchmark's)
 
 Per-rank result ``RUN/rank{r}.json`` (format ``llmcomm.rank/1``; written to a temporary name and renamed, so a file
 that exists is complete)::
 
-    {"format": "llmcomm.rank/1", "entry": "llmcomm.runs.tp",
+    {"format": "llmcomm.rank/1", "entry": "llmcomm.measure.runs.tp",
      "rank": int, "local_rank": int, "world_size": int, "pid": int, "hostname": str, "device": "cpu"|"cuda:N",
      "comm": {"backend": "gloo"|"nccl", "allreduce_path": "shm"|"process_group"},
-     "events": [Event.as_dict(), ...],                     # llmcomm.capture.Event: rank, seq, phase, op, api, dtype,
+     "events": [Event.as_dict(), ...],                     # measure.capture.Event: rank, seq, phase, op, api, dtype,
                                                            #   shape, bytes (nccl-tests S), group, peer, async_op,
                                                            #   t_start, t_end (epoch seconds)
      "phase_spans": [{"rank", "phase", "t_start", "t_end"}, ...],
@@ -41,7 +42,6 @@ Test hooks (environment): ``LLMCOMM_TEST_KILL_RANK=r`` makes rank r fail on ente
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import faulthandler
 import json
@@ -55,24 +55,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from llmcomm.record import write_json
 from llmcomm.spec import ModelSpec, Layout, Workload
 
-__all__ = ["RankContext", "rank_main", "write_json_atomic", "RESULT_FORMAT"]
+__all__ = ["RankContext", "rank_main", "RESULT_FORMAT"]
 
 RESULT_FORMAT = "llmcomm.rank/1"
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write JSON to ``path`` via a temporary file in the same folder and ``os.replace``: readers never see a partial
-    file, and an existing result is only ever replaced by a complete one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 @dataclass
@@ -82,9 +70,9 @@ class RankContext:
     rank: int
     local_rank: int
     world_size: int
-    model: ModelSpec
-    layout: Layout
-    workload: Workload
+    model: ModelSpec | None
+    layout: Layout | None
+    workload: Workload | None
     seed: int
     backend: str | None
     reference: bool
@@ -92,13 +80,14 @@ class RankContext:
     capture_enabled: bool
     out_dir: Path
     device: Any = None
+    dtype: str = "fp32"
     options: dict = field(default_factory=dict)
     last_capture: Any = None            # the capture made by capture(); rank_main saves its events
 
     def capture(self, enabled: bool | None = None):
-        """A :class:`~llmcomm.capture.Capture` for this rank (a do-nothing stand-in when disabled, as the overhead
+        """A :class:`~llmcomm.measure.capture.Capture` for this rank (a do-nothing stand-in when disabled, as the overhead
         benchmark's baseline is). Its events end up in the rank's result file."""
-        from llmcomm.capture import Capture
+        from llmcomm.measure.capture import Capture
 
         on = self.capture_enabled if enabled is None else enabled
         self.last_capture = Capture(rank=self.rank, sync=self.sync) if on else _NoCapture(self.rank)
@@ -148,12 +137,18 @@ class _NoCapture:
         yield self
 
 
-def _parse(argv):
-    ap = argparse.ArgumentParser(description="llmcomm rank entry (started by llmcomm.launch)")
-    ap.add_argument("--spec", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--local_rank", type=int, default=None)     # appended by the DeepSpeed launcher
-    return ap.parse_args(argv)
+def _parse(argv: list[str]) -> tuple[Path, Path, int | None]:
+    """(spec, out, local_rank) of the rank protocol: ``--spec FILE --out DIR [--local_rank=N | --local_rank N]`` (the
+    DeepSpeed launcher appends ``--local_rank``). Not a user command line: a malformed one is a programming error."""
+    vals: dict[str, str] = {}
+    it = iter(argv)
+    for arg in it:
+        key, eq, val = arg.partition("=")
+        if key not in ("--spec", "--out", "--local_rank"):
+            raise SystemExit(f"rank protocol: unexpected argument {arg!r} (expected --spec FILE --out DIR)")
+        vals[key] = val if eq else next(it)
+    local = vals.get("--local_rank")
+    return Path(vals["--spec"]), Path(vals["--out"]), (int(local) if local is not None else None)
 
 
 def _init_distributed(ctx: RankContext) -> dict:
@@ -172,34 +167,36 @@ def _init_distributed(ctx: RankContext) -> dict:
         cdb.shm_vector_kernel_level = 0
     use_shm = (ctx.device.type == "cpu" and hasattr(torch.ops, "deepspeed")
                and hasattr(torch.ops.deepspeed, "inference_all_reduce_")
-               and getattr(cdb, "shm_vector_kernel_level", 0) >= (1 if ctx.workload.dtype == "fp32" else 2))
+               and getattr(cdb, "shm_vector_kernel_level", 0) >= (1 if ctx.dtype == "fp32" else 2))
     return {"backend": torch.distributed.get_backend(), "allreduce_path": "shm" if use_shm else "process_group"}
 
 
 def rank_main(run: Callable[[RankContext], dict], entry: str, argv=None) -> int:
     """Run ``run`` on this rank and write its result file; returns the process exit status."""
-    args = _parse(sys.argv[1:] if argv is None else argv)
-    out = Path(args.out)
+    spec_path, out, local_arg = _parse(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))
     # Dump the stack on SIGUSR1 even while blocked in C (a collective): the launcher's hang diagnosis.
     stack_file = open(out / f"rank{rank}.stack", "w")
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
     try:
-        spec = json.loads(Path(args.spec).read_text())
+        spec = json.loads(spec_path.read_text())
         if spec.get("backend") == "gloo":
             # Without LOCAL_SIZE the shm kernel never maps its 66 MiB /dev/shm buffer (it is not used under gloo).
             os.environ.pop("LOCAL_SIZE", None)
-        from llmcomm.runs.common import pick_device, versions
+        from llmcomm.measure.runs.common import pick_device, versions
 
-        workload = Workload(**spec["workload"])
-        local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
+        workload = Workload(**spec["workload"]) if spec.get("workload") else None
+        model = ModelSpec.from_hf_config(spec["model"]["hf_config"], name=spec["model"]["name"]) \
+            if spec.get("model") else None
+        options = dict(spec.get("options") or {})
+        local_rank = int(os.environ.get("LOCAL_RANK", local_arg or 0))
+        dtype = workload.dtype if workload else options.get("dtype", "fp32")
         ctx = RankContext(rank=rank, local_rank=local_rank, world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                          model=ModelSpec.from_hf_config(spec["model"]["hf_config"], name=spec["model"]["name"]),
-                          layout=Layout(**spec["layout"]), workload=workload, seed=int(spec.get("seed", 0)),
+                          model=model, layout=Layout(**spec["layout"]) if spec.get("layout") else None,
+                          workload=workload, seed=int(spec.get("seed", 0)),
                           backend=spec.get("backend"), reference=bool(spec.get("reference", True)),
                           sync=bool(spec.get("sync", False)), capture_enabled=bool(spec.get("capture", True)),
-                          out_dir=out, options=dict(spec.get("options") or {}),
-                          device=pick_device(workload.dtype, local_rank))
+                          out_dir=out, options=options, dtype=dtype, device=pick_device(dtype, local_rank))
         comm = _init_distributed(ctx)
         result = run(ctx)
         cap = ctx.last_capture
@@ -210,11 +207,11 @@ def rank_main(run: Callable[[RankContext], dict], entry: str, argv=None) -> int:
                   "phase_spans": cap.phase_spans if cap is not None else [],
                   "tokens": None, "reference_tokens": None, "timings": {}, "versions": versions()}
         record.update(result)
-        write_json_atomic(out / f"rank{rank}.json", record)
+        write_json(out / f"rank{rank}.json", record)
         _shutdown()
         return 0
     except BaseException as e:                    # noqa: BLE001 - every failure must leave a readable report
-        write_json_atomic(out / f"rank{rank}.error.json",
+        write_json(out / f"rank{rank}.error.json",
                           {"rank": rank, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
         traceback.print_exc()
         return 1

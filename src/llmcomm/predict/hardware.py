@@ -8,16 +8,19 @@ A preset is a JSON file in ``llmcomm/presets/hardware`` (or any path / dict with
      "collectives": {level: {op: {"<n>" | "any": FIT}}},     # optional: fitted per-op overrides (cpu-local)
      "subgroup_collectives": {level: {op: {...: FIT}}},      # optional: fits for proper sub-groups (CPU hybrids: gloo)
      "compute_by_threads": {"<threads>": {...}},             # optional: compute calibration per thread count
-                                                              # (cpu-local; llmcomm.timing.hardware_for_ranks)
+                                                              # (cpu-local; for_ranks picks one)
      "source": {field: where the number comes from}}          # every number is labelled (published or ASSUMPTION)
 
     LINK = {"name", "bw_GBps", "efficiency", "alpha_us", "algorithm": "ring"|"tree"|"direct"|"auto"}
     FIT  = {"alpha_us", "busbw_GBps", "algorithm", "backend", ...}
 
 ``level`` is ``intra`` (ranks on one node: NVLink, or shared memory on a CPU) or ``inter`` (ranks on different
-nodes: InfiniBand). A collective on ``n`` ranks costs :func:`llmcomm.collectives.alpha_beta_time` with the α (s per
+nodes: InfiniBand). A collective on ``n`` ranks costs :func:`llmcomm.predict.collectives.alpha_beta_time` with the α (s per
 step) and β (s per busbw-byte) of the fitted entry for (level, op, n) when there is one, else of (level, op, "any"),
 else of the link (β = 1 / (bw·efficiency)).
+
+:func:`for_ranks` picks, from a CPU preset's ``compute_by_threads``, the calibration at the thread count each rank of
+a run has; :func:`scale_links` is the what-if of faster links.
 """
 from __future__ import annotations
 
@@ -25,12 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import json
+
 import numpy as np
 
-from .collectives import alpha_beta_time, canonical_op, latency_steps
-from .spec import SpecError, preset_names, read_preset_or_file
+from ..derive.conventions import bus_factor, canonical_op
+from ..spec import SpecError, cpu_threads_per_rank, preset_names, read_preset_or_file
+from .collectives import alpha_beta_time, latency_steps
 
-__all__ = ["Hardware", "Link", "hardware_names", "load_hardware", "LEVELS"]
+__all__ = ["Hardware", "Link", "hardware_names", "load_hardware", "LEVELS", "for_ranks", "scale_links"]
 
 LEVELS = ("intra", "inter")
 GiB = 1 << 30
@@ -133,41 +139,35 @@ class Hardware:
         return link.alpha_s, link.beta_s_per_B, link.algorithm
 
     def collective_coeffs(self, op: str, n: int, level: str = "intra", subgroup: bool = False) -> tuple[float, float]:
-        """(A, F) with time = A + F·S for ``op`` on ``n`` ranks: A = steps·α (``auto``: the fewer steps of ring and
-        tree, whose bandwidth terms are equal), F = busbw_factor·β (0 for a group of one)."""
-        a, b, alg = self.coll_params(op, int(n), level, subgroup)
-        zero = np.zeros(())
+        """(fixed, per_byte) with seconds = fixed + per_byte·m for ``op`` on ``n`` ranks: fixed = steps·α (``auto``:
+        the fewer steps of ring and tree, whose bandwidth terms are equal), per_byte = f(n)·β (0 for a group of
+        one, except send_recv)."""
+        alpha, beta, alg = self.coll_params(op, int(n), level, subgroup)
         steps = min(float(latency_steps(op, n, "ring")), float(latency_steps(op, n, "tree"))) if alg == "auto" \
             else float(latency_steps(op, n, alg))
-        f = float(alpha_beta_time(op, n, 1.0, zero, 1.0, "ring"))        # busbw factor (0 when n = 1)
-        return steps * a, f * b
+        f = float(bus_factor(op, n)) if (n > 1 or canonical_op(op) == "send_recv") else 0.0
+        return steps * alpha, f * beta
 
     def collective_time(self, op: str, n, size_bytes, level: str = "intra", subgroup: bool = False):
-        """Time (s) of one ``op`` of S = ``size_bytes`` on ``n`` ranks at ``level``; ``n`` and ``size_bytes`` may be
-        numpy arrays (coefficients tabulated per distinct n, then gathered: two lookups and one multiply-add)."""
+        """Seconds of one ``op`` of size m = ``size_bytes`` on ``n`` ranks at ``level``; ``n`` and ``size_bytes``
+        may be numpy arrays (coefficients tabulated per distinct n, then gathered: two lookups and a multiply-add)."""
         n_arr = np.asarray(n)
         size = np.asarray(size_bytes, dtype=float)
         if n_arr.ndim == 0:
-            a, b, alg = self.coll_params(op, int(n_arr), level, subgroup)
-            return alpha_beta_time(op, n_arr, size, a, b, alg)
+            alpha, beta, alg = self.coll_params(op, int(n_arr), level, subgroup)
+            return alpha_beta_time(op, n_arr, size, alpha, beta, alg)
         n_arr = n_arr.astype(np.int64, copy=False)
         lo, hi = int(n_arr.min()), int(n_arr.max())
         if lo == hi:
-            A, F = self.collective_coeffs(op, lo, level, subgroup)
-            return A + F * size + np.zeros(n_arr.shape)
+            fixed, per_byte = self.collective_coeffs(op, lo, level, subgroup)
+            return fixed + per_byte * size + np.zeros(n_arr.shape)
         present = np.flatnonzero(np.bincount(n_arr.ravel() - lo)) + lo
-        A_tab = np.zeros(hi - lo + 1)
-        F_tab = np.zeros(hi - lo + 1)
-        for k in present:
-            A_tab[k - lo], F_tab[k - lo] = self.collective_coeffs(op, int(k), level, subgroup)
+        fixed_tab = np.zeros(hi - lo + 1)
+        per_byte_tab = np.zeros(hi - lo + 1)
+        for ranks in present:
+            fixed_tab[ranks - lo], per_byte_tab[ranks - lo] = self.collective_coeffs(op, int(ranks), level, subgroup)
         idx = n_arr - lo
-        return A_tab[idx] + F_tab[idx] * size
-
-    def describe(self) -> dict:
-        """A small JSON-able summary (what advice output carries)."""
-        return {"name": self.name, "memory_gib": self.memory_bytes / GiB, "gpus_per_node": self.gpus_per_node,
-                "links": {k: {"name": v.name, "alpha_us": v.alpha_s * 1e6, "busbw_GBps": 1e-9 / v.beta_s_per_B}
-                          for k, v in self.links.items()}}
+        return fixed_tab[idx] + per_byte_tab[idx] * size
 
 
 def load_hardware(hw: "str | Path | Mapping[str, Any] | Hardware") -> Hardware:
@@ -178,3 +178,41 @@ def load_hardware(hw: "str | Path | Mapping[str, Any] | Hardware") -> Hardware:
         return Hardware.from_dict(hw)
     data, name = read_preset_or_file("hardware", str(hw), "hardware")
     return Hardware.from_dict(data, name=name)
+
+
+def for_ranks(hardware: Hardware, ranks: int, cores: int | None = None) -> Hardware:
+    """``hardware`` with the compute calibration taken at the thread count each of ``ranks`` CPU ranks runs with.
+
+    The ``cpu-local`` preset keeps one compute calibration per thread count (``compute_by_threads``: peak FLOP/s,
+    memory bandwidth, flops efficiency, per-layer overhead); the entry for
+    :func:`llmcomm.spec.cpu_threads_per_rank` (or the nearest calibrated count) replaces the top-level compute
+    numbers. Presets without ``compute_by_threads`` (the GPUs) are returned unchanged."""
+    by = hardware.raw.get("compute_by_threads") or {}
+    if not by:
+        return hardware
+    want = cpu_threads_per_rank(ranks, cores)
+    key = min(by, key=lambda x: (abs(int(x) - want), int(x)))
+    d = dict(hardware.raw)
+    d.update({x: v for x, v in by[key].items() if x in ("peak_tflops", "mem_bw_GBps", "efficiency",
+                                                         "layer_overhead_us")})
+    d["threads"] = int(key)
+    return Hardware.from_dict(d, name=hardware.name)
+
+
+def scale_links(hardware: Hardware, factor: float, levels=("intra", "inter")) -> Hardware:
+    """What-if: ``hardware`` with the bandwidth of its ``levels`` links (and fitted collectives) × ``factor``
+    (β / factor; α unchanged)."""
+    if not hardware.raw:
+        raise SpecError(f"hardware {hardware.name!r} has no raw preset to scale")
+    if factor <= 0:
+        raise SpecError(f"link speed factor {factor!r} must be positive")
+    d = json.loads(json.dumps(dict(hardware.raw)))
+    for lvl in levels:
+        if lvl in d.get("links", {}):
+            d["links"][lvl]["bw_GBps"] = float(d["links"][lvl]["bw_GBps"]) * factor
+        for key in ("collectives", "subgroup_collectives"):
+            for fits in d.get(key, {}).get(lvl, {}).values():
+                for fit in fits.values():
+                    fit["busbw_GBps"] = float(fit["busbw_GBps"]) * factor
+    d["name"] = f"{hardware.name} (links ×{factor:g})"
+    return Hardware.from_dict(d, name=d["name"])

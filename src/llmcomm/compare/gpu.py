@@ -1,0 +1,90 @@
+"""GPU measurements (``tools/gpu``'s files under ``data/<gpu-machine>/``) beside the time model's predictions.
+
+A GPU number is shown only when a file with provenance holds it; without one, the chapter shows predictions and says
+so. The machine folder names the GPU (:func:`llmcomm.record.machine_id`); :func:`preset_for_machine` maps it to the
+hardware preset whose figures the predictions use — the one place that mapping lives.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from ..predict.compute import forward_compute
+from ..predict.hardware import Hardware, load_hardware
+from ..predict.latency import predict_latency
+from ..record import data_dir, load_frame
+from ..spec import Layout, ModelSpec, Workload
+
+__all__ = ["gpu_machines", "preset_for_machine", "predicted_layers", "layer_comparison", "predicted_generation",
+           "generation_comparison", "SHAPES"]
+
+#: what tools/gpu/single_gpu.py times: (t, b, S) for each model
+SHAPES = [(t, b, S) for t in (1, 2, 4, 8) for b in (1, 8) for S in (128, 512, 2048)]
+
+
+def gpu_machines(name: str = "layer_times") -> list[str]:
+    """Machine folders under ``data/`` holding ``<name>.csv`` from a GPU (not ``cpu-local``, not a dry run)."""
+    root = data_dir("x").parent
+    return sorted(p.parent.name for p in root.glob(f"*/{name}.csv")
+                  if p.parent.name != "cpu-local" and not p.parent.name.startswith("dry-run"))
+
+
+def preset_for_machine(machine: str) -> Hardware:
+    """The hardware preset of a GPU machine folder: ``h200-…`` → h200, any other H100 → h100-sxm."""
+    return load_hardware("h200" if machine.startswith("h200") else "h100-sxm")
+
+
+def predicted_layers(hw: Hardware, models: list[ModelSpec], shapes=SHAPES) -> pd.DataFrame:
+    """Predicted seconds of one decoder layer on one rank for each (model, t, b, S) and phase (decode: one token
+    with S cached, i.e. G = 2 in the phase convention)."""
+    rows = []
+    for model in models:
+        for t, b, S in shapes:
+            for phase in ("prefill", "decode"):
+                c = forward_compute(model, hw, t, 1, b, S, 2, 2, phase)
+                rows.append({"hardware": hw.name, "model": model.name, "t": t, "b": b, "S": S, "phase": phase,
+                             "predicted_us": float(c["layer_s"]) * 1e6, "compute_bound": bool(c["compute_bound"])})
+    return pd.DataFrame(rows)
+
+
+def layer_comparison(models: list[ModelSpec]) -> pd.DataFrame | None:
+    """Every GPU machine's measured layer times beside the predictions for its preset, with the signed error
+    (predicted − measured) / measured in %; None when no GPU measurement exists."""
+    parts = []
+    for machine in gpu_machines():
+        df, _ = load_frame("layer_times", machine)
+        pred = predicted_layers(preset_for_machine(machine), models)
+        m = df[["model", "t", "b", "S", "phase", "median_s"]].merge(pred, on=["model", "t", "b", "S", "phase"])
+        m["machine"] = machine
+        m["measured_us"] = m.median_s * 1e6
+        m["error_%"] = 100 * (m.predicted_us - m.measured_us) / m.measured_us
+        parts.append(m[["machine", "hardware", "model", "t", "b", "S", "phase", "measured_us", "predicted_us",
+                        "error_%"]])
+    return pd.concat(parts, ignore_index=True) if parts else None
+
+
+def predicted_generation(model: ModelSpec, hws: list[Hardware], workloads: list[Workload]) -> pd.DataFrame:
+    """Predicted single-GPU TTFT and TPOT (ms) of ``model`` for each hardware and workload."""
+    rows = []
+    for hw in hws:
+        for wl in workloads:
+            r = predict_latency(model, Layout(1, 1), wl, hw)
+            rows.append({"hardware": hw.name, "b": wl.b, "S": wl.S, "G": wl.G, "predicted_ttft_ms": r["ttft_s"] * 1e3,
+                         "predicted_tpot_ms": r["tpot_s"] * 1e3})
+    return pd.DataFrame(rows)
+
+
+def generation_comparison(model: ModelSpec, workloads: list[Workload]) -> pd.DataFrame | None:
+    """Measured single-GPU generations (``generate``) beside the predictions for the machine's preset; None when
+    no GPU generation has been measured."""
+    parts = []
+    for machine in gpu_machines("generate"):
+        g, _ = load_frame("generate", machine)
+        hw = preset_for_machine(machine)
+        m = g.merge(predicted_generation(model, [hw], workloads), on=["b", "S", "G"])
+        m["machine"] = machine
+        m["measured_ttft_ms"], m["measured_tpot_ms"] = m.ttft_s * 1e3, m.tpot_s * 1e3
+        m["ttft_error_%"] = 100 * (m.predicted_ttft_ms - m.measured_ttft_ms) / m.measured_ttft_ms
+        m["tpot_error_%"] = 100 * (m.predicted_tpot_ms - m.measured_tpot_ms) / m.measured_tpot_ms
+        parts.append(m[["machine", "b", "S", "G", "measured_ttft_ms", "predicted_ttft_ms", "ttft_error_%",
+                        "measured_tpot_ms", "predicted_tpot_ms", "tpot_error_%"]])
+    return pd.concat(parts, ignore_index=True).round(3) if parts else None

@@ -1,0 +1,160 @@
+"""Each engine's messages, as data.
+
+An *engine pattern* is a list of :class:`Msg`: each one kind of message an engine sends during **one forward** over
+``s`` new tokens per sequence (``s = S`` in the prefill, ``s = 1`` in a decode step), symbolic in the notation of
+:mod:`llmcomm.notation`. Everything else — closed forms per phase, totals, numbers — is derived from these lists
+(:mod:`llmcomm.derive.volumes`, :mod:`llmcomm.derive.evaluate`); a pattern is never copied into another module.
+
+Messages that exist only when t > 1 (TP) or p > 1 (PP) carry that condition as a :class:`sympy.Piecewise`
+(:func:`when_tp`, :func:`when_pp`), so one formula holds for every layout, t = 1 and p = 1 included.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import sympy as sp
+
+from ..notation import L, V, b, h, p, s, t, w
+from ..spec import SpecError
+
+__all__ = ["Msg", "ENGINES", "P2P_MODES", "PATHS", "WHERE", "W_TOKEN", "pattern", "engine_for", "when_tp", "when_pp"]
+
+#: Bytes of one token id as engines move it (torch.int64).
+W_TOKEN = 8
+#: Which ranks a message joins (the latency model's link choice): a TP group, neighbouring stages, or the wrap from
+#: the last stage back to stage 0.
+PATHS = ("tp", "pp", "wrap")
+#: Which groups issue a message's calls (global rank = stage·t + TP rank; the TP group of a stage is its t
+#: consecutive ranks): ``layers`` — every stage's TP group, in proportion to the decoder layers it holds; ``head`` —
+#: the last stage's TP group; ``embed`` — the first stage's; ``receivers`` — the TP group of each stage that receives
+#: a hop (stages 1 … p−1), equally; ``boundary`` — TP rank j of stage k to TP rank j of stage k+1, at each of the
+#: p−1 boundaries, equally; ``wrap`` — TP rank j of the last stage to TP rank j of stage 0.
+WHERE = ("layers", "head", "embed", "receivers", "boundary", "wrap")
+
+
+def when_tp(expr):
+    """``expr`` when tensor parallelism is on (t > 1), else 0."""
+    return sp.Piecewise((expr, sp.Gt(t, 1)), (0, True))
+
+
+def when_pp(expr):
+    """``expr`` when pipeline parallelism is on (p > 1), else 0."""
+    return sp.Piecewise((expr, sp.Gt(p, 1)), (0, True))
+
+
+@dataclass(frozen=True)
+class Msg:
+    """One kind of message in one forward: ``calls`` calls of ``op`` on groups of ``group`` ranks, each of ``elems``
+    elements of ``width`` bytes (the nccl-tests size m of one call is ``elems · width``); ``where`` says which groups
+    issue them (:data:`WHERE`), ``path`` which link they cross (:data:`PATHS`, implied by ``where``)."""
+
+    op: str
+    group: sp.Expr
+    calls: sp.Expr
+    elems: sp.Expr
+    why: str
+    where: str = "layers"
+    width: sp.Expr = w
+
+    def __post_init__(self):
+        if self.where not in WHERE:
+            raise ValueError(f"where {self.where!r} is not one of {WHERE}")
+
+    @property
+    def path(self) -> str:
+        return {"boundary": "pp", "wrap": "wrap"}.get(self.where, "tp")
+
+    @property
+    def bytes_per_call(self) -> sp.Expr:
+        return self.elems * self.width
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Engine patterns. Each line cites what it models; the deepspeed lines were read from DeepSpeed 0.19.8's source
+# (module_inject/auto_tp.py, layers.py) and confirmed by capture (book: "Tensor parallelism: measured vs predicted";
+# the pipeline lines: measure/runs/PIPELINE_PATTERN.md).
+# --------------------------------------------------------------------------------------------------------------------
+def _deepspeed(p2p: str = "partitioned") -> list[Msg]:
+    """DeepSpeed AutoTP, and the llmcomm pipeline runner on DeepSpeed's PipelineModule + p2p when p > 1. ``p2p``:
+    the runner's stage-to-stage mode (:data:`P2P_MODES`) — ``"partitioned"`` (its default: 1/t per TP rank, then an
+    all-gather) or ``"full"`` (every TP rank sends the whole [b, s, h]; no all-gather). With t = 1 the two are the
+    same."""
+    if p2p == "full":
+        hops = [Msg("send_recv", 2, when_pp(t * (p - 1)), b * s * h,
+                    "hidden state, whole [b, s, h] from every TP rank, at each of the p−1 stage boundaries",
+                    where="boundary")]
+    else:
+        hops = [
+            # At each of the p−1 boundaries every TP rank sends its 1/t of the hidden state [b, s, h] to its peer
+            # (DeepSpeed's PartitionedTensor; with t = 1 that is the whole tensor) ...
+            Msg("send_recv", 2, when_pp(t * (p - 1)), b * s * h / t,
+                "hidden state, 1/t per TP rank, at each of the p−1 stage boundaries", where="boundary"),
+            # ... and the receiving stage all-gathers the t parts.
+            Msg("all_gather", t, when_pp(when_tp(p - 1)), b * s * h,
+                "next stage all-gathers the t parts of [b, s, h]", where="receivers"),
+        ]
+    return [
+        # AutoTP makes o_proj and down_proj LinearAllreduce: a row-parallel matmul then an all-reduce of the
+        # full activation [b, s, h] — two per decoder layer. Embedding, norms, rotary: replicated, no traffic.
+        Msg("all_reduce", t, when_tp(2 * L), b * s * h,
+            "o_proj and down_proj are LinearAllreduce: all-reduce of [b, s, h], twice per layer"),
+        # lm_head becomes LmHeadLinearAllreduce: row-parallel over h, so every rank holds partial logits of the
+        # whole vocabulary and they are all-reduced: [b, s_keep, V] with s_keep = 1 (only the last position's logits
+        # are kept, as HF generate does). With tied embeddings DeepSpeed clones the head's weight first, so the
+        # embedding stays replicated and the pattern is the same.
+        Msg("all_reduce", t, when_tp(1), b * V,
+            "lm_head is LmHeadLinearAllreduce: all-reduce of the last position's logits [b, 1, V]", where="head"),
+        # Pipeline (llmcomm.measure.runs.pipeline: DeepSpeed PipelineModule + deepspeed.runtime.pipe.p2p, KV cache
+        # per stage): the stage-to-stage hops above, then the token hand-back.
+        *hops,
+        # The last stage hands the greedy token (int64 [b, 1]) back to stage 0 after every forward, from each TP rank.
+        Msg("send_recv", 2, when_pp(t), b, "token ids int64 [b, 1], last stage → stage 0, from every TP rank",
+            where="wrap", width=W_TOKEN),
+    ]
+
+
+def _vllm() -> list[Msg]:
+    # The pattern the paper (arXiv 2507.14392) describes for vLLM's TP: a vocabulary-parallel embedding (each rank
+    # looks up its vocabulary shard, then all-reduce of [b, s, h]), two all-reduces per layer, and a
+    # column-parallel head whose vocabulary shards of the last position's logits are gathered to one rank.
+    return [
+        Msg("all_reduce", t, when_tp(1), b * s * h, "VocabParallelEmbedding: all-reduce of [b, s, h]", where="embed"),
+        Msg("all_reduce", t, when_tp(2 * L), b * s * h,
+            "attention out and MLP down projections: all-reduce of [b, s, h]"),
+        Msg("gather", t, when_tp(1), b * V, "ParallelLMHead: gather of [b, 1, V/t] shards to rank 0 (m = b·V·w)",
+            where="head"),
+        # Pipeline: vLLM sends the hidden state and the residual, each [b, s, h], at each stage boundary; in a
+        # hybrid each TP rank sends its 1/t slice and the next stage all-gathers them.
+        Msg("send_recv", 2, when_pp(2 * (p - 1) * t), b * s * h / t,
+            "hidden state and residual, 1/t slice per TP rank, at each of the p−1 stage boundaries", where="boundary"),
+        Msg("all_gather", t, when_pp(when_tp(2 * (p - 1))), b * s * h,
+            "next stage all-gathers the t slices of hidden state and residual", where="receivers"),
+    ]
+
+
+ENGINES: dict[str, Callable[[], list[Msg]]] = {"deepspeed": _deepspeed, "deepspeed-full": lambda: _deepspeed("full"),
+                                               "vllm": _vllm}
+#: Stage-to-stage modes of the DeepSpeed pipeline runner (``llmcomm measure --p2p``) and the pattern of each. The one
+#: definition: the runner, the command line and the closed forms all read it.
+P2P_MODES = {"partitioned": "deepspeed", "full": "deepspeed-full"}
+
+
+def engine_for(engine: str = "deepspeed", p2p: str = "partitioned") -> str:
+    """The pattern name for ``engine`` with stage-to-stage mode ``p2p``: ``deepspeed`` + ``full`` →
+    ``deepspeed-full``; ``partitioned`` leaves any engine as it is (vLLM's pattern has its own pipeline rows)."""
+    if p2p not in P2P_MODES:
+        raise SpecError(f"p2p mode {p2p!r} is not one of {', '.join(P2P_MODES)}")
+    if p2p == "partitioned":
+        return engine
+    if engine not in ("deepspeed", "deepspeed-full"):
+        raise SpecError(f"p2p mode {p2p!r} models the DeepSpeed pipeline runner; engine {engine!r} has its own")
+    return P2P_MODES[p2p]
+
+
+def pattern(engine: str) -> list[Msg]:
+    """The messages of one forward for ``engine`` (symbolic in b, s, h, L, V, t, p, w)."""
+    try:
+        return ENGINES[engine]()
+    except KeyError:
+        raise SpecError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}") from None

@@ -1,0 +1,107 @@
+"""Every symbol of llmcomm, once: its sympy symbol, its LaTeX, what it means, and where it appears — the code
+attribute, the command-line flag, the JSON key, the Hugging Face ``config.json`` key.
+
+No letter means two things anywhere in the project (code, docstrings, formulas, book, JSON). The book's notation
+table is generated from :data:`NOTATION` (:func:`llmcomm.report.tables.notation_table`), so the two cannot drift.
+Modules that derive formulas take their sympy symbols from here (``from llmcomm.notation import b, S, G, …``).
+
+Words, not letters, for what has no symbol: FLOPs are "flops", bytes moved by compute are "bytes", the nccl-tests
+bus-bandwidth factor is the function :func:`llmcomm.derive.conventions.bus_factor`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+__all__ = ["Notation", "NOTATION", "symbol", "by_group", "GROUPS"]
+
+
+@dataclass(frozen=True)
+class Notation:
+    """One symbol: ``name`` as code spells it (and as sympy names it), its LaTeX, its meaning, its group, and where
+    it appears. Empty strings mean "does not appear there"."""
+
+    name: str
+    latex: str
+    meaning: str
+    group: str
+    code: str = ""
+    cli: str = ""
+    json: str = ""
+    hf: str = ""
+    integer: bool = True
+    symbol: sp.Symbol = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        kw = {"integer": True, "positive": True} if self.integer else {"positive": True}
+        object.__setattr__(self, "symbol", sp.Symbol(self.name, **kw))
+
+
+#: groups in the order the book's table shows them
+GROUPS = ("workload", "model", "layout", "forward", "message", "time")
+
+_ENTRIES = (
+    # workload
+    Notation("b", "b", "batch: sequences generated together", "workload", "Workload.b", "--batch", "batch"),
+    Notation("S", "S", "prompt length (tokens per sequence)", "workload", "Workload.S", "--prompt", "prompt"),
+    Notation("G", "G", "generated tokens per sequence (1 prefill + G−1 decode forwards)", "workload", "Workload.G",
+             "--generate", "generate"),
+    Notation("w", "w", "bytes per element of the model dtype (fp32 4, bf16/fp16 2)", "workload", "Workload.w",
+             "--dtype", "dtype"),
+    # model
+    Notation("h", "h", "hidden size", "model", "ModelSpec.h", "", "", "hidden_size"),
+    Notation("L", "L", "decoder layers", "model", "ModelSpec.L", "", "", "num_hidden_layers"),
+    Notation("V", "V", "vocabulary size", "model", "ModelSpec.V", "", "", "vocab_size"),
+    Notation("a", "a", "attention (query) heads", "model", "ModelSpec.heads", "", "", "num_attention_heads"),
+    Notation("a_kv", "a_{kv}", "key-value heads", "model", "ModelSpec.kv_heads", "", "", "num_key_value_heads"),
+    Notation("d", "d", "head dimension", "model", "ModelSpec.head_dim", "", "", "head_dim"),
+    Notation("F", "F", "FFN (MLP intermediate) width", "model", "ModelSpec.ffn", "", "", "intermediate_size"),
+    # layout
+    Notation("t", "t", "tensor-parallel degree (ranks of a TP group)", "layout", "Layout.t", "--tp", "tp"),
+    Notation("p", "p", "pipeline-parallel degree (stages)", "layout", "Layout.p", "--pp", "pp"),
+    Notation("N", "N", "GPUs (ranks) of a layout, N = t·p", "layout", "Layout.ranks", "--gpus", "gpus"),
+    Notation("g", "g", "GPUs per node (ranks placed in order, g per node)", "layout", "gpus_per_node",
+             "--gpus-per-node", "gpus_per_node"),
+    # one forward
+    Notation("s", "s", "tokens one forward carries per sequence (S in the prefill, 1 in a decode step)", "forward",
+             "s"),
+    Notation("T", "T", "tokens one rank computes in one forward, T = b·s (a GEMM's M dimension)", "forward",
+             "tokens"),
+    Notation("ell", r"\ell", "tokens already in the KV cache before a forward", "forward", "kv_len"),
+    Notation("c", "c", "keys one query attends to (mean over a forward)", "forward", "ctx", "", "", "",
+             integer=False),
+    # messages
+    Notation("m", "m", "message size in bytes, as nccl-tests defines it for the op", "message", "bytes", "", "bytes"),
+    Notation("n", "n", "ranks in the group a collective runs on", "message", "group_size", "--ranks",
+             "group_size"),
+    # time
+    Notation("alpha", r"\alpha", "latency of one algorithm step (s)", "time", "alpha_s", "", "alpha_us",
+             integer=False),
+    Notation("beta", r"\beta", "inverse bus bandwidth (s per byte)", "time", "beta_s_per_B", "", "busbw_GBps",
+             integer=False),
+    Notation("tau", r"\tau", "a time (s)", "time", "seconds", "", "seconds", integer=False),
+)
+
+#: name → :class:`Notation`, in table order
+NOTATION: dict[str, Notation] = {x.name: x for x in _ENTRIES}
+assert len(NOTATION) == len(_ENTRIES), "a symbol is defined twice"
+assert len({x.latex for x in _ENTRIES}) == len(_ENTRIES), "two symbols print alike"
+
+
+def symbol(name: str) -> sp.Symbol:
+    """The sympy symbol of ``name`` (one object per name, project-wide)."""
+    return NOTATION[name].symbol
+
+
+def by_group(group: str) -> list[Notation]:
+    return [x for x in _ENTRIES if x.group == group]
+
+
+# The symbols as module attributes, for ``from llmcomm.notation import b, S, G, h, L, V, t, p, w, s``.
+b, S, G, w = (symbol(x) for x in ("b", "S", "G", "w"))
+h, L, V, a, a_kv, d, F = (symbol(x) for x in ("h", "L", "V", "a", "a_kv", "d", "F"))
+t, p, N, g = (symbol(x) for x in ("t", "p", "N", "g"))
+s, T, ell, c = (symbol(x) for x in ("s", "T", "ell", "c"))
+m, n = symbol("m"), symbol("n")
+alpha, beta, tau = symbol("alpha"), symbol("beta"), symbol("tau")

@@ -1,0 +1,156 @@
+"""The command line under fire: thousands of generated argument vectors against every subcommand.
+
+Each must end with exit status 0, 1 or 2, never a traceback, one line on stderr for a bad input (status 2), and
+nothing written outside the folder the vector names for output (``--out``, or ``--write`` for ``calibrate``). Runs
+are not started: the launcher is replaced by one that fails as a dead rank would (status 1), and the compute timing
+of ``calibrate --compute`` by canned numbers — what is under test is the command line's handling, not DeepSpeed.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from llmcomm.cli import main
+
+EXAMPLES = 2000
+
+MODELS = ["tiny-llama", "llama-3.1-8b", "llama-3.1-70b", "llama-3.2-1b", "no-such-model", "", "cfg.json", "bad.json",
+          "folder", "/dev/null"]
+INTS = ["1", "2", "3", "4", "8", "16", "0", "-1", "1.5", "abc", "", "999999", "64"]
+FLOATS = ["1", "0.5", "0", "-3", "nan", "inf", "x"]
+HW = ["h100-sxm", "cpu-local", "a100-sxm-80gb", "no-such-gpu", "hw.json", "bad.json"]
+SIZES = ["4", "64K", "1M", "12Q", "0", "-4", "1.5M", ""]
+OPS = ["all_reduce", "all_gather", "broadcast", "send_recv", "allredcue", "gather", "all_to_all", ""]
+
+COMMON = {"--model": MODELS, "--tp": INTS, "--pp": INTS, "--batch": INTS, "--prompt": INTS, "--generate": INTS,
+          "--dtype": ["fp32", "bf16", "fp16", "int8"], "--p2p": ["partitioned", "full", "ring"]}
+OPTIONS = {
+    "predict": {**COMMON, "--engine": ["deepspeed", "vllm", "megatron"], "--hardware": HW, "--gpus-per-node": INTS,
+                "--json": None},
+    "measure": {**COMMON, "--timeout": FLOATS, "--out": ["OUT"], "--backend": ["auto", "gloo", "nccl", "mpi"],
+                "--hostfile": ["hosts", "badhosts", "missing-hosts"], "--json": None},
+    "advise": {"--model": MODELS, "--gpus": INTS, "--gpus-per-node": INTS, "--hardware": HW, "--prompt": INTS,
+               "--generate": INTS, "--batch": INTS, "--dtype": ["bf16", "fp32", "x"],
+               "--objective": ["ttft", "tpot", "e2e", "bytes", "speed"], "--engine": ["deepspeed", "vllm", "x"],
+               "--json": None},
+    "bench-collectives": {"--ops": OPS, "--sizes": SIZES, "--min-bytes": SIZES, "--max-bytes": SIZES,
+                          "--ranks": INTS, "--backend": ["shm", "gloo", "nccl", "mpi"], "--out": ["OUT"],
+                          "--dtype": ["fp32", "bf16", "float32"], "--warmup": INTS, "--min-reps": INTS,
+                          "--max-reps": INTS, "--point-seconds": FLOATS, "--sample-seconds": FLOATS,
+                          "--timeout": FLOATS, "--append": None, "--no-progress": None},
+    "calibrate": {"--csv": ["coll.csv", "bad.csv", "missing.csv", "folder"], "--write": ["OUT/preset.json"],
+                  "--compute": None, "--threads": INTS, "--json": None},
+}
+NARGS = {"--ops", "--sizes", "--ranks", "--backend", "--threads"}
+
+
+@st.composite
+def argvs(draw):
+    cmd = draw(st.sampled_from([*OPTIONS, "nope", "--help", ""]))
+    if cmd not in OPTIONS:
+        return [cmd] if cmd else []
+    opts = OPTIONS[cmd]
+    argv = [cmd]
+    for flag in draw(st.lists(st.sampled_from([*opts, "--unknown"]), max_size=7)):
+        argv.append(flag)
+        values = opts.get(flag)
+        if values is None:
+            continue
+        count = draw(st.integers(1, 3)) if flag in NARGS else draw(st.sampled_from([1, 1, 1, 1, 0]))
+        argv += [draw(st.sampled_from(values)) for _ in range(count)]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    """A working folder with the files the vectors name: configs, hardware, hostfiles, CSVs."""
+    root = tmp_path_factory.mktemp("fuzz")
+    (root / "cfg.json").write_text('{"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, '
+                                   '"num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 100}')
+    (root / "bad.json").write_text("{not json")
+    (root / "folder").mkdir()
+    (root / "hw.json").write_text('{"name": "hw", "memory_gib": 80, "mem_bw_GBps": 2000, "peak_tflops": {"bf16": 300},'
+                                  ' "links": {"intra": {"bw_GBps": 100, "alpha_us": 3}}}')
+    (root / "hosts").write_text("node1 slots=2\nnode2 slots=2\n")
+    (root / "badhosts").write_text("node1 2\n")
+    rows = ["backend,op,group_size,bytes,time_s"] + [f"gloo,all_reduce,2,{4 << k},{1e-4 + (4 << k) * 1e-9}"
+                                                      for k in range(12)]
+    rows += [f"shm,all_reduce,2,{4 << k},{1e-5 + (4 << k) * 5e-10}" for k in range(12)]
+    (root / "coll.csv").write_text("\n".join(rows) + "\n")
+    (root / "bad.csv").write_text("a,b\n1\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def no_runs(sandbox):
+    """Launches fail as a dead rank would; compute timing returns canned numbers."""
+    from llmcomm.compare import calibration
+    from llmcomm.measure import bench, launch
+
+    def dead(entry, spec, nranks, out, **kw):
+        raise launch.RunError(f"{entry} with {nranks} ranks: rank 1 exited with status 3 (fuzz)", rank=1)
+
+    canned = {"threads": 1, "peak_flops_fp32": 5e10, "peak_flops_bf16": None, "mem_bw_Bps": 1e10,
+              "layer_prefill_s": 0.05, "layer_decode_s": 0.002,
+              "shape": {"h": 512, "heads": 8, "kv_heads": 8, "ffn": 1376, "S": 128}, "raw_times_s": {}}
+    mp = pytest.MonkeyPatch()
+    mp.setattr(launch, "launch_ranks", dead)
+    mp.setattr(bench, "launch_ranks", dead)
+    mp.setattr(calibration, "time_compute", lambda threads=1, **kw: dict(canned, threads=threads))
+    yield
+    mp.undo()
+
+
+def _tree(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+def test_cli_fuzz(sandbox, no_runs):
+    before = _tree(sandbox)
+    seen = {"status": set(), "count": 0}
+    t0 = time.monotonic()
+    cwd = os.getcwd()
+    os.chdir(sandbox)
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(argvs())
+    def one(argv):
+        out_dir = sandbox / "OUT"
+        err, out = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            status = main(list(argv))
+        lines = [ln for ln in re.split(r"[\r\n]", err.getvalue()) if ln.strip() and "%|" not in ln]  # no bars
+        text = "\n".join(lines)
+        assert status in (0, 1, 2), (argv, status, text)
+        assert "Traceback" not in text, (argv, text)
+        if status == 2:
+            assert len(text.strip().splitlines()) == 1, (argv, text)
+            assert text.startswith("llmcomm: error: "), (argv, text)
+        if status == 1:
+            assert "rank 1" in text.splitlines()[0], (argv, text)
+        after = {k: v for k, v in _tree(sandbox).items() if not k.startswith("OUT")}
+        assert after == before, (argv, set(after) ^ set(before))
+        seen["status"].add(status)
+        seen["count"] += 1
+        if out_dir.exists():
+            import shutil
+
+            shutil.rmtree(out_dir)
+
+    try:
+        one()
+    finally:
+        os.chdir(cwd)
+    elapsed = time.monotonic() - t0
+    assert seen["count"] >= EXAMPLES, seen["count"]
+    assert seen["status"] == {0, 1, 2}, seen["status"]           # the vocabulary reaches every outcome
+    # the issue's target is under a minute on the 2-core machine; a timing is reported, not asserted
+    print(f"\nCLI fuzz: {seen['count']} argument vectors in {elapsed:.1f} s")
