@@ -83,8 +83,10 @@ def test_ranking_candidates_and_json_shape():
     assert [r["ttft_s"] for r in feasible] == sorted(r["ttft_s"] for r in feasible)
     assert rows[0]["pareto"]                                       # the best latency is on the front
     json.dumps(rep)
-    by_bytes = advise(m, 16, 8, H100, 2048, 64, 4, "bytes")
-    assert [r["bytes"] for r in by_bytes] == sorted(r["bytes"] for r in by_bytes)
+    by_bytes = advise(m, 16, 8, H100, 2048, 64, 4, "inter_node_bytes")
+    assert [r["inter_node_bytes"] for r in by_bytes] == sorted(r["inter_node_bytes"] for r in by_bytes)
+    by_busiest = advise(m, 16, 8, H100, 2048, 64, 4, "sent_bytes_busiest_rank")
+    assert [(r["tp"], r["pp"]) for r in by_busiest] == [(1, 16), (2, 8), (4, 4), (8, 2)]
     with pytest.raises(SpecError):
         advise(m, 16, 8, H100, 2048, 64, 4, "throughput")
 
@@ -102,3 +104,28 @@ def test_cli_parses_the_documented_arguments(capsys):
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["objective"] == "tpot" and out["gpus_per_node"] == 2 and out["layouts"]
+
+
+def test_pareto_tolerance_and_the_shared_network_front():
+    # equal bytes within 1 %: only the faster layout stays; a real trade-off (5 % fewer bytes) stays too
+    np.testing.assert_array_equal(pareto_front([1.0, 4.0], [100.0, 99.96], rel_tol=0.01), [True, False])
+    np.testing.assert_array_equal(pareto_front([1.0, 4.0], [100.0, 95.0], rel_tol=0.01), [True, True])
+    # Llama-3.1-70B on 2 nodes × 8: every layout puts about the same bytes across nodes (one crossing hop + the
+    # hand-back), so the front is the fastest layout alone; 1×16 is 4.9× slower for 0.04 % fewer inter-node bytes
+    rows = advise(load_model("llama-3.1-70b"), 16, 8, H100, S=1024, G=128, b=8)
+    front = [(r["tp"], r["pp"]) for r in rows if r["pareto"]]
+    assert front == [(8, 2)]
+    by = {(r["tp"], r["pp"]): r for r in rows}
+    assert by[(1, 16)]["e2e_s"] / by[(8, 2)]["e2e_s"] > 4.5
+    assert by[(1, 16)]["inter_node_bytes"] == pytest.approx(by[(8, 2)]["inter_node_bytes"], rel=1e-3)
+    assert by[(8, 2)]["inter_node_hops_per_forward"] == 2 and by[(1, 16)]["inter_node_hops_per_forward"] == 2
+    assert by[(8, 2)]["inter_node_collectives_per_forward"] == 0
+
+
+def test_node_crossings_count_the_hand_back():
+    from llmcomm.predict.advise import node_crossings
+
+    m, wl = load_model("llama-3.1-70b"), Workload(1, 1024, 128, "bf16")
+    assert node_crossings(m, Layout(4, 2), wl, 4) == (2, 0)            # the hop and the token hand-back
+    assert node_crossings(m, Layout(8, 1), wl, 4) == (0, 2 * m.L + 1)  # every all-reduce spans the two nodes
+    assert node_crossings(m, Layout(8, 1), wl, 8) == (0, 0)

@@ -11,9 +11,23 @@ def ev(rank, op, nbytes, group=(0, 1), phase="prefill", peer=None, seq=0):
                  bytes=nbytes, group=list(group), peer=peer)
 
 
+def row(phase, op, n, calls, nbytes, algorithm, sent, link, **more):
+    return dict({"phase": phase, "op": op, "group_size": n, "calls": calls, "bytes": nbytes, "algorithm": algorithm,
+                 "sent_bytes_per_rank": sent, "link_bytes": link}, **more)
+
+
 def test_collective_counts_once_per_group_not_per_rank():
     events = [ev(r, "all_reduce", 2048, seq=i) for r in (0, 1) for i in range(3)]
-    assert aggregate(events) == [{"phase": "prefill", "op": "all_reduce", "group_size": 2, "calls": 3, "bytes": 6144}]
+    # ring on 2 ranks: each rank sends 2(n−1)/n·m = m per call; both links together 2(n−1)·m = 2m
+    assert aggregate(events) == [row("prefill", "all_reduce", 2, 3, 6144, "ring", 6144, 12288)]
+    # DeepSpeed's shm kernel (direct): every rank sends its buffer to the n−1 others: the same for n = 2
+    assert aggregate(events, algorithm="direct") == [row("prefill", "all_reduce", 2, 3, 6144, "direct", 6144, 12288)]
+
+
+def test_direct_and_ring_differ_from_four_ranks_on():
+    events = [ev(r, "all_reduce", 1000, group=(0, 1, 2, 3)) for r in range(4)]
+    assert aggregate(events) == [row("prefill", "all_reduce", 4, 1, 1000, "ring", 1500, 6000)]     # 1.5 m, 6 m
+    assert aggregate(events, algorithm="direct") == [row("prefill", "all_reduce", 4, 1, 1000, "direct", 3000, 12000)]
 
 
 def test_events_of_one_rank_alone_give_the_same_rows():
@@ -27,16 +41,20 @@ def test_two_disjoint_groups_are_two_calls():
     # hybrid TP2 x 2: groups (0,1) and (2,3) each all-reduce once -> 2 calls of group size 2
     events = [ev(r, "all_reduce", 100, group=(0, 1)) for r in (0, 1)] + \
              [ev(r, "all_reduce", 100, group=(2, 3)) for r in (2, 3)]
-    assert aggregate(events) == [{"phase": "prefill", "op": "all_reduce", "group_size": 2, "calls": 2, "bytes": 200}]
+    assert aggregate(events) == [row("prefill", "all_reduce", 2, 2, 200, "ring", 100, 400)]
+    # the busiest rank is in one group only; placed 2 per node nothing crosses, 1 per node every ring link does
+    assert aggregate(events, node_of=lambda r: r // 2)[0]["inter_node_bytes"] == 0
+    assert aggregate(events, node_of=lambda r: r)[0]["inter_node_bytes"] == 400
 
 
 def test_send_recv_pair_counts_once_from_either_side():
     send = ev(0, "send", 4096, group=(0, 1), peer=1)
     recv = ev(1, "recv", 4096, group=(0, 1), peer=0)
-    row = [{"phase": "prefill", "op": "send_recv", "group_size": 2, "calls": 1, "bytes": 4096}]
-    assert aggregate([send, recv]) == row
-    assert aggregate([send]) == row
-    assert aggregate([recv]) == row
+    rows = [row("prefill", "send_recv", 2, 1, 4096, "p2p", 4096, 4096)]
+    assert aggregate([send, recv]) == rows
+    assert aggregate([send]) == rows
+    assert aggregate([recv]) == rows
+    assert aggregate([send], node_of={0: "a", 1: "b"}.get)[0]["inter_node_bytes"] == 4096
 
 
 def test_barrier_has_zero_bytes_and_rows_are_sorted():
@@ -46,11 +64,11 @@ def test_barrier_has_zero_bytes_and_rows_are_sorted():
              [ev(r, "all_gather", 64, phase="prefill", group=(0, 1, 2, 3)) for r in range(4)] + \
              [ev(r, "all_gather", 32, phase="prefill") for r in (0, 1)]
     assert aggregate(events) == [
-        {"phase": "setup", "op": "broadcast", "group_size": 2, "calls": 1, "bytes": 5056},
-        {"phase": "prefill", "op": "all_gather", "group_size": 2, "calls": 1, "bytes": 32},
-        {"phase": "prefill", "op": "all_gather", "group_size": 4, "calls": 1, "bytes": 64},
-        {"phase": "decode", "op": "all_reduce", "group_size": 2, "calls": 1, "bytes": 8},
-        {"phase": "decode", "op": "barrier", "group_size": 2, "calls": 1, "bytes": 0},
+        row("setup", "broadcast", 2, 1, 5056, "chain", 5056, 5056),
+        row("prefill", "all_gather", 2, 1, 32, "ring", 16, 32),
+        row("prefill", "all_gather", 4, 1, 64, "ring", 48, 192),           # (n−1)/n·m each, (n−1)·m in all
+        row("decode", "all_reduce", 2, 1, 8, "ring", 8, 16),
+        row("decode", "barrier", 2, 1, 0, "-", 0, 0),
     ]
 
 

@@ -54,11 +54,18 @@ def test_vllm_tp_closed_forms():
 
 def test_exact_bytes_llama31_8b():
     # t=2, bf16, b=1, S=128, G=2: prefill = (2·32·128·4096 + 128256)·2, decode = (2·32·4096 + 128256)·2
+    # ring on t = 2: each rank sends 2(t−1)/t·m = m per call, both links carry 2m; placed 8 per node: nothing crosses
     rows = predicted("llama-3.1-8b", Layout(2), Workload(1, 128, 2, "bf16"))
     assert rows == [
-        {"phase": "prefill", "op": "all_reduce", "group_size": 2, "calls": 65, "bytes": 67365376},
-        {"phase": "decode", "op": "all_reduce", "group_size": 2, "calls": 65, "bytes": 780800},
+        {"phase": "prefill", "op": "all_reduce", "group_size": 2, "calls": 65, "bytes": 67365376, "algorithm": "ring",
+         "sent_bytes_per_rank": 67365376, "link_bytes": 134730752},
+        {"phase": "decode", "op": "all_reduce", "group_size": 2, "calls": 65, "bytes": 780800, "algorithm": "ring",
+         "sent_bytes_per_rank": 780800, "link_bytes": 1561600},
     ]
+    # t = 4 on nodes of 2 GPUs: the ring crosses nodes twice: 2 of its 4 links, 1.5·m each per call
+    four = ev.rows(load_model("llama-3.1-8b"), Layout(4), Workload(1, 128, 2, "bf16"), gpus_per_node=2)
+    assert [(r["sent_bytes_per_rank"], r["link_bytes"], r["inter_node_bytes"]) for r in four] == [
+        (67365376 * 3 // 2, 67365376 * 6, 67365376 * 3), (780800 * 3 // 2, 780800 * 6, 780800 * 3)]
 
 
 def test_no_communication_on_one_rank():

@@ -2,7 +2,8 @@
 
 ``predict`` evaluates the closed forms (no torch needed); ``measure`` runs DeepSpeed ranks and captures every
 collective; both print the same rows (``--json``: one JSON object with a list ``"ops"`` of
-``{"phase", "op", "group_size", "calls", "bytes"}``). ``advise`` ranks every t×p layout of N GPUs (no torch
+``{"phase", "op", "group_size", "calls", "bytes", "algorithm", "sent_bytes_per_rank", "link_bytes"}``, plus
+``"inter_node_bytes"`` when a placement is known, and a ``"traffic"`` summary of the whole generation). ``advise`` ranks every t×p layout of N GPUs (no torch
 needed); ``bench-collectives`` times collectives nccl-tests style; ``calibrate`` writes the ``cpu-local`` preset.
 
 Inputs are resolved here, once (model and hardware presets or files → :class:`~llmcomm.spec.ModelSpec`,
@@ -78,18 +79,28 @@ def _header(model, layout, workload) -> dict:
             "generate": workload.G, "dtype": workload.dtype}
 
 
-def _print_rows(head: dict, rows: list[dict], extra_lines=()) -> None:
+_COLUMNS = {"phase": "phase", "op": "op", "group_size": "n", "calls": "calls", "bytes": "bytes (m)",
+            "algorithm": "algorithm", "sent_bytes_per_rank": "busiest sends", "link_bytes": "all links",
+            "inter_node_bytes": "inter-node"}
+
+
+def _print_rows(head: dict, rows: list[dict], traffic: dict | None = None, extra_lines=()) -> None:
     print(" ".join(f"{k}={v}" for k, v in head.items()))
     if not rows:
         print("(no communication)")
     else:
-        cols = ["phase", "op", "group_size", "calls", "bytes"]
-        fmt = lambda v: f"{v:,}" if isinstance(v, int) else str(v)  # noqa: E731
-        width = {c: max(len(c), *(len(fmt(r[c])) for r in rows)) for c in cols}
-        print("  ".join(c.rjust(width[c]) for c in cols))
+        cols = [c for c in _COLUMNS if all(c in r for r in rows)]
+        fmt = lambda v: f"{v:,}" if isinstance(v, int) else f"{v:,.1f}" if isinstance(v, float) else str(v)  # noqa
+        width = {c: max(len(_COLUMNS[c]), *(len(fmt(r[c])) for r in rows)) for c in cols}
+        print("  ".join(_COLUMNS[c].rjust(width[c]) for c in cols))
         for r in rows:
             print("  ".join(fmt(r[c]).rjust(width[c]) for c in cols))
-        print(f"total bytes: {sum(r['bytes'] for r in rows if r['phase'] != 'setup'):,} (setup apart)")
+        print(f"total nccl-tests size: {sum(r['bytes'] for r in rows if r['phase'] != 'setup'):,} B (setup apart)")
+        if traffic:
+            inter = traffic.get("inter_node_bytes")
+            print(f"traffic ({traffic['algorithm']} all-reduce): busiest rank {traffic['busiest_rank']} sends "
+                  f"{fmt(traffic['sent_bytes_busiest_rank'])} B; all links carry {fmt(traffic['link_bytes'])} B"
+                  + (f"; {fmt(inter)} B cross nodes" if inter is not None else ""))
     for line in extra_lines:
         print(line)
 
@@ -101,16 +112,17 @@ def _with_p2p(head: dict, layout, p2p: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------- predict
 def cmd_predict(args) -> int:
-    from .derive.evaluate import rows as predict_rows
+    from .derive.evaluate import rows as predict_rows, traffic_totals
     from .derive.patterns import engine_for
 
     model, layout, workload = _specs(args)
     engine = engine_for(args.engine, args.p2p)          # deepspeed + full → the "deepspeed-full" pattern
-    rows = predict_rows(model, layout, workload, engine=engine)
+    rows = predict_rows(model, layout, workload, engine, args.algorithm, args.gpus_per_node)
+    traffic = traffic_totals(model, layout, workload, engine, args.algorithm, args.gpus_per_node)
     head = dict(_header(model, layout, workload), engine=args.engine)
     if args.engine == "deepspeed":
         head = _with_p2p(head, layout, args.p2p)
-    out = dict(head, ops=rows)
+    out = dict(head, ops=rows, traffic=traffic)
     extra = []
     if args.hardware:
         from .predict.hardware import load_hardware
@@ -124,7 +136,7 @@ def cmd_predict(args) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        _print_rows(head, rows, extra)
+        _print_rows(head, rows, traffic, extra)
     return 0
 
 
@@ -139,11 +151,11 @@ def cmd_measure(args) -> int:
                   hostfile=args.hostfile)
     head = _with_p2p(dict(_header(model, layout, workload), engine="deepspeed"), layout, args.p2p)
     if args.json:
-        print(json.dumps(dict(head, ops=res.rows, tokens=res.tokens, ttft_s=res.ttft_s, tpot_s=res.tpot_s,
-                              e2e_s=res.e2e_s, provenance=res.provenance), default=str))
+        print(json.dumps(dict(head, ops=res.rows, traffic=res.traffic, tokens=res.tokens, ttft_s=res.ttft_s,
+                              tpot_s=res.tpot_s, e2e_s=res.e2e_s, provenance=res.provenance), default=str))
     else:
-        _print_rows(head, res.rows, [f"TTFT {res.ttft_s * 1e3:.2f} ms  TPOT {res.tpot_s * 1e3:.2f} ms  "
-                                     f"E2E {res.e2e_s * 1e3:.2f} ms (this machine; tokens match the reference)"])
+        _print_rows(head, res.rows, res.traffic, [f"TTFT {res.ttft_s * 1e3:.2f} ms  TPOT {res.tpot_s * 1e3:.2f} ms  "
+                                           f"E2E {res.e2e_s * 1e3:.2f} ms (this machine; tokens match the reference)"])
     return 0
 
 
@@ -161,12 +173,13 @@ def cmd_advise(args) -> int:
     w = rep["workload"]
     print(f"model={rep['model']} gpus={rep['gpus']} gpus_per_node={rep['gpus_per_node']} hardware={rep['hardware']} "
           f"b={w['b']} S={w['S']} G={w['G']} dtype={w['dtype']} objective={rep['objective']}")
-    print(f"{'rank':>4} {'tp':>4} {'pp':>4} {'TTFT ms':>10} {'TPOT ms':>10} {'E2E s':>9} {'bytes':>16} "
-          f"{'GiB/GPU':>8} {'fits':>5} {'pareto':>6}")
+    print(f"{'rank':>4} {'tp':>4} {'pp':>4} {'TTFT ms':>10} {'TPOT ms':>10} {'E2E s':>9} {'busiest sends':>15} "
+          f"{'inter-node B':>15} {'GiB/GPU':>8} {'fits':>5} {'pareto':>6}")
     for r in rep["layouts"]:
         print(f"{r['rank']:>4} {r['tp']:>4} {r['pp']:>4} {r['ttft_s'] * 1e3:>10.3f} {r['tpot_s'] * 1e3:>10.3f} "
-              f"{r['e2e_s']:>9.4f} {r['bytes']:>16,} {r['memory_gib']:>8.1f} {'yes' if r['fits'] else 'no':>5} "
-              f"{'*' if r['pareto'] else '':>6}")
+              f"{r['e2e_s']:>9.4f} {r['sent_bytes_busiest_rank']:>15,} {r['inter_node_bytes']:>15,} "
+              f"{r['memory_gib']:>8.1f} {'yes' if r['fits'] else 'no':>5} {'*' if r['pareto'] else '':>6}")
+    print("pareto: no other fitting layout is both faster and moves fewer inter-node bytes (within 1 %)")
     return 0
 
 
@@ -226,7 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--engine", choices=["deepspeed", "vllm"], default="deepspeed")
     pr.add_argument("--hardware", help="hardware preset or JSON file: adds TTFT/TPOT/E2E predictions")
     pr.add_argument("--gpus-per-node", type=positive_int, default=None,
-                    help="GPUs per node g (default: the hardware preset's)")
+                    help="GPUs per node g: ranks placed in order, g per node; adds inter_node_bytes (default: the "
+                         "hardware preset's for the latency, no placement for the traffic)")
+    pr.add_argument("--algorithm", choices=["ring", "direct"], default="ring",
+                    help="how all-reduces move bytes, for the traffic metrics: ring (default; NCCL's bandwidth "
+                         "algorithm) or direct (one-shot: every rank sends its buffer to every other)")
     pr.set_defaults(func=cmd_predict)
 
     me = sub.add_parser("measure", help="run DeepSpeed ranks and capture every collective")
@@ -248,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--generate", type=positive_int, default=128, help="generated tokens G")
     ad.add_argument("--batch", type=positive_int, default=1, help="batch size b")
     ad.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bf16")
-    ad.add_argument("--objective", choices=["ttft", "tpot", "e2e", "bytes"], default="e2e")
+    ad.add_argument("--objective", choices=["ttft", "tpot", "e2e", "inter_node_bytes", "sent_bytes_busiest_rank",
+                                            "link_bytes"], default="e2e",
+                    help="rank by a latency or by a traffic metric of the whole generation (default e2e)")
     ad.add_argument("--engine", choices=["deepspeed", "vllm"], default="deepspeed")
     ad.add_argument("--json", action="store_true", help="print one JSON object")
     ad.set_defaults(func=cmd_advise)

@@ -22,7 +22,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["load_average", "machine_id", "cpu_model", "provenance", "data_dir", "atomic_write_text", "write_json", "save_frame",
+__all__ = ["git_commit", "load_average", "machine_id", "result_names", "cpu_model", "provenance", "data_dir", "atomic_write_text", "write_json", "save_frame",
            "load_frame", "save_json", "load_json", "repo_root"]
 
 _VERSIONED = ("llmcomm", "torch", "deepspeed", "transformers", "sympy", "numpy", "pandas")
@@ -76,15 +76,46 @@ def machine_id() -> str:
     return "cpu-local"
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=repo_root(), capture_output=True, text=True, timeout=10)
+
+
+def _cell_sources(text: str) -> list[str] | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo_root(), capture_output=True, text=True,
-                             timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_root(),
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return (out.stdout.strip() + ("+dirty" if dirty else "")) if out.returncode == 0 else None
+        return ["".join(c["source"]) if isinstance(c["source"], list) else c["source"] for c in json.loads(text)["cells"]]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _only_results_changed(path: str) -> bool:
+    """A change that cannot have altered how a result was made: files under ``data/`` (results themselves), and a
+    notebook whose cell sources equal the committed ones (re-executing a chapter rewrites only its outputs)."""
+    if path.startswith("data/"):
+        return True
+    if path.endswith(".ipynb"):
+        head = _git("show", f"HEAD:{path}")
+        try:
+            now = (repo_root() / path).read_text()
+        except OSError:
+            return False
+        return head.returncode == 0 and _cell_sources(head.stdout) == _cell_sources(now) is not None
+    return False
+
+
+def git_commit() -> str | None:
+    """The commit the code that runs now was checked out at, ``+dirty`` when tracked files that make results (code,
+    chapters' sources, configuration) differ from it; results being written (``data/``, chapter outputs) do not count.
+    None outside a git checkout."""
+    try:
+        head = _git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return None
+        status = _git("status", "--porcelain", "--untracked-files=no").stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         return None
+    paths = [ln[3:].split(" -> ")[-1].strip('"') for ln in status if len(ln) > 3]
+    dirty = [p for p in paths if not _only_results_changed(p)]
+    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def provenance(command: str | list[str] | None = None, **extra) -> dict:
@@ -106,7 +137,7 @@ def provenance(command: str | list[str] | None = None, **extra) -> dict:
         "versions": versions,
         "command": command if isinstance(command, str) or command is None else " ".join(map(str, command)),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git": _git_commit(),
+        "git": git_commit(),
     }
     try:
         import torch
@@ -181,6 +212,12 @@ def save_json(result: dict, name: str, command: str | list[str] | None = None, m
     """Save ``result`` as ``data/<machine>/<name>.json`` with its provenance under the key ``"provenance"``."""
     return write_json(data_dir(machine) / f"{name}.json", dict(result, provenance=provenance(command, **extra)),
                       indent=2)
+
+
+def result_names(machine: str, suffix: str = ".json") -> list[str]:
+    """Names of the results under ``data/<machine>/`` with ``suffix`` (sorted)."""
+    folder = data_dir(machine)
+    return sorted(p.name[: -len(suffix)] for p in folder.glob(f"*{suffix}")) if folder.is_dir() else []
 
 
 def load_json(name: str, machine: str | None = None) -> dict:

@@ -200,7 +200,7 @@ def time_layers(plan: dict, device, budget: Budget, reserve_s: float) -> list[di
                                      "attn": cfg._attn_implementation})
                     log(f"layer {name} t={t} b={b} S={S}: prefill {statistics.median(pre) * 1e3:.3f} ms, "
                         f"decode {statistics.median(dec) * 1e3:.4f} ms ({budget.left():.0f} s left)")
-            del layer
+            layer = None  # free the weights before the next shard (a del would confuse the closures above)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if skipped:

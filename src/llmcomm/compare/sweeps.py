@@ -17,7 +17,8 @@ from ..derive.evaluate import rows as predict_rows
 from ..derive.phases import order as phase_order
 from ..spec import Layout, Workload, load_model
 
-__all__ = ["Config", "scale", "configs", "configs_frame", "compare_rows", "sweep", "save", "run_sweep", "ROW_COLUMNS",
+__all__ = ["Config", "scale", "configs", "configs_frame", "compare_rows", "predicted_like", "sweep", "save",
+           "run_sweep", "ROW_COLUMNS", "ROW_VALUES",
            "row_columns", "setup_rows", "measured_by_config", "CONFIG_COLUMNS", "measure_one"]
 
 
@@ -104,18 +105,41 @@ def configs_frame(cfgs: Iterable[Config]) -> pd.DataFrame:
     return pd.DataFrame([asdict(c) for c in cfgs], columns=CONFIG_COLUMNS)
 
 
+#: the quantities a row carries and a comparison checks, measured against predicted
+ROW_VALUES = ("calls", "bytes", "sent_bytes_per_rank", "link_bytes", "inter_node_bytes")
+
+
 def compare_rows(measured: Iterable[dict], predicted: Iterable[dict]) -> pd.DataFrame:
-    """Outer join of measured and predicted rows on (phase, op, group_size); setup rows are kept but never 'match'
-    (setup is reported apart). Columns: calls/bytes _measured and _predicted, and ``match``."""
+    """Outer join of measured and predicted rows on (phase, op, group_size): ``<value>_measured`` and
+    ``<value>_predicted`` for every value of :data:`ROW_VALUES` both sides carry, and ``match`` (all equal). Setup
+    rows are kept (they have no prediction: setup is reported apart)."""
     key = ["phase", "op", "group_size"]
-    meas = pd.DataFrame(list(measured), columns=key + ["calls", "bytes"])
-    pred = pd.DataFrame(list(predicted), columns=key + ["calls", "bytes"])
+    measured, predicted = list(measured), list(predicted)
+    values = [v for v in ROW_VALUES if all(v in r for r in measured + predicted if r["phase"] != "setup")]
+    meas = pd.DataFrame(measured, columns=key + values)
+    pred = pd.DataFrame(predicted, columns=key + values)
     d = meas.merge(pred, on=key, how="outer", suffixes=("_measured", "_predicted"))
-    for c in ("calls_measured", "calls_predicted", "bytes_measured", "bytes_predicted"):
-        d[c] = d[c].fillna(0).astype("int64")
-    d["match"] = (d.calls_measured == d.calls_predicted) & (d.bytes_measured == d.bytes_predicted)
+    match = pd.Series(True, index=d.index)
+    for v in values:
+        for side in ("measured", "predicted"):
+            d[f"{v}_{side}"] = d[f"{v}_{side}"].fillna(0)
+            if (d[f"{v}_{side}"] % 1 == 0).all():
+                d[f"{v}_{side}"] = d[f"{v}_{side}"].astype("int64")
+        match &= d[f"{v}_measured"] == d[f"{v}_predicted"]
+    d["match"] = match
     d["_o"] = [phase_order(x) for x in d.phase]
     return d.sort_values(["_o", "op", "group_size"]).drop(columns="_o").reset_index(drop=True)
+
+
+def predicted_like(model, config_layout, workload, res, engine: str = "deepspeed") -> list[dict]:
+    """The predicted rows of a measured configuration, counted as its measurement was: the run's all-reduce
+    algorithm and its placement of ranks on hosts (all on one node here: g = the ranks per host)."""
+    from ..measure.launch import allreduce_algorithm
+
+    hosts = [r.get("hostname") for r in sorted(res.ranks, key=lambda r: r["rank"])]
+    per_host = hosts.count(hosts[0]) if hosts else config_layout.ranks
+    return predict_rows(model, config_layout, workload, engine, algorithm=allreduce_algorithm(res.ranks),
+                        gpus_per_node=per_host)
 
 
 def sweep(cfgs: Iterable[Config], engine: str = "deepspeed", runner: Callable | None = None, progress: bool = True):
@@ -133,8 +157,7 @@ def sweep(cfgs: Iterable[Config], engine: str = "deepspeed", runner: Callable | 
     for c in it:
         model = load_model(c.model)
         res = runner(model, c.layout, c.workload)
-        pred = predict_rows(model, c.layout, c.workload, engine)
-        d = compare_rows(res.rows, pred)
+        d = compare_rows(res.rows, predicted_like(model, c.layout, c.workload, res, engine))
         for k, v in asdict(c).items():
             d.insert(0, k, v) if k == "model" else d.insert(len(d.columns), k, v)
         rows.append(d)
@@ -155,7 +178,8 @@ def save(df: pd.DataFrame, name: str, command: str, **extra):
 
 #: the columns a chapter shows of a sweep's rows (the configuration, the row's key, measured beside predicted)
 ROW_COLUMNS = ["model", "t", "p", "b", "S", "G", "phase", "op", "group_size", "calls_measured", "calls_predicted",
-               "bytes_measured", "bytes_predicted", "match"]
+               "bytes_measured", "bytes_predicted", "sent_bytes_per_rank_measured", "sent_bytes_per_rank_predicted",
+               "link_bytes_measured", "link_bytes_predicted", "match"]
 
 
 def row_columns(df: pd.DataFrame) -> list[str]:
@@ -203,5 +227,5 @@ def measure_one(config: Config, p2p: str = "partitioned", runner: Callable | Non
     model = load_model(config.model)
     res = runner(model, config.layout, config.workload, options={"p2p": p2p} if config.p > 1 else None)
     assert res.tokens == res.reference_tokens, f"{config.label}: tokens differ from the single-process reference"
-    pred = predict_rows(model, config.layout, config.workload, engine_for("deepspeed", p2p))
-    return res, compare_rows(res.rows, pred)
+    return res, compare_rows(res.rows, predicted_like(model, config.layout, config.workload, res,
+                                                      engine_for("deepspeed", p2p)))

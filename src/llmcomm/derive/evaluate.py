@@ -1,9 +1,14 @@
 """The one compiled evaluator: an engine's messages, lambdified once, evaluated for numbers or numpy grids.
 
 Every numeric use of the patterns goes through :func:`compiled` — the predicted rows of ``llmcomm predict``
-(:func:`rows`), the bytes of a grid of layouts (:func:`phase_bytes`), the messages the latency model charges
-(:func:`messages`). All compiled functions take the arguments :data:`ARGS` in that order; a model's symbols come
-from its :class:`~llmcomm.spec.ModelSpec`, resolved once by the caller.
+(:func:`rows`, from the concrete calls of :func:`forward_calls`), the bytes of a grid of layouts
+(:func:`phase_bytes`), the messages the latency model charges (:func:`messages`). All compiled functions take the
+arguments :data:`ARGS` in that order; a model's symbols come from its :class:`~llmcomm.spec.ModelSpec`, resolved once
+by the caller.
+
+Predicted rows are built exactly as measured rows are (:func:`llmcomm.derive.traffic.rows_of_calls`): the pattern
+is expanded to the concrete calls each group of a layout makes (global rank = stage·t + TP rank), and the calls'
+transfers give the traffic metrics.
 """
 from __future__ import annotations
 
@@ -15,11 +20,13 @@ import numpy as np
 import sympy as sp
 
 from ..notation import L, V, b, h, p, s, t, w
-from ..spec import Layout, ModelSpec, SpecError, Workload
+from ..spec import Layout, ModelSpec, SpecError, Workload, stage_layers
 from .patterns import pattern
-from .phases import PHASES, forwards, order
+from .phases import PHASES, forwards
+from .traffic import node_of_placement, rows_of_calls, summary
 
-__all__ = ["ARGS", "Compiled", "compiled", "messages", "phase_bytes", "rows", "forward_messages", "exact"]
+__all__ = ["ARGS", "Compiled", "compiled", "messages", "phase_bytes", "rows", "forward_messages", "forward_calls",
+           "generation_calls", "traffic_totals", "exact"]
 
 #: the argument order of every compiled function
 ARGS = (b, s, h, L, V, t, p, w)
@@ -33,6 +40,7 @@ class Compiled:
     concurrent sends of a stage boundary (one per TP rank) count once there."""
 
     op: str
+    where: str
     path: str
     why: str
     group: Callable
@@ -54,8 +62,9 @@ def _critical_calls(msg) -> sp.Expr:
 def compiled(engine: str) -> tuple[Compiled, ...]:
     """The messages of one forward of ``engine``, each lambdified once (cached per engine)."""
     fn = lambda e: sp.lambdify(ARGS, sp.sympify(e), "numpy")  # noqa: E731
-    return tuple(Compiled(op=m.op, path=m.path, why=m.why, group=fn(m.group), calls=fn(sp.piecewise_fold(m.calls)),
-                          critical=fn(_critical_calls(m)), size=fn(m.bytes_per_call)) for m in pattern(engine))
+    return tuple(Compiled(op=m.op, where=m.where, path=m.path, why=m.why, group=fn(m.group),
+                          calls=fn(sp.piecewise_fold(m.calls)), critical=fn(_critical_calls(m)),
+                          size=fn(m.bytes_per_call)) for m in pattern(engine))
 
 
 def _model_args(model: ModelSpec, t_, p_, b_, s_, w_) -> tuple:
@@ -113,24 +122,82 @@ def _tokens(phase: str, workload: Workload) -> tuple[int, int]:
     return exact(tokens.subs(vals)), exact(count.subs(vals))
 
 
-def rows(model: ModelSpec, layout: Layout, workload: Workload, engine: str = "deepspeed") -> list[dict]:
-    """Predicted rows ``{"phase", "op", "group_size", "calls", "bytes"}`` of a generation (no setup rows), in the
-    order and schema of a measurement's rows; rows with no call are omitted. Validates the layout and workload."""
+def _split(calls: int, parts: int, what: str) -> int:
+    if parts < 1 or calls % parts:
+        raise SpecError(f"{calls} calls of {what} do not split evenly over {parts} groups")
+    return calls // parts
+
+
+def forward_calls(model: ModelSpec, layout: Layout, workload: Workload, phase: str,
+                  engine: str = "deepspeed") -> list[tuple]:
+    """The concrete calls of ONE forward of ``phase``: ``(op, ranks, m, count, root)`` with the global ranks of the
+    group each call runs on (for send_recv: (sender, receiver)), expanded from each message's ``where``
+    (:data:`llmcomm.derive.patterns.WHERE`). The calls of a ``layers`` message are split over the stages by the layers
+    each holds (:func:`llmcomm.spec.stage_layers`)."""
+    tokens, _ = _tokens(phase, workload)
+    t, p = layout.t, layout.p
+    parts = stage_layers(model.L, p)
+    args = _model_args(model, t, p, workload.b, tokens, workload.w)
+    group = lambda k: tuple(range(k * t, k * t + t))  # noqa: E731 - the TP group of stage k
+    out = []
+    for c in compiled(engine):
+        calls = exact(c.calls(*args))
+        if not calls:
+            continue
+        m = exact(c.size(*args))
+        where = c.where
+        if where == "layers":
+            for k, layers in enumerate(parts):
+                out.append((c.op, group(k), m, _split(calls * layers, model.L, c.why), None))
+        elif where in ("head", "embed"):
+            g = group(p - 1 if where == "head" else 0)
+            out.append((c.op, g, m, calls, g[0]))
+        elif where == "receivers":
+            per = _split(calls, p - 1, c.why)
+            out += [(c.op, group(k), m, per, None) for k in range(1, p)]
+        elif where == "boundary":
+            per = _split(calls, t * (p - 1), c.why)
+            out += [(c.op, (k * t + j, (k + 1) * t + j), m, per, None) for k in range(p - 1) for j in range(t)]
+        elif where == "wrap":
+            per = _split(calls, t, c.why)
+            out += [(c.op, ((p - 1) * t + j, j), m, per, None) for j in range(t)]
+        else:                                                          # pragma: no cover - WHERE is closed
+            raise SpecError(f"no expansion for where={where!r}")
+    return out
+
+
+def generation_calls(model: ModelSpec, layout: Layout, workload: Workload,
+                     engine: str = "deepspeed") -> list[tuple]:
+    """Every call of a generation: ``(phase, op, ranks, m, count, root)`` (1 prefill + G−1 decode forwards)."""
+    out = []
+    for phase in PHASES:
+        _, count = _tokens(phase, workload)
+        if count:
+            out += [(phase, op, ranks, m, count * k, root)
+                    for op, ranks, m, k, root in forward_calls(model, layout, workload, phase, engine)]
+    return out
+
+
+def rows(model: ModelSpec, layout: Layout, workload: Workload, engine: str = "deepspeed",
+         algorithm: str = "ring", gpus_per_node: int | None = None) -> list[dict]:
+    """Predicted rows of a generation (no setup rows), in the order and schema of a measurement's rows:
+    ``{"phase", "op", "group_size", "calls", "bytes", "algorithm", "sent_bytes_per_rank", "link_bytes"}`` and, when
+    ``gpus_per_node`` places the ranks (g per node, in order), ``"inter_node_bytes"``. ``algorithm`` is the
+    all-reduce's (:mod:`llmcomm.derive.traffic`). Rows with no call are omitted; the layout and workload are
+    validated."""
     layout.validate(model)
     workload.validate(model)
-    merged: dict[tuple, list[int]] = {}
-    for phase in PHASES:
-        tokens, count = _tokens(phase, workload)
-        if not count:
-            continue
-        for msg in messages(engine, model, layout.t, layout.p, workload.b, tokens, workload.w):
-            calls = exact(msg["calls"])
-            if calls:
-                acc = merged.setdefault((phase, msg["op"], exact(msg["n"])), [0, 0])
-                acc[0] += count * calls
-                acc[1] += count * calls * exact(msg["m"])
-    out = [{"phase": ph, "op": op, "group_size": n, "calls": c, "bytes": nb} for (ph, op, n), (c, nb) in merged.items()]
-    return sorted(out, key=lambda r: (order(r["phase"]), r["op"], r["group_size"]))
+    node_of = node_of_placement(gpus_per_node) if gpus_per_node is not None else None
+    return rows_of_calls(generation_calls(model, layout, workload, engine), node_of, algorithm)
+
+
+def traffic_totals(model: ModelSpec, layout: Layout, workload: Workload, engine: str = "deepspeed",
+                   algorithm: str = "ring", gpus_per_node: int | None = None) -> dict:
+    """The traffic of a whole generation (all phases, setup apart): ``{"algorithm", "bytes", "busiest_rank",
+    "sent_bytes_busiest_rank", "link_bytes", "inter_node_bytes"}`` — the busiest rank over all ops together (not
+    the sum of each row's busiest)."""
+    calls = generation_calls(model, layout.validate(model), workload.validate(model), engine)
+    return summary(calls, node_of_placement(gpus_per_node) if gpus_per_node is not None else None, algorithm)
 
 
 def forward_messages(model: ModelSpec, layout: Layout, workload: Workload, phase: str,

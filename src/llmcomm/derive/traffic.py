@@ -39,7 +39,7 @@ from ..spec import SpecError
 from .conventions import canonical_op
 
 __all__ = ["ALGORITHMS", "sent_factor", "link_factor", "flows", "Traffic", "traffic_of", "node_of_placement",
-           "rows_of_calls", "number", "algorithm_name"]
+           "rows_of_calls", "number", "algorithm_name", "summary"]
 
 ALGORITHMS = ("ring", "direct")
 
@@ -214,3 +214,15 @@ def rows_of_calls(calls: Iterable[tuple], node_of: Callable[[int], int] | None =
             row["inter_node_bytes"] = number(tr.inter_node)
         out.append(row)
     return out
+
+
+def summary(calls: Iterable[tuple], node_of: Callable[[int], int] | None = None, algorithm: str = "ring") -> dict:
+    """The traffic of a whole generation from its calls ``(phase, op, ranks, m, count, root)`` (setup calls left
+    out): ``{"algorithm", "bytes", "busiest_rank", "sent_bytes_busiest_rank", "link_bytes", "inter_node_bytes"}`` —
+    the busiest rank over all ops together, not the sum of each row's busiest."""
+    calls = [c for c in calls if c[0] != "setup"]
+    tr = traffic_of([c[1:] for c in calls], node_of, algorithm)
+    rank, sent = tr.busiest
+    return {"algorithm": algorithm, "bytes": sum(k * m for _, _, _, m, k, _ in calls), "busiest_rank": rank,
+            "sent_bytes_busiest_rank": number(sent), "link_bytes": number(tr.link),
+            "inter_node_bytes": None if tr.inter_node is None else number(tr.inter_node)}

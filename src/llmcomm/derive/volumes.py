@@ -9,7 +9,9 @@ From the message list of one forward (:func:`llmcomm.derive.patterns.pattern`) a
 * :func:`regime` — the branch of such an expression for a named layout regime (TP, PP, hybrid, single rank);
 * the readable totals :data:`B_TP`, :data:`B_PP`, :data:`B_hybrid` of DeepSpeed's pattern (typed once here, checked
   against the derivation by the tests; chapters import them);
-* :func:`solve_crossover` — where two volumes are equal.
+* :func:`solve_crossover` — where two volumes are equal;
+* traffic, what moves rather than the nccl-tests size (:mod:`llmcomm.derive.traffic`): :func:`link_bytes` (all
+  links together) and :func:`busiest_sent` (the rank that sends the most, over the rank classes of a pipeline).
 
 Sizes follow nccl-tests (:mod:`llmcomm.derive.conventions`); a collective on a group counts once per group.
 """
@@ -19,12 +21,13 @@ from functools import lru_cache
 
 import sympy as sp
 
-from ..notation import G, L, S, V, b, h, p, s, t, w
-from .conventions import bus_factor
+from ..notation import G, L, S, V, b, g, h, p, s, t, w
 from .patterns import W_TOKEN, pattern
+from .traffic import link_factor, sent_factor
 from .phases import PHASES, forwards
 
-__all__ = ["per_forward", "volumes", "total_bytes", "total_wire_bytes", "regime", "REGIMES", "branch", "solve_crossover", "tidy",
+__all__ = ["per_forward", "volumes", "total_bytes", "RANK_CLASSES", "stage_class_layers",
+           "class_sent", "busiest_sent", "link_bytes", "inter_node_bytes", "even_split", "regime", "REGIMES", "branch", "solve_crossover", "tidy",
            "B_TP", "B_PP", "B_hybrid"]
 
 #: Layout regimes by name → the truth values of the conditions the patterns carry (t > 1, p > 1).
@@ -67,14 +70,6 @@ def volumes(engine: str = "deepspeed") -> dict[tuple[str, str, sp.Expr], tuple[s
 def total_bytes(engine: str = "deepspeed", phase: str | None = None) -> sp.Expr:
     """Total bytes of a generation (or of one phase), all ops summed."""
     terms = [nb for (ph, _, _), (_, nb) in volumes(engine).items() if phase in (None, ph)]
-    return sp.piecewise_fold(sp.Add(*terms))
-
-
-def total_wire_bytes(engine: str = "deepspeed", phase: str | None = None) -> sp.Expr:
-    """Symbolic twin of :func:`llmcomm.report.tables.wire_bytes`: nccl-tests size × f(group size) summed over the
-    ops of a generation (or one phase)."""
-    terms = [nb * bus_factor(op, sp.sympify(group)) for (ph, op, group), (_, nb) in volumes(engine).items()
-             if phase in (None, ph)]
     return sp.piecewise_fold(sp.Add(*terms))
 
 
@@ -130,3 +125,124 @@ B_PP = (p - 1) * b * h * w * (S + G - 1) + W_TOKEN * b * G
 #: Hybrid (t > 1, p > 1), partitioned hops: TP's all-reduces, plus per boundary the t sends of 1/t and the
 #: all-gather that rebuilds the activation, plus the hand-back from every TP rank of the last stage.
 B_hybrid = B_TP + 2 * (p - 1) * b * h * w * (S + G - 1) + W_TOKEN * t * b * G
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Traffic closed forms (what moves, not the nccl-tests size): per rank class of a pipeline, under an algorithm.
+# --------------------------------------------------------------------------------------------------------------------
+#: The rank classes of a layout: one stage (p = 1); else the first stage, the middle stages (p ≥ 3), the last stage.
+RANK_CLASSES = ("single", "first", "middle", "last")
+
+
+def stage_class_layers(cls: str) -> sp.Expr:
+    """Decoder layers a stage of class ``cls`` holds (DeepSpeed's uniform split: the first L mod p stages hold one
+    more): single L; first ⌈L/p⌉; last ⌊L/p⌋; middle the most a middle stage holds (⌈L/p⌉ when L mod p ≥ 2)."""
+    if cls == "single":
+        return L
+    if cls == "first":
+        return sp.ceiling(L / p)
+    if cls == "last":
+        return sp.floor(L / p)
+    return sp.Piecewise((sp.ceiling(L / p), sp.Mod(L, p) >= 2), (sp.floor(L / p), True))
+
+
+def _class_calls(msg, cls: str) -> sp.Expr:
+    """Calls of ``msg`` one rank of class ``cls`` takes part in (as a sender for p2p) per forward."""
+    calls = sp.piecewise_fold(msg.calls)
+    where = msg.where
+    if where == "layers":
+        return calls * stage_class_layers(cls) / L
+    if where == "head":
+        return calls if cls in ("single", "last") else sp.Integer(0)
+    if where == "embed":
+        return calls if cls in ("single", "first") else sp.Integer(0)
+    if where == "receivers":
+        return calls / (p - 1) if cls in ("middle", "last") else sp.Integer(0)
+    if where == "boundary":
+        return calls / (t * (p - 1)) if cls in ("first", "middle") else sp.Integer(0)
+    if where == "wrap":
+        return calls / t if cls == "last" else sp.Integer(0)
+    raise ValueError(where)
+
+
+def even_split(expr: sp.Expr) -> sp.Expr:
+    """``expr`` when p divides L (every stage holds L/p layers): ⌈L/p⌉ = ⌊L/p⌋ = L/p, L mod p = 0. For display;
+    the numbers come from the exact split."""
+    return sp.piecewise_fold(expr.replace(sp.ceiling, lambda x: x).replace(sp.floor, lambda x: x)
+                             .replace(sp.Mod, lambda *a: sp.Integer(0)))
+
+
+def _over_generation(engine: str, per_forward, phase: str | None = None, op: str | None = None) -> sp.Expr:
+    """Σ over the phases (or one ``phase``) and the messages of ``engine`` (or those of ``op``) of
+    forwards × ``per_forward(msg)`` with s set to the phase's tokens: the one sum behind every traffic total."""
+    total = sp.Integer(0)
+    for ph in PHASES:
+        if phase not in (None, ph):
+            continue
+        tokens, count = forwards(ph)
+        for msg in pattern(engine):
+            if op in (None, msg.op):
+                total += count * per_forward(msg).subs(s, tokens)
+    return sp.piecewise_fold(total)
+
+
+def class_sent(engine: str, cls: str, phase: str | None = None, op: str | None = None,
+               algorithm: str = "ring") -> sp.Expr:
+    """Bytes one rank of class ``cls`` sends over a generation (or one ``phase``; only messages of ``op`` when
+    given), under ``algorithm``."""
+    return _over_generation(engine, lambda msg: _class_calls(msg, cls) * sent_factor(
+        msg.op, sp.sympify(msg.group), algorithm) * msg.bytes_per_call, phase, op)
+
+
+def busiest_sent(engine: str, phase: str | None = None, op: str | None = None, algorithm: str = "ring") -> sp.Expr:
+    """Bytes the busiest rank sends over a generation (or one phase / op): the largest over the rank classes."""
+    single = class_sent(engine, "single", phase, op, algorithm)
+    first, middle, last = (class_sent(engine, c, phase, op, algorithm) for c in ("first", "middle", "last"))
+    return sp.Piecewise((single.subs(p, 1), sp.Eq(p, 1)), (sp.Max(first, last), sp.Eq(p, 2)),
+                        (sp.Max(first, middle, last), True))
+
+
+def link_bytes(engine: str = "deepspeed", phase: str | None = None, op: str | None = None,
+               algorithm: str = "ring") -> sp.Expr:
+    """Bytes all links carry over a generation (or one phase / op): calls × link factor × m, summed."""
+    return _over_generation(engine, lambda msg: sp.piecewise_fold(msg.calls) * link_factor(
+        msg.op, sp.sympify(msg.group), algorithm) * msg.bytes_per_call, phase, op)
+
+
+def _crossing_bytes_per_call(msg, algorithm: str, spans: bool) -> sp.Expr:
+    """Bytes one call of ``msg`` puts across nodes, ranks in order g per node. ``spans``: the TP group spans
+    t/g ≥ 2 whole nodes (g | t, t > g); else it sits inside one node (t | g)."""
+    m = msg.bytes_per_call
+    if msg.where in ("boundary", "wrap"):
+        return m                                    # counted per crossing call by the caller
+    if not spans:
+        return sp.Integer(0)
+    n = sp.sympify(msg.group)
+    if msg.op == "all_reduce" and algorithm == "direct":
+        return n * (n - g) * m                      # every rank to every rank of the other nodes
+    if msg.op in ("all_reduce", "all_gather", "reduce_scatter"):
+        return (n / g) * sent_factor(msg.op, n, algorithm) * m      # the ring crosses once per node it spans
+    if msg.op == "gather":
+        return (n - g) / n * m                      # the ranks off the root's node send their shards across
+    raise ValueError(f"no inter-node form for {msg.op} on a TP group")
+
+
+def inter_node_bytes(engine: str = "deepspeed", phase: str | None = None, algorithm: str = "ring") -> sp.Expr:
+    """Bytes that cross nodes over a generation (or one phase), ranks placed in order, g per node: 0 on one node
+    (t·p ≤ g), and in the two regular placements across nodes: TP groups inside nodes and whole stages per node
+    (t | g and g | t·p), or every TP group spanning t/g whole nodes (g | t, t > g). ``nan`` elsewhere
+    (:func:`llmcomm.derive.evaluate.traffic_totals` counts any placement)."""
+    inside = (sp.Eq(sp.Mod(g, t), 0)) & sp.Eq(sp.Mod(p * t, g), 0)
+    spans = sp.Eq(sp.Mod(t, g), 0) & sp.Gt(t, g)
+
+    def crossing(msg, case: str) -> sp.Expr:
+        calls = sp.piecewise_fold(msg.calls)
+        if msg.where == "boundary":
+            calls = calls * ((p * t / g - 1) / (p - 1) if case == "inside" else sp.Integer(1))
+        elif msg.where == "wrap" and case == "inside":
+            calls = calls * sp.Piecewise((1, sp.Gt(p * t, g)), (0, True))
+        return calls * _crossing_bytes_per_call(msg, algorithm, case == "spans")
+
+    totals = {case: _over_generation(engine, lambda msg, c=case: crossing(msg, c), phase)
+              for case in ("inside", "spans")}
+    return sp.Piecewise((0, sp.Le(p * t, g)), (totals["inside"], inside), (totals["spans"], spans), (sp.nan, True))

@@ -35,13 +35,13 @@ import importlib
 import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from llmcomm.derive.conventions import OPS as COLLECTIVE_OPS
-from llmcomm.derive.phases import order as phase_order
+from llmcomm.derive.traffic import rows_of_calls
 from llmcomm.record import write_json
 
-__all__ = ["Capture", "CaptureError", "Event", "aggregate", "check_consistent", "write_chrome_trace", "OPS"]
+__all__ = ["Capture", "CaptureError", "Event", "aggregate", "calls_of", "check_consistent", "write_chrome_trace", "OPS"]
 
 #: the ops a captured row can have: the collectives of the conventions, and barriers (size 0)
 OPS = (*COLLECTIVE_OPS, "barrier")
@@ -57,8 +57,8 @@ class Event:
 
     ``op`` is the normalised operation (:data:`OPS` minus ``send_recv``, plus ``send``/``recv``); ``api`` the function
     that was called (e.g. ``deepspeed.comm.inference_all_reduce``); ``group`` the global ranks of the group the call
-    ran on; ``peer`` the global rank of the other side of a send/recv (None for collectives, or a recv from any
-    source); ``t_start``/``t_end`` seconds since the epoch (same clock on all ranks of one machine; the end is when
+    ran on; ``peer`` the global rank of the other side of a send/recv (None for a recv from any source), or the root
+    of a broadcast, gather, reduce or scatter (None for other collectives); ``t_start``/``t_end`` seconds since the epoch (same clock on all ranks of one machine; the end is when
     the call returned, which for ``async_op`` is not completion; with ``Capture(sync=True)`` the device is
     synchronised before and after each call).
     """
@@ -113,8 +113,11 @@ _RULES: dict[str, tuple[str, tuple | None]] = {
     "batch_isend_irecv": ("batch", None),
 }
 _ASYNC_ALWAYS = {"isend", "irecv", "batch_isend_irecv"}
+#: where the other side of a call is named: the peer of a send/recv, the root of a rooted collective
 _PEER_PARAM = {"send": ("dst", "group_dst"), "isend": ("dst", "group_dst"),
-               "recv": ("src", "group_src"), "irecv": ("src", "group_src")}
+               "recv": ("src", "group_src"), "irecv": ("src", "group_src"),
+               "broadcast": ("src", "group_src"), "scatter": ("src", "group_src"),
+               "gather": ("dst", "group_dst"), "reduce": ("dst", "group_dst")}
 
 # module → functions replaced there (those the module has). torch.distributed and distributed_c10d share objects.
 _WRAPPED: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -391,40 +394,46 @@ def _get(e, key):
     return e[key] if isinstance(e, Mapping) else getattr(e, key)
 
 
-def aggregate(events: Iterable[Event | Mapping]) -> list[dict]:
-    """Rows ``{"phase", "op", "group_size", "calls", "bytes"}`` over the events of any set of ranks.
+def calls_of(events: Iterable[Event | Mapping]) -> list[tuple]:
+    """The distinct calls in the events of any set of ranks: ``(phase, op, ranks, m, 1, root)`` as
+    :func:`llmcomm.derive.traffic.rows_of_calls` takes them.
 
     A collective on a group counts once: it is taken from the lowest rank of the group that has events in the input
     (all members of a group issue the same collectives in the same order; :func:`check_consistent` verifies it).
-    A send/recv pair counts once as ``send_recv`` (group size 2, S = tensor bytes): from the sender's event, or from
-    the receiver's when no event of the sender is in the input. Rows are sorted by phase (setup, prefill, decode,
-    then others by name), op, group size.
-    """
+    A send/recv pair counts once as ``send_recv`` with ranks (sender, receiver) and m = tensor bytes: from the
+    sender's event, or from the receiver's when no event of the sender is in the input."""
     events = list(events)
     present = {_get(e, "rank") for e in events}
     rep: dict[tuple, int] = {}
-    acc: dict[tuple, list[int]] = {}
+    out = []
     for e in events:
-        op, rank = _get(e, "op"), _get(e, "rank")
+        op, rank, phase, nbytes = _get(e, "op"), _get(e, "rank"), _get(e, "phase"), int(_get(e, "bytes"))
+        peer = _get(e, "peer")
         if op in ("send", "recv"):
-            peer = _get(e, "peer")
             if op == "recv" and peer is not None and peer in present:
                 continue                                   # counted on the sender's side
-            key = (_get(e, "phase"), "send_recv", 2)
-        else:
-            group = tuple(_get(e, "group"))
-            r = rep.get(group)
-            if r is None:
-                members = [g for g in group if g in present]
-                r = rep[group] = min(members) if members else rank
-            if rank != r:
-                continue
-            key = (_get(e, "phase"), op, len(group))
-        a = acc.setdefault(key, [0, 0])
-        a[0] += 1
-        a[1] += int(_get(e, "bytes"))
-    return [{"phase": ph, "op": op, "group_size": n, "calls": c, "bytes": b}
-            for (ph, op, n), (c, b) in sorted(acc.items(), key=lambda kv: (phase_order(kv[0][0]), kv[0][1], kv[0][2]))]
+            pair = (rank, -1 if peer is None else peer) if op == "send" else (-1 if peer is None else peer, rank)
+            out.append((phase, "send_recv", pair, nbytes, 1, None))
+            continue
+        group = tuple(_get(e, "group"))
+        r = rep.get(group)
+        if r is None:
+            members = [g for g in group if g in present]
+            r = rep[group] = min(members) if members else rank
+        if rank == r:
+            out.append((phase, op, group, nbytes, 1, peer))
+    return out
+
+
+def aggregate(events: Iterable[Event | Mapping], node_of: Callable[[int], object] | None = None,
+              algorithm: str = "ring") -> list[dict]:
+    """Rows over the events of any set of ranks, counted exactly as the predictions are
+    (:func:`llmcomm.derive.traffic.rows_of_calls` on :func:`calls_of`): ``{"phase", "op", "group_size", "calls",
+    "bytes", "algorithm", "sent_bytes_per_rank", "link_bytes"}``, plus ``"inter_node_bytes"`` when ``node_of``
+    maps a rank to its node (e.g. the hosts the ranks ran on). ``algorithm`` is the all-reduce's (``direct`` for
+    DeepSpeed's shared-memory kernel). The traffic metrics are derived from the captured calls (group, size,
+    ranks), not counted on a wire. Rows are sorted by phase (setup, prefill, decode, then others), op, group size."""
+    return rows_of_calls(calls_of(events), node_of, algorithm)
 
 
 def check_consistent(events: Iterable[Event | Mapping]) -> None:

@@ -58,7 +58,7 @@ from llmcomm.record import atomic_write_text, provenance as record_provenance, r
 from llmcomm.spec import Layout, ModelSpec, SpecError, Workload, cpu_threads_per_rank
 
 __all__ = ["RunError", "MeasureResult", "measure", "launch_ranks", "rank_spec", "provenance", "entry_for", "default_env",
-           "launcher_cmd", "read_hostfile", "SHM_PREFIX"]
+           "launcher_cmd", "read_hostfile", "SHM_PREFIX", "allreduce_algorithm", "node_of_records"]
 
 SHM_PREFIX = "deepspeed_allreduce_buffer"
 BACKENDS = (None, "gloo", "nccl")
@@ -91,6 +91,7 @@ class MeasureResult:
     events: list[dict]
     provenance: dict
     ranks: list[dict] = field(default_factory=list, repr=False)   # the per-rank records (rankio format)
+    traffic: dict = field(default_factory=dict)                   # llmcomm.derive.traffic.summary of the run
 
     @property
     def tokens_match(self) -> bool | None:
@@ -102,7 +103,7 @@ class MeasureResult:
 
     def as_dict(self, events: bool = False) -> dict:
         """JSON-ready summary (``{"ops": rows, ...}``, the CLI's output); raw events only when asked."""
-        d = {"ops": self.rows, "tokens": self.tokens, "reference_tokens": self.reference_tokens,
+        d = {"ops": self.rows, "traffic": self.traffic, "tokens": self.tokens, "reference_tokens": self.reference_tokens,
              "tokens_match": self.tokens_match, "ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "e2e_s": self.e2e_s,
              "provenance": self.provenance}
         if events:
@@ -525,8 +526,22 @@ def _hf_dict(m: ModelSpec) -> dict:
             "tie_word_embeddings": m.tied, "head_dim": m.head_dim}
 
 
+def node_of_records(records: list[dict]):
+    """Rank → the host it ran on (what its result recorded): the placement the measured traffic is counted on."""
+    host = {r["rank"]: r.get("hostname") for r in records}
+    return lambda rank: host.get(rank)
+
+
+def allreduce_algorithm(records: list[dict]) -> str:
+    """How the run's all-reduces moved bytes: ``direct`` on DeepSpeed's shared-memory kernel (every rank reads every
+    other rank's buffer), else ``ring`` (gloo, NCCL)."""
+    paths = {(r.get("comm") or {}).get("allreduce_path") for r in records}
+    return "direct" if paths == {"shm"} else "ring"
+
+
 def _assemble(records, model, layout, workload, facts, started, entry, backend, check_tokens) -> MeasureResult:
-    from llmcomm.measure.capture import aggregate, check_consistent, CaptureError
+    from llmcomm.derive.traffic import summary
+    from llmcomm.measure.capture import CaptureError, aggregate, calls_of, check_consistent
 
     events = [e for r in records for e in r["events"]]
     try:
@@ -550,7 +565,9 @@ def _assemble(records, model, layout, workload, facts, started, entry, backend, 
     prov = provenance(records, facts, started)
     prov.update(entry=entry, backend_requested=backend, model=model.name, layout={"t": layout.t, "p": layout.p},
                 workload=workload.as_dict())
-    return MeasureResult(rows=aggregate(events), tokens=tokens, reference_tokens=reference, ttft_s=timing("ttft_s"),
+    node_of, algorithm = node_of_records(records), allreduce_algorithm(records)
+    return MeasureResult(rows=aggregate(events, node_of=node_of, algorithm=algorithm),
+                         traffic=summary(calls_of(events), node_of, algorithm), tokens=tokens, reference_tokens=reference, ttft_s=timing("ttft_s"),
                          tpot_s=timing("tpot_s"), e2e_s=timing("e2e_s"), events=events, provenance=prov,
                          ranks=records)
 

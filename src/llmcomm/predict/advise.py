@@ -9,26 +9,33 @@ For ``gpus`` = N, the candidates are all (t, p) with t·p = N, t dividing the at
   ``fits`` when it is at most the device memory × (1 − reserve_fraction);
 * **latency**: TTFT, TPOT, E2E from :func:`llmcomm.predict.latency.predict_latency_grid` (TP groups spanning nodes pay
   the inter-node link);
-* **bytes**: all communication of the generation (1 prefill + G−1 decode forwards) from the same compiled messages
-  (:func:`llmcomm.derive.evaluate.phase_bytes`).
+* **traffic** of the generation (1 prefill + G−1 decode forwards, :func:`llmcomm.derive.evaluate.traffic_totals`):
+  the nccl-tests ``bytes`` (sizes, naming the calls), the bytes the busiest rank sends, the bytes all links carry,
+  and the bytes that cross nodes with the ranks placed in order, g per node — plus how many transfers on a forward's
+  critical path cross nodes (``inter_node_hops_per_forward``: stage hops and the token hand-back) and how many
+  collectives run on TP groups that span nodes (``inter_node_collectives_per_forward``).
 
-Ranked by ``objective`` (ttft, tpot, e2e or bytes) with infeasible layouts last; ``pareto`` marks the feasible layouts
-that no other feasible layout beats on both latency (the objective's, e2e for "bytes") and bytes.
+Ranked by ``objective`` (ttft, tpot, e2e, or one of the traffic metrics) with infeasible layouts last. ``pareto``
+marks the feasible layouts that no other feasible layout beats on both latency (the objective's; e2e for a traffic
+objective) and **inter-node bytes** — what a shared network carries; bytes within 1 % of each other count as equal.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..derive.evaluate import phase_bytes
+from ..derive.evaluate import forward_calls, traffic_totals
 from ..spec import DTYPE_BYTES, Layout, ModelSpec, SpecError, Workload
 from .hardware import GiB, Hardware, scale_links
 from .latency import predict_latency_grid
 from .placement import placement_fractions
 
-__all__ = ["advise", "advise_report", "candidate_layouts", "memory_per_rank", "pareto_front", "advice_map",
-           "what_if", "LEVERS", "OBJECTIVES"]
+__all__ = ["advise", "advise_report", "candidate_layouts", "memory_per_rank", "pareto_front", "node_crossings",
+           "advice_map", "what_if", "LEVERS", "OBJECTIVES", "PARETO_REL_TOL"]
 
-OBJECTIVES = ("ttft", "tpot", "e2e", "bytes")
+#: what advice can rank by: latencies, or a traffic metric of the whole generation
+OBJECTIVES = ("ttft", "tpot", "e2e", "inter_node_bytes", "sent_bytes_busiest_rank", "link_bytes")
+#: bytes within this relative distance of each other count as equal on the Pareto front
+PARETO_REL_TOL = 0.01
 
 
 def candidate_layouts(model: ModelSpec, gpus: int) -> list[tuple[int, int]]:
@@ -72,8 +79,10 @@ def memory_per_rank(model: ModelSpec, t, p, b, S, G, w) -> dict:
     return {"weights": weights, "kv": kv, "act": act, "total": weights + kv + act}
 
 
-def pareto_front(latency, nbytes, eligible=None) -> np.ndarray:
-    """Boolean mask of points not dominated (≤ in both, < in one) by another eligible point; minimise both."""
+def pareto_front(latency, nbytes, eligible=None, rel_tol: float = 0.0) -> np.ndarray:
+    """Boolean mask of points not dominated (≤ in both, < in one) by another eligible point; minimise both. Byte
+    counts within ``rel_tol`` of each other count as equal (a layout that moves 0.04 % fewer bytes than a much
+    faster one is not a trade-off)."""
     x = np.asarray(latency, dtype=float)
     y = np.asarray(nbytes, dtype=float)
     ok = np.ones(x.shape, bool) if eligible is None else np.asarray(eligible, bool)
@@ -81,15 +90,37 @@ def pareto_front(latency, nbytes, eligible=None) -> np.ndarray:
     for i in range(x.size):
         if not ok[i]:
             continue
-        dominated = ok & (x <= x[i]) & (y <= y[i]) & ((x < x[i]) | (y < y[i]))
+        y_le = y <= y[i] * (1 + rel_tol)
+        y_lt = y < y[i] * (1 - rel_tol)
+        dominated = ok & (x <= x[i]) & y_le & ((x < x[i]) | y_lt)
         front[i] = not dominated.any()
     return front
+
+
+def node_crossings(model: ModelSpec, layout: Layout, workload: Workload, g: int,
+                   engine: str = "deepspeed") -> tuple[int, int]:
+    """(transfers on a decode forward's critical path that cross nodes — each stage boundary whose hop crosses, and
+    the token hand-back —, collective calls per decode forward on TP groups that span nodes), ranks placed in order,
+    ``g`` per node."""
+    node = lambda r: r // g  # noqa: E731
+    stage = lambda r: r // layout.t  # noqa: E731
+    hops, collectives = set(), 0
+    for op, ranks, _, count, _ in forward_calls(model, layout, workload, "decode" if workload.G > 1 else "prefill",
+                                               engine):
+        if op == "send_recv":
+            src, dst = ranks
+            if node(src) != node(dst):
+                hops.add((stage(src), stage(dst)))
+        elif len({node(r) for r in ranks}) > 1:
+            collectives += count
+    return len(hops), collectives
 
 
 def advise(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware, S: int = 1024, G: int = 128,
            b: int = 1, objective: str = "e2e", dtype: str = "bf16", engine: str = "deepspeed",
            include_infeasible: bool = True) -> list[dict]:
-    """Ranked layouts (best first) as dicts ``{"tp","pp","ttft_s","tpot_s","e2e_s","bytes","fits","pareto", …}``.
+    """Ranked layouts (best first) as dicts ``{"tp", "pp", "ttft_s", "tpot_s", "e2e_s", "bytes",
+    "sent_bytes_busiest_rank", "link_bytes", "inter_node_bytes", "fits", "pareto", …}``.
 
     Raises :class:`SpecError` when no layout exists or none fits the device memory (one sentence saying why)."""
     if objective not in OBJECTIVES:
@@ -109,7 +140,9 @@ def advise(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware,
     w = wl.w
     lat = predict_latency_grid(model, hw, t, p, b, S, G, w, gpus_per_node=g, engine=engine)
     mem = memory_per_rank(model, t, p, b, S, G, w)
-    nb = phase_bytes(engine, model, t, p, b, S, G, w)
+    traffic = [traffic_totals(model, Layout(int(ti), int(pi)), wl, engine, "ring", g) for ti, pi in zip(t, p)]
+    metric = {k: np.array([float(x[k]) for x in traffic]) for k in ("bytes", "inter_node_bytes", "link_bytes",
+                                                                    "sent_bytes_busiest_rank")}
     usable = hw.usable_memory_bytes
     fits = mem["total"] <= usable
     if not fits.any():
@@ -119,17 +152,20 @@ def advise(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware,
             f"{mem['total'][i] / GiB:.1f} GiB per GPU (tp={t[i]}, pp={p[i]}) but one has {usable / GiB:.1f} GiB "
             f"usable ({hw.memory_bytes / GiB:.1f} GiB minus {hw.reserve_fraction:.0%} reserve); use more GPUs, a "
             f"smaller batch/context or a narrower dtype")
-    lat_key = "e2e_s" if objective == "bytes" else f"{objective}_s"
-    score = nb["total"] if objective == "bytes" else lat[lat_key]
-    front = pareto_front(lat[lat_key], nb["total"], fits)
+    lat_key = f"{objective}_s" if objective in ("ttft", "tpot", "e2e") else "e2e_s"
+    score = lat[lat_key] if objective in ("ttft", "tpot", "e2e") else metric[objective]
+    front = pareto_front(lat[lat_key], metric["inter_node_bytes"], fits, PARETO_REL_TOL)
     nodes = int(np.ceil(gpus / g))
     f_tp, f_pp = placement_fractions(model.L, t, p, g)
     rows = []
     for i in range(len(cands)):
+        hops, spanning = node_crossings(model, Layout(int(t[i]), int(p[i])), wl, g, engine)
         rows.append({
             "tp": int(t[i]), "pp": int(p[i]), "ttft_s": float(lat["ttft_s"][i]), "tpot_s": float(lat["tpot_s"][i]),
-            "e2e_s": float(lat["e2e_s"][i]), "bytes": int(round(float(nb["total"][i]))),
-            "fits": bool(fits[i]), "pareto": bool(front[i]),
+            "e2e_s": float(lat["e2e_s"][i]), "bytes": traffic[i]["bytes"],
+            "sent_bytes_busiest_rank": traffic[i]["sent_bytes_busiest_rank"], "link_bytes": traffic[i]["link_bytes"],
+            "inter_node_bytes": traffic[i]["inter_node_bytes"], "inter_node_hops_per_forward": hops,
+            "inter_node_collectives_per_forward": spanning, "fits": bool(fits[i]), "pareto": bool(front[i]),
             "memory_gib": float(mem["total"][i] / GiB), "weights_gib": float(mem["weights"][i] / GiB),
             "kv_gib": float(mem["kv"][i] / GiB), "usable_gib": float(usable / GiB),
             "prefill_comm_s": float(lat["prefill_comm_s"][i]), "decode_comm_s": float(lat["decode_comm_s"][i]),
@@ -137,7 +173,7 @@ def advise(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware,
             "decode_compute_s": float(lat["decode_compute_s"][i]),
             "tp_inter_fraction": float(f_tp[i]), "pp_inter_fraction": float(f_pp[i]), "nodes": nodes,
             "objective": objective, "score": float(score[i])})
-    rows.sort(key=lambda r: (not r["fits"], r["score"], r["bytes"], r["tp"]))
+    rows.sort(key=lambda r: (not r["fits"], r["score"], r["inter_node_bytes"], r["tp"]))
     for k, r in enumerate(rows, 1):
         r["rank"] = k
     return rows if include_infeasible else [r for r in rows if r["fits"]]

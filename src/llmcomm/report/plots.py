@@ -176,21 +176,119 @@ def advice_heatmaps(maps: dict, value: str = "e2e_s", title: str = ""):
     return fig
 
 
-def pareto(rows, latency: str = "e2e_s", title: str = ""):
-    """Latency vs communication bytes of every layout (rows from :func:`llmcomm.predict.advise.advise`), the Pareto front
-    joined; infeasible layouts hollow."""
+def pareto(rows, latency: str = "e2e_s", title: str = "",
+           panels=(("inter_node_bytes", "bytes across nodes (the Pareto front's axis)"),
+                   ("sent_bytes_busiest_rank", "bytes the busiest rank sends"))):
+    """Latency vs traffic of every layout (rows from :func:`llmcomm.predict.advise.advise`), one panel per traffic
+    metric; the Pareto front (latency vs inter-node bytes, as ``advise`` marks it) in red; infeasible layouts
+    hollow."""
     d = pd.DataFrame(rows)
-    fig, ax = plt.subplots(figsize=(5.6, 3.8))
-    for fits, g in d.groupby("fits"):
-        ax.scatter(g["bytes"], g[latency] * 1e3, s=45, facecolors=("C0" if fits else "none"), edgecolors="C0",
-                   label="fits" if fits else "does not fit")
-    front = d[d["pareto"]].sort_values("bytes")
-    ax.plot(front["bytes"], front[latency] * 1e3, color="C3", lw=1.5, label="Pareto front")
-    for _, r in d.iterrows():
-        ax.annotate(f"{r['tp']}×{r['pp']}", (r["bytes"], r[latency] * 1e3), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
-    ax.set(xscale="log", yscale="log", xlabel="communication bytes of the generation",
-           ylabel=f"predicted {latency[:-2].upper()} (ms)", title=title)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 3.8), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for fits, g in d.groupby("fits"):
+            ax.scatter(g[key].clip(lower=1), g[latency] * 1e3, s=45, facecolors=("C0" if fits else "none"),
+                       edgecolors="C0", label="fits" if fits else "does not fit")
+        front = d[d["pareto"]].sort_values(key)
+        ax.scatter(front[key].clip(lower=1), front[latency] * 1e3, s=90, facecolors="none", edgecolors="C3",
+                   lw=1.8, label="on the Pareto front")
+        for _, r in d.iterrows():
+            ax.annotate(f"{r['tp']}×{r['pp']}", (max(r[key], 1), r[latency] * 1e3), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set(xscale="log", yscale="log", xlabel=label, ylabel=f"predicted {latency[:-2].upper()} (ms)")
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# ---- mechanism (book: the closed forms of TP, time) ------------------------------------------------------------------
+def tp_layer_diagram(t: int = 2):
+    """One Llama decoder layer under t-way tensor parallelism, as AutoTP (and Megatron-style engines) shard it: the
+    activation [b, s, h] is whole on every rank; q/k/v and gate/up are column-parallel (each rank computes its share
+    of the heads and of the FFN width, no communication); o_proj and down_proj are row-parallel, so each rank holds a
+    partial sum of the full [b, s, h] output, and an all-reduce adds the t partial sums — twice per layer."""
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    fig, ax = plt.subplots(figsize=(11, 1.9 + 1.15 * t))
+    ax.set_xlim(-0.9, 11.9)
+    ax.set_ylim(-0.7, 1.35 * t + 0.6)
+    ax.axis("off")
+    steps = [("x [b, s, h]\n(whole on every rank)", 0.2, "0.92"),
+             ("q, k, v\ncolumn-parallel\n(a/t heads, a_kv/t KV)", 1.75, "#cfe2f3"),
+             ("attention\n(local heads,\nlocal KV cache)", 3.3, "#cfe2f3"),
+             ("o_proj\nrow-parallel\n→ partial sum", 4.85, "#f4cccc"),
+             ("gate, up\ncolumn-parallel\n(F/t each)", 6.75, "#cfe2f3"),
+             ("SiLU · mul\n(local)", 8.3, "#cfe2f3"),
+             ("down_proj\nrow-parallel\n→ partial sum", 9.7, "#f4cccc")]
+    for r in range(t):
+        y = 1.35 * (t - 1 - r) + 0.2
+        ax.text(-0.05, y + 0.45, f"rank {r}", ha="right", va="center", fontsize=9)
+        for i, (text, x, color) in enumerate(steps):
+            ax.add_patch(FancyBboxPatch((x, y), 1.35, 0.9, boxstyle="round,pad=0.02", fc=color, ec="0.4", lw=0.8))
+            ax.text(x + 0.675, y + 0.45, text, ha="center", va="center", fontsize=7.2)
+            if i:
+                prev = steps[i - 1][1] + 1.35
+                ax.add_patch(FancyArrowPatch((prev, y + 0.45), (x, y + 0.45), arrowstyle="->", mutation_scale=8,
+                                             color="0.3"))
+    top = 1.35 * (t - 1) + 1.1
+    for x, label in ((6.2, "all-reduce 1\n[b, s, h] (+ residual)"), (11.05, "all-reduce 2\n[b, s, h] (+ residual)")):
+        ax.plot([x, x], [0.1, top], color="#cc0000", lw=2.2)
+        ax.text(x, top + 0.25, label, ha="center", va="bottom", fontsize=8, color="#cc0000")
+    ax.text(5.6, -0.5, f"one decoder layer on t = {t} ranks: two all-reduces of the full activation per layer; "
+            "the message does not shrink with t", ha="center", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def alpha_beta_curve(links: dict, marks: dict, title: str = ""):
+    """Time of one message against its size on each link of ``links`` ({label: (α s, β s/B)}), log–log, with the
+    half-performance size m½ = α/β (Hockney's n½: below it latency dominates, above it bandwidth) marked on each
+    curve, and the sizes in ``marks`` ({label: bytes}) as vertical lines."""
+    import numpy as np
+
+    m = np.logspace(2, 9, 200)
+    fig, ax = plt.subplots(figsize=(7.2, 4.2))
+    for i, (label, (alpha, beta)) in enumerate(links.items()):
+        line, = ax.plot(m, (alpha + m * beta) * 1e6, lw=2, label=f"{label}: α = {alpha * 1e6:.1f} µs, "
+                        f"1/β = {1e-9 / beta:.0f} GB/s")
+        half = alpha / beta
+        ax.plot([half], [2 * alpha * 1e6], "o", color=line.get_color())
+        ax.annotate(f"m½ = {half / 1024:.0f} KiB", (half, 2 * alpha * 1e6), xytext=(-78, 6),
+                    textcoords="offset points", fontsize=8, color=line.get_color())
+    ax.set(xscale="log", yscale="log")
+    low = ax.get_ylim()[0]
+    for label, size in marks.items():
+        ax.axvline(size, color="0.5", ls="--", lw=1)
+        ax.text(size * 1.15, low * 1.3, label, fontsize=8, color="0.3", rotation=90, va="bottom")
+    ax.set( xlabel="message bytes m", ylabel="time of one transfer, α + m·β (µs)",
+           title=title)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def latency_stack(df: pd.DataFrame, x: str = "S", title: str = ""):
+    """Predicted TTFT and TPOT per layout against ``x``, compute and communication stacked (one panel per metric;
+    bars grouped by layout). ``df``: columns layout, ``x``, metric ("TTFT"/"TPOT"), compute_ms, comm_ms."""
+    metrics = list(dict.fromkeys(df["metric"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.6 * len(metrics), 3.8), squeeze=False)
+    layouts = list(dict.fromkeys(df["layout"]))
+    xs = list(dict.fromkeys(df[x]))
+    width = 0.8 / len(layouts)
+    for ax, metric in zip(axes[0], metrics):
+        d = df[df.metric == metric]
+        for i, lay in enumerate(layouts):
+            sub = d[d.layout == lay].set_index(x).reindex(xs)
+            pos = [k + (i - (len(layouts) - 1) / 2) * width for k in range(len(xs))]
+            ax.bar(pos, sub.compute_ms, width, color=f"C{i}", alpha=0.55, edgecolor="0.3", lw=0.5,
+                   label=f"{lay} compute")
+            ax.bar(pos, sub.comm_ms, width, bottom=sub.compute_ms, color=f"C{i}", edgecolor="0.3", lw=0.5,
+                   hatch="//", label=f"{lay} communication")
+        ax.set_xticks(range(len(xs)), [str(v) for v in xs])
+        ax.set(xlabel=x, ylabel=f"predicted {metric} (ms)", title=metric)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig

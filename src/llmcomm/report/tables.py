@@ -10,18 +10,19 @@ from typing import Iterable
 import pandas as pd
 import sympy as sp
 
-from ..derive.evaluate import rows as predict_rows
+from ..derive.evaluate import generation_calls, rows as predict_rows, traffic_totals
 from ..derive.patterns import pattern
 from ..derive.phases import PHASES
 from ..derive.volumes import branch, tidy
-from ..derive.conventions import bus_factor
+from ..derive.traffic import node_of_placement, summary
 from ..notation import GROUPS, NOTATION
 from ..spec import Layout, ModelSpec, SpecError, Workload, load_model, stage_layers
 
-__all__ = ["latex", "pattern_frame", "model_bytes_frame", "layouts_frame", "wire_bytes", "notation_table",
+__all__ = ["latex", "pattern_frame", "model_bytes_frame", "layouts_frame", "notation_table",
            "layout_kind", "markdown", "run_times", "stage_split_frame", "models_frame", "relative_to_tp",
            "bytes_by_phase", "engine_ratio", "latency_table", "latency_breakdown", "compute_calibration",
-           "collective_fits", "sources_frame", "advice_rows"]
+           "collective_fits", "sources_frame", "advice_rows", "tp_over_pp", "hop_traffic", "latency_parts",
+           "decode_allreduce_facts", "error_summary", "proofs_frame"]
 
 
 def latex(expr) -> str:
@@ -47,10 +48,19 @@ def pattern_frame(engine: str = "deepspeed") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _traffic_cols(summary: dict, scale: float = 1e6) -> dict:
+    """The traffic columns of a :func:`llmcomm.derive.traffic.summary`, in MB."""
+    out = {"busiest MB": summary["sent_bytes_busiest_rank"] / scale, "links MB": summary["link_bytes"] / scale}
+    if summary.get("inter_node_bytes") is not None:
+        out["inter-node MB"] = summary["inter_node_bytes"] / scale
+    return out
+
+
 def model_bytes_frame(models: Iterable[ModelSpec], layout: Layout, workload: Workload,
-                      engines=("deepspeed", "vllm"), wire: bool = False) -> pd.DataFrame:
-    """Bytes per phase for real models (one row per model × engine): the numbers the book quotes; ``wire`` adds
-    the wire MB (:func:`wire_bytes`)."""
+                      engines=("deepspeed", "vllm"), traffic: bool = False) -> pd.DataFrame:
+    """Bytes per phase for real models (one row per model × engine): the nccl-tests sizes summed (MB), and with
+    ``traffic`` what moves over the generation (:func:`llmcomm.derive.evaluate.traffic_totals`, ring all-reduce):
+    the busiest rank's sent MB and all links' MB."""
     rows = []
     for model in models:
         for engine in engines:
@@ -59,14 +69,9 @@ def model_bytes_frame(models: Iterable[ModelSpec], layout: Layout, workload: Wor
             dec = sum(x["bytes"] for x in r if x["phase"] == "decode")
             rows.append({"model": model.name, "engine": engine, "prefill MB": pre / 1e6, "decode MB": dec / 1e6,
                          "total MB": (pre + dec) / 1e6, "calls": sum(x["calls"] for x in r)})
-            if wire:
-                rows[-1]["wire MB"] = wire_bytes(r) / 1e6
+            if traffic:
+                rows[-1].update(_traffic_cols(traffic_totals(model, layout, workload, engine)))
     return pd.DataFrame(rows)
-
-
-def wire_bytes(rows: Iterable[dict]) -> float:
-    """Bytes one rank of each group puts on its links: nccl-tests size × bus factor f(n), summed over rows."""
-    return float(sum(r["bytes"] * bus_factor(r["op"], r["group_size"]) for r in rows if r["op"] != "barrier"))
 
 
 def layout_kind(t: int, p: int) -> str:
@@ -75,11 +80,14 @@ def layout_kind(t: int, p: int) -> str:
 
 
 def layouts_frame(models: Iterable[ModelSpec], layouts: Iterable[Layout], workloads: Iterable[Workload],
-                  engines=("deepspeed",)) -> pd.DataFrame:
+                  engines=("deepspeed",), gpus_per_node: int | None = None) -> pd.DataFrame:
     """Tidy bytes of every model × layout × workload × engine: one row per phase (prefill, decode, total) with the
-    nccl-tests bytes and the wire bytes (:func:`wire_bytes`). Layouts a model cannot take are skipped. Columns:
-    model, engine, layout ("t×p"), t, p, N, kind, b, S, G, dtype, phase, bytes, wire_bytes."""
+    nccl-tests sizes summed (``bytes``) and the traffic (ring all-reduce): ``sent_bytes_busiest_rank`` (the rank
+    that sends the most in that phase), ``link_bytes`` and, with ``gpus_per_node``, ``inter_node_bytes``. Layouts a
+    model cannot take are skipped. Columns: model, engine, layout ("t×p"), t, p, N, kind, b, S, G, dtype, phase,
+    bytes, sent_bytes_busiest_rank, link_bytes[, inter_node_bytes]."""
     layouts, workloads = list(layouts), list(workloads)
+    node_of = node_of_placement(gpus_per_node) if gpus_per_node is not None else None
     rows = []
     for model in models:
         for lay in layouts:
@@ -89,14 +97,17 @@ def layouts_frame(models: Iterable[ModelSpec], layouts: Iterable[Layout], worklo
                 continue
             for wl in workloads:
                 for engine in engines:
-                    r = predict_rows(model, lay, wl, engine)
+                    calls = generation_calls(model, lay, wl, engine)
                     base = {"model": model.name, "engine": engine, "layout": f"{lay.t}×{lay.p}", "t": lay.t,
                             "p": lay.p, "N": lay.ranks, "kind": layout_kind(lay.t, lay.p), "b": wl.b, "S": wl.S,
                             "G": wl.G, "dtype": wl.dtype}
                     for phase in (*PHASES, "total"):
-                        sel = [x for x in r if phase in ("total", x["phase"])]
-                        rows.append(dict(base, phase=phase, bytes=sum(x["bytes"] for x in sel),
-                                         wire_bytes=wire_bytes(sel)))
+                        tr = summary([c for c in calls if phase in ("total", c[0])], node_of)
+                        row = dict(base, phase=phase, bytes=tr["bytes"],
+                                   sent_bytes_busiest_rank=tr["sent_bytes_busiest_rank"], link_bytes=tr["link_bytes"])
+                        if node_of is not None:
+                            row["inter_node_bytes"] = tr["inter_node_bytes"]
+                        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -140,14 +151,21 @@ def models_frame(models: Iterable[ModelSpec]) -> pd.DataFrame:
 
 
 def relative_to_tp(totals: pd.DataFrame) -> pd.DataFrame:
-    """Per layout of a :func:`layouts_frame` selection (one workload, phase "total"): MB, wire MB, and both as a
-    ratio to the TP layout of the same model on the same N."""
+    """Per layout of a :func:`layouts_frame` selection (one workload, phase "total"): the sizes, the busiest rank's
+    bytes, all links' bytes (and inter-node bytes when placed), in MB and as a ratio to the TP layout of the same
+    model on the same N."""
     tp = totals[totals.kind == "TP"].set_index(["model", "N"])
     key = totals.set_index(["model", "N"]).index
-    out = totals.assign(**{"MB": (totals.bytes / 1e6).round(1), "wire MB": (totals.wire_bytes / 1e6).round(1),
-                           "bytes / TP": (totals.bytes / key.map(tp.bytes)).round(4),
-                           "wire / TP": (totals.wire_bytes / key.map(tp.wire_bytes)).round(4)})
-    return out[["model", "N", "layout", "kind", "MB", "wire MB", "bytes / TP", "wire / TP"]].reset_index(drop=True)
+    metrics = [("bytes", "sizes"), ("sent_bytes_busiest_rank", "busiest"), ("link_bytes", "links")]
+    if "inter_node_bytes" in totals:
+        metrics.append(("inter_node_bytes", "inter-node"))
+    out = totals[["model", "N", "layout", "kind"]].copy()
+    for col, name in metrics:
+        out[f"{name} MB"] = (totals[col] / 1e6).round(1)
+    for col, name in metrics:
+        ref = key.map(tp[col]).astype(float)
+        out[f"{name} / TP"] = (totals[col].astype(float) / ref).where(ref > 0).round(4)
+    return out.reset_index(drop=True)
 
 
 def bytes_by_phase(phases: pd.DataFrame) -> pd.DataFrame:
@@ -219,12 +237,119 @@ def sources_frame(hw) -> pd.DataFrame:
 
 
 def advice_rows(by_gpus_per_node: dict) -> pd.DataFrame:
-    """Ranked layouts of :func:`llmcomm.predict.advise.advise` for several node sizes {g: rows}, as one table."""
+    """Ranked layouts of :func:`llmcomm.predict.advise.advise` for several node sizes {g: rows}, as one table: the
+    latencies, what crosses nodes per forward (transfers on the critical path — stage hops and the token hand-back —
+    and collectives on TP groups that span nodes) and over the generation (MB)."""
     out = []
     for g, ranked in by_gpus_per_node.items():
         for r in ranked:
             out.append({"GPUs per node": g, "layout": f"t={r['tp']}×p={r['pp']}", "rank": r["rank"],
                         "TTFT ms": round(1e3 * r["ttft_s"], 2), "TPOT ms": round(1e3 * r["tpot_s"], 3),
-                        "E2E s": round(r["e2e_s"], 4), "TP groups spanning nodes": r["tp_inter_fraction"],
-                        "stage sends crossing nodes": round(r["pp_inter_fraction"], 3)})
+                        "E2E s": round(r["e2e_s"], 4),
+                        "hops across nodes / forward": r["inter_node_hops_per_forward"],
+                        "collectives across nodes / forward": r["inter_node_collectives_per_forward"],
+                        "inter-node MB": round(r["inter_node_bytes"] / 1e6, 1)})
     return pd.DataFrame(out)
+
+
+def tp_over_pp(models: Iterable[ModelSpec], gpus: Iterable[int], workload: Workload, engine: str = "deepspeed",
+               gpus_per_node: int | None = None) -> pd.DataFrame:
+    """TP (N×1) against PP (1×N) on the same N GPUs, one row per model and N: the ratio of what the busiest rank
+    sends, of what all links carry, (placed g per node) of what crosses nodes, and — labelled as such — of the
+    nccl-tests sizes."""
+    rows = []
+    for model in models:
+        for N in gpus:
+            tp = traffic_totals(model, Layout(N, 1), workload, engine, gpus_per_node=gpus_per_node)
+            pp = traffic_totals(model, Layout(1, N), workload, engine, gpus_per_node=gpus_per_node)
+            row = {"model": model.name, "N": N,
+                   "busiest rank: TP / PP": tp["sent_bytes_busiest_rank"] / pp["sent_bytes_busiest_rank"],
+                   "all links: TP / PP": tp["link_bytes"] / pp["link_bytes"]}
+            if gpus_per_node is not None and pp["inter_node_bytes"]:
+                row["inter-node: TP / PP"] = tp["inter_node_bytes"] / pp["inter_node_bytes"]
+            row["sizes (nccl-tests m): TP / PP"] = tp["bytes"] / pp["bytes"]
+            rows.append(row)
+    cols = ["model", "N", "busiest rank: TP / PP", "all links: TP / PP", "inter-node: TP / PP",
+            "sizes (nccl-tests m): TP / PP"]
+    df = pd.DataFrame(rows)
+    return df[[c for c in cols if c in df]].round(2)
+
+
+def hop_traffic(model: ModelSpec, layout: Layout, workload: Workload, gpus_per_node: int) -> pd.DataFrame:
+    """The stage-to-stage traffic of a generation in the runner's two modes (partitioned, full): bytes over all links
+    and across nodes of the hops (their sends and the all-gathers that rebuild them), the token hand-back apart."""
+    rows = []
+    for mode, engine in (("partitioned", "deepspeed"), ("full", "deepspeed-full")):
+        calls = [c for c in generation_calls(model, layout, workload, engine)
+                 if c[1] == "all_gather" or (c[1] == "send_recv" and c[2][1] // layout.t == c[2][0] // layout.t + 1)]
+        tr = summary(calls, node_of_placement(gpus_per_node))
+        rows.append({"mode": mode, "all links": tr["link_bytes"], "across nodes": tr["inter_node_bytes"],
+                     "inside nodes": tr["link_bytes"] - tr["inter_node_bytes"]})
+    return pd.DataFrame(rows)
+
+
+def latency_parts(model: ModelSpec, hw, layouts: Iterable[Layout], xs: Iterable[int], x: str = "S",
+                  b: int = 1, S: int = 1024, G: int = 128, dtype: str = "bf16", gpus_per_node: int | None = None,
+                  engine: str = "deepspeed") -> pd.DataFrame:
+    """Predicted TTFT and TPOT split into compute and communication (ms) for each layout as ``x`` ("S" or "b")
+    varies: columns layout, ``x``, metric, compute_ms, comm_ms (for :func:`llmcomm.report.plots.latency_stack`)."""
+    from ..predict.latency import predict_latency_grid
+    import numpy as np
+
+    rows = []
+    xs = list(xs)
+    w = Workload(b, S, G, dtype).w
+    for lay in layouts:
+        bb = np.array(xs) if x == "b" else b
+        SS = np.array(xs) if x == "S" else S
+        lat = predict_latency_grid(model, hw, lay.t, lay.p, bb, SS, G, w, gpus_per_node=gpus_per_node, engine=engine)
+        for i, xv in enumerate(xs):
+            for metric, phase in (("TTFT", "prefill"), ("TPOT", "decode")):
+                rows.append({"layout": f"{lay.t}×{lay.p}", x: xv, "metric": metric,
+                             "compute_ms": 1e3 * float(np.broadcast_to(lat[f"{phase}_compute_s"], (len(xs),))[i]),
+                             "comm_ms": 1e3 * float(np.broadcast_to(lat[f"{phase}_comm_s"], (len(xs),))[i])})
+    return pd.DataFrame(rows)
+
+
+def decode_allreduce_facts(model: ModelSpec, hw, t: int, workload: Workload, gpus_per_node: int | None = None) -> dict:
+    """What the time model charges a TP decode step's all-reduces on ``t`` GPUs of one node: the size of one call,
+    its predicted seconds (the preset's α per step × the algorithm's steps + the bandwidth term), the calls per
+    step, and their share of the predicted TPOT; plus the predicted prefill compute and communication."""
+    from ..predict.latency import predict_latency
+
+    res = predict_latency(model, Layout(t, 1), workload, hw, gpus_per_node=gpus_per_node)
+    dec, pre = res["breakdown"]["decode"], res["breakdown"]["prefill"]
+    layer_ar = max((m for m in dec["messages"] if m["op"] == "all_reduce"), key=lambda m: m["calls"])
+    per_call = layer_ar["time_s"] / layer_ar["calls"]
+    return {"bytes_per_call": layer_ar["bytes_per_call"], "seconds_per_call": per_call,
+            "calls_per_step": sum(m["calls"] for m in dec["messages"] if m["op"] == "all_reduce"),
+            "comm_share_of_tpot": dec["comm_s"] / res["tpot_s"], "tpot_s": res["tpot_s"],
+            "prefill_compute_s": pre["compute_s"], "prefill_comm_s": pre["comm_s"]}
+
+
+def error_summary(val: pd.DataFrame, by=("model",)) -> pd.DataFrame:
+    """Median signed and absolute errors of a validation frame (:func:`llmcomm.compare.validate.validate_latency`)
+    per group: where the model misses, and in which direction."""
+    rows = []
+    for key, grp in val.groupby(list(by)):
+        errs = pd.concat([grp["err_ttft"], grp["err_tpot"].dropna(), grp["err_e2e"]])
+        rows.append(dict(zip(by, key if isinstance(key, tuple) else (key,)), runs=len(grp),
+                         **{"median error": errs.median(), "median |error|": errs.abs().median(),
+                            "share too fast (predicted < measured)": (errs < 0).mean()}))
+    return pd.DataFrame(rows).round(3)
+
+
+def proofs_frame() -> pd.DataFrame:
+    """Every stored proof (``data/proofs/``, written by ``tools/proofs/run_all.py``): its claims, whether all were
+    proven, and when and at which commit it ran."""
+    from ..record import load_json, result_names
+
+    rows = []
+    for name in result_names("proofs"):
+        res = load_json(name, "proofs")
+        prov = res["provenance"]
+        for claim in res["claims"]:
+            rows.append({"proof": res["proof"], "claim": claim, "ran": prov["date"][:10],
+                         "commit": prov.get("git"), "versions": f"deepspeed {prov['versions'].get('deepspeed')}, "
+                                                                f"torch {prov['versions'].get('torch')}"})
+    return pd.DataFrame(rows)
