@@ -1,0 +1,46 @@
+"""Committed results say where they come from, and come from committed code.
+
+Every provenance record under ``data/`` (a CSV's JSON sidecar, a JSON result's ``"provenance"``) and the calibration
+record of the ``cpu-local`` preset must name a git commit, and not one with ``+dirty``: a result made from
+uncommitted code cannot be reproduced from the repository. ``data/external/`` holds other people's measurements, with
+their own source records instead."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+
+
+def _provenances(obj, where="$"):
+    """Every dict in ``obj`` that is a provenance record (it has "git" or "date" and "command")."""
+    if isinstance(obj, dict):
+        if "git" in obj or ("date" in obj and "command" in obj and ("versions" in obj or "torch" in obj)):
+            yield where, obj
+        for k, v in obj.items():
+            if k != "earlier_runs":
+                yield from _provenances(v, f"{where}.{k}")
+
+
+RECORDS = sorted(p for p in DATA.rglob("*.json") if "external" not in p.relative_to(DATA).parts) + \
+    [ROOT / "src" / "llmcomm" / "presets" / "hardware" / "cpu-local.json"]
+
+
+@pytest.mark.parametrize("path", RECORDS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_committed_results_come_from_a_clean_commit(path):
+    found = list(_provenances(json.loads(path.read_text())))
+    assert found, f"{path.relative_to(ROOT)} carries no provenance record"
+    for where, prov in found:
+        git = prov.get("git")
+        assert git, f"{path.relative_to(ROOT)} {where}: no git commit recorded"
+        assert not str(git).endswith("+dirty"), (
+            f"{path.relative_to(ROOT)} {where}: made from uncommitted code ({git}); commit, then regenerate it")
+
+
+def test_external_data_keeps_its_source_and_license():
+    for folder in (DATA / "external").iterdir():
+        files = {p.name for p in folder.iterdir()}
+        assert any(n.upper().startswith(("LICENSE", "README")) or n.endswith(".json") for n in files), folder
