@@ -54,6 +54,9 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export JUPYTER_PREFER_ENV_PATH := 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 export TOKENIZERS_PARALLELISM := false
+# No progress bars from the library while chapters execute or nbval re-runs them: a bar would be saved into (or
+# compared with) the committed outputs. Interactive use keeps them (llmcomm.measure.launch.progress_enabled).
+export LLMCOMM_PROGRESS ?= 0
 # Models are built from configs with random weights: nothing is downloaded. Fail fast if something tries.
 export HF_HUB_OFFLINE ?= 1
 

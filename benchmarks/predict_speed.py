@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmcomm.record import provenance, write_json
+from llmcomm.record import load_average, provenance, write_json
 
 T = [1, 2, 4, 8]
 P = [1, 2, 4, 5, 8, 10, 16, 20]
@@ -134,10 +134,7 @@ def main(argv=None) -> int:
               f"{la['points_per_s']:,.0f} points/s ({la['errors']} errors)")
     else:
         print(f"llm-analysis: {la}")
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
+    load = load_average()
     command = "python benchmarks/predict_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     res = {"grid": {"model": "llama-3.1-70b", "hardware": "h100-sxm", "gpus_per_node": 8, "t": T, "p": P,
                     "b": [min(B), max(B), len(B)], "S": S, "G": G},

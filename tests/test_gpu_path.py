@@ -78,6 +78,11 @@ def _fake_deepspeed(monkeypatch, backend_name):
     cdb = types.SimpleNamespace(shm_vector_kernel_level=2)
     ds = types.ModuleType("deepspeed")
     ds.init_distributed = lambda dist_backend=None, verbose=True: seen.setdefault("dist_backend", dist_backend)
+    # the op load under the lock (llmcomm.measure.oplock) comes first, outside init_distributed's rendezvous
+    from llmcomm.measure import oplock
+
+    monkeypatch.setattr(oplock, "preload_shm_op", lambda: seen.setdefault("preloaded_before_init",
+                                                                          "dist_backend" not in seen))
     dscomm = types.ModuleType("deepspeed.comm")
     dscomm.comm = types.SimpleNamespace(cdb=cdb)
     ds.comm = dscomm
@@ -91,7 +96,8 @@ def _fake_deepspeed(monkeypatch, backend_name):
 def test_init_distributed_cuda_sets_device_then_default_backend(monkeypatch):
     seen, cdb = _fake_deepspeed(monkeypatch, "nccl")
     comm = rankio._init_distributed(_ctx(torch.device("cuda:3"), None))
-    assert seen == {"set_device": torch.device("cuda:3"), "dist_backend": None}   # None: DeepSpeed picks NCCL
+    assert seen == {"set_device": torch.device("cuda:3"), "dist_backend": None,    # None: DeepSpeed picks NCCL
+                    "preloaded_before_init": True}
     assert comm == {"backend": "nccl", "allreduce_path": "process_group"}
     assert cdb.shm_vector_kernel_level == 2                                       # untouched on the NCCL path
 
@@ -99,7 +105,7 @@ def test_init_distributed_cuda_sets_device_then_default_backend(monkeypatch):
 def test_init_distributed_gloo_forced_only_when_asked(monkeypatch):
     seen, cdb = _fake_deepspeed(monkeypatch, "gloo")
     comm = rankio._init_distributed(_ctx(torch.device("cpu"), "gloo", "fp32"))
-    assert seen == {"dist_backend": "gloo"}                                       # no set_device on CPU
+    assert seen == {"dist_backend": "gloo", "preloaded_before_init": True}        # no set_device on CPU
     assert cdb.shm_vector_kernel_level == 0
     assert comm == {"backend": "gloo", "allreduce_path": "process_group"}
 

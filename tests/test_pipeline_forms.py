@@ -107,11 +107,13 @@ def test_cli_measure_passes_p2p_option(monkeypatch, capsys):
     class Res:
         rows, traffic, tokens, ttft_s, tpot_s, e2e_s, provenance = [], {}, [[1]], 0.1, 0.0, 0.1, {}
 
-    def fake(model, layout, workload, **kw):
+    def fake(model, layout, workloads, on_result=None, **kw):
         seen.update(kw)
-        return Res()
+        for i, _ in enumerate(workloads):
+            on_result(i, Res())
+        return [Res() for _ in workloads]
 
-    monkeypatch.setattr(llmcomm.measure.launch, "measure", fake)
+    monkeypatch.setattr(llmcomm.measure.launch, "measure_many", fake)
     assert main(["measure", "--model", "tiny-llama", "--pp", "2", "--p2p", "full", "--json"]) == 0
     assert seen["options"] == {"p2p": "full"}
     assert json.loads(capsys.readouterr().out)["p2p"] == "full"

@@ -44,3 +44,13 @@ def test_external_data_keeps_its_source_and_license():
     for folder in (DATA / "external").iterdir():
         files = {p.name for p in folder.iterdir()}
         assert any(n.upper().startswith(("LICENSE", "README")) or n.endswith(".json") for n in files), folder
+
+
+def test_what_counts_as_uncommitted_code():
+    from llmcomm.record import _only_results_changed
+
+    assert _only_results_changed("data/cpu-local/collectives.csv")
+    assert _only_results_changed("src/llmcomm/presets/hardware/cpu-local.json")     # written by llmcomm calibrate
+    assert not _only_results_changed("src/llmcomm/presets/hardware/h100-sxm.json")
+    assert not _only_results_changed("src/llmcomm/spec.py")
+    assert not _only_results_changed("book/no-such-chapter.ipynb")                  # not committed: not comparable

@@ -123,7 +123,7 @@ def test_measured_comm_and_validate_with_fake_runner():
     assert measured_comm_s(res, "decode", rank=1) == 7.0
     cfg = Config("tiny-llama", 2, 1, 1, 8, 4)
     hw = load_hardware(_d(collectives={"intra": SHM, "inter": SHM}))
-    df, s = validate_latency([cfg], hw, cores=2, runner=lambda m, l, w: res, progress=False)
+    df, s = validate_latency([cfg], hw, cores=2, runner=lambda m, l, ws, **kw: [res] * len(ws), progress=False)
     pred = predict_latency(TINY, cfg.layout, cfg.workload, hw, gpus_per_node=2)
     row = df.iloc[0]
     assert row["ttft_s_predicted"] == pytest.approx(pred["ttft_s"]) and row["ttft_s_measured"] == 0.5

@@ -9,10 +9,13 @@ import pytest
 from llmcomm.measure.launch import RunError, measure, SHM_PREFIX
 from llmcomm.spec import Layout, Workload, load_model
 from llmcomm.compare.sweeps import predicted_like
+from support import measured
 
 pytestmark = pytest.mark.slow
 
 # (model, t, b, S, G, backend): both all-reduce paths (DeepSpeed's shm kernel, gloo), untied and tied embeddings.
+# The tiny-llama t=2 shm cases are the sweep of tests/test_sweep.py (one launch, shared through support.measured).
+SWEEP = [Workload(1, 8, 4), Workload(2, 1, 1), Workload(3, 16, 1), Workload(1, 8, 4)]
 CASES = [
     ("tiny-llama", 2, 1, 8, 4, None),
     ("tiny-llama", 2, 2, 5, 3, "gloo"),
@@ -20,6 +23,14 @@ CASES = [
     ("tiny-llama-tied", 2, 1, 6, 3, None),
     ("tiny-llama-tied", 4, 2, 4, 2, None),
 ]
+
+
+def launch_of(model, t, b, S, G, backend):
+    """(workloads, index) of a case: the shared sweep for tiny-llama t=2 on the default path, else its own launch."""
+    w = Workload(b=b, S=S, G=G)
+    if (model, t, backend) == ("tiny-llama", 2, None):
+        return SWEEP, SWEEP.index(w)
+    return [w], 0
 RNG_STATE_BYTES = 5056          # CPU generator state (mt19937) that init_inference broadcasts from rank 0
 
 
@@ -30,9 +41,9 @@ def _ids(case):
 @pytest.fixture(scope="module", params=CASES, ids=_ids)
 def run(request):
     model, t, b, S, G, backend = request.param
-    layout, workload = Layout(t=t), Workload(b=b, S=S, G=G)
-    return model, layout, workload, backend, measure(load_model(model), layout, workload, backend=backend,
-                                                     timeout_s=240)
+    workloads, i = launch_of(*request.param)
+    return model, Layout(t=t), workloads[i], backend, measured(model, Layout(t=t), workloads, backend=backend,
+                                                               timeout_s=240)[i]
 
 
 def test_rows_equal_prediction(run):
@@ -75,7 +86,7 @@ def _our_buffers(port):
 
 @pytest.mark.parametrize("mode,timeout_s,expect", [
     ("exit", 120, "rank 1 exited with status 3 before writing its result"),
-    ("hang", 60, "rank 1 hung outside any collective"),
+    ("hang", 30, "rank 1 hung outside any collective"),
 ])
 def test_dead_or_hung_rank_is_named_and_cleaned_up(tmp_path, mode, timeout_s, expect):
     env = {"LLMCOMM_TEST_KILL_RANK": "1", "LLMCOMM_TEST_KILL_PHASE": "prefill", "LLMCOMM_TEST_KILL_MODE": mode}

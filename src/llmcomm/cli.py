@@ -18,7 +18,7 @@ import shlex
 import sys
 
 from . import __version__
-from .spec import DTYPE_BYTES, Layout, SpecError, Workload, load_model
+from .spec import DTYPE_BYTES, Layout, SpecError, load_model, workload_grid
 
 __all__ = ["main", "build_parser"]
 
@@ -56,22 +56,26 @@ def _add_spec_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--model", required=True, help="preset name or path to an HF config.json")
     sp.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree t")
     sp.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel degree p")
-    sp.add_argument("--batch", type=positive_int, default=1, help="batch size b")
-    sp.add_argument("--prompt", type=positive_int, default=16, help="prompt length S")
-    sp.add_argument("--generate", type=positive_int, default=4, help="generated tokens G")
-    sp.add_argument("--dtype", choices=list(DTYPE_BYTES), default="fp32")
+    sp.add_argument("--batch", type=positive_int, nargs="+", default=[1], metavar="B", help="batch size b")
+    sp.add_argument("--prompt", type=positive_int, nargs="+", default=[16], metavar="S", help="prompt length S")
+    sp.add_argument("--generate", type=positive_int, nargs="+", default=[4], metavar="G", help="generated tokens G")
+    sp.add_argument("--dtype", choices=list(DTYPE_BYTES), nargs="+", default=["fp32"],
+                    help="several values of --batch/--prompt/--generate/--dtype: the cross product, one result each "
+                         "(order: dtype, batch, prompt, generate; --json prints JSON Lines)")
     sp.add_argument("--p2p", choices=list(P2P_MODES), default="partitioned",
                     help="stage-to-stage mode of the DeepSpeed pipeline runner when --pp > 1: 'partitioned' (each TP "
                          "rank sends 1/t of [b, s, h], the next stage all-gathers; the default) or 'full' (every TP "
                          "rank sends the whole tensor); the same with --tp 1")
-    sp.add_argument("--json", action="store_true", help="print one JSON object")
+    sp.add_argument("--json", action="store_true",
+                    help="print one JSON object per configuration (one line each)")
 
 
 def _specs(args):
+    """The model, layout and workloads (the cross product of the workload options, :func:`workload_grid`)."""
     model = load_model(args.model)
     layout = Layout(args.tp, args.pp).validate(model)
-    workload = Workload(args.batch, args.prompt, args.generate, args.dtype).validate(model)
-    return model, layout, workload
+    workloads = [w.validate(model) for w in workload_grid(args.batch, args.prompt, args.generate, args.dtype)]
+    return model, layout, workloads
 
 
 def _header(model, layout, workload) -> dict:
@@ -115,47 +119,124 @@ def cmd_predict(args) -> int:
     from .derive.evaluate import rows as predict_rows, traffic_totals
     from .derive.patterns import engine_for
 
-    model, layout, workload = _specs(args)
+    model, layout, workloads = _specs(args)
     engine = engine_for(args.engine, args.p2p)          # deepspeed + full → the "deepspeed-full" pattern
-    rows = predict_rows(model, layout, workload, engine, args.algorithm, args.gpus_per_node)
-    traffic = traffic_totals(model, layout, workload, engine, args.algorithm, args.gpus_per_node)
-    head = dict(_header(model, layout, workload), engine=args.engine)
-    if args.engine == "deepspeed":
-        head = _with_p2p(head, layout, args.p2p)
-    out = dict(head, ops=rows, traffic=traffic)
-    extra = []
+    hw = None
     if args.hardware:
         from .predict.hardware import load_hardware
-        from .predict.latency import predict_latency
 
         hw = load_hardware(args.hardware)
-        lat = predict_latency(model, layout, workload, hw, gpus_per_node=args.gpus_per_node, engine=engine)
-        out["latency"] = lat
-        extra = [f"TTFT {lat['ttft_s'] * 1e3:.3f} ms  TPOT {lat['tpot_s'] * 1e3:.3f} ms  E2E {lat['e2e_s'] * 1e3:.3f} ms"
-                 f"  (hardware {hw.name}, {lat['gpus_per_node']} GPUs per node)"]
-    if args.json:
-        print(json.dumps(out))
-    else:
-        _print_rows(head, rows, traffic, extra)
+    for workload in workloads:
+        rows = predict_rows(model, layout, workload, engine, args.algorithm, args.gpus_per_node)
+        traffic = traffic_totals(model, layout, workload, engine, args.algorithm, args.gpus_per_node)
+        head = dict(_header(model, layout, workload), engine=args.engine)
+        if args.engine == "deepspeed":
+            head = _with_p2p(head, layout, args.p2p)
+        out = dict(head, ops=rows, traffic=traffic)
+        extra = []
+        if hw is not None:
+            from .predict.latency import predict_latency
+
+            lat = predict_latency(model, layout, workload, hw, gpus_per_node=args.gpus_per_node, engine=engine)
+            out["latency"] = lat
+            extra = [f"TTFT {lat['ttft_s'] * 1e3:.3f} ms  TPOT {lat['tpot_s'] * 1e3:.3f} ms  "
+                     f"E2E {lat['e2e_s'] * 1e3:.3f} ms  (hardware {hw.name}, {lat['gpus_per_node']} GPUs per node)"]
+        _emit(out, args.json, lambda: _print_rows(head, rows, traffic, extra), len(workloads) > 1)
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------------- measure
-def cmd_measure(args) -> int:
-    from .measure.launch import measure
+def _emit(obj: dict, as_json: bool, text, several: bool) -> None:
+    """One configuration's result: one JSON line, or the text form (``text()``; a blank line after each of
+    several)."""
+    if as_json:
+        print(json.dumps(obj, default=str), flush=True)
+    else:
+        text()
+        if several:
+            print(flush=True)
 
-    model, layout, workload = _specs(args)
+
+# ---------------------------------------------------------------------------------------------------------- measure
+def result_name(model, layout, workload, p2p: str) -> str:
+    """File name of one configuration's result under ``measure --out``."""
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9.-]+", "-", model.name).strip("-")
+    tail = f"_{p2p}" if layout.p > 1 else ""
+    return f"{name}_t{layout.t}_p{layout.p}_b{workload.b}_S{workload.S}_G{workload.G}_{workload.dtype}{tail}.json"
+
+
+def _stored(path, head: dict, backend) -> dict | None:
+    """A result ``measure --out`` wrote before for exactly this configuration (``--resume``), else None."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    same = all(obj.get(k) == v for k, v in head.items()) and \
+        (obj.get("provenance") or {}).get("backend_requested") == backend
+    return obj if same and "ops" in obj else None
+
+
+def cmd_measure(args) -> int:
+    from pathlib import Path
+
+    from .measure.launch import RunError, measure_many, progress
+    from .record import write_json
+
+    model, layout, workloads = _specs(args)
     backend = None if args.backend == "auto" else args.backend
     options = {"p2p": args.p2p} if layout.p > 1 else None      # the TP runner has no stage-to-stage messages
-    res = measure(model, layout, workload, timeout_s=args.timeout, out_dir=args.out, backend=backend, options=options,
-                  hostfile=args.hostfile)
-    head = _with_p2p(dict(_header(model, layout, workload), engine="deepspeed"), layout, args.p2p)
-    if args.json:
-        print(json.dumps(dict(head, ops=res.rows, traffic=res.traffic, tokens=res.tokens, ttft_s=res.ttft_s,
-                              tpot_s=res.tpot_s, e2e_s=res.e2e_s, provenance=res.provenance), default=str))
-    else:
-        _print_rows(head, res.rows, res.traffic, [f"TTFT {res.ttft_s * 1e3:.2f} ms  TPOT {res.tpot_s * 1e3:.2f} ms  "
-                                           f"E2E {res.e2e_s * 1e3:.2f} ms (this machine; tokens match the reference)"])
+    if args.resume and not args.out:
+        raise SpecError("--resume needs --out (the folder whose finished configurations are skipped)")
+    out = Path(args.out) if args.out else None
+    heads = [_with_p2p(dict(_header(model, layout, w), engine="deepspeed"), layout, args.p2p) for w in workloads]
+    paths = [out / result_name(model, layout, w, args.p2p) if out else None for w in workloads]
+    ready: dict[int, tuple[dict, object]] = {}
+    if args.resume:
+        for i, path in enumerate(paths):
+            obj = _stored(path, heads[i], backend)
+            if obj is not None:
+                ready[i] = (obj, None)
+    stored, skipped = set(ready), len(ready)
+    emitted, finished = 0, []
+    bar = progress(len(workloads), "configurations", initial=skipped, enabled=None if sys.stderr.isatty() else False)
+
+    def emit_ready():
+        nonlocal emitted
+        while emitted in ready:
+            obj, res = ready.pop(emitted)
+            line = f"TTFT {obj['ttft_s'] * 1e3:.2f} ms  TPOT {obj['tpot_s'] * 1e3:.2f} ms  E2E {obj['e2e_s'] * 1e3:.2f} ms"
+            _emit(obj, args.json, lambda: _print_rows(heads[emitted], obj["ops"], obj.get("traffic"), [
+                line + (" (this machine; tokens match the reference)" if res is not None else
+                        f" (stored: {paths[emitted]})")]), len(workloads) > 1)
+            emitted += 1
+
+    def done(i: int, res) -> None:
+        obj = dict(heads[i], ops=res.rows, traffic=res.traffic, tokens=res.tokens, ttft_s=res.ttft_s,
+                   tpot_s=res.tpot_s, e2e_s=res.e2e_s, provenance=res.provenance)
+        if paths[i] is not None:
+            write_json(paths[i], obj, indent=1)               # atomic: a file that exists is complete
+        ready[i] = (obj, res)
+        finished.append(i)
+        bar.update(workloads[i].label)
+        emit_ready()
+
+    emit_ready()
+    try:
+        for dtype in dict.fromkeys(w.dtype for w in workloads):          # one launch per dtype
+            todo = [i for i, w in enumerate(workloads) if w.dtype == dtype and i not in stored]
+            if not todo:
+                continue
+            measure_many(model, layout, [workloads[i] for i in todo], timeout_s=args.timeout,
+                         out_dir=out / f"ranks-{dtype}" if out else None, backend=backend, options=options,
+                         hostfile=args.hostfile, on_result=lambda j, res, todo=todo: done(todo[j], res))
+    except RunError as e:
+        kept = f"; their results are in {out}" if out and finished else ""
+        raise RunError(f"{e}\n{len(finished)} of {len(workloads) - skipped} configurations to run finished before "
+                       f"the failure"
+                       f"{kept}", rank=e.rank, run_dir=e.run_dir, config=e.config) from None
+    finally:
+        bar.close()
     return 0
 
 
@@ -248,8 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     me = sub.add_parser("measure", help="run DeepSpeed ranks and capture every collective")
     _add_spec_args(me)
-    me.add_argument("--timeout", type=positive_float, default=300.0, help="seconds before a hung run is killed")
-    me.add_argument("--out", help="folder for per-rank results (kept)")
+    me.add_argument("--timeout", type=positive_float, default=300.0,
+                    help="seconds a launch may go without finishing a configuration before it is killed as hung")
+    me.add_argument("--out", help="folder for the results, one JSON file per configuration (written atomically as "
+                                  "each finishes), and the ranks' files and logs (ranks-<dtype>/)")
+    me.add_argument("--resume", action="store_true",
+                    help="with --out: skip the configurations whose results are already there")
     me.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
     me.add_argument("--hostfile", help="DeepSpeed hostfile ('HOST slots=N' lines, slots summing to t*p): run across "
                     "nodes; --out must then be a folder every node shares")

@@ -87,10 +87,17 @@ def _cell_sources(text: str) -> list[str] | None:
         return None
 
 
+#: results that live outside ``data/``: the ``cpu-local`` preset is written by ``llmcomm calibrate`` (``make data``)
+#: from this machine's measurements, like the ``data/`` files it is fitted to. Without this, a second ``make data``
+#: would count the first one's calibration as uncommitted code.
+_RESULT_FILES = ("src/llmcomm/presets/hardware/cpu-local.json",)
+
+
 def _only_results_changed(path: str) -> bool:
-    """A change that cannot have altered how a result was made: files under ``data/`` (results themselves), and a
-    notebook whose cell sources equal the committed ones (re-executing a chapter rewrites only its outputs)."""
-    if path.startswith("data/"):
+    """A change that cannot have altered how a result was made: files under ``data/`` and the calibrated preset
+    (results themselves), and a notebook whose cell sources equal the committed ones (re-executing a chapter rewrites
+    only its outputs)."""
+    if path.startswith("data/") or path in _RESULT_FILES:
         return True
     if path.endswith(".ipynb"):
         head = _git("show", f"HEAD:{path}")

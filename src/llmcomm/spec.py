@@ -13,10 +13,10 @@ import json
 from dataclasses import dataclass, field, asdict
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 __all__ = ["SpecError", "ModelSpec", "Layout", "Workload", "DTYPE_BYTES", "preset_names", "load_model",
-           "stage_layers", "read_preset_or_file", "cpu_threads_per_rank"]
+           "stage_layers", "read_preset_or_file", "cpu_threads_per_rank", "workload_grid"]
 
 
 class SpecError(ValueError):
@@ -200,6 +200,23 @@ class Workload:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def label(self) -> str:
+        return f"b={self.b} S={self.S} G={self.G} {self.dtype}"
+
+
+def workload_grid(b: Sequence[int] = (1,), S: Sequence[int] = (16,), G: Sequence[int] = (4,),
+                  dtype: Sequence[str] = ("fp32",)) -> list[Workload]:
+    """The cross product of the workload options, in the order a sweep runs and prints it: dtype outermost (one
+    launch per dtype: the model is built in it), then b, S, G (G fastest). Duplicates are kept once."""
+    out: list[Workload] = []
+    for d in dict.fromkeys(dtype):
+        for bb in dict.fromkeys(b):
+            for ss in dict.fromkeys(S):
+                for gg in dict.fromkeys(G):
+                    out.append(Workload(bb, ss, gg, d))
+    return out
 
 
 def cpu_threads_per_rank(ranks: int, cores: int | None = None) -> int:

@@ -17,7 +17,8 @@ from ..derive.evaluate import rows as predict_rows
 from ..derive.phases import order as phase_order
 from ..spec import Layout, Workload, load_model
 
-__all__ = ["Config", "scale", "configs", "configs_frame", "compare_rows", "predicted_like", "sweep", "save",
+__all__ = ["Config", "scale", "configs", "configs_frame", "compare_rows", "predicted_like", "measure_configs",
+           "sweep", "save",
            "run_sweep", "ROW_COLUMNS", "ROW_VALUES",
            "row_columns", "setup_rows", "measured_by_config", "CONFIG_COLUMNS", "measure_one"]
 
@@ -142,21 +143,47 @@ def predicted_like(model, config_layout, workload, res, engine: str = "deepspeed
                         gpus_per_node=per_host)
 
 
-def sweep(cfgs: Iterable[Config], engine: str = "deepspeed", runner: Callable | None = None, progress: bool = True):
-    """Run every configuration; return (rows, runs): ``rows`` one line per config × (phase, op, group) with measured
-    and predicted calls and bytes; ``runs`` one line per config with TTFT/TPOT/E2E and whether tokens matched."""
-    if runner is None:
-        from ..measure.launch import measure as runner
-    cfgs = list(cfgs)
-    it = cfgs
-    if progress:
-        from tqdm.auto import tqdm
+def measure_configs(cfgs: Iterable[Config], runner: Callable | None = None, progress: bool | None = None,
+                    **kw) -> list[tuple[Config, object, object]]:
+    """Measure every configuration with as few launches as possible: configurations that share (model, t, p, dtype)
+    run in **one** launch (:func:`llmcomm.measure.launch.measure_many`: the model built and sharded once), in the
+    order they first appear. Returns ``(config, ModelSpec, result)`` in the order of ``cfgs``. ``runner`` replaces
+    ``measure_many`` (same signature: ``runner(model, layout, workloads, on_result=…, **kw) -> list``);
+    ``progress``: a bar of configurations done (default: :func:`llmcomm.measure.launch.progress_enabled`)."""
+    from ..measure.launch import progress as progress_bar
 
-        it = tqdm(cfgs, desc="runs", leave=False)
+    if runner is None:
+        from ..measure.launch import measure_many as runner
+    cfgs = list(cfgs)
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(cfgs):
+        groups.setdefault((c.model, c.t, c.p, c.dtype), []).append(i)
+    out: list = [None] * len(cfgs)
+    bar = progress_bar(len(cfgs), "configurations", enabled=progress)
+    try:
+        for (name, t, p, _), idx in groups.items():
+            model = load_model(name)
+
+            def done(j, res, idx=idx, model=model):
+                out[idx[j]] = (cfgs[idx[j]], model, res)
+                bar.update(cfgs[idx[j]].label)
+
+            results = runner(model, Layout(t, p), [cfgs[i].workload for i in idx], on_result=done, **kw)
+            for j, res in enumerate(results):          # a runner that does not call on_result
+                if out[idx[j]] is None:
+                    done(j, res)
+    finally:
+        bar.close()
+    return out
+
+
+def sweep(cfgs: Iterable[Config], engine: str = "deepspeed", runner: Callable | None = None,
+          progress: bool | None = None):
+    """Run every configuration (one launch per model and layout: :func:`measure_configs`); return (rows, runs):
+    ``rows`` one line per config × (phase, op, group) with measured and predicted calls, bytes and traffic; ``runs``
+    one line per config with TTFT/TPOT/E2E and whether tokens matched."""
     rows, runs = [], []
-    for c in it:
-        model = load_model(c.model)
-        res = runner(model, c.layout, c.workload)
+    for c, model, res in measure_configs(cfgs, runner, progress):
         d = compare_rows(res.rows, predicted_like(model, c.layout, c.workload, res, engine))
         for k, v in asdict(c).items():
             d.insert(0, k, v) if k == "model" else d.insert(len(d.columns), k, v)
@@ -205,7 +232,7 @@ def measured_by_config(rows: pd.DataFrame, abbreviate: dict[str, str] | None = N
 
 
 def run_sweep(kind: str, command: str, engine: str = "deepspeed", runner: Callable | None = None,
-              progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+              progress: bool | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The sweep of ``kind`` at this scale (:func:`configs`), measured and predicted (:func:`sweep`), saved as
     ``<kind>_rows`` and ``<kind>_runs`` with provenance (:func:`save`, when ``$LLMCOMM_SAVE=1``; ``command`` names
     what ran it), checked: every run's tokens equal the single-process reference (else ``AssertionError``)."""

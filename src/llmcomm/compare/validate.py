@@ -16,8 +16,8 @@ import pandas as pd
 
 from ..predict.hardware import Hardware, for_ranks
 from ..predict.latency import METRICS, predict_latency
-from ..spec import cpu_threads_per_rank, load_model
-from .sweeps import Config
+from ..spec import cpu_threads_per_rank
+from .sweeps import Config, measure_configs
 
 __all__ = ["latency_errors", "measured_comm_s", "validate_latency", "METRICS"]
 
@@ -48,8 +48,9 @@ def measured_comm_s(res, phase: str, rank: int = 0) -> float:
 
 
 def validate_latency(cfgs: Iterable[Config], hw: Hardware, cores: int | None = None, runner: Callable | None = None,
-                     progress: bool = True):
-    """Measure each configuration (real DeepSpeed ranks, :func:`llmcomm.measure.launch.measure`) and predict it
+                     progress: bool | None = None):
+    """Measure each configuration (real DeepSpeed ranks, one launch per model and layout:
+    :func:`llmcomm.compare.sweeps.measure_configs`) and predict it
     with :func:`~llmcomm.predict.latency.predict_latency` on ``hw`` at the rank's thread count (the calibration only —
     nothing is fitted to these runs), ``gpus_per_node`` = the cores (one machine).
 
@@ -58,21 +59,13 @@ def validate_latency(cfgs: Iterable[Config], hw: Hardware, cores: int | None = N
     communication calls per forward), the threads per rank and the all-reduce path; then :func:`latency_errors`
     adds the signed errors."""
     if runner is None:
-        from ..measure.launch import measure
+        from ..measure.launch import measure_many
 
         # The cpu-local calibration describes this machine's CPUs: validate against CPU runs even on a GPU node.
-        runner = partial(measure, env={"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""})
+        runner = partial(measure_many, env={"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""})
     cores = int(cores or os.cpu_count() or 1)
-    cfgs = list(cfgs)
-    it = cfgs
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(cfgs, desc="runs", leave=False)
     rows = []
-    for c in it:
-        model = load_model(c.model)
-        res = runner(model, c.layout, c.workload)
+    for c, model, res in measure_configs(cfgs, runner, progress):
         ranks = c.t * c.p
         pred = predict_latency(model, c.layout, c.workload, for_ranks(hw, ranks, cores), gpus_per_node=cores)
         pre, dec = pred["breakdown"]["prefill"], pred["breakdown"]["decode"]

@@ -1,9 +1,14 @@
 """Start the ranks of a measurement with the DeepSpeed launcher, watch them, gather and check their results.
 
-:func:`measure` is the measurement half of the predict ⇄ measure loop::
+:func:`measure` is the measurement half of the predict ⇄ measure loop, :func:`measure_many` the same for a sweep::
 
-    res = measure("tiny-llama", Layout(t=2), Workload(b=1, S=8, G=4))
-    res.rows        # [{"phase", "op", "group_size", "calls", "bytes"}, ...]  (llmcomm.measure.capture.aggregate)
+    res = measure(load_model("tiny-llama"), Layout(t=2), Workload(b=1, S=8, G=4))
+    res.rows        # [{"phase", "op", "group_size", "calls", "bytes", …}, ...]  (llmcomm.measure.capture.aggregate)
+    many = measure_many(model, Layout(t=2), [Workload(1, 8, 4), Workload(4, 128, 4)])   # one launch, two results
+
+A sweep is one launch: the ranks build and shard the model once and generate each configuration in turn
+(``runs/tp.py``), writing ``rank{r}.c{i}.json`` as each is done; the launcher assembles configuration i as soon as
+every rank has it, so a sweep that fails part-way has delivered what it finished.
 
 How a run goes
 --------------
@@ -52,12 +57,13 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
+from llmcomm.measure.oplock import describe_wait
 from llmcomm.record import atomic_write_text, provenance as record_provenance, repo_root, write_json
 from llmcomm.spec import Layout, ModelSpec, SpecError, Workload, cpu_threads_per_rank
 
-__all__ = ["RunError", "MeasureResult", "measure", "launch_ranks", "rank_spec", "provenance", "entry_for", "default_env",
+__all__ = ["RunError", "MeasureResult", "measure", "measure_many", "launch_ranks", "progress", "progress_enabled", "rank_spec", "provenance", "entry_for", "default_env",
            "launcher_cmd", "read_hostfile", "SHM_PREFIX", "allreduce_algorithm", "node_of_records"]
 
 SHM_PREFIX = "deepspeed_allreduce_buffer"
@@ -70,12 +76,13 @@ class RunError(RuntimeError):
     """A measurement that did not produce a valid result: a rank died, hung, failed, or produced wrong tokens.
 
     ``rank`` is the rank at fault (None when unknown), ``run_dir`` the run folder (kept for inspection),
-    ``master_port`` the port the run used (its shm buffers are named after it)."""
+    ``master_port`` the port the run used (its shm buffers are named after it), ``config`` the index of the
+    configuration of a sweep that failed (None outside a sweep or before any configuration ran)."""
 
     def __init__(self, message: str, *, rank: int | None = None, run_dir: Path | None = None,
-                 master_port: int | None = None):
+                 master_port: int | None = None, config: int | None = None):
         super().__init__(message)
-        self.rank, self.run_dir, self.master_port = rank, run_dir, master_port
+        self.rank, self.run_dir, self.master_port, self.config = rank, run_dir, master_port, config
 
 
 @dataclass
@@ -109,6 +116,44 @@ class MeasureResult:
         if events:
             d["events"] = self.events
         return d
+
+
+class _Progress:
+    """Configurations done / total with the current one (tqdm on stderr), or nothing: see :func:`progress`."""
+
+    def __init__(self, total: int, desc: str, initial: int = 0):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, initial=initial, leave=False, file=sys.stderr)
+
+    def update(self, label: str = "") -> None:
+        self.bar.set_postfix_str(label, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _NoProgress:
+    def update(self, label: str = "") -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_enabled() -> bool:
+    """Progress bars are on, except under CI (``$CI`` set) or with ``LLMCOMM_PROGRESS=0`` (the Makefile sets it
+    while it executes the chapters and while nbval re-runs them: a bar would be saved into, or compared with, the
+    committed outputs)."""
+    return not os.environ.get("CI") and os.environ.get("LLMCOMM_PROGRESS", "1") != "0"
+
+
+def progress(total: int, desc: str = "configurations", initial: int = 0, enabled: bool | None = None):
+    """A progress bar over ``total`` configurations (``.update(label)`` after each, ``.close()``), or a do-nothing
+    stand-in when :func:`progress_enabled` says no, ``enabled`` is False, or there is only one configuration."""
+    on = progress_enabled() if enabled is None else enabled
+    return _Progress(total, desc, initial) if on and total > 1 else _NoProgress()
 
 
 def entry_for(layout: Layout) -> str:
@@ -307,8 +352,9 @@ def _where(frames) -> str:
     return f"{Path(f).name}:{line} in {func}"
 
 
-def _diagnose_hang(out: Path, pending: list[int]) -> tuple[list[int], str]:
-    """Ask the pending ranks for their stacks; return (culprit ranks, description)."""
+def _diagnose_hang(out: Path, pending: list[int], env: Mapping[str, str] | None = None) -> tuple[list[int], str]:
+    """Ask the pending ranks for their stacks; return (culprit ranks, description). A rank waiting on a JIT-load lock
+    is named with the lock file (:func:`llmcomm.measure.oplock.describe_wait`)."""
     pids = {}
     for r in pending:
         try:
@@ -326,20 +372,26 @@ def _diagnose_hang(out: Path, pending: list[int]) -> tuple[list[int], str]:
         except ProcessLookupError:
             pass
     time.sleep(1.0)
-    outside, inside, unknown = [], [], []
+    outside, inside, unknown, locked = [], [], [], []
     for r in pending:
         threads = _parse_stack(out / f"rank{r}.stack")
         main = next((th for th in threads if any("llmcomm" in f for f, _, _ in th)), threads[0] if threads else [])
         if not main:
             unknown.append((r, "no stack: still starting or not a Python rank"))
             continue
+        lock = describe_wait(main, env)
+        if lock:
+            locked.append((r, lock))
+            continue
         comm = [fr for fr in main if any(m in fr[0] for m in _COMM_MARKERS)]
         if comm:
             inside.append((r, _where(comm)))
         else:
             outside.append((r, _where(main)))
-    parts = []
-    if outside:
+    parts = ["; ".join(f"rank {r} {what}" for r, what in locked)] if locked else []
+    if locked:
+        culprits = [r for r, _ in locked]
+    elif outside:
         culprits = [r for r, _ in outside]
         parts.append("; ".join(f"rank {r} hung outside any collective (at {w})" for r, w in outside))
         if inside:
@@ -353,6 +405,9 @@ def _diagnose_hang(out: Path, pending: list[int]) -> tuple[list[int], str]:
         culprits = [r for r, _ in unknown] or pending
     if unknown:
         parts.append("; ".join(f"rank {r}: {why}" for r, why in unknown))
+    if not parts:
+        parts.append("every rank had written its result, but the launcher had not exited" if not pending else
+                     "no rank reported a stack")
     return culprits, " ".join(parts)
 
 
@@ -373,15 +428,43 @@ def _failure(out: Path, nranks: int, launcher_rc: int | None) -> tuple[int | Non
     return None, f"the DeepSpeed launcher exited with status {launcher_rc} before any rank reported"
 
 
+class _Configs:
+    """The configurations of a sweep launch as the ranks finish them: configuration i is complete when every rank
+    wrote ``rank{r}.c{i}.json``; :meth:`collect` hands complete ones to ``on_config(i, records)`` in order, once."""
+
+    def __init__(self, out: Path, nranks: int, n: int, on_config: Callable[[int, list[dict], dict], None] | None,
+                 facts: dict):
+        self.out, self.nranks, self.n, self.on_config, self.done = out, nranks, n, on_config, 0
+        self.facts, self.t0 = facts, time.monotonic()
+
+    def collect(self) -> bool:
+        """Hand over what is newly complete; True when something was."""
+        before = self.done
+        while self.on_config is not None and self.done < self.n:
+            recs = [_read_json(self.out / f"rank{r}.c{self.done}.json") for r in range(self.nranks)]
+            if not all(recs):
+                break
+            i, self.done = self.done, self.done + 1        # counted first: a failing on_config is not retried
+            self.on_config(i, recs, dict(self.facts, done_after_s=round(time.monotonic() - self.t0, 3)))
+        return self.done > before
+
+
 def launch_ranks(entry: str, spec: Mapping[str, Any], nranks: int, out: Path, *, timeout_s: float,
                  env: Mapping[str, str] | None = None, hostfile: str | Path | None = None,
-                 on_poll: Callable[[Path], None] | None = None) -> tuple[list[dict], dict]:
+                 on_poll: Callable[[Path], None] | None = None,
+                 on_config: Callable[[int, list[dict], dict], None] | None = None) -> tuple[list[dict], dict]:
     """Start ``nranks`` ranks of ``entry`` with ``spec`` (the rankio spec) and return their result records (sorted by
     rank) and the launch facts (command, port, wall time). Raises :class:`RunError` on any failure or timeout; always
     removes this run's shm buffers and leaves no process behind on this node. With ``hostfile`` the ranks run on
     the nodes it names (:func:`launcher_cmd`); ``out`` must then be on a file system every node shares, and on a
     timeout only this node's processes are stopped and asked for their stacks. ``on_poll(out)`` is called about ten
-    times a second while the ranks run (progress bars read the ranks' progress files there)."""
+    times a second while the ranks run (progress bars read the ranks' progress files there).
+
+    A sweep (``spec["workloads"]`` with ``on_config``): ``on_config(i, records, facts)`` is called with the ranks'
+    records of configuration i and the launch facts known so far (command, port, ``done_after_s`` since the start) as
+    soon as all ranks finished it, in order, also when a later configuration fails (before the
+    :class:`RunError`, whose ``config`` then names the configuration that failed). ``timeout_s`` is the time the
+    launch may go without finishing a configuration (start-up included in the first)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in list(out.glob("rank*.*")) + list(out.glob(".rank*")):     # a previous run in the same folder
@@ -400,16 +483,20 @@ def launch_ranks(entry: str, spec: Mapping[str, Any], nranks: int, out: Path, *,
             local_ids = gpus[:nranks]
             full_env.pop("CUDA_VISIBLE_DEVICES", None)       # the launcher sets it from world_info
     cmd = launcher_cmd(entry, spec_path, out, nranks, port, local_ids=local_ids, hostfile=hostfile)
+    facts = {"command": shlex.join(cmd), "master_port": port, "omp_num_threads": full_env.get("OMP_NUM_THREADS")}
+    configs = _Configs(out, nranks, len(spec.get("workloads") or ()), on_config, facts)
     t0 = time.monotonic()
     with open(out / "launcher.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
                                 cwd=str(out))
-    error = None
+    error, ended = None, False
     try:
         deadline = t0 + timeout_s
         while True:
             rc = proc.poll()
             done = [r for r in range(nranks) if (out / f"rank{r}.json").exists()]
+            if configs.collect():
+                deadline = time.monotonic() + timeout_s       # progress: the watchdog starts again
             if rc is not None:
                 break
             died = [e for e in (_read_json(out / f"rank{r}.exit.json") for r in range(nranks))
@@ -420,47 +507,74 @@ def launch_ranks(entry: str, spec: Mapping[str, Any], nranks: int, out: Path, *,
                 on_poll(out)
             if time.monotonic() > deadline:
                 pending = [r for r in range(nranks) if r not in done]
-                culprits, what = _diagnose_hang(out, pending)
+                culprits, what = _diagnose_hang(out, pending, full_env)
                 error = (culprits[0] if culprits else None,
-                         f"timed out after {timeout_s:g} s: {what}")
+                         f"timed out after {timeout_s:g} s without progress: {what}")
                 break
             time.sleep(0.1)
+        ended = True
     finally:
         _kill_session(proc)
         removed = _remove_shm(port)
-    wall = time.monotonic() - t0
+        wall = time.monotonic() - t0
+    if ended:
+        configs.collect()                          # what finished just before the end is kept
     records = [_read_json(out / f"rank{r}.json") for r in range(nranks)]
     if error is None and not all(records):
         error = _failure(out, nranks, proc.returncode)
     if error is not None:
         rank, what = error
+        where = ""
+        if configs.n and configs.done < configs.n:
+            w = spec["workloads"][configs.done]
+            where = (f" in configuration {configs.done + 1} of {configs.n} (b={w['b']} S={w['S']} G={w['G']} "
+                     f"{w['dtype']}; {configs.done} finished before it)")
         log = out / f"rank{rank}.log" if rank is not None else out / "launcher.log"
-        raise RunError(f"{entry} with {nranks} ranks: {what}. All ranks were stopped. Run folder: {out}\n"
-                       f"--- last lines of {log.name} ---\n{_tail(log)}", rank=rank, run_dir=out, master_port=port)
-    facts = {"command": shlex.join(cmd), "master_port": port, "launch_wall_s": wall, "shm_buffers_removed": len(removed),
-             "omp_num_threads": full_env.get("OMP_NUM_THREADS")}
-    return records, facts
+        raise RunError(f"{entry} with {nranks} ranks{where}: {what}. All ranks were stopped. Run folder: {out}\n"
+                       f"--- last lines of {log.name} ---\n{_tail(log)}", rank=rank, run_dir=out, master_port=port,
+                       config=configs.done if configs.n and configs.done < configs.n else None)
+    return records, dict(facts, launch_wall_s=wall, shm_buffers_removed=len(removed))
 
 
-def measure(model: ModelSpec, layout: Layout, workload: Workload, *, timeout_s: float = 300,
-            out_dir: str | Path | None = None, backend: str | None = None, env: Mapping[str, str] | None = None,
-            seed: int = 0, sync: bool = False, entry: str | None = None, check_tokens: bool = True,
-            options: Mapping[str, Any] | None = None, hostfile: str | Path | None = None) -> MeasureResult:
-    """Run ``model`` with ``layout`` on ``workload`` as t·p real DeepSpeed ranks and return what they communicated.
+def measure(model: ModelSpec, layout: Layout, workload: Workload, **kw) -> MeasureResult:
+    """Run ``model`` with ``layout`` on ``workload`` as t·p real DeepSpeed ranks and return what they communicated:
+    :func:`measure_many` with one workload (same options)."""
+    return measure_many(model, layout, [workload], **kw)[0]
+
+
+def measure_many(model: ModelSpec, layout: Layout, workloads: Sequence[Workload], *, timeout_s: float = 300,
+                 out_dir: str | Path | None = None, backend: str | None = None, env: Mapping[str, str] | None = None,
+                 seed: int = 0, sync: bool = False, entry: str | None = None, check_tokens: bool = True,
+                 options: Mapping[str, Any] | None = None, hostfile: str | Path | None = None,
+                 on_result: Callable[[int, MeasureResult], None] | None = None) -> list[MeasureResult]:
+    """Run ``model`` with ``layout`` on every workload of ``workloads`` in **one** launch of t·p real DeepSpeed ranks
+    (the model built and sharded once, the process group made once) and return one :class:`MeasureResult` per
+    workload, in order, each captured on its own (its rows, the launch's setup, its timings, its tokens checked).
+
+    ``on_result(i, result)`` is called as soon as configuration i is done (before a later one runs to its end), so a
+    sweep that fails part-way has delivered what it finished; the :class:`RunError` then names the configuration
+    (``.config``, its index) and the rank. All workloads must share one dtype (the model is built in it).
 
     ``backend``: None (DeepSpeed's default: shm all-reduce on CPU, NCCL on CUDA; on CPU a hybrid t×p with t, p > 1
     gets gloo, because the shm all-reduce ignores sub-groups), ``"gloo"`` (every collective through gloo) or
-    ``"nccl"``. ``out_dir`` keeps the run folder
-    (spec, per-rank JSON and logs); without it a temporary folder is used and removed after a success. ``entry``
-    overrides the rank module (default :func:`entry_for`). With ``check_tokens`` the generated tokens must equal
-    the single-process reference: a mismatch raises :class:`RunError` in fp32 and warns in bf16/fp16 (rounding of a
-    different summation order can flip a near-tie there). ``hostfile`` (a DeepSpeed hostfile, ``HOST slots=N`` per
-    line, slots summing to t·p) runs the ranks across nodes through DeepSpeed's runner; it needs ``out_dir`` on a
-    file system all nodes share (the ranks write their results there), the same checkout and environment at the
-    same path on every node, and password-less ssh from this node.
+    ``"nccl"``. ``out_dir`` keeps the run folder (spec, per-rank JSON and logs); without it a temporary folder is used
+    and removed after a success. ``entry`` overrides the rank module (default :func:`entry_for`). With
+    ``check_tokens`` the generated tokens must equal the single-process reference: a mismatch raises
+    :class:`RunError` in fp32 and warns in bf16/fp16 (rounding of a different summation order can flip a near-tie
+    there). ``hostfile`` (a DeepSpeed hostfile, ``HOST slots=N`` per line, slots summing to t·p) runs the ranks across
+    nodes through DeepSpeed's runner; it needs ``out_dir`` on a file system all nodes share (the ranks write their
+    results there), the same checkout and environment at the same path on every node, and password-less ssh from
+    this node. ``timeout_s``: seconds the launch may go without finishing a configuration.
     """
+    workloads = list(workloads)
+    if not workloads:
+        raise SpecError("no workload to measure")
     layout.validate(model)
-    workload.validate(model)
+    for w in workloads:
+        w.validate(model)
+    dtypes = sorted({w.dtype for w in workloads})
+    if len(dtypes) > 1:
+        raise SpecError(f"one launch builds the model in one dtype; got {', '.join(dtypes)} (one launch per dtype)")
     if backend not in BACKENDS:
         raise SpecError(f"backend {backend!r} is not one of gloo, nccl (or None for DeepSpeed's default)")
     if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
@@ -480,34 +594,51 @@ def measure(model: ModelSpec, layout: Layout, workload: Workload, *, timeout_s: 
     if importlib.util.find_spec(entry) is None:
         raise SpecError(f"rank entry module {entry!r} does not exist"
                         + (" (pipeline runs need llmcomm/measure/runs/pipeline.py)" if layout.p > 1 else ""))
-    spec = rank_spec(model, layout, workload, seed=seed, backend=backend, reference=check_tokens, sync=sync,
+    spec = rank_spec(model, layout, workloads, seed=seed, backend=backend, reference=check_tokens, sync=sync,
                      options=options)
     tmp = out_dir is None
     out = Path(tempfile.mkdtemp(prefix="llmcomm-run-")) if tmp else Path(out_dir)
     started = datetime.now(timezone.utc)
+    results: list[MeasureResult] = []
+
+    def take(i: int, records: list[dict], facts: dict) -> None:
+        try:
+            res = _assemble(records, model, layout, workloads[i], facts, started, entry, backend, check_tokens,
+                            sweep={"index": i, "configs": len(workloads)})
+        except RunError as e:
+            raise RunError(f"configuration {i + 1} of {len(workloads)} ({workloads[i].label}): {e} "
+                           f"(run folder: {out})", run_dir=out, config=i) from None
+        results.append(res)
+        if on_result is not None:
+            on_result(i, res)
+
     try:
-        records, facts = launch_ranks(entry, spec, nranks, out, timeout_s=timeout_s, env=env, hostfile=hostfile)
+        _, facts = launch_ranks(entry, spec, nranks, out, timeout_s=timeout_s, env=env, hostfile=hostfile,
+                                on_config=take)
     except SpecError:                       # refused before any rank started (e.g. too few GPUs)
         if tmp:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    try:
-        result = _assemble(records, model, layout, workload, facts, started, entry, backend, check_tokens)
-    except RunError as e:
-        raise RunError(f"{e} (run folder: {out})", run_dir=out, master_port=facts["master_port"]) from None
+    for r in results:                       # known once the launch is over: its wall time, the buffers it removed
+        r.provenance.update(launch_wall_s=facts["launch_wall_s"], shm_buffers_removed=facts["shm_buffers_removed"])
     if tmp:
         shutil.rmtree(out, ignore_errors=True)
-    return result
+    return results
 
 
-def rank_spec(model: ModelSpec, layout: Layout, workload: Workload, *, seed: int = 0, backend: str | None = None,
-              reference: bool = True, sync: bool = False, capture: bool = True,
+def rank_spec(model: ModelSpec, layout: Layout, workload: Workload | Sequence[Workload], *, seed: int = 0,
+              backend: str | None = None, reference: bool = True, sync: bool = False, capture: bool = True,
               options: Mapping[str, Any] | None = None) -> dict:
-    """The ``spec.json`` every rank reads (format in :mod:`llmcomm.measure.runs.rankio`)."""
-    return {"model": {"name": model.name, "hf_config": dict(model.hf_config) or _hf_dict(model)},
-            "layout": {"t": layout.t, "p": layout.p}, "workload": workload.as_dict(), "seed": seed,
+    """The ``spec.json`` every rank reads (format in :mod:`llmcomm.measure.runs.rankio`); a list of workloads is a
+    sweep in one launch (``"workloads"``; ``"workload"`` is the first)."""
+    workloads = [workload] if isinstance(workload, Workload) else list(workload)
+    spec = {"model": {"name": model.name, "hf_config": dict(model.hf_config) or _hf_dict(model)},
+            "layout": {"t": layout.t, "p": layout.p}, "workload": workloads[0].as_dict(), "seed": seed,
             "backend": backend, "reference": reference, "sync": sync, "capture": capture,
             "options": dict(options or {})}
+    if not isinstance(workload, Workload):
+        spec["workloads"] = [w.as_dict() for w in workloads]
+    return spec
 
 
 def provenance(records: list[dict], facts: Mapping[str, Any], started: datetime) -> dict:
@@ -539,7 +670,8 @@ def allreduce_algorithm(records: list[dict]) -> str:
     return "direct" if paths == {"shm"} else "ring"
 
 
-def _assemble(records, model, layout, workload, facts, started, entry, backend, check_tokens) -> MeasureResult:
+def _assemble(records, model, layout, workload, facts, started, entry, backend, check_tokens,
+              sweep: dict | None = None) -> MeasureResult:
     from llmcomm.derive.traffic import summary
     from llmcomm.measure.capture import CaptureError, aggregate, calls_of, check_consistent
 
@@ -565,11 +697,14 @@ def _assemble(records, model, layout, workload, facts, started, entry, backend, 
     prov = provenance(records, facts, started)
     prov.update(entry=entry, backend_requested=backend, model=model.name, layout={"t": layout.t, "p": layout.p},
                 workload=workload.as_dict())
+    if sweep is not None:
+        prov["launch"] = dict(sweep, setup="once per launch, shared by its configurations; one untimed warm-up "
+                                           "generation before the first")
     node_of, algorithm = node_of_records(records), allreduce_algorithm(records)
     return MeasureResult(rows=aggregate(events, node_of=node_of, algorithm=algorithm),
-                         traffic=summary(calls_of(events), node_of, algorithm), tokens=tokens, reference_tokens=reference, ttft_s=timing("ttft_s"),
-                         tpot_s=timing("tpot_s"), e2e_s=timing("e2e_s"), events=events, provenance=prov,
-                         ranks=records)
+                         traffic=summary(calls_of(events), node_of, algorithm), tokens=tokens,
+                         reference_tokens=reference, ttft_s=timing("ttft_s"), tpot_s=timing("tpot_s"),
+                         e2e_s=timing("e2e_s"), events=events, provenance=prov, ranks=records)
 
 
 # ----------------------------------------------------------------------------------------------- rank supervisor

@@ -22,7 +22,7 @@ import torch
 from llmcomm.spec import ModelSpec, Workload, SpecError
 
 __all__ = ["TORCH_DTYPES", "pick_device", "synchronize", "build_model", "prompt_ids", "Generation", "generate",
-           "versions"]
+           "reference_generations", "warm_up", "versions"]
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -75,6 +75,12 @@ class Generation:
     e2e_s: float                     # prefill + all decode steps
     decode_steps_s: list[float] = field(default_factory=list)
 
+    @property
+    def timings(self) -> dict:
+        """The ``timings`` of a rank result."""
+        return {"ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "e2e_s": self.e2e_s,
+                "decode_steps_s": self.decode_steps_s}
+
 
 def cache_kwarg(fn) -> str:
     """transformers ≥ 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns); take whichever ``fn`` has."""
@@ -123,6 +129,23 @@ def generate(forward: Callable, hf_model, input_ids: torch.Tensor, G: int,
     ttft = t1 - t0
     return Generation(tokens=tokens, ttft_s=ttft, tpot_s=sum(steps) / len(steps) if steps else 0.0,
                       e2e_s=ttft + sum(steps), decode_steps_s=steps)
+
+
+def reference_generations(forward: Callable, prompts: list, workloads: list, on: bool = True,
+                          hf_model=None) -> list:
+    """The single-process :class:`Generation` of every configuration (``None`` each when not ``on``): ``forward`` is
+    the unsharded model (or a recorder around it; then ``hf_model`` is the model itself)."""
+    if not on:
+        return [None] * len(workloads)
+    return [generate(forward, hf_model if hf_model is not None else forward, ids, w.G)
+            for ids, w in zip(prompts, workloads)]
+
+
+def warm_up(forward: Callable, hf_model, ids: torch.Tensor, workload: Workload) -> None:
+    """One generation of at most 2 tokens, not captured and not timed, before the first configuration is measured:
+    the first forward of a process pays one-time costs (allocator, thread pools, kernel selection) that would
+    otherwise land on whichever configuration comes first."""
+    generate(forward, hf_model, ids, min(workload.G, 2))
 
 
 def versions() -> dict:

@@ -126,11 +126,11 @@ class Stage:
 
         from llmcomm.measure.runs.common import TORCH_DTYPES, cache_kwarg
 
-        model, layout, workload = ctx.model, ctx.layout, ctx.workload
+        model, layout = ctx.model, ctx.layout
         t, p = layout.t, layout.p
         self.parts = check_layout(model, layout, ctx.world_size, p2p_mode)
-        self.b, self.h, self.V = workload.b, model.h, model.V
-        self.dtype = TORCH_DTYPES[workload.dtype]
+        self.h, self.V = model.h, model.V
+        self.dtype = TORCH_DTYPES[ctx.dtype]
         self.device = ctx.device
         self.p2p = p2p
 
@@ -183,11 +183,11 @@ class Stage:
         else:
             self.p2p.send(hidden.contiguous(), self.stage + 1)
 
-    def _recv_hidden(self, s: int):
+    def _recv_hidden(self, b: int, s: int):
         import torch
         from deepspeed.runtime.utils import PartitionedTensor
 
-        shape = (self.b, s, self.h)                           # known from the schedule: no metadata message
+        shape = (b, s, self.h)                                # known from the schedule: no metadata message
         if not self.partitioned:
             buf = torch.empty(shape, dtype=self.dtype, device=self.device)
             self.p2p.recv(buf, self.stage - 1)
@@ -196,7 +196,7 @@ class Stage:
         # shape and the TP rank, both known here; then DeepSpeed's PartitionedTensor all-gathers the t parts.
         meta = PartitionedTensor(tensor=torch.empty(shape, dtype=self.dtype, device=self.device),
                                  group=self.tp_group).to_meta()
-        part = torch.empty(self.b * s * self.h // torch.distributed.get_world_size(self.tp_group), dtype=self.dtype,
+        part = torch.empty(b * s * self.h // torch.distributed.get_world_size(self.tp_group), dtype=self.dtype,
                            device=self.device)
         self.p2p.recv(part, self.stage - 1)
         full = PartitionedTensor.from_meta(meta=meta, local_part=part, group=self.tp_group, device=self.device)
@@ -212,7 +212,7 @@ class Stage:
         b, s = input_ids.shape
         past = cache.get_seq_length(self.first_layer)
         position_ids = torch.arange(past, past + s, device=self.device).unsqueeze(0)
-        hidden = self.hf.model.embed_tokens(input_ids) if self.first else self._recv_hidden(s)
+        hidden = self.hf.model.embed_tokens(input_ids) if self.first else self._recv_hidden(b, s)
         m = self.hf.model
         mask = create_causal_mask(config=self.hf.config, inputs_embeds=hidden, attention_mask=None, cache=cache,
                                   position_ids=position_ids, layer_idx=self.first_layer)
@@ -242,51 +242,55 @@ class Stage:
         return len(self.parts)
 
 
-def run(ctx: RankContext) -> dict:
-    """The pipeline experiment on this rank; returns the rank-specific part of the result."""
+def run(ctx: RankContext):
+    """The pipeline experiment on this rank: yields the rank-specific part of each configuration's result (one
+    model build, one partition and AutoTP sharding for the whole sweep; see :mod:`llmcomm.measure.runs.tp`)."""
     import torch
 
-    from llmcomm.measure.runs.common import build_model, generate, prompt_ids
+    from llmcomm.measure.runs.common import build_model, generate, prompt_ids, reference_generations, warm_up
 
-    model, layout, workload = ctx.model, ctx.layout, ctx.workload
+    model, layout = ctx.model, ctx.layout
     p2p_mode = ctx.options.get("p2p", "partitioned")
     check_layout(model, layout, ctx.world_size, p2p_mode)   # before any collective: one clear error on every rank
-    hf = build_model(model, workload.dtype, ctx.device, seed=ctx.seed)
-    ids = prompt_ids(workload, model.V, seed=ctx.seed, device=ctx.device)
+    hf = build_model(model, ctx.dtype, ctx.device, seed=ctx.seed)
+    prompts = [prompt_ids(w, model.V, seed=ctx.seed, device=ctx.device) for w in ctx.workloads]
     last_stage_rank0 = (layout.p - 1) * layout.t
-    reference, ref_logits = None, []
-    if ctx.reference and ctx.rank in (0, last_stage_rank0):
-        # Same weights, not yet cut or sharded: the single-process answer. Rank 0 reports its tokens; the first rank
-        # of the last stage keeps its next-token logits to compare with the pipeline's.
-        def recorder(**kw):
-            out = hf(**kw)
-            ref_logits.append(out.logits[:, -1, :].detach().float().clone())
-            return out
+    # Same weights, not yet cut or sharded: the single-process answers. Rank 0 reports their tokens; the first rank
+    # of the last stage keeps their next-token logits to compare with the pipeline's.
+    ref_logits: list[list] = []
 
-        reference = generate(recorder, hf, ids, workload.G).tokens
+    def recorder(**kw):
+        out = hf(**kw)
+        ref_logits[-1].append(out.logits[:, -1, :].detach().float().clone())
+        return out
 
-    with ctx.capture() as cap:
-        with cap.phase("setup"):
-            stage = Stage(ctx, hf, p2p_mode)
-        gen = generate(stage, stage.hf, ids, workload.G, phase=ctx.phase_hook(cap))
+    on = ctx.reference and ctx.rank in (0, last_stage_rank0)
+    references = []
+    for ids, w in zip(prompts, ctx.workloads):
+        ref_logits.append([])
+        references += reference_generations(recorder, [ids], [w], on=on, hf_model=hf)
 
-    diff = None
-    if ref_logits and stage.last:
-        diff = max((a - r).abs().max().item() for a, r in zip(stage.step_logits, ref_logits))
-    sees_tokens = stage.first or stage.last
+    with ctx.setup_capture() as cap, cap.phase("setup"):
+        stage = Stage(ctx, hf, p2p_mode)
+    warm_up(stage, stage.hf, prompts[0], ctx.workloads[0])
     cdb_level = getattr(__import__("deepspeed").comm.comm.cdb, "shm_vector_kernel_level", 0)
-    return {"tokens": gen.tokens if sees_tokens else None,
-            "reference_tokens": reference if ctx.rank == 0 else None,
-            "timings": {"ttft_s": gen.ttft_s, "tpot_s": gen.tpot_s, "e2e_s": gen.e2e_s,
-                        "decode_steps_s": gen.decode_steps_s},
-            "comm": {"backend": torch.distributed.get_backend(),
-                     "allreduce_path": "shm" if (layout.t > 1 and cdb_level > 0 and
-                                                 hasattr(torch.ops.deepspeed, "inference_all_reduce_"))
-                     else "process_group"},
-            "pipeline": {"stage": stage.stage, "tp_rank": stage.tp_rank, "layers": [stage.start, stage.stop],
-                         "stage_layers": stage.parts, "p2p": stage.p2p_mode,
-                         "token_handback": "last stage -> stage 0, int64 [b, 1], every TP rank, once per forward",
-                         "logits_max_abs_diff": diff}}
+    comm = {"backend": torch.distributed.get_backend(),
+            "allreduce_path": "shm" if (layout.t > 1 and cdb_level > 0 and
+                                        hasattr(torch.ops.deepspeed, "inference_all_reduce_")) else "process_group"}
+    for i, w in ctx.sweep():
+        stage.step_logits = []
+        with ctx.capture() as cap:
+            gen = generate(stage, stage.hf, prompts[i], w.G, phase=ctx.phase_hook(cap))
+        diff = None
+        if on and ref_logits[i] and stage.last:
+            diff = max((a - r).abs().max().item() for a, r in zip(stage.step_logits, ref_logits[i]))
+        yield {"tokens": gen.tokens if (stage.first or stage.last) else None,
+               "reference_tokens": references[i].tokens if ctx.rank == 0 and references[i] else None,
+               "timings": gen.timings, "comm": comm,
+               "pipeline": {"stage": stage.stage, "tp_rank": stage.tp_rank, "layers": [stage.start, stage.stop],
+                            "stage_layers": stage.parts, "p2p": stage.p2p_mode,
+                            "token_handback": "last stage -> stage 0, int64 [b, 1], every TP rank, once per forward",
+                            "logits_max_abs_diff": diff}}
 
 
 if __name__ == "__main__":

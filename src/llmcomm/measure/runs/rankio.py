@@ -1,6 +1,10 @@
 """The rank-side harness every runner shares (``runs/tp.py``, ``runs/pipeline.py``, ``runs/bench.py``, …): the rank
-protocol, distributed init, fault hooks for tests, and the per-rank result file. A runner is a function
-``run(ctx) -> dict`` plus ``if __name__ == "__main__": sys.exit(rank_main(run, entry="llmcomm.measure.runs.NAME"))``.
+protocol, distributed init, fault hooks for tests, and the per-rank result files. A runner is a function
+``run(ctx)`` plus ``if __name__ == "__main__": sys.exit(rank_main(run, entry="llmcomm.measure.runs.NAME"))``. It either
+returns one dict (one result: the microbenchmark, the overhead benchmark) or is a generator that yields one dict per
+workload of ``ctx.workloads`` (a sweep in one launch: ``runs/tp.py``, ``runs/pipeline.py``), capturing each
+configuration with :meth:`RankContext.capture` after its model setup was captured once with
+:meth:`RankContext.setup_capture`.
 
 Rank protocol (what :func:`llmcomm.measure.launch.launch_ranks` starts on each rank through the DeepSpeed launcher;
 not a user command)::
@@ -12,11 +16,14 @@ not a user command)::
     {"model": {"name": str, "hf_config": {...}} | null,   # ModelSpec.from_hf_config(hf_config, name)
      "layout": {"t": int, "p": int} | null,
      "workload": {"b": int, "S": int, "G": int, "dtype": "fp32"|"bf16"|"fp16"} | null,
+     "workloads": [{"b", "S", "G", "dtype"}, ...] | absent,  # a sweep: one configuration each, one dtype
      "seed": int, "backend": null|"gloo"|"nccl", "reference": bool, "sync": bool, "capture": bool,
      "options": {...}}                                       # runner-specific extras (e.g. the benchmark's)
 
 Per-rank result ``RUN/rank{r}.json`` (format ``llmcomm.rank/1``; written to a temporary name and renamed, so a file
-that exists is complete)::
+that exists is complete). A sweep runner writes ``RUN/rank{r}.c{i}.json`` in this format for configuration i as soon
+as it is done (``"config": i``; its ``events`` = the setup's, shared by every configuration of the launch, then its
+own), and at the end ``RUN/rank{r}.json`` without events and with ``"configs": n``::
 
     {"format": "llmcomm.rank/1", "entry": "llmcomm.measure.runs.tp",
      "rank": int, "local_rank": int, "world_size": int, "pid": int, "hostname": str, "device": "cpu"|"cuda:N",
@@ -37,8 +44,10 @@ SIGUSR1 it dumps its Python stack to ``RUN/rank{r}.stack`` (the launcher does so
 ranks blocked in a collective).
 
 Test hooks (environment): ``LLMCOMM_TEST_KILL_RANK=r`` makes rank r fail on entering phase
-``LLMCOMM_TEST_KILL_PHASE`` (default ``decode``) by ``LLMCOMM_TEST_KILL_MODE``: ``exit`` (``os._exit(3)``, default) or
-``hang`` (sleeps forever, outside any collective).
+``LLMCOMM_TEST_KILL_PHASE`` (default ``decode``; in configuration ``LLMCOMM_TEST_KILL_CONFIG`` of a sweep, default the
+first that enters it) by ``LLMCOMM_TEST_KILL_MODE``: ``exit`` (``os._exit(3)``, default), ``hang`` (sleeps forever,
+outside any collective) or ``in_op_load`` (dies inside torch's JIT load of DeepSpeed's shm op, holding torch's
+baton: what an interrupted first run leaves behind; see :mod:`llmcomm.measure.oplock`).
 """
 from __future__ import annotations
 
@@ -72,7 +81,7 @@ class RankContext:
     world_size: int
     model: ModelSpec | None
     layout: Layout | None
-    workload: Workload | None
+    workload: Workload | None           # the first (or only) workload: its dtype is the launch's
     seed: int
     backend: str | None
     reference: bool
@@ -82,7 +91,10 @@ class RankContext:
     device: Any = None
     dtype: str = "fp32"
     options: dict = field(default_factory=dict)
+    workloads: list = field(default_factory=list)    # every configuration of the launch, in order
+    config: int | None = None           # the configuration being captured (sweep runners), for the fault hook
     last_capture: Any = None            # the capture made by capture(); rank_main saves its events
+    setup_cap: Any = None               # the capture made by setup_capture(): shared by every configuration
 
     def capture(self, enabled: bool | None = None):
         """A :class:`~llmcomm.measure.capture.Capture` for this rank (a do-nothing stand-in when disabled, as the overhead
@@ -93,22 +105,57 @@ class RankContext:
         self.last_capture = Capture(rank=self.rank, sync=self.sync) if on else _NoCapture(self.rank)
         return self.last_capture
 
+    def setup_capture(self):
+        """The capture of the model setup (phase ``setup``) of a sweep runner: made once per launch, its events open
+        every configuration's result (what that configuration's model needed to exist)."""
+        cap = self.capture()
+        self.setup_cap, self.last_capture = cap, None
+        return cap
+
     def phase_hook(self, cap) -> Callable[[str], Any]:
         """``cap.phase`` plus the test fault hook (see module docstring)."""
         kill_rank = os.environ.get("LLMCOMM_TEST_KILL_RANK")
         if kill_rank is None or int(kill_rank) != self.rank:
             return cap.phase
         kill_phase = os.environ.get("LLMCOMM_TEST_KILL_PHASE", "decode")
+        kill_config = os.environ.get("LLMCOMM_TEST_KILL_CONFIG")
         mode = os.environ.get("LLMCOMM_TEST_KILL_MODE", "exit")
 
         @contextlib.contextmanager
         def hooked(name):
             with cap.phase(name):
-                if name == kill_phase:
+                if name == kill_phase and (kill_config is None or int(kill_config) == self.config):
                     _test_fault(mode)
                 yield
 
         return hooked
+
+    def sweep(self):
+        """``(i, workload)`` for every configuration of the launch, ``self.config`` set to i meanwhile."""
+        for i, w in enumerate(self.workloads):
+            self.config = i
+            yield i, w
+        self.config = None
+
+
+def fault_in_op_load() -> None:
+    """Test fault ``in_op_load`` (module docstring), when asked for this rank: die inside torch's JIT load right
+    after torch took its baton (the real FileBaton, the real lock file), as a rank killed while loading DeepSpeed's
+    op does."""
+    kill_rank = os.environ.get("LLMCOMM_TEST_KILL_RANK")
+    if kill_rank is None or int(kill_rank) != int(os.environ.get("RANK", "0")) or \
+            os.environ.get("LLMCOMM_TEST_KILL_MODE") != "in_op_load":
+        return
+    from torch.utils.file_baton import FileBaton
+
+    real = FileBaton.try_acquire
+
+    def acquire_then_die(self):
+        if real(self):
+            os._exit(3)
+        return False
+
+    FileBaton.try_acquire = acquire_then_die
 
 
 def _test_fault(mode: str) -> None:
@@ -157,8 +204,11 @@ def _init_distributed(ctx: RankContext) -> dict:
     import deepspeed
     import deepspeed.comm as dist
 
+    from llmcomm.measure.oplock import preload_shm_op
+
     if ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)
+    preload_shm_op()                    # the JIT load init_distributed would do, under a lock: llmcomm.measure.oplock
     deepspeed.init_distributed(dist_backend=ctx.backend, verbose=False)
     cdb = dist.comm.cdb
     if ctx.backend == "gloo":
@@ -171,8 +221,13 @@ def _init_distributed(ctx: RankContext) -> dict:
     return {"backend": torch.distributed.get_backend(), "allreduce_path": "shm" if use_shm else "process_group"}
 
 
-def rank_main(run: Callable[[RankContext], dict], entry: str, argv=None) -> int:
-    """Run ``run`` on this rank and write its result file; returns the process exit status."""
+def _captured(cap) -> dict:
+    return {"events": [e.as_dict() for e in cap.events] if cap is not None else [],
+            "phase_spans": cap.phase_spans if cap is not None else []}
+
+
+def rank_main(run: Callable[[RankContext], Any], entry: str, argv=None) -> int:
+    """Run ``run`` on this rank and write its result file(s); returns the process exit status."""
     spec_path, out, local_arg = _parse(sys.argv[1:] if argv is None else argv)
     rank = int(os.environ.get("RANK", "0"))
     # Dump the stack on SIGUSR1 even while blocked in C (a collective): the launcher's hang diagnosis.
@@ -185,7 +240,9 @@ def rank_main(run: Callable[[RankContext], dict], entry: str, argv=None) -> int:
             os.environ.pop("LOCAL_SIZE", None)
         from llmcomm.measure.runs.common import pick_device, versions
 
-        workload = Workload(**spec["workload"]) if spec.get("workload") else None
+        workloads = [Workload(**w) for w in spec.get("workloads") or ([spec["workload"]] if spec.get("workload")
+                                                                       else [])]
+        workload = workloads[0] if workloads else None
         model = ModelSpec.from_hf_config(spec["model"]["hf_config"], name=spec["model"]["name"]) \
             if spec.get("model") else None
         options = dict(spec.get("options") or {})
@@ -193,26 +250,32 @@ def rank_main(run: Callable[[RankContext], dict], entry: str, argv=None) -> int:
         dtype = workload.dtype if workload else options.get("dtype", "fp32")
         ctx = RankContext(rank=rank, local_rank=local_rank, world_size=int(os.environ.get("WORLD_SIZE", "1")),
                           model=model, layout=Layout(**spec["layout"]) if spec.get("layout") else None,
-                          workload=workload, seed=int(spec.get("seed", 0)),
+                          workload=workload, workloads=workloads, seed=int(spec.get("seed", 0)),
                           backend=spec.get("backend"), reference=bool(spec.get("reference", True)),
                           sync=bool(spec.get("sync", False)), capture_enabled=bool(spec.get("capture", True)),
                           out_dir=out, options=options, dtype=dtype, device=pick_device(dtype, local_rank))
         comm = _init_distributed(ctx)
+        base = {"format": RESULT_FORMAT, "entry": entry, "rank": rank, "local_rank": local_rank,
+                "world_size": ctx.world_size, "pid": os.getpid(), "hostname": socket.gethostname(),
+                "device": str(ctx.device), "comm": comm, "events": [], "phase_spans": [],
+                "tokens": None, "reference_tokens": None, "timings": {}, "versions": versions()}
         result = run(ctx)
-        cap = ctx.last_capture
-        record = {"format": RESULT_FORMAT, "entry": entry, "rank": rank, "local_rank": local_rank,
-                  "world_size": ctx.world_size, "pid": os.getpid(), "hostname": socket.gethostname(),
-                  "device": str(ctx.device), "comm": comm,
-                  "events": [e.as_dict() for e in cap.events] if cap is not None else [],
-                  "phase_spans": cap.phase_spans if cap is not None else [],
-                  "tokens": None, "reference_tokens": None, "timings": {}, "versions": versions()}
-        record.update(result)
-        write_json(out / f"rank{rank}.json", record)
+        if isinstance(result, dict):                # one result
+            write_json(out / f"rank{rank}.json", {**base, **_captured(ctx.last_capture), **result})
+        else:                                       # a sweep: one file per configuration, as each is done
+            n = 0
+            for n, res in enumerate(result, start=1):
+                setup, own = _captured(ctx.setup_cap), _captured(ctx.last_capture)
+                write_json(out / f"rank{rank}.c{n - 1}.json",
+                           {**base, "config": n - 1, "events": setup["events"] + own["events"],
+                            "phase_spans": setup["phase_spans"] + own["phase_spans"], **res})
+            write_json(out / f"rank{rank}.json", {**base, "configs": n})
         _shutdown()
         return 0
     except BaseException as e:                    # noqa: BLE001 - every failure must leave a readable report
         write_json(out / f"rank{rank}.error.json",
-                          {"rank": rank, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+                   {"rank": rank, "config": getattr(locals().get("ctx"), "config", None),
+                    "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
         traceback.print_exc()
         return 1
 
