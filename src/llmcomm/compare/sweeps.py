@@ -71,14 +71,13 @@ _SWEEPS = {
     ("tp", "gpu"): [Config(m, t, 1, b, S, 32, "bf16") for m in ("llama-3.2-3b", "llama-3.1-8b")
                     for t in (2, 4, 8) for b, S in ((1, 128), (8, 1024))],
     # Pipelines and hybrids (llmcomm.measure.runs.pipeline, default partitioned stage-to-stage mode). tiny-llama: L=4,
-    # KV heads 2 (t ≤ 2); tiny-llama-tied: L=5 (uneven splits: p=2 → [3, 2], p=4 → [2, 1, 1, 1]), KV heads 4.
-    # About 70 s of runs on 2 quiet cores (2 ranks ≈ 7 s, 4 ranks ≈ 12 s each).
-    ("pipeline", "cpu"): [Config("tiny-llama", 1, 2, 2, 8, 4),          # even split [2, 2]
-                          Config("tiny-llama", 1, 3, 2, 3, 1),          # uneven [2, 1, 1]; G = 1: no decode
+    # KV heads 2 (t ≤ 2); tiny-llama-tied: L=5 (uneven split p=2 → [3, 2]), KV heads 4. Five layouts, one launch each
+    # (a launch costs ~7 s of imports per rank on 2 cores); tests/test_pipeline_exact.py adds p=4 on [2, 1, 1, 1].
+    ("pipeline", "cpu"): [Config("tiny-llama", 1, 3, 2, 3, 1),          # uneven [2, 1, 1]; G = 1: no decode
+                          Config("tiny-llama", 1, 3, 2, 8, 4),          # the same launch: b > 1, decode
                           Config("tiny-llama", 1, 4, 1, 1, 5),          # one layer per stage; S = 1
                           Config("tiny-llama-tied", 1, 2, 1, 5, 3),     # uneven [3, 2], tied head
-                          Config("tiny-llama-tied", 1, 4, 1, 4, 3),     # uneven [2, 1, 1, 1]
-                          Config("tiny-llama", 2, 2, 2, 8, 4),          # hybrid 2×2, b > 1
+                          Config("tiny-llama", 2, 2, 2, 8, 4),          # hybrid 2×2 on an even split, b > 1
                           Config("tiny-llama-tied", 2, 2, 3, 6, 2)],    # hybrid 2×2 on [3, 2], b = 3
     # Real shapes in bf16; needs a node with t·p ≤ 8 GPUs (NCCL puts one rank on each GPU).
     ("pipeline", "gpu"): [Config(m, t, p, b, S, 32, "bf16") for m in ("llama-3.2-3b", "llama-3.1-8b")
