@@ -24,11 +24,18 @@ def _hw(**over):
 
 
 def test_layer_flops_and_bytes_known_shape():
-    # matmul params per layer: 2·64·4·16 + 2·64·2·16 + 3·64·176 = 46080; b=1, s=8, ctx=4.5
+    # GEMMs on M = b·s = 8 tokens (t = 1): qkv [8,64]x[64,128], out [8,64]x[64,64], gate_up [8,64]x[64,352],
+    # down [8,176]x[176,64]: 2·M·(46080 weights); attention 4·M·ctx·a·d with ctx = 4.5
     fl, by = layer_cost(TINY, 1, 1, 8, 0, 4.5, 4)
     assert fl == 2 * 8 * 46080 + 4 * 8 * 4.5 * 4 * 16 == 746496
-    # bytes: w·(46080 + 2·64) + w·b·(0+8)·2·kv·hd + w·b·s·(14h + (4·4+2·2)·16 + 6·176)
-    assert by == 4 * 46208 + 4 * 8 * 2 * 2 * 16 + 4 * 8 * (14 * 64 + 20 * 16 + 6 * 176) == 259584
+    # bytes, w = 4: each GEMM reads A and B and writes C; 2 norms (read + write [8,64]), rope on 6 heads of 16,
+    # SiLU·mul (reads 2·176, writes 176 per token), 2 residual adds (2 reads + 1 write), attention (K, V of 8 new
+    # tokens, 2 KV heads; q read and o written, 4 heads)
+    gemms = 4 * ((8 * 64 + 64 * 128 + 8 * 128) + (8 * 64 + 64 * 64 + 8 * 64) + (8 * 64 + 64 * 352 + 8 * 352)
+                 + (8 * 176 + 176 * 64 + 8 * 64))
+    mem = 8 * (2 * 2 * 4 * 64 + 2 * 4 * 6 * 16 + 3 * 4 * 176 + 2 * 3 * 4 * 64)
+    attention = 4 * (8 * 2 * 2 * 16 + 2 * 8 * 4 * 16)
+    assert by == gemms + mem + attention == 265216
     fl2, by2 = layer_cost(TINY, 2, 1, 8, 0, 4.5, 4)
     assert fl2 == fl / 2           # everything in a layer's FLOPs is sharded by t
     assert by2 < by
@@ -71,17 +78,23 @@ def test_comm_pipeline_send_per_boundary():
 
 
 def test_predict_latency_hand_case():
-    hw = _hw()
-    r = predict_latency(TINY, Layout(2, 1), Workload(1, 16, 4, "fp32"), hw, gpus_per_node=8)
+    from llmcomm.predict.kernels import layer_ops
+
+    hw = _hw()              # no fitted kernels: every op is max(flops/F, bytes/B), F = B = 1e9
+    r = predict_latency(TINY, Layout(2, 1), Workload(1, 16, 4, "fp32"), hw, gpus_per_node=8, profile="deepspeed-cpu")
     pre = r["breakdown"]["prefill"]
-    fl, by = layer_cost(TINY, 2, 1, 16, 0, 8.5, 4)
-    t_layer = max(fl / 1e9, by / 1e9)
+    ops = layer_ops(TINY, 2, 1, 16, 0, 8.5, 4)
+    t_layer = sum(max(op.get("flops", 0.0), op["bytes"]) / 1e9 * op.get("count", 1) for op in ops.values())
     emb = 2 * 16 * 64 * 4 / 1e9
-    head = max(2 * 64 * 1000 / 2 / 1e9, (4 * 64 * 1000 / 2 + 4 * 1000 + 4 * 16 * 64) / 1e9)
+    head = 2 * 64 * 4 / 1e9 + max(2 * 64 * 1000 / 2, 4 * (64 / 2 + 64 * 1000 / 2 + 1000)) / 1e9
     assert pre["compute_s"] == pytest.approx(4 * t_layer + emb + head, rel=1e-12)
     assert r["ttft_s"] == pytest.approx(pre["compute_s"] + pre["comm_s"])
     assert r["e2e_s"] == pytest.approx(r["ttft_s"] + 3 * r["tpot_s"])
     assert {m["op"] for m in pre["messages"]} == {"all_reduce"}
+    # the same hardware as a GPU engine: the host (350 µs per layer) runs ahead of the kernels: max, not sum
+    gpu = predict_latency(TINY, Layout(2, 1), Workload(1, 16, 4, "fp32"), hw, gpus_per_node=8,
+                          profile="deepspeed-eager")["breakdown"]["prefill"]
+    assert gpu["compute_s"] == pytest.approx(4 * max(t_layer, 350e-6) + emb + max(head, 350e-6), rel=1e-12)
 
 
 def test_placement_closed_forms_match_enumeration():
@@ -131,10 +144,14 @@ def test_more_tp_is_faster_compute_and_validation():
     m = load_model("llama-3.1-70b")
     wl = Workload(1, 2048, 32, "bf16")
     h100 = load_hardware("h100-sxm")
-    r1 = predict_latency(m, Layout(2, 1), wl, h100)
-    r8 = predict_latency(m, Layout(8, 1), wl, h100)
+    r1 = predict_latency(m, Layout(2, 1), wl, h100, engine="vllm")
+    r8 = predict_latency(m, Layout(8, 1), wl, h100, engine="vllm")
     assert r8["breakdown"]["prefill"]["compute_s"] < r1["breakdown"]["prefill"]["compute_s"]
-    assert r8["breakdown"]["decode"]["comm_s"] > 0 and r1["tpot_s"] > r8["tpot_s"]
+    assert r8["breakdown"]["decode"]["comm_s"] > 0 and r1["tpot_s"] > r8["tpot_s"]     # CUDA-graph decode
+    # eager DeepSpeed decode is host-bound: 350 µs per layer on the host, at any t (the kernels take less)
+    for t in (2, 8):
+        eager = predict_latency(m, Layout(t, 1), wl, h100, engine="deepspeed")["breakdown"]["decode"]
+        assert eager["layer_s"] == pytest.approx(350e-6)
     with pytest.raises(SpecError):
         predict_latency(m, Layout(3, 1), wl, h100)       # 3 does not divide 64 heads
     with pytest.raises(SpecError):

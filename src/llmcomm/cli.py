@@ -126,6 +126,8 @@ def cmd_predict(args) -> int:
         from .predict.hardware import load_hardware
 
         hw = load_hardware(args.hardware)
+    if args.engine_profile and hw is None:
+        raise SpecError("--engine-profile needs --hardware (it changes the latency, not the bytes)")
     for workload in workloads:
         rows = predict_rows(model, layout, workload, engine, args.algorithm, args.gpus_per_node)
         traffic = traffic_totals(model, layout, workload, engine, args.algorithm, args.gpus_per_node)
@@ -137,10 +139,23 @@ def cmd_predict(args) -> int:
         if hw is not None:
             from .predict.latency import predict_latency
 
-            lat = predict_latency(model, layout, workload, hw, gpus_per_node=args.gpus_per_node, engine=engine)
+            from .predict.advise import memory_per_rank
+
+            lat = predict_latency(model, layout, workload, hw, gpus_per_node=args.gpus_per_node, engine=engine,
+                                  profile=args.engine_profile)
+            need = float(memory_per_rank(model, layout.t, layout.p, workload.b, workload.S, workload.G,
+                                         workload.w)["total"])
             out["latency"] = lat
+            out["memory"] = {"fits": need <= hw.usable_memory_bytes, "needed_gib_per_rank": need / 2 ** 30,
+                             "usable_gib_per_rank": hw.usable_memory_bytes / 2 ** 30}
             extra = [f"TTFT {lat['ttft_s'] * 1e3:.3f} ms  TPOT {lat['tpot_s'] * 1e3:.3f} ms  "
-                     f"E2E {lat['e2e_s'] * 1e3:.3f} ms  (hardware {hw.name}, {lat['gpus_per_node']} GPUs per node)"]
+                     f"E2E {lat['e2e_s'] * 1e3:.3f} ms  (hardware {hw.name}, {lat['gpus_per_node']} GPUs per node, "
+                     f"engine profile {lat['engine_profile']})"]
+            if not out["memory"]["fits"]:
+                print(f"llmcomm: warning: {model.name} t={layout.t} p={layout.p} b={workload.b} S={workload.S} "
+                      f"G={workload.G} {workload.dtype} needs {need / 2 ** 30:.1f} GiB per rank; {hw.name} has "
+                      f"{hw.usable_memory_bytes / 2 ** 30:.1f} GiB usable: it does not fit (numbers printed anyway)",
+                      file=sys.stderr)
         _emit(out, args.json, lambda: _print_rows(head, rows, traffic, extra), len(workloads) > 1)
     return 0
 
@@ -283,8 +298,82 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------------ cost
+def cmd_cost(args) -> int:
+    from .predict.cost import collective_costs, compute_costs
+    from .predict.hardware import load_hardware
+
+    if (args.model is None) == (args.collective is None):
+        raise SpecError("cost: give either --model (with --tp and --tokens) or --collective (with --ranks and --bytes)")
+    hw = load_hardware(args.hardware)
+    if args.model is not None:
+        if not args.tokens:
+            raise SpecError("cost --model needs --tokens N [N ...] (the GEMM M dimension: tokens in one forward)")
+        model = load_model(args.model)
+        rows = compute_costs(model, hw, args.tp, args.tokens, args.context, args.dtype)
+        head = {"hardware": hw.name, "model": model.name, "tp": args.tp, "dtype": args.dtype, "context": args.context}
+        cols = ("op", "tokens", "seconds", "flops", "bytes")
+    else:
+        if args.ranks is None or not args.bytes:
+            raise SpecError("cost --collective needs --ranks n and --bytes S [S ...]")
+        from .measure.bench import parse_size
+
+        sizes = [parse_size(x) for x in args.bytes]
+        rows = collective_costs(hw, args.collective, args.ranks, sizes, args.gpus_per_node)
+        head = {"hardware": hw.name, "collective": args.collective, "ranks": args.ranks,
+                "gpus_per_node": rows[0]["gpus_per_node"]}
+        cols = ("op", "ranks", "gpus_per_node", "bytes", "seconds", "algbw_GBps", "busbw_GBps")
+    if args.json:
+        print(json.dumps(dict(head, ops=rows)))
+        return 0
+    print(" ".join(f"{k}={v}" for k, v in head.items() if v is not None))
+    fmt = {"seconds": lambda v: f"{v * 1e6:,.2f} us", "flops": lambda v: f"{v:,.0f}", "bytes": lambda v: f"{v:,.0f}",
+           "algbw_GBps": lambda v: f"{v:,.2f}", "busbw_GBps": lambda v: f"{v:,.2f}"}
+    cells = [[fmt.get(c, str)(r[c]) for c in cols] for r in rows]
+    width = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.rjust(wd) for c, wd in zip(cols, width)))
+    for x in cells:
+        print("  ".join(v.rjust(wd) for v, wd in zip(x, width)))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------- calibrate
+def cmd_calibrate_public(args) -> int:
+    """Fit the kernel and NCCL models to the public GPU measurements; write the GPU presets and error tables."""
+    import pandas as pd
+
+    from .compare.vidur import PRESET_OF, error_summary, fit_all, preset_sections
+    from .record import atomic_write_text, data_dir, provenance, repo_root, write_json
+
+    command = "llmcomm " + shlex.join(args.argv)
+    params, errors = fit_all(log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    prov = provenance(command)
+    out = data_dir("validation")
+    tables = error_summary(errors)
+    # out-of-sample predictions, row by row (the book's figures), beside the summaries
+    tables["out_of_sample"] = errors[errors.validation.isin(["lomo", "logo", "extrapolation"])]
+    for name, df in tables.items():
+        atomic_write_text(out / f"gpu_{name}.csv", df.to_csv(index=False, float_format="%.5g"))
+        write_json(out / f"gpu_{name}.json", {"provenance": prov, "source": "data/external/vidur (Vidur, MIT)"},
+                   indent=1)
+    presets = repo_root() / "src" / "llmcomm" / "presets" / "hardware"
+    for preset in PRESET_OF:
+        path = presets / f"{preset}.json"
+        d = json.loads(path.read_text())
+        d.update(preset_sections(params, preset))
+        d["kernels"]["provenance"] = d["nccl"]["provenance"] = prov
+        write_json(path, d, indent=1)
+        print(f"wrote {path.relative_to(repo_root())}")
+    with pd.option_context("display.width", 160):
+        print(tables["kernels"][tables["kernels"].validation == "lomo"].to_string(index=False))
+        print(tables["collectives"][tables["collectives"].validation == "logo"].to_string(index=False))
+    print(f"wrote {out.relative_to(repo_root())}/gpu_{{kernels,collectives,out_of_sample}}.csv")
+    return 0
+
+
 def cmd_calibrate(args) -> int:
+    if args.public_gpu:
+        return cmd_calibrate_public(args)
     import pandas as pd
 
     from .compare.calibration import calibrate_cpu_local
@@ -322,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--gpus-per-node", type=positive_int, default=None,
                     help="GPUs per node g: ranks placed in order, g per node; adds inter_node_bytes (default: the "
                          "hardware preset's for the latency, no placement for the traffic)")
+    pr.add_argument("--engine-profile", default=None,
+                    help="host-overhead profile (llmcomm/presets/engines: deepspeed-eager, deepspeed-cpu, vllm-v0, "
+                         "vllm-v0-custom-ar, or a JSON file); default: the engine's on this hardware")
     pr.add_argument("--algorithm", choices=["ring", "direct"], default="ring",
                     help="how all-reduces move bytes, for the traffic metrics: ring (default; NCCL's bandwidth "
                          "algorithm) or direct (one-shot: every rank sends its buffer to every other)")
@@ -339,6 +431,23 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--hostfile", help="DeepSpeed hostfile ('HOST slots=N' lines, slots summing to t*p): run across "
                     "nodes; --out must then be a folder every node shares")
     me.set_defaults(func=cmd_measure)
+
+    co = sub.add_parser("cost", help="what one op costs on one device: a layer's ops, or one collective")
+    co.add_argument("--hardware", required=True, help="hardware preset or JSON file")
+    co.add_argument("--model", help="preset name or path to an HF config.json (compute costs)")
+    co.add_argument("--tp", type=positive_int, default=1, help="TP degree T: shapes as one TP rank holds them")
+    co.add_argument("--tokens", type=positive_int, nargs="+", help="tokens in one forward on one rank (GEMM M)")
+    co.add_argument("--context", type=int, default=None,
+                    help="tokens already cached: adds the attention row (unvalidated roofline)")
+    co.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bf16")
+    co.add_argument("--collective", choices=["all_reduce", "all_gather", "broadcast", "send_recv"],
+                    help="collective costs (nccl-tests size convention)")
+    co.add_argument("--ranks", type=positive_int, help="ranks n of the collective")
+    co.add_argument("--gpus-per-node", type=positive_int, default=None,
+                    help="ranks placed k per node (default: as many as fit on one node of the hardware)")
+    co.add_argument("--bytes", nargs="+", help="sizes (4 64K 1M …)")
+    co.add_argument("--json", action="store_true", help="print one JSON object")
+    co.set_defaults(func=cmd_cost)
 
     ad = sub.add_parser("advise", help="rank every t×p layout of N GPUs by predicted latency or bytes")
     ad.add_argument("--model", required=True, help="preset name or path to an HF config.json")
@@ -388,6 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--threads", type=positive_int, nargs="+", default=None,
                     help="torch threads of the compute timing (default: cores // ranks for 2 and 4 ranks)")
     ca.add_argument("--json", action="store_true", help="print the fits as JSON records")
+    ca.add_argument("--public-gpu", action="store_true",
+                    help="instead: fit the GPU kernel and NCCL models to data/external/vidur, write them into the "
+                         "h100-sxm and a100-sxm-80gb presets and the out-of-sample errors to data/validation/ "
+                         "(minutes)")
     ca.set_defaults(func=cmd_calibrate)
     return ap
 

@@ -92,6 +92,7 @@ def calibrate_cpu_local(csv_path, out_path=None, compute: bool = True, threads=N
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
     preset = {
         "name": "cpu-local",
+        "device": "cpu",
         "description": "this machine, calibrated from its own microbenchmarks (bench-collectives) and a timed "
                        "decoder-layer forward; ranks are processes on one node, one core each",
         "gpus_per_node": os.cpu_count() or 1,

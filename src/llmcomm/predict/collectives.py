@@ -26,7 +26,8 @@ import numpy as np
 
 from ..derive.conventions import bus_factor, canonical_op
 
-__all__ = ["ALGORITHMS", "algbw", "busbw", "latency_steps", "alpha_beta_time", "best_time"]
+__all__ = ["ALGORITHMS", "algbw", "busbw", "latency_steps", "alpha_beta_time", "best_time", "nccl_ring_time",
+           "nccl_allreduce_switch_size", "nccl_sendrecv_time", "cross_node_allreduce_time"]
 
 ALGORITHMS = ("ring", "tree", "direct", "auto")
 
@@ -88,3 +89,83 @@ def best_time(op, n, size_bytes, alpha, beta):
     """The faster of ring and tree for each point (what NCCL's tuner approximates)."""
     return np.minimum(alpha_beta_time(op, n, size_bytes, alpha, beta, "ring"),
                       alpha_beta_time(op, n, size_bytes, alpha, beta, "tree"))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# NCCL as measured: the fitted model of single-node NCCL kernels, and the cross-node prediction built on it.
+#
+# On NVSwitch/NVLink nodes NCCL's ring all-reduce switches protocol with size (LL/LL128 for low latency, Simple for
+# bandwidth) and its bus bandwidth grows with n (more channels; NVLS on H100 n = 8), which one α-β line cannot follow.
+# The fitted form (parameters per system, :mod:`llmcomm.compare.vidur` fits them to public kernel times)::
+#
+#     f(n) = 2(n−1)/n,  steps = 2(n−1),  B(n) = B·(n/2)^γ
+#     T_simple = c    + steps·α    + f·S/B(n)
+#     T_ll     = c_ll + steps·α_ll + f·S/(e_ll·B(n))
+#     t        = max(F, min(T_simple, T_ll))       F: the launch-bound floor of eager, back-to-back launches
+#
+# send_recv: t = max(F, c + S/B + (⌈S/1 MiB⌉ − 1)·δ). Other ring collectives (all_gather, reduce_scatter, gather,
+# broadcast) are *derived* from the all-reduce parameters (n−1 steps, their own bus factor): no public data checks
+# them. Across nodes (k nodes of g GPUs, one NIC per GPU): every ring enters and leaves each node once and the rings
+# spread over the rails, so busbw = min(B(g), rails·B_nic) and each ring step waits for the network hop (α_net); NCCL's
+# tree for small sizes: 2(⌈log2 k⌉·α_net + (g−1)·α). A PREDICTION: the public data hold no cross-node all-reduce.
+# ------------------------------------------------------------------------------------------------------------------
+def _bw_n(p, n):
+    return float(p["B"]) * (np.asarray(n, dtype=float) / 2.0) ** float(p.get("gamma", 0.0))
+
+
+def nccl_ring_time(op: str, n, size_bytes, p, floor: bool = True):
+    """Seconds of ``op`` on ``n`` ranks of one node under the fitted NCCL model ``p`` (all_reduce as fitted; the
+    other ring ops derived with their step count and bus factor). ``floor``: apply the eager launch floor F."""
+    op = canonical_op(op)
+    S, n = np.asarray(size_bytes, dtype=float), np.asarray(n, dtype=float)
+    f = np.asarray(bus_factor(op, n), dtype=float)
+    steps = 2.0 * (n - 1.0) if op == "all_reduce" else (n - 1.0)
+    bw = _bw_n(p, n)
+    t = p["c"] + steps * p["alpha"] + f * S / bw
+    if "c_ll" in p:
+        t = np.minimum(t, p["c_ll"] + steps * p["alpha_ll"] + f * S / (p["e_ll"] * bw))
+    if floor:
+        t = np.maximum(float(p.get("F", 0.0)), t)
+    return _out(np.where(n > 1, t, 0.0))
+
+
+def nccl_allreduce_switch_size(n, p):
+    """Size (bytes) where the fitted all-reduce switches from the LL branch to Simple (nan if never)."""
+    if "c_ll" not in p:
+        return np.nan
+    n = np.asarray(n, dtype=float)
+    f, steps, bw = 2 * (n - 1) / n, 2 * (n - 1), _bw_n(p, n)
+    dlat = (p["c"] + steps * p["alpha"]) - (p["c_ll"] + steps * p["alpha_ll"])
+    dbw = f / bw * (1.0 / p["e_ll"] - 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = dlat / dbw
+    return _out(np.where(s > 0, s, np.nan))
+
+
+def nccl_sendrecv_time(size_bytes, p, floor: bool = True):
+    """Seconds of one send/recv of ``size_bytes`` under the fitted model ``p``: max(F, c + S/B + (⌈S/C⌉−1)·δ)."""
+    S = np.asarray(size_bytes, dtype=float)
+    C = float(p.get("chunk", 2 ** 20))
+    t = p["c"] + S / p["B"] + np.maximum(np.ceil(S / C) - 1.0, 0.0) * p.get("delta", 0.0)
+    return _out(np.maximum(float(p.get("F", 0.0)), t) if floor else t)
+
+
+def cross_node_allreduce_time(size_bytes, n, k, intra, net, rails=None, algorithm: str = "auto", floor: bool = True):
+    """PREDICTED all-reduce seconds of ``n`` ranks over ``k`` nodes (n/k GPUs each), from the single-node fit
+    ``intra`` and the network link ``net`` = ``{"alpha_net", "B_nic"}`` (s per step, B/s per NIC); ``rails``: NICs
+    per node (default one per GPU). Not fitted to any cross-node all-reduce: the public data have none."""
+    S = np.asarray(size_bytes, dtype=float)
+    n, k = float(n), int(k)
+    g = n / k
+    if k < 1 or g != int(g):
+        raise ValueError(f"n={n:g} ranks cannot be spread evenly over k={k} nodes")
+    if k == 1:
+        return nccl_ring_time("all_reduce", n, S, intra, floor)
+    rails = g if rails is None else float(rails)
+    f = 2 * (n - 1) / n
+    bw = min(float(_bw_n(intra, g)) if g > 1 else np.inf, rails * float(net["B_nic"]))
+    t_ring = intra["c"] + 2 * (n - 1) * float(net["alpha_net"]) + f * S / bw
+    t_tree = intra["c"] + 2 * (np.ceil(np.log2(k)) * float(net["alpha_net"]) + (g - 1) * float(intra["alpha"])) \
+        + f * S / bw
+    t = {"ring": t_ring, "tree": t_tree, "auto": np.minimum(t_ring, t_tree)}[algorithm]
+    return _out(np.maximum(float(intra.get("F", 0.0)), t) if floor else t)

@@ -1,19 +1,23 @@
-"""Compute time of one forward: a per-layer roofline with stated efficiencies (symbols of :mod:`llmcomm.notation`).
+"""Compute time of one forward: the sum of its kernels (:mod:`.kernels`) plus the engine's host overhead per layer.
 
 Per rank, per decoder layer, one forward over ``s`` new tokens per sequence, ``ell`` tokens already cached, ``c``
-keys attended per query (mean), weights sharded 1/t::
+keys attended per query (mean), weights sharded 1/t: the layer's ops (:func:`llmcomm.predict.kernels.layer_ops`:
+four GEMMs, norms, rotary, SiLU·mul, residual adds, attention) each cost their kernel time on the device
+(:meth:`llmcomm.predict.hardware.Hardware.kernels`), and the layer adds the host overhead ``o`` of the engine
+profile (:mod:`.engines`: eager kernel launches, or none under CUDA graphs)::
 
-    P_l   = (2·h·a·d + 2·h·a_kv·d + 3·h·F)/t + 2h                       weights of one layer on one rank
-    flops = 2·b·s·(P_l − 2h) + 4·b·s·c·(a/t)·d                           matmul + attention (QKᵀ and AV)
-    bytes = w·P_l + w·b·(ell + s)·2·(a_kv/t)·d + w·b·s·A                 weights + KV read/write + activations
-    A     = 14h + (4·a + 2·a_kv)·d/t + 6·F/t                              activations read and written per token
-    τ_l   = max(flops / (peak·e_f), bytes / (bw·e_m)) + o                 roofline + per-layer overhead o
+    τ_l = Σ_ops τ_op(M = b·s, shapes / t) + o          CPU ranks (the ops run on the host itself)
+    τ_l = max(Σ_ops τ_op, o)                            GPUs (the host enqueues while the device runs)
 
 Prefill: s = S, ell = 0, c = (S+1)/2 (causal). Decode, the mean of the G−1 steps: s = 1, ell = S + G/2 − 1,
-c = S + G/2. Embedding (first stage, replicated): 2·b·s·h·w bytes. Final norm + lm_head (last stage, row-parallel
-under AutoTP): 2·b·h·V/t flops (only the last position's logits, as HF ``generate`` keeps) and w·h·V/t + 4·b·V
-bytes, plus one overhead o. One batch crosses the p stages in sequence, so a forward costs the sum:
+c = S + G/2. Embedding (first stage, replicated): a gather of b·s rows of h. Final norm + lm_head (last stage,
+only the last position's logits, as HF ``generate`` keeps them): a norm over b rows and the GEMM [b, h/t]×[h/t, V]
+of AutoTP's row-parallel head (vLLM's column-parallel head, [b, h]×[h, V/t], has the same FLOPs and weight bytes),
+plus one overhead o. One batch crosses the p stages in sequence, so a forward costs the sum:
 ``L·τ_l + τ_embed + τ_head``.
+
+``flops`` and ``bytes`` (what :func:`layer_cost` returns) are those of the same ops: GEMM operands read once and
+results written, the KV cache read, every memory-bound op's reads and writes.
 """
 from __future__ import annotations
 
@@ -21,24 +25,17 @@ import numpy as np
 
 from ..spec import ModelSpec
 from .hardware import Hardware
+from .kernels import gemm_time, layer_ops, memop_time, op_times
 
-__all__ = ["layer_cost", "phase_context", "forward_compute"]
+__all__ = ["layer_cost", "phase_context", "forward_compute", "layer_op_times"]
 
 
 def layer_cost(model: ModelSpec, t, b, s, kv_len, ctx, w):
     """(flops, bytes) of one decoder layer forward on one rank: ``s`` new tokens, ``kv_len`` (ell) cached before,
     ``ctx`` (c) mean keys attended per query. All arguments broadcast (scalars stay scalars)."""
-    return _layer_cost_inv(model, 1.0 / np.asarray(t, dtype=float), b, s, kv_len, ctx, w)
-
-
-def _layer_cost_inv(model: ModelSpec, inv_t, b, s, kv_len, ctx, w):
-    """:func:`layer_cost` factorised in 1/t (fewer temporaries over big grids)."""
-    h, d, a, a_kv, ffn = model.h, model.head_dim, model.heads, model.kv_heads, model.ffn
-    weights = 2 * h * a * d + 2 * h * a_kv * d + 3 * h * ffn          # matmul weights of a layer (unsharded)
-    bs = b * s
-    flops = bs * inv_t * (2 * weights + (4 * a * d) * ctx)
-    nbytes = w * (inv_t * (weights + (2 * a_kv * d) * b * (kv_len + s) + ((4 * a + 2 * a_kv) * d + 6 * ffn) * bs)
-                  + 2 * h + 14 * h * bs)
+    ops = layer_ops(model, t, b, s, kv_len, ctx, w)
+    flops = sum(op.get("flops", 0.0) * op.get("count", 1) for op in ops.values())
+    nbytes = sum(op["bytes"] * op.get("count", 1) for op in ops.values())
     return flops, nbytes
 
 
@@ -54,29 +51,47 @@ def phase_context(phase: str, S, G):
     raise ValueError(f"unknown phase {phase!r}")
 
 
-def forward_compute(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str, inv_t=None) -> dict:
-    """Compute seconds of one forward of ``phase`` summed over all stages (one batch crosses them in sequence):
-    ``{"compute_s", "layer_s", "flops", "bytes", "compute_bound"}``."""
-    s, kv_len, ctx = phase_context(phase, S, G)
-    if inv_t is None:
-        inv_t = 1.0 / np.asarray(t, dtype=float)
-    b = np.asarray(b, dtype=float)
+def _w_scalar(w):
     w = np.asarray(w, dtype=float)
-    f32, f16 = hw.flops("fp32"), hw.flops("bf16")
-    if w.ndim == 0:
-        inv_rate = 1.0 / (f32 if w >= 4 else f16)
-    else:
-        inv_rate = np.where(w >= 4, 1.0 / f32, 1.0 / f16)     # w = 2: bf16/fp16 tensor-core rate
-    inv_bw, overhead = 1.0 / hw.bandwidth(), hw.layer_overhead_s
-    fl, by = _layer_cost_inv(model, inv_t, b, s, kv_len, ctx, w)
-    sec_fl, sec_by = fl * inv_rate, by * inv_bw
-    layer_s = np.maximum(sec_fl, sec_by) + overhead
+    if w.ndim and not (w == w.flat[0]).all():
+        raise ValueError("one forward_compute call takes one dtype (bytes per element w)")
+    return float(w.flat[0]) if w.ndim else float(w)
+
+
+def layer_op_times(model: ModelSpec, hw: Hardware, t, b, s, kv_len, ctx, w) -> dict:
+    """Seconds of each op of one decoder layer on one rank (``llmcomm cost`` and :func:`forward_compute`)."""
+    w = _w_scalar(w)
+    return op_times(layer_ops(model, t, b, s, kv_len, ctx, w), hw.kernels(w), w)
+
+
+def forward_compute(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str, inv_t=None,
+                    overhead_s=None, host_overlaps: bool = False) -> dict:
+    """Compute seconds of one forward of ``phase`` summed over all stages (one batch crosses them in sequence):
+    ``{"compute_s", "layer_s", "flops", "bytes", "compute_bound"}``. ``overhead_s``: host seconds per layer (the
+    engine profile's, :func:`llmcomm.predict.engines.EngineProfile.layer_overhead_s`; default the hardware
+    preset's calibrated ``layer_overhead_us``). ``host_overlaps``: the host enqueues kernels while the device runs
+    (a GPU): a layer costs max(host, kernels); else (CPU ranks run their ops themselves) the sum."""
+    s, kv_len, ctx = phase_context(phase, S, G)
+    t = np.asarray(t, dtype=float) if inv_t is None else 1.0 / np.asarray(inv_t, dtype=float)
+    b = np.asarray(b, dtype=float)
+    w = _w_scalar(w)
+    kern = hw.kernels(w)
+    overhead = hw.layer_overhead_s if overhead_s is None else overhead_s
+    ops = layer_ops(model, t, b, s, kv_len, ctx, w)
+    times = op_times(ops, kern, w)
+    join = np.maximum if host_overlaps else np.add
+    layer_s = join(sum(times.values()), overhead)
     h, V = model.h, model.V
-    bsh = b * s * h
-    emb_bytes = 2 * w * bsh
-    head_flops = (2 * h * V) * b * inv_t
-    head_bytes = w * ((h * V) * inv_t + bsh) + (4 * V) * b
-    head_s = np.maximum(head_flops * inv_rate, head_bytes * inv_bw) + overhead
-    total = model.L * layer_s + emb_bytes * inv_bw + head_s
-    return {"compute_s": total, "layer_s": layer_s, "flops": model.L * fl + head_flops,
-            "bytes": model.L * by + emb_bytes + head_bytes, "compute_bound": sec_fl >= sec_by}
+    M = b * s
+    emb_s = memop_time(2 * w * M * h, 2 * w * h, kern["memops"].get("emb") or kern["memops"]["add"])
+    head_norm_s = memop_time(2 * w * b * h, 2 * w * h, kern["memops"]["rmsnorm"])
+    head_gemm_s = gemm_time(b, V, h / t, w, kern["gemm"])
+    head_s = join(head_norm_s + head_gemm_s, overhead)
+    flops, nbytes = layer_cost(model, t, b, s, kv_len, ctx, w)
+    head_flops = 2 * b * h * V / t
+    head_bytes = w * (b * h / t + h * V / t + b * V) + 2 * w * b * h
+    emb_bytes = 2 * w * M * h
+    total = model.L * layer_s + emb_s + head_s
+    F, B = float(kern["gemm"]["F"]), float(kern["gemm"]["B"])
+    return {"compute_s": total, "layer_s": layer_s, "flops": model.L * flops + head_flops,
+            "bytes": model.L * nbytes + emb_bytes + head_bytes, "compute_bound": flops / F >= nbytes / B}

@@ -18,7 +18,8 @@ import numpy as np
 from ..derive.conventions import bus_factor, canonical_op
 from .collectives import latency_steps
 
-__all__ = ["fit_alpha_beta", "fit_table", "ALGORITHM_OF_BACKEND"]
+__all__ = ["fit_alpha_beta", "fit_table", "ALGORITHM_OF_BACKEND", "GEMM_VARIANTS", "fit_gemm", "fit_memop",
+           "fit_nccl_allreduce", "fit_nccl_sendrecv"]
 
 #: algorithm form each backend's α is expressed in: DeepSpeed's shm all-reduce is one-shot (every rank reads every
 #: other rank's buffer), gloo and NCCL rings.
@@ -76,3 +77,138 @@ def fit_table(df, pooled: bool = True):
             r = fit_alpha_beta(op, g["group_size"], g["bytes"], g["time_s"], alg)
             rows.append({"backend": be, "op": op, "group_size": "any", "link": link, **r})
     return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Kernel and NCCL models (llmcomm.predict.kernels, llmcomm.predict.collectives) fitted to measured kernel times.
+# Every fit minimises Σ ρ(log(predicted/measured)) with scipy's soft-L1 loss ρ at a 5 % scale: errors count
+# relatively, and a single odd kernel choice (a cuBLAS heuristic, an NCCL launch straggler) does not drag the
+# physical parameters. Positive parameters are fitted in log space, from several starting points (the GEMM model is
+# piecewise in M; a local minimum is likely from one start).
+# ------------------------------------------------------------------------------------------------------------------
+#: structural variants of the GEMM model tried per device; the one with the lowest training loss is kept (chosen
+#: inside each validation fold, like the continuous parameters)
+GEMM_VARIANTS = {
+    "tile128x128_wave_alt64x64": dict(tm=128, tn=128, wave_quant=True, alt_tiles=[(64, 64, 0.8)]),
+    "tile128x128_nowave_alt64x64": dict(tm=128, tn=128, wave_quant=False, alt_tiles=[(64, 64, 0.8)]),
+    "tile128x128_wave_alt64x128": dict(tm=128, tn=128, wave_quant=True, alt_tiles=[(64, 128, 0.8)]),
+    "tile128x128_nowave_alt64x128": dict(tm=128, tn=128, wave_quant=False, alt_tiles=[(64, 128, 0.8)]),
+    "tile128x256_wave_alt64x64": dict(tm=128, tn=256, wave_quant=True, alt_tiles=[(64, 64, 0.8)]),
+    "tile128x256_nowave_alt64x64": dict(tm=128, tn=256, wave_quant=False, alt_tiles=[(64, 64, 0.8)]),
+}
+_LOSS_SCALE = 0.05
+
+
+def _robust_fit(residuals, starts) -> tuple[np.ndarray, float]:
+    """Best of scipy ``least_squares`` (soft-L1 on the residuals) from each start: (θ, cost)."""
+    from scipy.optimize import least_squares
+
+    best = None
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for x0 in starts:
+            try:
+                r = least_squares(residuals, np.asarray(x0, dtype=float), loss="soft_l1", f_scale=_LOSS_SCALE,
+                                  max_nfev=400, x_scale="jac")
+            except ValueError:                   # a start whose residuals are not finite
+                continue
+            if best is None or r.cost < best.cost:
+                best = r
+    if best is None:
+        raise ValueError("no starting point gave finite residuals")
+    return best.x, float(best.cost)
+
+
+def _log_residuals(model, measured):
+    measured = np.asarray(measured, dtype=float)
+
+    def res(theta):
+        r = np.log(model(theta) / measured)
+        return np.where(np.isfinite(r), r, 10.0)
+    return res
+
+
+def _gemm_params(theta, base):
+    p = dict(base)
+    p.update(F=float(np.exp(theta[0])), B=float(np.exp(theta[1])), t0=float(np.exp(theta[2])),
+             p=float(1.0 + np.exp(np.clip(theta[3], -10, 5))), K0=float(np.exp(np.clip(theta[4], -20, 10))))
+    if len(theta) > 5:
+        eff = float(1.0 / (1.0 + np.exp(-theta[5])))
+        p["alt_tiles"] = [[a, b, eff] for a, b, _ in base["alt_tiles"]]
+    return p
+
+
+def fit_gemm(M, N, K, seconds, sm: int, w: int = 2, variants=None) -> dict:
+    """Fit the GEMM model (F, B, t0, p, K0, the alternative tile's efficiency) of a device with ``sm`` SMs to kernel
+    times, for every structural variant; returns the best variant's parameters (``"variant"`` names it)."""
+    from .kernels import DEFAULT_SPLITS, gemm_time
+
+    M, N, K, seconds = (np.asarray(x, dtype=float) for x in (M, N, K, seconds))
+    best = None
+    for name, v in (variants or GEMM_VARIANTS).items():
+        base = dict(sm=sm, tm_small=64, m_small=64, kmin=128, splits=list(DEFAULT_SPLITS), **v)
+        res = _log_residuals(lambda th, base=base: gemm_time(M, N, K, w, _gemm_params(th, base)), seconds)
+        starts = [np.r_[np.log(s), 1.4] for s in ((700e12, 2e12, 4e-6, 1.0, 64.0), (300e12, 1.5e12, 4e-6, 3.0, 256.0),
+                                                   (900e12, 3e12, 3e-6, 0.5, 16.0))]
+        theta, cost = _robust_fit(res, starts)
+        if best is None or cost < best[1]:
+            best = (_gemm_params(theta, base), cost, name)
+    p, _, name = best
+    return dict(p, variant=name)
+
+
+def fit_memop(nbytes, row_bytes, seconds) -> dict:
+    """Fit t0, B, b_row of :func:`llmcomm.predict.kernels.memop_time` to kernel times of one kernel kind."""
+    from .kernels import memop_time
+
+    b, r = np.asarray(nbytes, dtype=float), np.asarray(row_bytes, dtype=float)
+
+    def params(th):
+        return dict(t0=float(np.exp(th[0])), B=float(np.exp(th[1])), b_row=float(np.exp(min(th[2], np.log(1e15)))))
+
+    theta, _ = _robust_fit(_log_residuals(lambda th: memop_time(b, r, params(th)), seconds),
+                           [np.log([3e-6, 1e12, 1e10]), np.log([1e-6, 2e12, 3e9])])
+    return params(theta)
+
+
+def _allreduce_params(theta, with_ll: bool, gamma: bool) -> dict:
+    """θ = log[F, c_ll, α_ll, B_ll, Δc, Δα, ΔB], γ: the Simple branch is the LL branch plus positive latency and
+    bandwidth increments, so the branches cannot swap roles."""
+    F, c_ll, a_ll, B_ll, dc, da, dB = np.exp(np.clip(theta[:7], -60, 60))
+    p = dict(F=float(F), gamma=float(theta[7]) if gamma else 0.0)
+    if with_ll:
+        p.update(c=float(c_ll + dc), alpha=float(a_ll + da), B=float(B_ll + dB), c_ll=float(c_ll),
+                 alpha_ll=float(a_ll), e_ll=float(B_ll / (B_ll + dB)))
+    else:
+        p.update(c=float(c_ll), alpha=float(a_ll), B=float(B_ll))
+    return p
+
+
+def fit_nccl_allreduce(size_bytes, n, seconds, with_ll: bool = True, gamma: bool = True) -> dict:
+    """Fit the NCCL all-reduce model (:func:`llmcomm.predict.collectives.nccl_ring_time`) to kernel times of one
+    system; rows may mix group sizes (that separates α from c and fixes γ)."""
+    from .collectives import nccl_ring_time
+
+    S, n = np.asarray(size_bytes, dtype=float), np.asarray(n, dtype=float)
+    res = _log_residuals(lambda th: nccl_ring_time("all_reduce", n, S, _allreduce_params(th, with_ll, gamma)),
+                         seconds)
+    starts = [np.r_[np.log(s[:7]), s[7]] for s in (
+        (40e-6, 15e-6, 1e-6, 100e9, 20e-6, 3e-6, 100e9, 0.2), (40e-6, 10e-6, 0.5e-6, 50e9, 30e-6, 5e-6, 150e9, 0.2),
+        (30e-6, 20e-6, 2e-6, 200e9, 10e-6, 1e-6, 100e9, 0.1), (50e-6, 5e-6, 1e-6, 20e9, 5e-6, 1e-6, 10e9, 0.0))]
+    theta, _ = _robust_fit(res, starts)
+    return _allreduce_params(theta, with_ll, gamma)
+
+
+def fit_nccl_sendrecv(size_bytes, seconds, chunk: int = 2 ** 20) -> dict:
+    """Fit F, c, B, δ of :func:`llmcomm.predict.collectives.nccl_sendrecv_time` (chunk fixed at 1 MiB)."""
+    from .collectives import nccl_sendrecv_time
+
+    S = np.asarray(size_bytes, dtype=float)
+
+    def params(th):
+        return dict(F=float(np.exp(th[0])), c=float(np.exp(th[1])), B=float(np.exp(th[2])),
+                    delta=float(np.exp(th[3])), chunk=float(chunk))
+
+    theta, _ = _robust_fit(_log_residuals(lambda th: nccl_sendrecv_time(S, params(th)), seconds),
+                           [np.log(s) for s in ((10e-6, 8e-6, 200e9, 1e-6), (20e-6, 20e-6, 30e9, 0.1e-6),
+                                                (5e-6, 5e-6, 300e9, 2e-6), (15e-6, 25e-6, 5e9, 1e-6))])
+    return params(theta)

@@ -9,13 +9,19 @@ A preset is a JSON file in ``llmcomm/presets/hardware`` (or any path / dict with
      "subgroup_collectives": {level: {op: {...: FIT}}},      # optional: fits for proper sub-groups (CPU hybrids: gloo)
      "compute_by_threads": {"<threads>": {...}},             # optional: compute calibration per thread count
                                                               # (cpu-local; for_ranks picks one)
+     "kernels": {"gemm": {...}, "memops": {kind: {...}}},    # optional: fitted kernel model (llmcomm.predict.kernels);
+                                                              # without it: the roofline of peak·efficiency
+     "nccl": {"all_reduce": FITTED, "send_recv": {"intra": .., "inter": ..}, "net": {"alpha_net", "B_nic", "rails"}},
+                                                              # optional: fitted NCCL model (llmcomm.predict.collectives)
      "source": {field: where the number comes from}}          # every number is labelled (published or ASSUMPTION)
 
     LINK = {"name", "bw_GBps", "efficiency", "alpha_us", "algorithm": "ring"|"tree"|"direct"|"auto"}
     FIT  = {"alpha_us", "busbw_GBps", "algorithm", "backend", ...}
 
 ``level`` is ``intra`` (ranks on one node: NVLink, or shared memory on a CPU) or ``inter`` (ranks on different
-nodes: InfiniBand). A collective on ``n`` ranks costs :func:`llmcomm.predict.collectives.alpha_beta_time` with the α (s per
+nodes: InfiniBand). With an ``nccl`` section (GPU presets fitted to public NCCL kernel times), all-reduces and
+sends/receives follow the fitted NCCL model and its cross-node prediction (:mod:`llmcomm.predict.collectives`), the
+other collectives are derived from the all-reduce fit. Otherwise a collective on ``n`` ranks costs :func:`llmcomm.predict.collectives.alpha_beta_time` with the α (s per
 step) and β (s per busbw-byte) of the fitted entry for (level, op, n) when there is one, else of (level, op, "any"),
 else of the link (β = 1 / (bw·efficiency)).
 
@@ -34,7 +40,9 @@ import numpy as np
 
 from ..derive.conventions import bus_factor, canonical_op
 from ..spec import SpecError, cpu_threads_per_rank, preset_names, read_preset_or_file
-from .collectives import alpha_beta_time, latency_steps
+from .collectives import (alpha_beta_time, cross_node_allreduce_time, latency_steps, nccl_ring_time,
+                          nccl_sendrecv_time)
+from .kernels import roofline_device
 
 __all__ = ["Hardware", "Link", "hardware_names", "load_hardware", "LEVELS", "for_ranks", "scale_links"]
 
@@ -86,6 +94,8 @@ class Hardware:
     def from_dict(cls, d: Mapping[str, Any], name: str = "custom") -> "Hardware":
         if not isinstance(d, Mapping):
             raise SpecError(f"hardware {name!r} is not a JSON object")
+        if "derive_from" in d:
+            d = _derive(d, name)
         name = str(d.get("name", name))
         try:
             links = {lvl: Link.from_dict(d["links"][lvl], f"{name}.{lvl}") for lvl in d["links"]}
@@ -148,11 +158,57 @@ class Hardware:
         f = float(bus_factor(op, n)) if (n > 1 or canonical_op(op) == "send_recv") else 0.0
         return steps * alpha, f * beta
 
-    def collective_time(self, op: str, n, size_bytes, level: str = "intra", subgroup: bool = False):
+    def kernels(self, w) -> dict:
+        """Kernel parameters for elements of ``w`` bytes (:mod:`llmcomm.predict.kernels`): the preset's fitted
+        ``kernels`` (GEMM rate F scaled by the dtype's peak when w = 4), else the roofline of peak × efficiency."""
+        dtype = "fp32" if float(w) >= 4 else "bf16"
+        fitted = self.raw.get("kernels")
+        if not fitted:
+            return roofline_device(self.flops(dtype), self.bandwidth())
+        gemm = dict(fitted["gemm"])
+        if dtype == "fp32" and self.peak_flops.get("fp32") and self.peak_flops.get("bf16"):
+            gemm["F"] = float(gemm["F"]) * self.peak_flops["fp32"] / self.peak_flops["bf16"]
+        return {"gemm": gemm, "memops": fitted["memops"]}
+
+    @property
+    def nccl(self) -> Mapping[str, Any]:
+        """The fitted NCCL model (empty when the preset has none)."""
+        return self.raw.get("nccl") or {}
+
+    def _nccl_time(self, op: str, n: int, size, level: str, g: int | None, floor: bool):
+        """Seconds under the fitted NCCL model, or None where it has no answer (then α-β applies)."""
+        op, nc = canonical_op(op), self.nccl
+        if op == "send_recv":
+            fit = nc.get("send_recv", {}).get(level)
+            return None if fit is None else nccl_sendrecv_time(size, fit, floor)
+        ring = nc.get("all_reduce")
+        if ring is None or op not in ("all_reduce", "all_gather", "reduce_scatter", "gather", "broadcast"):
+            return None
+        if level == "intra":
+            return nccl_ring_time(op, n, size, ring, floor)
+        g = int(g or self.gpus_per_node)
+        if op == "all_reduce" and "net" in nc and n % g == 0:
+            return cross_node_allreduce_time(size, n, n // g, ring, nc["net"], nc["net"].get("rails"), floor=floor)
+        return None
+
+    def collective_time(self, op: str, n, size_bytes, level: str = "intra", subgroup: bool = False,
+                        g: int | None = None, floor: bool = True):
         """Seconds of one ``op`` of size m = ``size_bytes`` on ``n`` ranks at ``level``; ``n`` and ``size_bytes``
-        may be numpy arrays (coefficients tabulated per distinct n, then gathered: two lookups and a multiply-add)."""
+        may be numpy arrays (coefficients tabulated per distinct n, then gathered: two lookups and a multiply-add).
+        With a fitted NCCL model: ``g`` GPUs per node (for groups that span nodes; default the preset's) and
+        ``floor`` (apply its eager launch floor; an engine that replays CUDA graphs does not pay it)."""
         n_arr = np.asarray(n)
         size = np.asarray(size_bytes, dtype=float)
+        if self.nccl:
+            ns = [int(x) for x in np.unique(n_arr)]
+            per_n = {x: self._nccl_time(op, x, size, level, g, floor) for x in ns}
+            if all(v is not None for v in per_n.values()):
+                if len(ns) == 1:
+                    return per_n[ns[0]] + np.zeros(np.broadcast(n_arr, size).shape)
+                out = np.zeros(np.broadcast(n_arr, size).shape)
+                for x, v in per_n.items():
+                    out = np.where(n_arr == x, v, out)
+                return out
         if n_arr.ndim == 0:
             alpha, beta, alg = self.coll_params(op, int(n_arr), level, subgroup)
             return alpha_beta_time(op, n_arr, size, alpha, beta, alg)
@@ -168,6 +224,29 @@ class Hardware:
             fixed_tab[ranks - lo], per_byte_tab[ranks - lo] = self.collective_coeffs(op, int(ranks), level, subgroup)
         idx = n_arr - lo
         return fixed_tab[idx] + per_byte_tab[idx] * size
+
+
+def _derive(d: Mapping[str, Any], name: str) -> dict:
+    """A preset written as another plus changes (``"derive_from": {"preset", "kernel_bandwidth_scale"}``): the base
+    preset's fields, replaced by this one's (``source`` merged), the fitted kernels' bandwidths (GEMM and
+    memory-bound B) scaled by the HBM ratio, and ``nccl`` entries replaced key by key (``nccl_changes``)."""
+    spec = d["derive_from"]
+    try:
+        base, _ = read_preset_or_file("hardware", str(spec["preset"]), "hardware")
+    except (KeyError, TypeError):
+        raise SpecError(f"hardware {name!r}: derive_from needs a 'preset'") from None
+    out = json.loads(json.dumps(base))
+    out.update({k: v for k, v in d.items() if k not in ("derive_from", "source", "nccl_changes")})
+    out["source"] = dict(base.get("source", {}), **d.get("source", {}))
+    scale = float(spec.get("kernel_bandwidth_scale", 1.0))
+    if out.get("kernels"):
+        out["kernels"]["gemm"]["B"] = float(out["kernels"]["gemm"]["B"]) * scale
+        for p in out["kernels"]["memops"].values():
+            p["B"] = float(p["B"]) * scale
+        out["kernels"]["derived"] = f"from {spec['preset']}: bandwidths x {scale:.4g} (ASSUMPTION: HBM ratio)"
+    for key, value in (d.get("nccl_changes") or {}).items():
+        out.setdefault("nccl", {})[key] = dict(out.get("nccl", {}).get(key, {}), **value)
+    return out
 
 
 def load_hardware(hw: "str | Path | Mapping[str, Any] | Hardware") -> Hardware:

@@ -8,6 +8,11 @@ concurrent sends of a stage boundary, one per TP rank, are charged once).
 
 Phases: ``TTFT = prefill forward``; ``TPOT = one decode forward`` at the mean KV length; ``E2E = TTFT + (G−1)·TPOT``.
 
+Host overheads come from the engine profile (:mod:`.engines`, default :func:`~llmcomm.predict.engines.default_profile`
+of the pattern and the hardware): per layer and per forward, per phase; under CUDA graphs collectives do not pay the
+eager launch floor of the fitted NCCL model, and vLLM's custom all-reduce (when the profile has it on) replaces NCCL
+for the sizes it takes.
+
 What-if levers (book: "Choosing a layout"): ``comm_w`` (bytes per element on the wire), ``overlap`` (``max``
 instead of the sum of compute and communication: a bound), :func:`llmcomm.predict.hardware.scale_links`.
 
@@ -23,6 +28,7 @@ import numpy as np
 from ..derive.evaluate import messages
 from ..spec import Layout, ModelSpec, SpecError, Workload
 from .compute import forward_compute, phase_context
+from .engines import EngineProfile, default_profile, load_engine
 from .hardware import Hardware
 from .placement import placement_fractions, wrap_inter_fraction
 
@@ -32,17 +38,32 @@ __all__ = ["forward_comm", "predict_latency", "predict_latency_grid", "METRICS"]
 METRICS = ("ttft_s", "tpot_s", "e2e_s")
 
 
+def _custom_allreduce(prof: EngineProfile, op, n, m, seconds):
+    """vLLM's one-shot custom all-reduce for the sizes it takes (intra-node, m ≤ max_bytes): α + f(n)·m/busbw."""
+    ca = prof.custom_allreduce
+    if not ca or op != "all_reduce":
+        return seconds
+    m = np.asarray(m, dtype=float)
+    n = np.asarray(n, dtype=float)
+    one_shot = float(ca["alpha_us"]) * 1e-6 + 2 * (n - 1) / n * m / (float(ca["busbw_GBps"]) * 1e9)
+    return np.where(m <= float(ca["max_bytes"]), one_shot, seconds)
+
+
 def forward_comm(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str, g, engine: str = "deepspeed",
-                 detail: bool = False, fractions=None, comm_w=None):
+                 detail: bool = False, fractions=None, comm_w=None, profile=None):
     """Communication seconds of one forward of ``phase`` (the sum of its messages' α-β times at their link levels).
 
     ``comm_w``: bytes per element on the wire when it differs from the compute width ``w`` (what-if: fp8 or bf16
     communication of an fp32/bf16 model); token ids keep their own width. TP collectives of a hybrid (p > 1: the TP
-    group is a proper sub-group of the world) use the preset's ``subgroup_collectives`` fits when it has them."""
+    group is a proper sub-group of the world) use the preset's ``subgroup_collectives`` fits when it has them.
+    ``profile``: the engine profile (default :func:`~llmcomm.predict.engines.default_profile`)."""
+    prof = default_profile(engine, hw) if profile is None else load_engine(profile)
+    floor = prof.launch_floor(phase)
     s, _, _ = phase_context(phase, S, G)
     if comm_w is not None:
         w = comm_w
     t, p, b, s, w, g = np.broadcast_arrays(*(np.asarray(x) for x in (t, p, b, s, w, g)))
+    g_one = int(g.flat[0]) if g.size and (g == g.flat[0]).all() else None     # GPUs per node, when uniform
     f_tp, f_pp = placement_fractions(model.L, t, p, g) if fractions is None else fractions
     frac_of = {"tp": f_tp, "pp": f_pp, "wrap": wrap_inter_fraction(t, p, g)}
     sub = bool(hw.subgroup_collectives) and bool((p > 1).any())
@@ -53,10 +74,10 @@ def forward_comm(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str, g
         sub_here = sub and msg["path"] == "tp"
 
         def level_time(level):
-            sec = hw.collective_time(op, n, m, level)
+            sec = hw.collective_time(op, n, m, level, g=g_one, floor=floor)
             if sub_here:
-                sec = np.where(p > 1, hw.collective_time(op, n, m, level, subgroup=True), sec)
-            return sec
+                sec = np.where(p > 1, hw.collective_time(op, n, m, level, subgroup=True, g=g_one, floor=floor), sec)
+            return _custom_allreduce(prof, op, n, m, sec) if level == "intra" else sec
 
         frac = frac_of[msg["path"]]
         intra = level_time("intra")
@@ -70,7 +91,7 @@ def forward_comm(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str, g
 
 
 def predict_latency_grid(model: ModelSpec, hw: Hardware, t, p, b, S, G, w=2, gpus_per_node=None,
-                         engine: str = "deepspeed", comm_w=None, overlap: bool = False) -> dict:
+                         engine: str = "deepspeed", comm_w=None, overlap: bool = False, profile=None) -> dict:
     """TTFT/TPOT/E2E (s) over a broadcast grid of layouts (t, p) × workloads (b, S, G, w). Returns arrays:
     ``ttft_s, tpot_s, e2e_s, prefill_compute_s, prefill_comm_s, decode_compute_s, decode_comm_s``.
 
@@ -81,15 +102,19 @@ def predict_latency_grid(model: ModelSpec, hw: Hardware, t, p, b, S, G, w=2, gpu
     No validation here (the grid is the caller's): t must divide the heads, p ≤ L (see
     :func:`llmcomm.predict.advise.candidate_layouts`)."""
     g = hw.gpus_per_node if gpus_per_node is None else gpus_per_node
+    prof = default_profile(engine, hw) if profile is None else load_engine(profile)
     t, p, b, S, G, w, g = np.broadcast_arrays(*(np.asarray(x) for x in (t, p, b, S, G, w, g)))
     inv_t = 1.0 / t.astype(float)
     w_compute = float(w.flat[0]) if w.size and (w == w.flat[0]).all() else w       # one dtype: keep w a scalar
     fractions = placement_fractions(model.L, t, p, g)
     out = {}
     for phase in ("prefill", "decode"):
-        out[f"{phase}_compute_s"] = forward_compute(model, hw, t, p, b, S, G, w_compute, phase, inv_t)["compute_s"]
-        out[f"{phase}_comm_s"] = forward_comm(model, hw, t, p, b, S, G, w, phase, g, engine, fractions=fractions,
-                                              comm_w=comm_w)
+        out[f"{phase}_compute_s"] = forward_compute(
+            model, hw, t, p, b, S, G, w_compute, phase, inv_t,
+            overhead_s=prof.layer_overhead_s(phase, hw), host_overlaps=prof.host_overlaps(phase))["compute_s"] \
+            + prof.forward_overhead_s(phase)
+        out[f"{phase}_comm_s"] = forward_comm(model, hw, t, p, b, S, G, w, phase, g, engine,
+                                              fractions=fractions, comm_w=comm_w, profile=prof)
     join = np.maximum if overlap else np.add
     out["ttft_s"] = join(out["prefill_compute_s"], out["prefill_comm_s"])
     out["tpot_s"] = join(out["decode_compute_s"], out["decode_comm_s"])
@@ -106,7 +131,7 @@ def _plain(x):
 
 def predict_latency(model: ModelSpec, layout: Layout, workload: Workload, hw: Hardware,
                     gpus_per_node: int | None = None, engine: str = "deepspeed", comm_w=None,
-                    overlap: bool = False) -> dict:
+                    overlap: bool = False, profile=None) -> dict:
     """One point: ``{"ttft_s", "tpot_s", "e2e_s", "breakdown": {"prefill": {...}, "decode": {...}}, ...}``.
 
     ``breakdown[phase]`` has ``compute_s`` and ``comm_s`` of one forward, its flops and bytes moved per rank summed
@@ -118,13 +143,17 @@ def predict_latency(model: ModelSpec, layout: Layout, workload: Workload, hw: Ha
     if g < 1:
         raise SpecError(f"gpus_per_node={g} must be at least 1")
     args = (layout.t, layout.p, workload.b, workload.S, workload.G, workload.w)
+    prof = default_profile(engine, hw) if profile is None else load_engine(profile)
     res: dict[str, Any] = {"model": model.name, "hardware": hw.name, "gpus_per_node": g, "engine": engine,
-                           "tp": layout.t, "pp": layout.p, "breakdown": {}}
+                           "engine_profile": prof.name, "tp": layout.t, "pp": layout.p, "breakdown": {}}
     for phase in ("prefill", "decode"):
-        comp = forward_compute(model, hw, *args, phase)
-        comm, parts = forward_comm(model, hw, *args, phase, g, engine, detail=True, comm_w=comm_w)
+        comp = forward_compute(model, hw, *args, phase, overhead_s=prof.layer_overhead_s(phase, hw),
+                               host_overlaps=prof.host_overlaps(phase))
+        host = prof.forward_overhead_s(phase)
+        comm, parts = forward_comm(model, hw, *args, phase, g, engine, detail=True, comm_w=comm_w, profile=prof)
         res["breakdown"][phase] = {
-            "compute_s": _plain(comp["compute_s"]), "comm_s": _plain(comm), "flops": _plain(comp["flops"]),
+            "compute_s": _plain(comp["compute_s"] + host), "comm_s": _plain(comm), "host_forward_s": host,
+            "flops": _plain(comp["flops"]),
             "bytes": _plain(comp["bytes"]), "layer_s": _plain(comp["layer_s"]),
             "compute_bound": _plain(comp["compute_bound"]),
             "messages": [{x: (_plain(v) if x != "why" else v) for x, v in msg.items()} for msg in parts]}

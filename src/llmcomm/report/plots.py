@@ -292,3 +292,46 @@ def latency_stack(df: pd.DataFrame, x: str = "S", title: str = ""):
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def kernel_times(df: pd.DataFrame, title: str = "", source: str = ""):
+    """Measured (points) and predicted (lines) kernel seconds over tokens, log-log, one panel per op, one colour per
+    TP shard. ``df``: ``op, tp, M, seconds, predicted_s``."""
+    ops = list(dict.fromkeys(df.op))
+    fig, axes = plt.subplots(1, len(ops), figsize=(3.4 * len(ops), 3.4), sharey=False, squeeze=False)
+    pal = sns.color_palette("viridis", n_colors=df.tp.nunique())
+    for ax, op in zip(axes[0], ops):
+        d = df[df.op == op]
+        for colour, (tp, g) in zip(pal, d.groupby("tp")):
+            g = g.sort_values("M")
+            ax.scatter(g.M, g.seconds * 1e6, s=6, color=colour, alpha=0.5)
+            ax.plot(g.M, g.predicted_s * 1e6, color=colour, lw=1.2, label=f"t = {tp}")
+        ax.set(xscale="log", yscale="log", title=op, xlabel="tokens (GEMM M)")
+    axes[0][0].set_ylabel("kernel µs")
+    axes[0][-1].legend(fontsize=8, title="shard", title_fontsize=8)
+    fig.suptitle(title + (f"\npoints: measured ({source}); lines: predicted" if source else ""), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def collective_sizes(df: pd.DataFrame, title: str = "", source: str = ""):
+    """Measured (points) and predicted (lines) all-reduce time and busbw over size per system and group size.
+    ``df``: ``system, num_workers, S, seconds, predicted_s``."""
+    systems = list(dict.fromkeys(df.system))
+    fig, axes = plt.subplots(2, len(systems), figsize=(3.6 * len(systems), 6.2), squeeze=False)
+    for j, system in enumerate(systems):
+        d = df[df.system == system]
+        pal = sns.color_palette("rocket", n_colors=d.num_workers.nunique() + 1)
+        for colour, (n, g) in zip(pal, d.groupby("num_workers")):
+            g = g.sort_values("S")
+            f = 2 * (n - 1) / n
+            axes[0][j].scatter(g.S, g.seconds * 1e6, s=6, color=colour, alpha=0.6)
+            axes[0][j].plot(g.S, g.predicted_s * 1e6, color=colour, lw=1.2, label=f"n = {n}")
+            axes[1][j].scatter(g.S, g.S / g.seconds * f / 1e9, s=6, color=colour, alpha=0.6)
+            axes[1][j].plot(g.S, g.S / g.predicted_s * f / 1e9, color=colour, lw=1.2)
+        axes[0][j].set(xscale="log", yscale="log", title=system, ylabel="µs" if j == 0 else "")
+        axes[1][j].set(xscale="log", xlabel="bytes (nccl-tests size)", ylabel="busbw GB/s" if j == 0 else "")
+        axes[0][j].legend(fontsize=8)
+    fig.suptitle(title + (f"\npoints: measured ({source}); lines: predicted" if source else ""), fontsize=10)
+    fig.tight_layout()
+    return fig

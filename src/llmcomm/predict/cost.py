@@ -1,0 +1,80 @@
+"""What one op costs on one device (``llmcomm cost``): the rows of the compute and collective models that
+``predict`` sums, one op at a time.
+
+* :func:`compute_costs`: every op of one decoder layer on one TP rank (:func:`llmcomm.predict.kernels.layer_ops`),
+  plus the final norm and the lm_head, for a forward of ``tokens`` tokens (the GEMM M dimension); attention only
+  with a ``context`` (tokens already cached, each new token attends to them and causally to the new ones).
+* :func:`collective_costs`: one collective of m bytes (nccl-tests size) on n ranks placed g per node, with its
+  algorithm and bus bandwidth.
+
+Nothing is modelled here: both call the functions the latency model calls.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..derive.conventions import bus_factor, canonical_op
+from ..spec import DTYPE_BYTES, Layout, ModelSpec, SpecError
+from .hardware import Hardware
+from .kernels import gemm_time, layer_ops, memop_time, op_times
+
+__all__ = ["compute_costs", "collective_costs", "COLLECTIVE_OPS"]
+
+COLLECTIVE_OPS = ("all_reduce", "all_gather", "broadcast", "send_recv")
+
+
+def compute_costs(model: ModelSpec, hw: Hardware, t: int, tokens, context: int | None = None,
+                  dtype: str = "bf16") -> list[dict]:
+    """Rows ``{"op", "tokens", "seconds", "flops", "bytes"}`` for every op and every token count (one sequence of
+    ``tokens`` new tokens; ``context`` cached tokens adds the attention row)."""
+    Layout(t).validate(model)
+    if dtype not in DTYPE_BYTES:
+        raise SpecError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+    w = DTYPE_BYTES[dtype]
+    kern = hw.kernels(w)
+    rows = []
+    for n in tokens:
+        if int(n) < 1:
+            raise SpecError(f"tokens={n} must be at least 1")
+        ctx = 0 if context is None else int(context)
+        ops = layer_ops(model, t, 1, n, ctx, ctx + (n + 1) / 2, w)
+        if context is None:
+            ops.pop("attention")
+        times = op_times(ops, kern, w)
+        for name, op in ops.items():
+            count = op.get("count", 1)
+            rows.append({"op": name, "tokens": int(n), "seconds": float(times[name]),
+                         "flops": float(op.get("flops", 0.0)) * count, "bytes": float(op["bytes"]) * count})
+        h, V = model.h, model.V
+        rows.append({"op": "final_norm", "tokens": int(n),
+                     "seconds": float(memop_time(2 * w * n * h, 2 * w * h, kern["memops"]["rmsnorm"])),
+                     "flops": 0.0, "bytes": float(2 * w * n * h)})
+        rows.append({"op": "lm_head", "tokens": int(n), "seconds": float(gemm_time(n, V, h / t, w, kern["gemm"])),
+                     "flops": float(2 * n * h * V / t), "bytes": float(w * (n * h / t + h * V / t + n * V))})
+    return rows
+
+
+def collective_costs(hw: Hardware, op: str, ranks: int, sizes, gpus_per_node: int | None = None,
+                     floor: bool = True) -> list[dict]:
+    """Rows ``{"op", "ranks", "gpus_per_node", "bytes", "seconds", "algbw_GBps", "busbw_GBps"}`` of ``op`` on
+    ``ranks`` ranks placed ``gpus_per_node`` per node (default: as many as fit on one node of ``hw``), for each
+    size (nccl-tests convention). ``floor``: the eager launch floor of a fitted NCCL model."""
+    op = canonical_op(op)
+    if op not in COLLECTIVE_OPS:
+        raise SpecError(f"collective {op!r} is not one of {', '.join(COLLECTIVE_OPS)}")
+    ranks = int(ranks)
+    if ranks < 2 or (op == "send_recv" and ranks != 2):
+        raise SpecError(f"{op} needs {'exactly 2' if op == 'send_recv' else 'at least 2'} ranks, got {ranks}")
+    g = min(ranks, hw.gpus_per_node) if gpus_per_node is None else int(gpus_per_node)
+    if g < 1:
+        raise SpecError(f"gpus_per_node={g} must be at least 1")
+    level = "intra" if ranks <= g else "inter"
+    rows = []
+    for m in sizes:
+        if int(m) < 1:
+            raise SpecError(f"bytes={m} must be at least 1")
+        sec = float(np.asarray(hw.collective_time(op, ranks, float(m), level, g=g, floor=floor)))
+        alg = float(m) / sec
+        rows.append({"op": op, "ranks": ranks, "gpus_per_node": g, "bytes": int(m), "seconds": sec,
+                     "algbw_GBps": alg / 1e9, "busbw_GBps": alg * float(bus_factor(op, ranks)) / 1e9})
+    return rows

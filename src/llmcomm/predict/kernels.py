@@ -1,0 +1,163 @@
+"""What one op of a decoder layer costs on one device: GEMMs, memory-bound ops and attention, per TP rank.
+
+One compute model for every caller: :func:`llmcomm.predict.compute.forward_compute` (the latency model, ``predict``,
+``advise``) and ``llmcomm cost`` both sum :func:`op_times`. numpy throughout: scalars or arrays in, seconds out.
+
+GEMMs (:func:`gemm_time`), C[M,N] = A[M,K]·B[K,N], ``w`` bytes per element
+---------------------------------------------------------------------------
+A tiled kernel gives each thread block (CTA) one tm×tn output tile and loops over K::
+
+    tm(M)      = tm_small if M <= m_small else tm          (small-M kernels use 64-row tiles)
+    tiles      = ceil(M/tm) · ceil(N/tn)                   (tile padding: a partial tile costs a full one)
+    split-K s  : pieces = tiles·s (s from ``splits``, ceil(K/s) >= kmin);
+                 waves_s = ceil(pieces/SM) with wave quantisation, else max(pieces/SM, 1)
+    t_comp     = min_s [ waves_s · 2·tm·tn·(ceil(K/s) + K0) / (F/SM) + [s>1]·8·M·N·s/B ]
+                 (K0: pipeline fill and epilogue in K-steps; fp32 partials of split-K written and read), also
+                 minimised over ``alt_tiles`` (a smaller tile at efficiency ``eff`` < 1)
+    t_mem      = w·(M·K + K·N + M·N) / B                   (each operand streamed from HBM once)
+    t          = t0 + (t_mem^p + t_comp^p)^(1/p)           (smooth max; p → ∞ is the hard roofline)
+
+Per device: F (achieved tensor FLOP/s at 2-byte elements), B (achieved HBM B/s), t0 (kernel floor), p, K0, the
+alternative tile's efficiency, and stated structure (SM count, tile shape, wave quantisation, split-K menu). Fitted
+to public kernel times (:mod:`llmcomm.compare.vidur`); a device without a tile structure (a CPU) is the plain
+roofline ``t0 + max(t_mem, t_comp)`` with t_comp = 2MNK/F.
+
+Memory-bound ops (:func:`memop_time`): one CTA per token row::
+
+    t = t0 + ((bytes/B)^4 + (row_bytes/b_row)^4)^(1/4)
+
+``bytes`` are what the op reads and writes, ``row_bytes`` one token's row: at small T only T CTAs run, each streams
+its row at ``b_row``, so time stops falling with T. Parameters per (device, kernel kind).
+
+Attention (:func:`attention_time`) — **not validated** (the public data have no attention kernel times): a roofline
+of its FLOPs 4·b·s·c·(a/t)·d at the GEMM rate F and its bytes (KV cache read, q/o read and written) at B, plus t0.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..spec import ModelSpec
+
+__all__ = ["LINEAR_OPS", "MEMORY_OPS", "DEFAULT_SPLITS", "gemm_time", "gemm_time_parts", "memop_time",
+           "attention_time", "layer_ops", "op_times", "roofline_device"]
+
+#: the linear layers of a decoder layer, in the public data's names (one TP rank's shard)
+LINEAR_OPS = ("qkv_proj", "attn_out_proj", "mlp_gate_up_proj", "mlp_down_proj")
+#: memory-bound ops of a layer and their kernel kind (kinds share fitted parameters)
+MEMORY_OPS = {"input_norm": "rmsnorm", "post_attention_norm": "rmsnorm", "rope": "rope", "mlp_act": "silu_mul",
+              "residual_add": "add"}
+DEFAULT_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
+
+
+def _tile_m(M, p):
+    return np.where(M <= p.get("m_small", 64), p.get("tm_small", 64), p["tm"])
+
+
+def gemm_time_parts(M, N, K, w, p: Mapping[str, Any]):
+    """(t_mem, t_comp) in seconds, before the floor and the smooth max (module doc)."""
+    M, N, K = (np.asarray(x, dtype=float) for x in (M, N, K))
+    F, B = float(p["F"]), float(p["B"])
+    t_mem = np.asarray(w, dtype=float) * (M * K + K * N + M * N) / B
+    if "sm" not in p:                                        # no tile structure: the plain roofline
+        return t_mem, 2.0 * M * N * K / F
+    sm, K0, kmin = float(p["sm"]), float(p.get("K0", 0.0)), float(p.get("kmin", 128))
+    per_sm = F / sm
+    t_comp = np.full(np.broadcast(M, N, K).shape, np.inf)
+    shapes = [(_tile_m(M, p).astype(float), float(p["tn"]), 1.0)]
+    for tm_a, tn_a, eff in p.get("alt_tiles", []):
+        shapes.append((np.full_like(M, float(tm_a)), float(tn_a), float(eff)))
+    for tm, tn, eff in shapes:
+        tiles = np.ceil(M / tm) * np.ceil(N / tn)
+        for s in p.get("splits", DEFAULT_SPLITS):
+            ks = np.ceil(K / s)
+            pieces = tiles * s
+            waves = np.ceil(pieces / sm) if p.get("wave_quant", True) else np.maximum(pieces / sm, 1.0)
+            t = waves * 2.0 * tm * tn * (ks + K0) / (per_sm * eff)
+            if s > 1:
+                t = t + 8.0 * M * N * s / B
+            ok = (ks >= kmin) | (s == 1)
+            t_comp = np.where(ok, np.minimum(t_comp, t), t_comp)
+    return t_mem, t_comp
+
+
+def _smooth_max(a, b, q: float):
+    if not np.isfinite(q):
+        return np.maximum(a, b)
+    hi = np.maximum(np.maximum(a, b), 1e-300)                # overflow-safe
+    return hi * ((a / hi) ** q + (b / hi) ** q) ** (1.0 / q)
+
+
+def gemm_time(M, N, K, w, p: Mapping[str, Any]):
+    """Kernel seconds of C[M,N] = A[M,K]·B[K,N] with ``w``-byte elements on the device ``p``."""
+    t_mem, t_comp = gemm_time_parts(M, N, K, w, p)
+    return float(p.get("t0", 0.0)) + _smooth_max(t_mem, t_comp, float(p.get("p", np.inf)))
+
+
+def memop_time(nbytes, row_bytes, p: Mapping[str, Any]):
+    """Kernel seconds of a memory-bound op: t0 + 4-norm smooth max of (bytes/B, row_bytes/b_row)."""
+    a = np.asarray(nbytes, dtype=float) / float(p["B"])
+    b = np.asarray(row_bytes, dtype=float) / float(p.get("b_row", np.inf))
+    return float(p.get("t0", 0.0)) + _smooth_max(a, b, 4.0)
+
+
+def attention_time(flops, nbytes, gemm: Mapping[str, Any]):
+    """Attention seconds (unvalidated roofline): t0 + max(flops/F, bytes/B) with the device's GEMM rates."""
+    return float(gemm.get("t0", 0.0)) + np.maximum(np.asarray(flops, dtype=float) / float(gemm["F"]),
+                                                   np.asarray(nbytes, dtype=float) / float(gemm["B"]))
+
+
+def roofline_device(flops_per_s: float, bytes_per_s: float, t0: float = 0.0) -> dict:
+    """Kernel parameters of a device described by two rates only (a CPU preset): every GEMM, memory-bound op and
+    attention is ``t0 + max(flops/F, bytes/B)``."""
+    gemm = {"F": float(flops_per_s), "B": float(bytes_per_s), "t0": float(t0)}
+    mem = {"B": float(bytes_per_s), "t0": float(t0)}
+    return {"gemm": gemm, "memops": {kind: mem for kind in set(MEMORY_OPS.values()) | {"emb"}}}
+
+
+def layer_ops(model: ModelSpec, t, b, s, kv_len, ctx, w) -> dict[str, dict]:
+    """The ops of one decoder layer forward on one TP rank (``s`` new tokens per sequence of ``b``, ``kv_len``
+    cached before, ``ctx`` mean keys attended per query), as a TP rank holds them under AutoTP or vLLM:
+
+    * linear: ``{"kind": "gemm", "M", "N", "K", "flops", "bytes"}`` with M = b·s tokens — qkv_proj [M,h]×[h,(a+2a_kv)d/t],
+      attn_out_proj [M,a·d/t]×[·,h], mlp_gate_up_proj [M,h]×[h,2F/t], mlp_down_proj [M,F/t]×[·,h];
+    * memory-bound: ``{"kind": <kernel kind>, "bytes", "row_bytes", "count"}`` (bytes of one call) — two RMSNorms
+      over h, rotary on the local q and k heads, SiLU·mul over 2F/t → F/t, residual add of [M, h] (count 2);
+    * attention: ``{"kind": "attention", "flops", "bytes"}`` — QKᵀ and AV over ``ctx`` keys, KV cache read and the
+      new keys/values written.
+
+    All values broadcast over array arguments."""
+    t, b, s, kv_len, ctx, w = (np.asarray(x, dtype=float) for x in (t, b, s, kv_len, ctx, w))
+    h, d, a, akv, ffn = model.h, model.head_dim, model.heads, model.kv_heads, model.ffn
+    M = b * s
+    out: dict[str, dict] = {}
+    for name, N, K in (("qkv_proj", (a + 2 * akv) * d / t, h), ("attn_out_proj", h, a * d / t),
+                       ("mlp_gate_up_proj", 2 * ffn / t, h), ("mlp_down_proj", h, ffn / t)):
+        out[name] = {"kind": "gemm", "M": M, "N": N, "K": K, "flops": 2 * M * N * K, "bytes": w * (M * K + K * N + M * N)}
+    rows = {"input_norm": 2 * w * h, "post_attention_norm": 2 * w * h, "rope": 2 * w * (a + akv) / t * d,
+            "mlp_act": 3 * w * ffn / t, "residual_add": 3 * w * h}
+    for name, row in rows.items():
+        out[name] = {"kind": MEMORY_OPS[name], "bytes": M * row, "row_bytes": row + 0 * M,
+                     "count": 2 if name == "residual_add" else 1}          # two residual adds per layer
+    out["attention"] = {"kind": "attention", "flops": 4 * M * ctx * (a / t) * d,
+                        "bytes": w * (b * (kv_len + s) * 2 * (akv / t) * d + 2 * M * (a / t) * d)}
+    return out
+
+
+def op_times(ops: Mapping[str, Mapping[str, Any]], kernels: Mapping[str, Any], w) -> dict[str, Any]:
+    """Seconds of each op of :func:`layer_ops` (or any op list of the same form; ``count`` calls of it) on a device
+    with kernel parameters ``kernels`` = ``{"gemm": {...}, "memops": {kind: {...}}}`` (:meth:`Hardware.kernels`)."""
+    gemm, mem = kernels["gemm"], kernels["memops"]
+    out = {}
+    for name, op in ops.items():
+        kind = op["kind"]
+        if kind == "gemm":
+            out[name] = gemm_time(op["M"], op["N"], op["K"], w, gemm)
+        elif kind == "attention":
+            out[name] = attention_time(op["flops"], op["bytes"], gemm)
+        else:
+            out[name] = memop_time(op["bytes"], op["row_bytes"], mem.get(kind) or mem["add"])
+        if op.get("count", 1) != 1:
+            out[name] = out[name] * op["count"]
+    return out
