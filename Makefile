@@ -60,7 +60,7 @@ export LLMCOMM_PROGRESS ?= 0
 # Models are built from configs with random weights: nothing is downloaded. Fail fast if something tries.
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install book execute html test data clean distclean
+.PHONY: help install book execute html test data gpu-fits clean distclean
 
 help:
 	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
@@ -130,15 +130,23 @@ test: $(STAMP) $(MATHJAX)
 # (LLMCOMM_MACHINE or a --machine option; see llmcomm.record) and writes a provenance sidecar (README).
 # HOOK: one command per line; append new experiment drivers here (or: make data DATA_STEPS='...').
 # Calibration of this machine (the time model's cpu-local preset): collectives microbenchmark, then the α-β fits
-# and the compute calibration (at the thread counts the runs use) written into the preset. On a GPU node only the
-# microbenchmark runs (nccl), into data/<machine>/. ~2½ min on a quiet 2-core machine.
+# and the compute calibration (at the thread counts the runs use) written into the preset; then the in-run
+# calibration (calib-llama run as TP2, PP2 and 2x2: compute and all-reduce costs where the runs run) and the time
+# model's CPU validation (3 reruns of the latency sweep, every point 5 times) into data/cpu-local/. On a GPU node only
+# the microbenchmark runs (nccl), into data/<machine>/. The GPU kernel and NCCL fits to the public measurements
+# (data/external/vidur) are machine-independent: `make gpu-fits` (~15 min). ~12 min on a quiet 2-core machine.
 BENCH_ARGS ?= $(if $(filter cpu,$(DS_ACCELERATOR)),--backend shm gloo --max-bytes 16M --point-seconds 0.15 --ranks 2 $$([ $$(nproc) -ge 4 ] && echo 4 || true))
 define DATA_STEPS
 llmcomm bench-collectives --out data/$$(python -c 'from llmcomm.record import machine_id; print(machine_id())') $(BENCH_ARGS) --no-progress
 if [ "$${DS_ACCELERATOR:-}" = cpu ]; then llmcomm calibrate --csv data/cpu-local/collectives.csv --compute --write src/llmcomm/presets/hardware/cpu-local.json; fi
+if [ "$${DS_ACCELERATOR:-}" = cpu ]; then llmcomm calibrate --in-run --reps 5 --write src/llmcomm/presets/hardware/cpu-local.json; fi
+if [ "$${DS_ACCELERATOR:-}" = cpu ]; then llmcomm validate-time --runs 3 --reps 5; fi
 endef
 data: $(STAMP)
 	$(DATA_STEPS)
+
+gpu-fits: $(STAMP)
+	llmcomm calibrate --public-gpu
 
 # ---- cleaning ------------------------------------------------------------------------------------------
 clean:

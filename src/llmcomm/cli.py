@@ -3,8 +3,11 @@
 ``predict`` evaluates the closed forms (no torch needed); ``measure`` runs DeepSpeed ranks and captures every
 collective; both print the same rows (``--json``: one JSON object with a list ``"ops"`` of
 ``{"phase", "op", "group_size", "calls", "bytes", "algorithm", "sent_bytes_per_rank", "link_bytes"}``, plus
-``"inter_node_bytes"`` when a placement is known, and a ``"traffic"`` summary of the whole generation). ``advise`` ranks every t×p layout of N GPUs (no torch
-needed); ``bench-collectives`` times collectives nccl-tests style; ``calibrate`` writes the ``cpu-local`` preset.
+``"inter_node_bytes"`` when a placement is known, and a ``"traffic"`` summary of the whole generation; several values
+of a workload option: one object per configuration, JSON Lines). ``cost`` prints what one op costs on one device
+(the rows ``predict`` sums). ``advise`` ranks every t×p layout of N GPUs (no torch needed); ``bench-collectives``
+times collectives nccl-tests style; ``calibrate`` writes the ``cpu-local`` preset (microbenchmarks, ``--in-run``) or
+the GPU presets' fitted kernels and NCCL model (``--public-gpu``); ``validate-time`` reruns the CPU validation.
 
 Inputs are resolved here, once (model and hardware presets or files → :class:`~llmcomm.spec.ModelSpec`,
 :class:`~llmcomm.predict.hardware.Hardware`), and passed inward as objects. Exit status: 0 success; 2 bad input (one
@@ -350,8 +353,13 @@ def cmd_calibrate_public(args) -> int:
     prov = provenance(command)
     out = data_dir("validation")
     tables = error_summary(errors)
-    # out-of-sample predictions, row by row (the book's figures), beside the summaries
-    tables["out_of_sample"] = errors[errors.validation.isin(["lomo", "logo", "extrapolation"])]
+    # out-of-sample predictions row by row for the book's figures (H100 GEMMs, every collective; the other kernels,
+    # 100k rows, are summarised only), beside the summaries
+    oos = errors[errors.validation.isin(["lomo", "logo", "extrapolation"])]
+    oos = oos[(oos.part == "collective") | ((oos.part == "gemm") & (oos.gpu == "h100"))]
+    keep = ["part", "validation", "gpu", "model", "tp", "op", "M", "N", "K", "T", "system", "collective",
+            "num_workers", "devices_per_node", "S", "seconds", "predicted_s", "rel_err"]
+    tables["out_of_sample"] = oos[[c for c in keep if c in oos]]
     for name, df in tables.items():
         atomic_write_text(out / f"gpu_{name}.csv", df.to_csv(index=False, float_format="%.5g"))
         write_json(out / f"gpu_{name}.json", {"provenance": prov, "source": "data/external/vidur (Vidur, MIT)"},
@@ -371,9 +379,70 @@ def cmd_calibrate_public(args) -> int:
     return 0
 
 
+def cmd_calibrate_in_run(args) -> int:
+    """Calibrate the cpu-local preset inside multi-rank runs of the calibration model (llmcomm.compare.inrun)."""
+    from .compare.inrun import IN_RUN_LAYOUTS, calibrate_layout, layout_key
+    from .predict.hardware import load_hardware
+    from .record import provenance, write_json
+
+    if not args.write:
+        raise SpecError("calibrate --in-run needs --write PRESET.json (the cpu-local preset it adds to)")
+    from pathlib import Path
+
+    hw = load_hardware(args.write if Path(args.write).exists() else "cpu-local")
+    entries = {}
+    for t, p in IN_RUN_LAYOUTS:
+        print(f"in-run calibration t={t} p={p} ...", file=sys.stderr, flush=True)
+        entries[layout_key(t, p)] = e = calibrate_layout(Layout(t, p), hw, reps=args.reps)
+        c = e["compute"]
+        print(f"t={t} p={p}: compute {c['flops_per_s'] / 1e9:.1f} GFLOP/s, overhead {c['overhead_us']:.0f} us/layer, "
+              f"median |err| {c['median_rel_err']:.1%} over {c['points']} points")
+        for row in e["calls"]:
+            print(f"    {row['op']:10s} n={row['n']}: in-run {row['median_in_run_us']:9.1f} us per call, "
+                  f"microbenchmark fit {row['median_fit_us']:9.1f} us ({row['in_run_over_fit']:.2f}x)"
+                  + (" -> refitted from the run" if row.get("refit") else f" {row.get('flag', '')}"))
+    d = dict(hw.raw)
+    d["in_run"] = dict(entries, provenance=provenance("llmcomm " + shlex.join(args.argv)))
+    d.setdefault("source", {})["in_run"] = ("llmcomm calibrate --in-run: compute rate, per-layer overhead and "
+                                            "all-reduce fits measured inside runs of calib-llama in each validated "
+                                            "layout (llmcomm.compare.inrun)")
+    write_json(args.write, d, indent=1)
+    print(f"wrote {args.write}")
+    return 0
+
+
+def cmd_validate_time(args) -> int:
+    """The CPU validation of the time model: ``runs`` reruns of the latency sweep, each point ``reps`` times."""
+    import pandas as pd
+
+    from .compare.sweeps import configs
+    from .compare.validate import validate_latency
+    from .predict.hardware import load_hardware
+    from .record import atomic_write_text, data_dir, load_average, provenance, write_json
+
+    hw = load_hardware(args.hardware)
+    out = data_dir(root=args.out) if args.out else data_dir()
+    summaries = []
+    for k in range(1, args.runs + 1):
+        load_before = load_average()
+        df, summary = validate_latency(configs("latency", "cpu"), hw, reps=args.reps)
+        prov = provenance("llmcomm " + shlex.join(args.argv), run=k, reps=args.reps, load_avg_before=load_before,
+                          load_avg_after=load_average())
+        atomic_write_text(out / f"latency_validation_run{k}.csv", df.to_csv(index=False, float_format="%.6g"))
+        write_json(out / f"latency_validation_run{k}.json", {"provenance": prov, "summary": summary}, indent=1)
+        summaries.append(dict(run=k, **summary, load_avg=load_before))
+        print(f"run {k}: median |error| {summary['median_abs_err']:.1%} (TTFT {summary['median_abs_err_ttft']:.1%}, "
+              f"TPOT {summary['median_abs_err_tpot']:.1%}, E2E {summary['median_abs_err_e2e']:.1%}); "
+              f"load average {load_before}", flush=True)
+    print(pd.DataFrame(summaries).to_string(index=False))
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     if args.public_gpu:
         return cmd_calibrate_public(args)
+    if args.in_run:
+        return cmd_calibrate_in_run(args)
     import pandas as pd
 
     from .compare.calibration import calibrate_cpu_local
@@ -497,11 +566,23 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--threads", type=positive_int, nargs="+", default=None,
                     help="torch threads of the compute timing (default: cores // ranks for 2 and 4 ranks)")
     ca.add_argument("--json", action="store_true", help="print the fits as JSON records")
+    ca.add_argument("--in-run", action="store_true",
+                    help="instead: calibrate compute and all-reduces inside DeepSpeed runs of calib-llama in each "
+                         "validated CPU layout (TP2, PP2, 2x2); adds 'in_run' to the --write preset (minutes)")
+    ca.add_argument("--reps", type=positive_int, default=5,
+                    help="--in-run: repetitions of each calibration workload (medians; default 5)")
     ca.add_argument("--public-gpu", action="store_true",
                     help="instead: fit the GPU kernel and NCCL models to data/external/vidur, write them into the "
                          "h100-sxm and a100-sxm-80gb presets and the out-of-sample errors to data/validation/ "
                          "(minutes)")
     ca.set_defaults(func=cmd_calibrate)
+
+    va = sub.add_parser("validate-time", help="the CPU validation of the time model: reruns of the latency sweep")
+    va.add_argument("--hardware", default="cpu-local", help="hardware preset (default cpu-local)")
+    va.add_argument("--runs", type=positive_int, default=3, help="independent reruns of the whole sweep (default 3)")
+    va.add_argument("--reps", type=positive_int, default=5, help="repetitions of each point (median, IQR; default 5)")
+    va.add_argument("--out", default=None, help="data root (default data/); files go to <root>/<machine>/")
+    va.set_defaults(func=cmd_validate_time)
     return ap
 
 

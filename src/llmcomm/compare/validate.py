@@ -2,8 +2,9 @@
 report the errors.
 
 Nothing here is fitted to the runs it checks: the prediction uses the ``cpu-local`` preset (written by
-``llmcomm calibrate`` from microbenchmarks and timed layers, :mod:`llmcomm.compare.calibration`) at the thread count
-each rank runs with (:func:`llmcomm.predict.hardware.for_ranks`).
+``llmcomm calibrate`` from microbenchmarks, and by ``llmcomm calibrate --in-run`` from runs of another model in the
+same layouts, :mod:`llmcomm.compare.inrun`), as calibrated for each configuration's layout
+(:func:`llmcomm.predict.hardware.for_layout`).
 """
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ from dataclasses import asdict
 from functools import partial
 from typing import Callable, Iterable
 
+import numpy as np
 import pandas as pd
 
-from ..predict.hardware import Hardware, for_ranks
+from ..predict.hardware import Hardware, for_layout
 from ..predict.latency import METRICS, predict_latency
 from ..spec import cpu_threads_per_rank
 from .sweeps import Config, measure_configs
 
-__all__ = ["latency_errors", "measured_comm_s", "validate_latency", "METRICS"]
+__all__ = ["latency_errors", "measured_comm_s", "validate_latency", "load_runs", "explain", "METRICS"]
 
 
 def latency_errors(df: pd.DataFrame):
@@ -48,35 +50,84 @@ def measured_comm_s(res, phase: str, rank: int = 0) -> float:
 
 
 def validate_latency(cfgs: Iterable[Config], hw: Hardware, cores: int | None = None, runner: Callable | None = None,
-                     progress: bool | None = None):
-    """Measure each configuration (real DeepSpeed ranks, one launch per model and layout:
-    :func:`llmcomm.compare.sweeps.measure_configs`) and predict it
-    with :func:`~llmcomm.predict.latency.predict_latency` on ``hw`` at the rank's thread count (the calibration only —
-    nothing is fitted to these runs), ``gpus_per_node`` = the cores (one machine).
+                     progress: bool | None = None, reps: int = 1):
+    """Measure each configuration ``reps`` times (real DeepSpeed ranks, one launch per model and layout:
+    :func:`llmcomm.compare.sweeps.measure_configs`) and predict it with :func:`~llmcomm.predict.latency.predict_latency`
+    on ``hw`` as calibrated for its layout (:func:`~llmcomm.predict.hardware.for_layout`: in-run calibration of
+    another model; nothing is fitted to these runs), ``gpus_per_node`` = the cores (one machine).
 
-    Returns one row per configuration: the config, ``<metric>_measured`` / ``<metric>_predicted`` for TTFT, TPOT,
-    E2E, the per-phase breakdown (predicted compute and comm of one forward; measured time rank 0 spent in
-    communication calls per forward), the threads per rank and the all-reduce path; then :func:`latency_errors`
-    adds the signed errors."""
+    Returns one row per configuration: the config, ``<metric>_measured`` (the median over the repetitions) with
+    ``<metric>_iqr`` (interquartile range) and ``<metric>_predicted`` for TTFT, TPOT, E2E, the per-phase breakdown
+    (predicted compute and comm of one forward; measured time rank 0 spent in communication calls per forward,
+    median), the threads per rank and the all-reduce path; then :func:`latency_errors` adds the signed errors."""
     if runner is None:
         from ..measure.launch import measure_many
 
         # The cpu-local calibration describes this machine's CPUs: validate against CPU runs even on a GPU node.
         runner = partial(measure_many, env={"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""})
     cores = int(cores or os.cpu_count() or 1)
+    cfgs = list(cfgs)
+    runs: dict[Config, list] = {}
+    for c, model, res in measure_configs([c for c in cfgs for _ in range(reps)], runner, progress):
+        runs.setdefault(c, []).append((model, res))
     rows = []
-    for c, model, res in measure_configs(cfgs, runner, progress):
+    for c in dict.fromkeys(cfgs):
+        model = runs[c][0][0]
+        results = [r for _, r in runs[c]]
         ranks = c.t * c.p
-        pred = predict_latency(model, c.layout, c.workload, for_ranks(hw, ranks, cores), gpus_per_node=cores)
+        pred = predict_latency(model, c.layout, c.workload, for_layout(hw, c.t, c.p, cores), gpus_per_node=cores)
         pre, dec = pred["breakdown"]["prefill"], pred["breakdown"]["decode"]
-        row = dict(asdict(c), ranks=ranks, threads=cpu_threads_per_rank(ranks, cores),
+        row = dict(asdict(c), ranks=ranks, threads=cpu_threads_per_rank(ranks, cores), reps=len(results),
                    allreduce=("shm" if c.p == 1 else "gloo") if c.t > 1 else "-")
         for metric in METRICS:
-            row[f"{metric}_measured"] = float(getattr(res, metric))
+            vals = np.array([float(getattr(r, metric)) for r in results])
+            row[f"{metric}_measured"] = float(np.median(vals))
+            row[f"{metric}_iqr"] = float(np.subtract(*np.percentile(vals, [75, 25])))
             row[f"{metric}_predicted"] = float(pred[metric])
         row.update(prefill_compute_pred_s=pre["compute_s"], prefill_comm_pred_s=pre["comm_s"],
                    decode_compute_pred_s=dec["compute_s"], decode_comm_pred_s=dec["comm_s"],
-                   prefill_comm_meas_s=measured_comm_s(res, "prefill"),
-                   decode_comm_meas_s=measured_comm_s(res, "decode") / max(c.G - 1, 1))
+                   prefill_comm_meas_s=float(np.median([measured_comm_s(r, "prefill") for r in results])),
+                   decode_comm_meas_s=float(np.median([measured_comm_s(r, "decode") for r in results]))
+                   / max(c.G - 1, 1))
         rows.append(row)
     return latency_errors(pd.DataFrame(rows))
+
+
+def load_runs(machine: str = "cpu-local") -> dict:
+    """The committed reruns of the validation (``llmcomm validate-time``): ``{k: (frame, {"provenance",
+    "summary"})}`` for every ``latency_validation_run<k>``."""
+    import json
+    import re
+
+    from ..record import data_dir
+
+    out = {}
+    for path in sorted(data_dir(machine).glob("latency_validation_run*.csv")):
+        k = int(re.search(r"run(\d+)", path.name).group(1))
+        out[k] = (pd.read_csv(path), json.loads(path.with_suffix(".json").read_text()))
+    return out
+
+
+def explain(val: pd.DataFrame) -> str:
+    """Prose generated from one validation frame: for each layout, the median signed error of TTFT and TPOT, and
+    which half of the model it comes from — rank 0's measured time in communication calls beside the predicted
+    communication, the rest beside the predicted compute (for p > 1 a receive also waits for the previous stage, so
+    there only the totals compare)."""
+    lines = []
+    for (t, p), g in val.groupby(["t", "p"]):
+        ttft, tpot = g.err_ttft.median(), g.err_tpot.dropna().median()
+        parts = [f"**t = {t} × p = {p}** ({len(g)} points): TTFT {ttft:+.0%}, "
+                 + (f"TPOT {tpot:+.0%}" if pd.notna(tpot) else "no decode")]
+        if p == 1 and t > 1:
+            comm = (g.decode_comm_pred_s / g.decode_comm_meas_s).median()
+            rest = (g.decode_compute_pred_s / (g.tpot_s_measured - g.decode_comm_meas_s)).median()
+            parts.append(f"per decode step the model's communication is {comm:.2f}× and its compute {rest:.2f}× "
+                         "what the run spent in and outside its calls")
+        elif p > 1:
+            parts.append("a stage's receive includes the upstream stage's compute, so only the totals compare")
+        lines.append("; ".join(parts) + ".")
+    worst = val.assign(e=val[["err_ttft", "err_tpot", "err_e2e"]].abs().max(axis=1)).sort_values("e").iloc[-1]
+    lines.append(f"The largest miss is {worst.model} t = {worst.t} × p = {worst.p}, b = {worst.b}, S = {worst.S}, "
+                 f"G = {worst.G}: TTFT {worst.err_ttft:+.0%}, TPOT "
+                 + (f"{worst.err_tpot:+.0%}" if pd.notna(worst.err_tpot) else "—") + f", E2E {worst.err_e2e:+.0%}.")
+    return "\n\n".join(lines)

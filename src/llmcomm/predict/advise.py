@@ -29,7 +29,8 @@ from .hardware import GiB, Hardware, scale_links
 from .latency import predict_latency_grid
 from .placement import placement_fractions
 
-__all__ = ["advise", "advise_report", "candidate_layouts", "memory_per_rank", "pareto_front", "node_crossings",
+__all__ = ["winner_under_error",
+           "advise", "advise_report", "candidate_layouts", "memory_per_rank", "pareto_front", "node_crossings",
            "advice_map", "what_if", "LEVERS", "OBJECTIVES", "PARETO_REL_TOL"]
 
 #: what advice can rank by: latencies, or a traffic metric of the whole generation
@@ -177,6 +178,23 @@ def advise(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware,
     for k, r in enumerate(rows, 1):
         r["rank"] = k
     return rows if include_infeasible else [r for r in rows if r["fits"]]
+
+
+def winner_under_error(rows: list[dict], rel_err: float, metric: str = "e2e_s") -> dict:
+    """Whether the best fitting layout of ``rows`` (:func:`advise`) stays best when every prediction may be off by
+    ``rel_err`` (e.g. the time model's measured median error) in either direction: the winner can lose to any
+    layout whose ``metric`` is within the band ``winner·(1+e)/(1−e)``. Returns ``{"winner", "runner_up", "margin"
+    (runner-up / winner − 1), "rel_err", "stable", "contenders": [(tp, pp), …]}``."""
+    fit = sorted((r for r in rows if r["fits"]), key=lambda r: r[metric])
+    if not fit:
+        raise SpecError("no fitting layout to compare")
+    best = fit[0]
+    band = best[metric] * (1 + rel_err) / max(1 - rel_err, 1e-9)
+    contenders = [(r["tp"], r["pp"]) for r in fit[1:] if r[metric] <= band]
+    runner = fit[1] if len(fit) > 1 else None
+    return {"winner": (best["tp"], best["pp"]), "runner_up": (runner["tp"], runner["pp"]) if runner else None,
+            "margin": runner[metric] / best[metric] - 1 if runner else float("inf"), "rel_err": rel_err,
+            "stable": not contenders, "contenders": contenders}
 
 
 def advise_report(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware, S: int = 1024,

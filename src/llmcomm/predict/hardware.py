@@ -44,7 +44,7 @@ from .collectives import (alpha_beta_time, cross_node_allreduce_time, latency_st
                           nccl_sendrecv_time)
 from .kernels import roofline_device
 
-__all__ = ["Hardware", "Link", "hardware_names", "load_hardware", "LEVELS", "for_ranks", "scale_links"]
+__all__ = ["Hardware", "Link", "hardware_names", "load_hardware", "LEVELS", "for_ranks", "for_layout", "scale_links"]
 
 LEVELS = ("intra", "inter")
 GiB = 1 << 30
@@ -275,6 +275,27 @@ def for_ranks(hardware: Hardware, ranks: int, cores: int | None = None) -> Hardw
     d.update({x: v for x, v in by[key].items() if x in ("peak_tflops", "mem_bw_GBps", "efficiency",
                                                          "layer_overhead_us")})
     d["threads"] = int(key)
+    return Hardware.from_dict(d, name=hardware.name)
+
+
+def for_layout(hardware: Hardware, t: int, p: int, cores: int | None = None) -> Hardware:
+    """``hardware`` as calibrated inside runs of layout t×p (the ``cpu-local`` preset's ``in_run`` entries, written
+    by ``llmcomm calibrate --in-run``: :mod:`llmcomm.compare.inrun`): that layout's fitted compute rate, per-layer
+    overhead and in-run all-reduce fits replace the preset's. Without an entry for the layout: :func:`for_ranks`."""
+    entry = (hardware.raw.get("in_run") or {}).get(f"t{int(t)}p{int(p)}")
+    if not entry:
+        return for_ranks(hardware, int(t) * int(p), cores)
+    d = json.loads(json.dumps(dict(hardware.raw)))
+    c = entry["compute"]
+    rate = float(c["flops_per_s"]) / 1e12
+    d.update(peak_tflops={"fp32": rate, "bf16": rate, "fp16": rate}, efficiency={"flops": 1.0, "mem_bw": 1.0},
+             mem_bw_GBps=float(c["mem_bw_GBps"]), layer_overhead_us=float(c["overhead_us"]))
+    d.pop("compute_by_threads", None)
+    for op, fits in (entry.get("collectives") or {}).items():
+        key = "subgroup_collectives" if int(p) > 1 else "collectives"
+        for level in ("intra", "inter"):
+            d.setdefault(key, {}).setdefault(level, {}).setdefault(op, {}).update(fits)
+    d["calibrated_layout"] = f"t{int(t)}p{int(p)}"
     return Hardware.from_dict(d, name=hardware.name)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import numpy as np
 import pandas as pd
 import sympy as sp
 
@@ -22,7 +23,7 @@ __all__ = ["latex", "pattern_frame", "model_bytes_frame", "layouts_frame", "nota
            "layout_kind", "markdown", "run_times", "stage_split_frame", "models_frame", "relative_to_tp",
            "bytes_by_phase", "engine_ratio", "latency_table", "latency_breakdown", "compute_calibration",
            "collective_fits", "sources_frame", "advice_rows", "tp_over_pp", "hop_traffic", "latency_parts",
-           "decode_allreduce_facts", "error_summary", "proofs_frame"]
+           "decode_allreduce_facts", "error_summary", "proofs_frame", "gpu_kernel_errors", "gpu_collective_errors", "GPU_GOALS", "in_run_calibration", "validation_runs"]
 
 
 def latex(expr) -> str:
@@ -196,6 +197,8 @@ def latency_table(val: pd.DataFrame) -> pd.DataFrame:
                         "all-reduce": val.allreduce, "threads": val.threads})
     for metric, name in (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2e", "E2E")):
         out[f"{name} meas ms"] = _ms(val[f"{metric}_s_measured"])
+        if f"{metric}_s_iqr" in val:
+            out[f"{name} IQR ms"] = _ms(val[f"{metric}_s_iqr"])
         out[f"{name} pred ms"] = _ms(val[f"{metric}_s_predicted"])
         out[f"err {name}"] = val[f"err_{metric}"].map(sign)
     return out
@@ -353,3 +356,71 @@ def proofs_frame() -> pd.DataFrame:
                          "commit": prov.get("git"), "versions": f"deepspeed {prov['versions'].get('deepspeed')}, "
                                                                 f"torch {prov['versions'].get('torch')}"})
     return pd.DataFrame(rows)
+
+
+#: the issue's goals for the out-of-sample errors of the public-GPU checks
+GPU_GOALS = {"gemm": (0.05, 0.15), "collective": (0.10, None)}
+
+
+def gpu_kernel_errors(summary: pd.DataFrame, validation: str = "lomo") -> pd.DataFrame:
+    """Per (GPU, op): rows, median and 90th-percentile |error| of ``validation`` (percent), with the goal and
+    whether it is met (GEMMs: median ≤ 5 %, p90 ≤ 15 %; memory-bound ops: no goal)."""
+    d = summary[summary.validation == validation].copy()
+    med, p90 = GPU_GOALS["gemm"]
+    d["goal"] = np.where(d.part == "gemm", f"≤ {med:.0%} / ≤ {p90:.0%}", "—")
+    d["met"] = np.where(d.part == "gemm", np.where((d.median_abs_err <= med) & (d.p90_abs_err <= p90), "yes", "no"),
+                        "—")
+    out = d.assign(**{"median |err| %": (100 * d.median_abs_err).round(2), "p90 |err| %": (100 * d.p90_abs_err).round(1)})
+    return out[["part", "gpu", "op", "n", "median |err| %", "p90 |err| %", "goal", "met"]].reset_index(drop=True)
+
+
+def gpu_collective_errors(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per (system, op, n, GPUs per node): median |error| (percent) of each validation the data allow — leave one
+    group size out where there are several group sizes of one link, size extrapolation (fit ≤ 8 MiB, predict above),
+    in-sample for reference — and whether the 10 % goal is met out of sample (LOGO where it exists)."""
+    keys = ["system", "collective", "num_workers", "devices_per_node"]
+    wide = summary.pivot_table(index=keys, columns="validation", values="median_abs_err").reset_index()
+    for v in ("logo", "extrapolation", "in_sample"):
+        if v not in wide:
+            wide[v] = np.nan
+    goal = GPU_GOALS["collective"][0]
+    wide["met (LOGO ≤ 10 %)"] = np.where(wide.logo.notna(), np.where(wide.logo <= goal, "yes", "no"), "no LOGO possible")
+    for v in ("logo", "extrapolation", "in_sample"):
+        wide[v] = (100 * wide[v]).round(1)
+    return wide.rename(columns={"num_workers": "n", "devices_per_node": "per node", "logo": "LOGO %",
+                                "extrapolation": "> 8 MiB from ≤ 8 MiB %", "in_sample": "in-sample %"})
+
+
+def in_run_calibration(raw: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The cpu-local preset's in-run calibration (``in_run``, :mod:`llmcomm.compare.inrun`) as two tables: compute
+    per layout (fitted rate, per-layer overhead, fit error) and communication per (layout, op, n) (median call in
+    the runs beside the microbenchmark fit, and what was done with it)."""
+    comp, calls = [], []
+    for key, e in (raw.get("in_run") or {}).items():
+        if key == "provenance":
+            continue
+        c = e["compute"]
+        comp.append({"layout": key, "threads per rank": e.get("threads"), "compute GFLOP/s": c["flops_per_s"] / 1e9,
+                     "overhead µs/layer": c["overhead_us"], "mem bw GB/s (microbenchmark)": c["mem_bw_GBps"],
+                     "fit median |err|": c["median_rel_err"], "points": c["points"]})
+        for r in e.get("calls", []):
+            calls.append({"layout": key, "op": r["op"], "n": r["n"], "calls": r["calls"],
+                          "in run µs (median)": r["median_in_run_us"], "microbenchmark fit µs": r["median_fit_us"],
+                          "in run ÷ fit": r["in_run_over_fit"],
+                          "used": "refitted from the runs" if r.get("refit") else
+                          ("microbenchmark; " + r["flag"]) if r.get("flag") else "microbenchmark"})
+    return pd.DataFrame(comp).round(3), pd.DataFrame(calls).round(2)
+
+
+def validation_runs(runs: dict) -> pd.DataFrame:
+    """One row per rerun of the CPU validation (``{k: (frame, json)}`` from ``latency_validation_run<k>``): median
+    |error| per metric and over all, the load average when it started, its date and commit."""
+    rows = []
+    for k, (df, meta) in sorted(runs.items()):
+        s, prov = meta["summary"], meta["provenance"]
+        rows.append({"run": k, "median |err| all": s["median_abs_err"], "TTFT": s["median_abs_err_ttft"],
+                     "TPOT": s["median_abs_err_tpot"], "E2E": s["median_abs_err_e2e"],
+                     "points × reps": f"{len(df)} × {prov.get('reps')}",
+                     "load avg (1, 5, 15 min)": prov.get("load_avg_before"), "date": prov.get("date"),
+                     "git": prov.get("git")})
+    return pd.DataFrame(rows).round(3)

@@ -1,0 +1,167 @@
+"""CPU calibration where the runs run: compute and communication costs measured inside multi-rank DeepSpeed runs.
+
+Why: a single-process calibration (one rank, an idle second core) predicts a TP2 rank's half of a decode step
+faster than the whole step runs as two ranks — the ranks share the cores, their communication threads poll, and the
+calibration never sees that. So the ``cpu-local`` preset is calibrated from runs of the same kind as the validation's
+(:data:`IN_RUN_LAYOUTS`: the same ranks, threads and backends), on a model of another shape (``calib-llama``: h = 384,
+L = 6, 6 heads, FFN 1024 — neither small-llama nor tiny-llama):
+
+* **compute on the critical path** of each measured forward (:func:`path_compute`): for each pipeline stage, its first
+  rank's phase time minus the time that rank spent inside captured collectives and sends/receives (receives include
+  waiting for the previous stage, so only compute remains), summed over the stages;
+* the per-layout roofline (F, B, per-layer overhead o; started from the microbenchmarks' rates) fitted so that
+  :func:`llmcomm.predict.compute.forward_compute` reproduces those compute times (:func:`fit_compute`);
+* **communication in the run** (:func:`in_run_calls`): every captured call's duration on its group's lowest rank,
+  per (op, group size), beside what the microbenchmark fit predicts for its size; all-reduces are refitted from the
+  run (α-β, :func:`llmcomm.predict.fit.fit_alpha_beta`), sends/receives are kept from the microbenchmark and flagged
+  when the two disagree (a receive's duration in a run includes the upstream stage's compute).
+
+:func:`llmcomm.predict.hardware.for_layout` applies a layout's entry; ``llmcomm calibrate --in-run`` writes them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ..predict.compute import forward_compute
+from ..predict.fit import fit_alpha_beta
+from ..predict.hardware import Hardware
+from ..spec import Layout, ModelSpec, Workload, cpu_threads_per_rank
+
+__all__ = ["CALIBRATION_MODEL", "IN_RUN_LAYOUTS", "IN_RUN_WORKLOADS", "layout_key", "path_compute", "compute_points",
+           "fit_compute", "in_run_calls", "calibrate_layout"]
+
+CALIBRATION_MODEL = "calib-llama"
+#: the layouts the CPU validation measures: TP (shm all-reduce), PP (gloo sends), the hybrid (gloo sub-groups)
+IN_RUN_LAYOUTS = ((2, 1), (1, 2), (2, 2))
+#: (b, S, G) of the calibration runs: short and long prompts, batches, enough decode steps for a stable mean
+IN_RUN_WORKLOADS = ((1, 32, 8), (1, 128, 8), (4, 64, 6), (2, 256, 4))
+
+
+def layout_key(t: int, p: int) -> str:
+    return f"t{t}p{p}"
+
+
+def _comm_s(events, rank: int, phase: str) -> float:
+    return sum(max(float(e["t_end"]) - float(e["t_start"]), 0.0) for e in events
+               if e["rank"] == rank and e["phase"] == phase)
+
+
+def path_compute(res, layout: Layout, phase: str, G: int) -> float:
+    """Compute seconds on the critical path of one ``phase`` forward of a measured run (decode: the mean step): for
+    each stage its first rank's phase time minus its time in captured calls, summed over the stages."""
+    by_rank = {r["rank"]: r for r in res.ranks}
+    total = 0.0
+    for stage in range(layout.p):
+        r = stage * layout.t
+        timings = by_rank[r]["timings"]
+        if phase == "prefill":
+            span, comm = float(timings["ttft_s"]), _comm_s(res.events, r, "prefill")
+        else:
+            steps = max(G - 1, 1)
+            span, comm = float(timings["tpot_s"]), _comm_s(res.events, r, "decode") / steps
+        total += max(span - comm, 0.0)
+    return total
+
+
+def compute_points(results, layout: Layout) -> pd.DataFrame:
+    """One row per (workload, phase): ``b, S, G, phase, compute_s`` — the median over the repetitions of the
+    workload (a 2-core machine's runs vary by 2× from one repetition to the next) — and ``iqr_s``, ``reps``
+    (decode only when G > 1)."""
+    rows = []
+    for w, res in results:
+        for phase in ("prefill", "decode"):
+            if phase == "decode" and w.G < 2:
+                continue
+            rows.append({"b": w.b, "S": w.S, "G": w.G, "phase": phase,
+                         "compute_s": path_compute(res, layout, phase, w.G)})
+    raw = pd.DataFrame(rows)
+    g = raw.groupby(["b", "S", "G", "phase"], sort=False).compute_s
+    return pd.DataFrame({"compute_s": g.median(), "iqr_s": g.quantile(0.75) - g.quantile(0.25),
+                         "reps": g.size()}).reset_index()
+
+
+def _with_compute(hw: Hardware, flops_per_s: float, overhead_s: float, bytes_per_s: float | None = None) -> Hardware:
+    d = dict(hw.raw)
+    d.update(peak_tflops={k: flops_per_s / 1e12 for k in ("fp32", "bf16", "fp16")}, efficiency={"flops": 1.0,
+             "mem_bw": 1.0}, mem_bw_GBps=(bytes_per_s or hw.bandwidth()) / 1e9, layer_overhead_us=overhead_s * 1e6)
+    d.pop("compute_by_threads", None)
+    d.pop("in_run", None)
+    return Hardware.from_dict(d, name=hw.name)
+
+
+def fit_compute(model: ModelSpec, layout: Layout, points: pd.DataFrame, hw: Hardware, w: int = 4) -> dict:
+    """F (FLOP/s), B (B/s) and per-layer overhead o with which ``forward_compute`` (CPU: the sum of the ops'
+    rooflines + o per layer) reproduces the measured critical-path compute of ``points``. Robust fit on log times
+    from the microbenchmark's rates; returns ``{"flops_per_s", "mem_bw_GBps", "overhead_us", "median_rel_err",
+    "points"}``."""
+    from scipy.optimize import least_squares
+
+    def predict(theta):
+        hwx = _with_compute(hw, float(np.exp(theta[0])), float(np.exp(theta[1])), float(np.exp(theta[2])))
+        return np.array([float(forward_compute(model, hwx, layout.t, layout.p, r.b, r.S, r.G, w, r.phase)
+                               ["compute_s"]) for r in points.itertuples()])
+
+    meas = points.compute_s.to_numpy(dtype=float)
+    x0 = np.log([hw.flops("fp32"), max(hw.layer_overhead_s, 1e-5), hw.bandwidth()])
+    fit = least_squares(lambda th: np.log(predict(th) / meas), x0, loss="soft_l1", f_scale=0.05)
+    err = predict(fit.x) / meas - 1
+    return {"flops_per_s": float(np.exp(fit.x[0])), "overhead_us": float(np.exp(fit.x[1]) * 1e6),
+            "mem_bw_GBps": float(np.exp(fit.x[2]) / 1e9), "median_rel_err": float(np.median(np.abs(err))),
+            "points": int(len(meas))}
+
+
+def in_run_calls(results, hw: Hardware, layout: Layout) -> pd.DataFrame:
+    """Every captured call of the prefill and decode phases (on its group's lowest rank; a send on its sender):
+    ``op, n, bytes, seconds`` and ``fit_s``, what the preset's microbenchmark fit predicts for it."""
+    rows = []
+    sub = layout.p > 1
+    for _, res in results:
+        for e in res.events:
+            if e["phase"] not in ("prefill", "decode") or e["op"] == "recv":
+                continue
+            group = e["group"] if e["op"] != "send" else [e["rank"], e["peer"]]
+            if e["op"] != "send" and e["rank"] != min(group):
+                continue
+            op = "send_recv" if e["op"] == "send" else e["op"]
+            n = len(group)
+            fit_s = float(hw.collective_time(op, n, float(e["bytes"]), "intra", subgroup=sub and op != "send_recv"))
+            rows.append({"op": op, "n": n, "bytes": int(e["bytes"]), "phase": e["phase"],
+                         "seconds": max(float(e["t_end"]) - float(e["t_start"]), 1e-9), "fit_s": fit_s})
+    return pd.DataFrame(rows)
+
+
+def calibrate_layout(layout: Layout, hw: Hardware, reps: int = 3, runner=None, cores: int | None = None) -> dict:
+    """Run the calibration model on ``layout`` (every :data:`IN_RUN_WORKLOADS` ``reps`` times, one launch) and return
+    the preset entry ``{"compute": fit_compute(...), "collectives": {op: {n: FIT}}, "calls": summary, "threads"}``."""
+    from ..measure.launch import measure_many
+    from ..spec import load_model
+
+    model = load_model(CALIBRATION_MODEL)
+    workloads = [Workload(b, S, G) for b, S, G in IN_RUN_WORKLOADS for _ in range(reps)]
+    runner = runner or (lambda *a, **k: measure_many(*a, env={"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""},
+                                                      **k))
+    results = list(zip(workloads, runner(model, layout, workloads)))
+    points = compute_points(results, layout)
+    compute = fit_compute(model, layout, points, hw)
+    calls = in_run_calls(results, hw, layout)
+    collectives, summary = {}, []
+    for (op, n), g in calls.groupby(["op", "n"]):
+        ratio = float(np.median(g.seconds / g.fit_s))
+        row = {"op": op, "n": int(n), "calls": int(len(g)), "median_in_run_us": float(g.seconds.median() * 1e6),
+               "median_fit_us": float(g.fit_s.median() * 1e6), "in_run_over_fit": ratio}
+        if op == "all_reduce":
+            f = fit_alpha_beta(op, n, g.bytes.to_numpy(dtype=float), g.seconds.to_numpy(dtype=float),
+                               "direct" if (layout.p == 1 and hw.collectives.get("intra", {}).get("all_reduce", {})
+                                            .get(str(n), {}).get("backend") == "shm") else "ring")
+            collectives.setdefault(op, {})[str(int(n))] = {
+                "alpha_us": round(f["alpha_us"], 3), "busbw_GBps": round(f["busbw_GBps"], 4),
+                "algorithm": f["algorithm"], "source": "in-run: captured call durations of the calibration runs"}
+            row["refit"] = True
+        else:
+            row["refit"] = False
+            row["flag"] = "in-run calls differ from the microbenchmark by more than 2x" if not 0.5 < ratio < 2 else ""
+        summary.append(row)
+    return {"compute": compute, "collectives": collectives, "calls": summary, "model": CALIBRATION_MODEL,
+            "workloads": [list(x) for x in IN_RUN_WORKLOADS], "reps": reps,
+            "threads": cpu_threads_per_rank(layout.ranks, cores)}
