@@ -129,3 +129,32 @@ def test_node_crossings_count_the_hand_back():
     assert node_crossings(m, Layout(4, 2), wl, 4) == (2, 0)            # the hop and the token hand-back
     assert node_crossings(m, Layout(8, 1), wl, 4) == (0, 2 * m.L + 1)  # every all-reduce spans the two nodes
     assert node_crossings(m, Layout(8, 1), wl, 8) == (0, 0)
+
+
+def test_winner_shares_classify_each_cell_by_its_layout():
+    import pandas as pd
+
+    from llmcomm.report.tables import winner_shares
+
+    maps = pd.DataFrame({"engine": ["e"] * 4 + ["f"] * 2, "model": ["m"] * 6,
+                         "tp": [8, 8, 1, 4, 2, 1], "pp": [1, 1, 8, 2, 1, 2]})
+    sh = winner_shares(maps)
+    assert sh.loc[("e", "m")].tolist() == [0.5, 0.25, 0.25]       # TP, hybrid, PP
+    assert sh.loc[("f", "m")].tolist() == [0.5, 0.0, 0.5]
+
+
+def test_host_bound_facts_compare_one_layers_kernels_with_the_profiles_host_time():
+    from llmcomm.predict.compute import layer_op_times, phase_context
+    from llmcomm.report.tables import host_bound_facts
+
+    m = load_model("llama-3.1-8b")
+    for b, S in ((1, 1024), (64, 8192)):
+        wl = Workload(b, S, 128, "bf16")
+        f = host_bound_facts(m, H100, 8, wl)
+        s, ell, c = phase_context("decode", S, 128)
+        assert f["kernels_s"] == pytest.approx(sum(layer_op_times(m, H100, 8, b, s, ell, c, 2).values()), rel=1e-12)
+        assert f["profile"] == "deepspeed-eager" and f["host_s"] == pytest.approx(350e-6)
+        assert f["host_bound"] == (f["host_s"] > f["kernels_s"])
+    assert host_bound_facts(m, H100, 8, Workload(1, 1024, 128, "bf16"))["host_bound"]
+    # the vLLM profile replays decode in CUDA graphs: no host time per layer, never host-bound
+    assert not host_bound_facts(m, H100, 8, Workload(1, 1024, 128, "bf16"), engine="vllm")["host_bound"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..predict.compute import forward_compute
+from ..predict.engines import load_engine
 from ..predict.hardware import Hardware, load_hardware
 from ..predict.latency import predict_latency
 from ..record import data_dir, load_frame
@@ -33,16 +34,23 @@ def preset_for_machine(machine: str) -> Hardware:
     return load_hardware("h200" if machine.startswith("h200") else "h100-sxm")
 
 
-def predicted_layers(hw: Hardware, models: list[ModelSpec], shapes=SHAPES) -> pd.DataFrame:
+def predicted_layers(hw: Hardware, models: list[ModelSpec], shapes=SHAPES, profile: str = "deepspeed-eager"
+                     ) -> pd.DataFrame:
     """Predicted seconds of one decoder layer on one rank for each (model, t, b, S) and phase (decode: one token
-    with S cached, i.e. G = 2 in the phase convention)."""
+    with S cached, i.e. G = 2 in the phase convention): ``kernels_us``, the device time of its kernels alone, and
+    ``predicted_us``, the layer as an eager engine runs it (engine ``profile``: the slower of the kernels and the
+    host's launching, :func:`llmcomm.predict.compute.forward_compute`)."""
+    prof = load_engine(profile)
     rows = []
     for model in models:
         for t, b, S in shapes:
             for phase in ("prefill", "decode"):
-                c = forward_compute(model, hw, t, 1, b, S, 2, 2, phase)
+                kern = forward_compute(model, hw, t, 1, b, S, 2, 2, phase, overhead_s=0.0, host_overlaps=True)
+                c = forward_compute(model, hw, t, 1, b, S, 2, 2, phase, overhead_s=prof.layer_overhead_s(phase, hw),
+                                    host_overlaps=prof.host_overlaps(phase))
                 rows.append({"hardware": hw.name, "model": model.name, "t": t, "b": b, "S": S, "phase": phase,
-                             "predicted_us": float(c["layer_s"]) * 1e6, "compute_bound": bool(c["compute_bound"])})
+                             "kernels_us": float(kern["layer_s"]) * 1e6, "predicted_us": float(c["layer_s"]) * 1e6,
+                             "compute_bound": bool(c["compute_bound"])})
     return pd.DataFrame(rows)
 
 

@@ -157,13 +157,18 @@ def predicted_vs_measured_latency(df: pd.DataFrame, title: str = ""):
     return fig
 
 
-def advice_heatmaps(maps: dict, value: str = "e2e_s", title: str = ""):
+def advice_heatmaps(maps: dict, value: str = "e2e_s", title: str = "", ncols: int | None = None):
     """One heatmap per model: rows b, columns S, cell text = the winning layout, colour = its predicted ``value``
-    (ms, log colour). ``maps``: {title: frame from :func:`llmcomm.predict.advise.advice_map`}."""
+    (ms, log colour). ``maps``: {title: frame from :func:`llmcomm.predict.advise.advice_map`}; ``ncols`` panels per
+    row (default: all in one row)."""
     from matplotlib.colors import LogNorm
 
-    fig, axes = plt.subplots(1, len(maps), figsize=(4.2 * len(maps), 3.2), squeeze=False)
-    for ax, (name, m) in zip(axes[0], maps.items()):
+    ncols = ncols or len(maps)
+    nrows = -(-len(maps) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(maps):]:
+        ax.set_visible(False)
+    for ax, (name, m) in zip(axes.flat, maps.items()):
         val = m.pivot(index="b", columns="S", values=value) * 1e3
         lab = m.pivot(index="b", columns="S", values="best")
         sns.heatmap(val, annot=lab.values, fmt="", cmap="viridis", norm=LogNorm(), cbar=True, ax=ax,

@@ -23,7 +23,7 @@ __all__ = ["latex", "pattern_frame", "model_bytes_frame", "layouts_frame", "nota
            "layout_kind", "markdown", "run_times", "stage_split_frame", "models_frame", "relative_to_tp",
            "bytes_by_phase", "engine_ratio", "latency_table", "latency_breakdown", "compute_calibration",
            "collective_fits", "sources_frame", "advice_rows", "tp_over_pp", "hop_traffic", "latency_parts",
-           "decode_allreduce_facts", "error_summary", "proofs_frame", "gpu_kernel_errors", "gpu_collective_errors", "GPU_GOALS", "in_run_calibration", "validation_runs"]
+           "decode_allreduce_facts", "host_bound_facts", "winner_shares", "error_summary", "proofs_frame", "gpu_kernel_errors", "gpu_collective_errors", "GPU_GOALS", "in_run_calibration", "validation_runs"]
 
 
 def latex(expr) -> str:
@@ -314,13 +314,14 @@ def latency_parts(model: ModelSpec, hw, layouts: Iterable[Layout], xs: Iterable[
     return pd.DataFrame(rows)
 
 
-def decode_allreduce_facts(model: ModelSpec, hw, t: int, workload: Workload, gpus_per_node: int | None = None) -> dict:
-    """What the time model charges a TP decode step's all-reduces on ``t`` GPUs of one node: the size of one call,
-    its predicted seconds (the preset's α per step × the algorithm's steps + the bandwidth term), the calls per
-    step, and their share of the predicted TPOT; plus the predicted prefill compute and communication."""
+def decode_allreduce_facts(model: ModelSpec, hw, t: int, workload: Workload, gpus_per_node: int | None = None,
+                           engine: str = "deepspeed") -> dict:
+    """What the time model charges a TP decode step's all-reduces on ``t`` GPUs of one node under ``engine``'s
+    pattern and default profile: the size of one call, its predicted seconds, the calls per step, and their share of
+    the predicted TPOT; plus the predicted prefill compute and communication."""
     from ..predict.latency import predict_latency
 
-    res = predict_latency(model, Layout(t, 1), workload, hw, gpus_per_node=gpus_per_node)
+    res = predict_latency(model, Layout(t, 1), workload, hw, gpus_per_node=gpus_per_node, engine=engine)
     dec, pre = res["breakdown"]["decode"], res["breakdown"]["prefill"]
     layer_ar = max((m for m in dec["messages"] if m["op"] == "all_reduce"), key=lambda m: m["calls"])
     per_call = layer_ar["time_s"] / layer_ar["calls"]
@@ -328,6 +329,28 @@ def decode_allreduce_facts(model: ModelSpec, hw, t: int, workload: Workload, gpu
             "calls_per_step": sum(m["calls"] for m in dec["messages"] if m["op"] == "all_reduce"),
             "comm_share_of_tpot": dec["comm_s"] / res["tpot_s"], "tpot_s": res["tpot_s"],
             "prefill_compute_s": pre["compute_s"], "prefill_comm_s": pre["comm_s"]}
+
+
+def host_bound_facts(model: ModelSpec, hw, t: int, workload: Workload, engine: str = "deepspeed") -> dict:
+    """One decoder layer of a decode step (the mean step) on one of ``t`` TP ranks: the seconds of its kernels on
+    the device (:func:`llmcomm.predict.compute.layer_op_times`) beside the host seconds the engine profile charges
+    per layer; ``host_bound`` when the host is the slower (on a GPU the layer then costs the host's time)."""
+    from ..predict.compute import layer_op_times, phase_context
+    from ..predict.engines import default_profile
+
+    prof = default_profile(engine, hw)
+    s, ell, c = phase_context("decode", workload.S, workload.G)
+    kernels = float(sum(layer_op_times(model, hw, t, workload.b, s, ell, c, workload.w).values()))
+    host = prof.layer_overhead_s("decode", hw)
+    return {"profile": prof.name, "kernels_s": kernels, "host_s": host, "host_bound": host > kernels}
+
+
+def winner_shares(maps: pd.DataFrame) -> pd.DataFrame:
+    """Per engine and model of advice maps (:func:`llmcomm.predict.advise.advice_map` frames, concatenated): the
+    share of (b, S) cells won by pure TP (p = 1), by a pure pipeline (t = 1) and by hybrids."""
+    kind = np.where(maps.pp == 1, "TP", np.where(maps.tp == 1, "PP", "hybrid"))
+    out = pd.crosstab([maps.engine, maps.model], kind, normalize="index")
+    return out.reindex(columns=["TP", "hybrid", "PP"], fill_value=0.0)
 
 
 def error_summary(val: pd.DataFrame, by=("model",)) -> pd.DataFrame:
