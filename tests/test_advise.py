@@ -131,16 +131,17 @@ def test_node_crossings_count_the_hand_back():
     assert node_crossings(m, Layout(8, 1), wl, 8) == (0, 0)
 
 
-def test_winner_shares_classify_each_cell_by_its_layout():
+def test_winner_shares_count_each_cells_winner():
     import pandas as pd
 
     from llmcomm.report.tables import winner_shares
 
     maps = pd.DataFrame({"engine": ["e"] * 4 + ["f"] * 2, "model": ["m"] * 6,
-                         "tp": [8, 8, 1, 4, 2, 1], "pp": [1, 1, 8, 2, 1, 2]})
+                         "best": ["t=8×p=1", "t=8×p=1", "t=1×p=8", "t=4×p=2", "t=2×p=1", "t=1×p=2"]})
     sh = winner_shares(maps)
-    assert sh.loc[("e", "m")].tolist() == [0.5, 0.25, 0.25]       # TP, hybrid, PP
-    assert sh.loc[("f", "m")].tolist() == [0.5, 0.0, 0.5]
+    assert list(sh.columns) == ["t=8×p=1", "t=4×p=2", "t=2×p=1", "t=1×p=2", "t=1×p=8"]
+    assert sh.loc[("e", "m")].tolist() == [0.5, 0.25, 0.0, 0.0, 0.25]
+    assert sh.loc[("f", "m")].tolist() == [0.0, 0.0, 0.5, 0.5, 0.0]
 
 
 def test_host_bound_facts_compare_one_layers_kernels_with_the_profiles_host_time():
@@ -158,3 +159,12 @@ def test_host_bound_facts_compare_one_layers_kernels_with_the_profiles_host_time
     assert host_bound_facts(m, H100, 8, Workload(1, 1024, 128, "bf16"))["host_bound"]
     # the vLLM profile replays decode in CUDA graphs: no host time per layer, never host-bound
     assert not host_bound_facts(m, H100, 8, Workload(1, 1024, 128, "bf16"), engine="vllm")["host_bound"]
+
+
+def test_share_text_lists_the_winning_layouts_only():
+    import pandas as pd
+
+    from llmcomm.report.tables import share_text, winner_shares
+
+    maps = pd.DataFrame({"engine": ["e"] * 4, "model": ["m"] * 4, "best": ["t=8×p=1", "t=8×p=1", "t=8×p=1", "t=1×p=8"]})
+    assert share_text(winner_shares(maps), "e", "m") == "t=8×p=1 75%, t=1×p=8 25%"

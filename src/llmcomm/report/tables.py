@@ -23,7 +23,7 @@ __all__ = ["latex", "pattern_frame", "model_bytes_frame", "layouts_frame", "nota
            "layout_kind", "markdown", "run_times", "stage_split_frame", "models_frame", "relative_to_tp",
            "bytes_by_phase", "engine_ratio", "latency_table", "latency_breakdown", "compute_calibration",
            "collective_fits", "sources_frame", "advice_rows", "tp_over_pp", "hop_traffic", "latency_parts",
-           "decode_allreduce_facts", "host_bound_facts", "winner_shares", "error_summary", "proofs_frame", "gpu_kernel_errors", "gpu_collective_errors", "GPU_GOALS", "in_run_calibration", "validation_runs"]
+           "decode_allreduce_facts", "host_bound_facts", "winner_shares", "share_text", "error_summary", "proofs_frame", "gpu_kernel_errors", "gpu_collective_errors", "GPU_GOALS", "in_run_calibration", "validation_runs"]
 
 
 def latex(expr) -> str:
@@ -235,8 +235,19 @@ def collective_fits(fits: pd.DataFrame) -> pd.DataFrame:
 
 
 def sources_frame(hw) -> pd.DataFrame:
-    """Where each number of a hardware preset comes from (its ``source`` labels), one row per field."""
-    return pd.DataFrame(sorted(hw.raw["source"].items()), columns=["field", "source"])
+    """Where each number of a hardware preset comes from (its ``source`` labels), one row per field; the fitted
+    ``kernels`` and ``nccl`` sections with their sources, and the fields they (or, on GPUs, the engine profiles)
+    replace marked as not used."""
+    src = dict(hw.raw["source"])
+    for section in ("kernels", "nccl"):
+        if hw.raw.get(section):
+            src[section] = hw.raw[section].get("source", "")
+    if hw.raw.get("kernels") and "efficiency" in src:
+        src["efficiency"] = "NOT USED (the fitted kernels replace it): " + src["efficiency"]
+    if hw.raw.get("device") != "cpu" and "layer_overhead_us" in src:
+        src["layer_overhead_us"] = "NOT USED on GPUs (the engine profile's host time replaces it): " \
+                                   + src["layer_overhead_us"]
+    return pd.DataFrame(sorted(src.items()), columns=["field", "source"])
 
 
 def advice_rows(by_gpus_per_node: dict) -> pd.DataFrame:
@@ -347,10 +358,16 @@ def host_bound_facts(model: ModelSpec, hw, t: int, workload: Workload, engine: s
 
 def winner_shares(maps: pd.DataFrame) -> pd.DataFrame:
     """Per engine and model of advice maps (:func:`llmcomm.predict.advise.advice_map` frames, concatenated): the
-    share of (b, S) cells won by pure TP (p = 1), by a pure pipeline (t = 1) and by hybrids."""
-    kind = np.where(maps.pp == 1, "TP", np.where(maps.tp == 1, "PP", "hybrid"))
-    out = pd.crosstab([maps.engine, maps.model], kind, normalize="index")
-    return out.reindex(columns=["TP", "hybrid", "PP"], fill_value=0.0)
+    share of (b, S) cells each winning layout takes (columns ``t=…×p=…``, widest TP first)."""
+    out = pd.crosstab([maps.engine, maps.model], maps.best, normalize="index")
+    order = sorted(out.columns, key=lambda c: (-int(c.split("×")[0][2:]), c))
+    return out[order]
+
+
+def share_text(shares: pd.DataFrame, engine: str, model: str) -> str:
+    """One row of :func:`winner_shares` as text: ``t=8×p=1 56%, t=4×p=2 44%`` (layouts that win no cell left out)."""
+    row = shares.loc[(engine, model)]
+    return ", ".join(f"{lay} {v:.0%}" for lay, v in row[row > 0].items())
 
 
 def error_summary(val: pd.DataFrame, by=("model",)) -> pd.DataFrame:
@@ -424,7 +441,9 @@ def in_run_calibration(raw: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
             continue
         c = e["compute"]
         comp.append({"layout": key, "threads per rank": e.get("threads"), "compute GFLOP/s": c["flops_per_s"] / 1e9,
-                     "overhead µs/layer": c["overhead_us"], "mem bw GB/s (microbenchmark)": c["mem_bw_GBps"],
+                     "overhead µs/layer": c["overhead_us"], # a fitted bandwidth beyond any CPU's (10 TB/s): the points do not identify the memory term
+                     "mem bw GB/s (fitted; inf: not identified)": c["mem_bw_GBps"] if c["mem_bw_GBps"] < 1e4
+                     else float("inf"),
                      "fit median |err|": c["median_rel_err"], "points": c["points"]})
         for r in e.get("calls", []):
             calls.append({"layout": key, "op": r["op"], "n": r["n"], "calls": r["calls"],
