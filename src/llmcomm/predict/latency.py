@@ -17,7 +17,7 @@ What-if levers (book: "Choosing a layout"): ``comm_w`` (bytes per element on the
 instead of the sum of compute and communication: a bound), :func:`llmcomm.predict.hardware.scale_links`.
 
 Everything is vectorised: :func:`predict_latency_grid` takes numpy arrays of t, p, b, S, G (broadcast together) and
-evaluates millions of points per second; :func:`predict_latency` is the one-point form with a breakdown.
+evaluates hundreds of thousands of points per second on one core (``benchmarks/predict_speed.py``); :func:`predict_latency` is the one-point form with a breakdown.
 """
 from __future__ import annotations
 
