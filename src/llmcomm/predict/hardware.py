@@ -200,15 +200,17 @@ class Hardware:
         n_arr = np.asarray(n)
         size = np.asarray(size_bytes, dtype=float)
         if self.nccl:
-            ns = [int(x) for x in np.unique(n_arr)]
-            per_n = {x: self._nccl_time(op, x, size, level, g, floor) for x in ns}
-            if all(v is not None for v in per_n.values()):
-                if len(ns) == 1:
-                    return per_n[ns[0]] + np.zeros(np.broadcast(n_arr, size).shape)
-                out = np.zeros(np.broadcast(n_arr, size).shape)
-                for x, v in per_n.items():
-                    out = np.where(n_arr == x, v, out)
-                return out
+            # per group size: the NCCL model where it has one for (op, n), else the α-β coefficients of that n — chosen
+            # element by element, so that a point's time never depends on the other points of a grid
+            shape = np.broadcast(n_arr, size).shape
+            out = np.zeros(shape)
+            for x in (int(v) for v in np.unique(n_arr)):
+                sec = self._nccl_time(op, x, size, level, g, floor)
+                if sec is None:
+                    fixed, per_byte = self.collective_coeffs(op, x, level, subgroup)
+                    sec = fixed + per_byte * size
+                out = np.where(n_arr == x, sec, out) if n_arr.ndim else sec + out
+            return out
         if n_arr.ndim == 0:
             alpha, beta, alg = self.coll_params(op, int(n_arr), level, subgroup)
             return alpha_beta_time(op, n_arr, size, alpha, beta, alg)
