@@ -1,8 +1,12 @@
 """Specifications: the model (from an HF ``config.json`` or a preset), the layout (t, p) and the workload (b, S, G, dtype).
 
 Symbols as in :mod:`llmcomm.notation` (b, S, G, w; h, L, V, a = ``heads``, a_kv = ``kv_heads``, d = ``head_dim``,
-F = ``ffn``; t, p). Resolve a model once, at the edge (the command line or a chapter), with :func:`load_model`, and
-pass the :class:`ModelSpec` inward.
+F = ``ffn``; t, p, e; a mixture of experts: E, k, F_ex, F_sh, L_moe in :class:`MoESpec`). Resolve a model once, at
+the edge (the command line or a chapter), with :func:`load_model`, and pass the :class:`ModelSpec` inward.
+
+Mixtures of experts: Mixtral, Qwen2-MoE and Qwen3-MoE ``config.json`` files are read (:class:`MoESpec`); families
+whose attention or routing the communication model does not describe (DeepSeek-V2/V3's multi-head latent attention,
+Llama 4, any other MoE ``model_type``) are refused with one sentence saying why, never approximated.
 
 Every validation failure raises :class:`SpecError` with one sentence that names the offending value; the CLI prints it
 and exits with status 2.
@@ -15,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["SpecError", "ModelSpec", "Layout", "Workload", "DTYPE_BYTES", "preset_names", "load_model",
+__all__ = ["SpecError", "ModelSpec", "MoESpec", "MOE_FAMILIES", "Layout", "Workload", "DTYPE_BYTES", "preset_names", "load_model",
            "stage_layers", "read_preset_or_file", "cpu_threads_per_rank", "workload_grid"]
 
 
@@ -33,9 +37,124 @@ def preset_names(kind: str = "models") -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
 
 
+#: Keys of a preset that are not transformers config fields (``_source``: where a preset's shape comes from).
+_NOT_HF = ("architectures", "torch_dtype", "transformers_version", "_source")
+#: The mixture-of-experts families read from ``config.json`` (``model_type``): the HF config keys of each.
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+#: Keys that mark a config as a mixture of experts (any family).
+_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size", "num_experts_per_tok")
+
+
+def _refuse_out_of_scope(cfg: Mapping[str, Any], name: str) -> None:
+    """One :class:`SpecError` for a family whose communication llmcomm does not model (checked before anything else:
+    their config.json files lack or rename the keys a Llama config has)."""
+    family = str(cfg.get("model_type"))
+    if "kv_lora_rank" in cfg or "q_lora_rank" in cfg or "n_routed_experts" in cfg or family.startswith("deepseek"):
+        raise SpecError(f"model config {name!r} is DeepSeek-style (multi-head latent attention kv_lora_rank/"
+                        f"q_lora_rank, n_routed_experts): out of scope, its attention moves a compressed latent "
+                        f"that the communication model does not describe")
+    if family.startswith("llama4") or "text_config" in cfg or "interleave_moe_layer_step" in cfg:
+        raise SpecError(f"model config {name!r} is Llama 4 (multimodal wrapper, interleaved MoE layers with a "
+                        f"shared expert, chunked attention): out of scope")
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """The mixture-of-experts part of a model: E routed experts per MoE layer (``experts``), top-k routing
+    (``top_k``), each expert a SwiGLU FFN of width F_ex (``expert_ffn``), an optional always-on shared expert of width
+    F_sh (``shared_ffn``, 0 = none; Qwen2-MoE's, with its sigmoid gate), and the indices of the MoE layers
+    (``layers``; the others are dense MLPs of width F = ``ModelSpec.ffn``).
+
+    ``layer_extra``: parameters per decoder layer beyond a Llama layer (Qwen3-MoE's q/k RMSNorms, attention biases),
+    so that :attr:`ModelSpec.params` counts what transformers builds. ``norm_topk``: the top-k weights are
+    renormalised (Mixtral always; Qwen ``norm_topk_prob``) — it changes the weights, not the communication.
+    """
+
+    family: str
+    experts: int            # E
+    top_k: int              # k
+    expert_ffn: int         # F_ex
+    layers: tuple[int, ...]
+    shared_ffn: int = 0     # F_sh
+    norm_topk: bool = True
+    layer_extra: int = 0
+
+    @property
+    def L_moe(self) -> int:
+        """Number of MoE layers."""
+        return len(self.layers)
+
+    def layer_params(self, h: int, active: bool = False) -> int:
+        """Parameters of one MoE block (router, experts, shared expert and its gate); ``active``: only the k experts
+        a token runs through (the router and the shared expert always run)."""
+        experts = self.top_k if active else self.experts
+        shared = 3 * h * self.shared_ffn + h if self.shared_ffn else 0
+        return self.experts * h + experts * 3 * h * self.expert_ffn + shared
+
+    @classmethod
+    def from_hf_config(cls, cfg: Mapping[str, Any], name: str, L: int, h: int, heads: int, kv_heads: int,
+                       head_dim: int) -> "MoESpec | None":
+        """The MoE part of ``cfg`` (None for a dense model); a :class:`SpecError` for a family out of scope."""
+        family = cfg.get("model_type")
+        if not any(k in cfg for k in _MOE_KEYS):
+            return None
+        if family is None:                       # a bare dict: the keys say which family
+            family = "mixtral" if "num_local_experts" in cfg else \
+                "qwen2_moe" if "shared_expert_intermediate_size" in cfg else "qwen3_moe"
+        if family not in MOE_FAMILIES:
+            raise SpecError(f"model config {name!r} has model_type {family!r}, a mixture of experts llmcomm does not "
+                            f"model (known: {', '.join(MOE_FAMILIES)})")
+        e_key = "num_local_experts" if family == "mixtral" else "num_experts"
+        ints = {}
+        for k in (e_key, "num_experts_per_tok", "decoder_sparse_step", "moe_intermediate_size",
+                  "shared_expert_intermediate_size"):
+            v = cfg.get(k)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise SpecError(f"model config {name!r}: {k} must be an integer, got {v!r}")
+            ints[k] = v
+        if e_key not in ints or "num_experts_per_tok" not in ints:
+            raise SpecError(f"model config {name!r} ({family}) lacks {e_key} or num_experts_per_tok")
+        E, k = ints[e_key], ints["num_experts_per_tok"]
+        if E < 1:
+            raise SpecError(f"model config {name!r}: {e_key}={E} must be at least 1 expert")
+        if k < 1:
+            raise SpecError(f"model config {name!r}: num_experts_per_tok={k} must be at least 1")
+        if k > E:
+            raise SpecError(f"model config {name!r}: num_experts_per_tok={k} exceeds the {E} experts ({e_key})")
+        if family == "mixtral":                  # every layer MoE; intermediate_size is the expert width
+            return cls(family, E, k, cfg["intermediate_size"], tuple(range(L)))
+        step = ints.get("decoder_sparse_step", 1)
+        if step < 1:
+            raise SpecError(f"model config {name!r}: decoder_sparse_step={step} must be at least 1")
+        only = cfg.get("mlp_only_layers") or []
+        if not isinstance(only, (list, tuple)) or \
+                any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < L for i in only):
+            raise SpecError(f"model config {name!r}: mlp_only_layers={only!r} must list layer indices in [0, {L})")
+        if "moe_intermediate_size" not in ints or ints["moe_intermediate_size"] < 1:
+            raise SpecError(f"model config {name!r} ({family}) needs a positive moe_intermediate_size")
+        shared = ints.get("shared_expert_intermediate_size", 0)
+        if family == "qwen3_moe" and shared:
+            raise SpecError(f"model config {name!r}: qwen3_moe has no shared expert in transformers, yet "
+                            f"shared_expert_intermediate_size={shared}")
+        if shared < 0:
+            raise SpecError(f"model config {name!r}: shared_expert_intermediate_size={shared} is negative")
+        # transformers (and vLLM) Qwen2/3-MoE decoder layer: MoE iff not listed and (i + 1) divisible by the step
+        layers = tuple(i for i in range(L) if i not in only and (i + 1) % step == 0)
+        if family == "qwen3_moe":                # q_norm, k_norm over head_dim; biases on q, k, v, o if attention_bias
+            extra = 2 * head_dim + ((heads + 2 * kv_heads) * head_dim + h if cfg.get("attention_bias") else 0)
+        else:                                    # qwen2_moe: biases on q, k, v (qkv_bias, default true)
+            extra = (heads + 2 * kv_heads) * head_dim if cfg.get("qkv_bias", True) else 0
+        return cls(family, E, k, ints["moe_intermediate_size"], layers, shared,
+                   bool(cfg.get("norm_topk_prob", False)), extra)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """A dense decoder-only transformer (HF Llama family) as the communication model sees it."""
+    """A decoder-only transformer (HF Llama family; with ``moe``, a Mixtral/Qwen-MoE mixture of experts) as the
+    communication model sees it. ``ffn`` is ``intermediate_size``: the width of the dense MLPs (Mixtral: of each
+    expert)."""
 
     name: str
     h: int                 # hidden_size
@@ -46,6 +165,7 @@ class ModelSpec:
     V: int                 # vocab_size
     tied: bool             # tie_word_embeddings
     head_dim: int
+    moe: MoESpec | None = None
     hf_config: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
@@ -54,6 +174,7 @@ class ModelSpec:
     def from_hf_config(cls, cfg: Mapping[str, Any], name: str = "custom") -> "ModelSpec":
         if not isinstance(cfg, Mapping):
             raise SpecError(f"model config {name!r} is not a JSON object")
+        _refuse_out_of_scope(cfg, name)
         missing = [k for k in cls.REQUIRED if k not in cfg]
         if missing:
             raise SpecError(f"model config {name!r} lacks {', '.join(missing)} (an HF Llama config.json has them)")
@@ -74,27 +195,68 @@ class ModelSpec:
         head_dim = vals.get("head_dim", h // heads)
         if "head_dim" not in vals and h % heads:
             raise SpecError(f"model config {name!r}: hidden_size={h} is not a multiple of num_attention_heads={heads}")
+        moe = MoESpec.from_hf_config(cfg, name, vals["num_hidden_layers"], h, heads, kv, head_dim)
         return cls(name=name, h=h, L=vals["num_hidden_layers"], heads=heads, kv_heads=kv,
                    ffn=vals["intermediate_size"], V=vals["vocab_size"], tied=bool(cfg.get("tie_word_embeddings", False)),
-                   head_dim=head_dim, hf_config=dict(cfg))
+                   head_dim=head_dim, moe=moe, hf_config=dict(cfg))
+
+    @property
+    def is_moe(self) -> bool:
+        """A mixture of experts with at least one MoE layer."""
+        return self.moe is not None and self.moe.L_moe > 0
+
+    @property
+    def L_moe(self) -> int:
+        """Number of MoE layers (0 for a dense model)."""
+        return self.moe.L_moe if self.moe is not None else 0
+
+    @property
+    def E(self) -> int:
+        """Routed experts per MoE layer (0 for a dense model)."""
+        return self.moe.experts if self.moe is not None else 0
+
+    def _count(self, active: bool) -> int:
+        h = self.h
+        attn = h * self.heads * self.head_dim * 2 + h * self.kv_heads * self.head_dim * 2
+        moe_layers = self.L_moe
+        layers = self.L * (attn + 2 * h) + (self.L - moe_layers) * 3 * h * self.ffn
+        if self.moe is not None:
+            layers += self.L * self.moe.layer_extra + moe_layers * self.moe.layer_params(h, active)
+        return self.V * h * (1 if self.tied else 2) + layers + h
 
     @property
     def params(self) -> int:
-        """Parameter count (embedding + layers + final norm + untied head)."""
-        h, f = self.h, self.ffn
-        attn = h * self.heads * self.head_dim * 2 + h * self.kv_heads * self.head_dim * 2
-        layer = attn + 3 * h * f + 2 * h
-        return self.V * h * (1 if self.tied else 2) + self.L * layer + h
+        """Parameter count (embedding + layers + final norm + untied head); a MoE model's every expert included."""
+        return self._count(active=False)
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token runs through: :attr:`params` with only k of the E routed experts of each MoE layer
+        (the router and a shared expert always run); equal to :attr:`params` for a dense model."""
+        return self._count(active=True)
 
     def to_hf_config(self, dtype: str = "fp32"):
-        """A ``transformers.LlamaConfig`` with this shape (random weights are built from it, nothing is downloaded)."""
-        from transformers import LlamaConfig
+        """A transformers config with this shape (random weights are built from it, nothing is downloaded):
+        ``LlamaConfig`` for a dense model, ``MixtralConfig``, ``Qwen2MoeConfig`` or ``Qwen3MoeConfig`` for a mixture
+        of experts (the routing keys as the config has them, the expert counts and widths as this spec says)."""
+        import transformers
 
-        cfg = {k: v for k, v in self.hf_config.items() if k not in ("architectures", "torch_dtype", "transformers_version")}
+        cfg = {k: v for k, v in self.hf_config.items() if k not in _NOT_HF}
         cfg.update(hidden_size=self.h, num_hidden_layers=self.L, num_attention_heads=self.heads,
                    num_key_value_heads=self.kv_heads, intermediate_size=self.ffn, vocab_size=self.V,
                    tie_word_embeddings=self.tied, head_dim=self.head_dim)
-        return LlamaConfig(**cfg)
+        if self.moe is None:
+            return transformers.LlamaConfig(**cfg)
+        moe = self.moe
+        cfg["num_experts_per_tok"] = moe.top_k
+        if moe.family == "mixtral":
+            cfg.update(num_local_experts=moe.experts, intermediate_size=moe.expert_ffn)
+            return transformers.MixtralConfig(**cfg)
+        cfg.update(num_experts=moe.experts, moe_intermediate_size=moe.expert_ffn)
+        if moe.family == "qwen2_moe":
+            cfg["shared_expert_intermediate_size"] = moe.shared_ffn
+            return transformers.Qwen2MoeConfig(**cfg)
+        return transformers.Qwen3MoeConfig(**cfg)
 
 
 def read_preset_or_file(kind: str, text: str, what: str) -> tuple[Any, str]:
@@ -139,20 +301,23 @@ def stage_layers(L: int, p: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Layout:
-    """Tensor-parallel degree t times pipeline degree p; ranks = t·p (TP groups are consecutive ranks)."""
+    """Tensor-parallel degree t times pipeline degree p; ranks = t·p (TP groups are consecutive ranks). Or, for a
+    mixture of experts, expert parallelism of degree e with data-parallel attention: e ranks, each running attention
+    on b/e of the sequences, the experts split e ways (t = p = 1; ranks = e)."""
 
     t: int = 1
     p: int = 1
+    e: int = 1
 
     def __post_init__(self):
-        for k in ("t", "p"):
+        for k in ("t", "p", "e"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise SpecError(f"layout {k}={v!r} must be a positive integer")
 
     @property
     def ranks(self) -> int:
-        return self.t * self.p
+        return self.t * self.p * self.e
 
     def validate(self, model: ModelSpec) -> "Layout":
         """Check that the model can be laid out this way; return self.
@@ -160,7 +325,18 @@ class Layout:
         DeepSpeed AutoTP shards attention by KV heads (``get_shard_size`` over ``num_key_value_heads``): with t not
         dividing the KV heads it would give ranks unequal head counts, and with t > KV heads some ranks none at all.
         We refuse both, like vLLM and the paper's setting, rather than measure a lopsided layout.
+
+        Expert parallelism (e > 1) needs a mixture of experts whose E experts e divides (DeepSpeed's MoE layer asserts
+        it: every rank holds E/e experts); combined with TP or PP it is not modelled yet.
         """
+        if self.e > 1:
+            if not model.is_moe:
+                raise SpecError(f"expert parallelism e={self.e} needs a mixture of experts; {model.name} is dense")
+            if model.E % self.e:
+                raise SpecError(f"e={self.e} does not divide the {model.E} experts of {model.name}")
+            if self.t > 1 or self.p > 1:
+                raise SpecError(f"expert parallelism e={self.e} with t={self.t}, p={self.p} is not modelled: "
+                                f"use e alone (data-parallel attention) or t and p without e")
         if self.t > 1:
             if model.heads % self.t:
                 raise SpecError(f"t={self.t} does not divide the {model.heads} attention heads of {model.name}")

@@ -48,14 +48,15 @@ def synchronize(device: torch.device) -> None:
 
 
 def build_model(model: ModelSpec, dtype: str = "fp32", device: torch.device | str = "cpu", seed: int = 0):
-    """An HF ``LlamaForCausalLM`` of this shape with weights drawn from ``seed`` (identical on every process), in
-    eval mode, cast to ``dtype`` and moved to ``device``."""
-    from transformers import LlamaForCausalLM
+    """The HF causal LM of this shape — ``LlamaForCausalLM`` for a dense model, ``MixtralForCausalLM`` (or the
+    Qwen-MoE class) for a mixture of experts: the class transformers maps the spec's config to — with weights drawn
+    from ``seed`` (identical on every process), in eval mode, cast to ``dtype`` and moved to ``device``."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
     cfg = model.to_hf_config()
     torch.manual_seed(seed)
     with torch.device("cpu"):
-        m = LlamaForCausalLM(cfg)
+        m = MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)](cfg)
     return m.to(dtype=TORCH_DTYPES[dtype], device=device).eval()
 
 
