@@ -1,6 +1,9 @@
 """Mixtures of experts: specs from config.json (presets, the Qwen layer rule, refusals), parameter counts against an
-instantiated model."""
+instantiated model, the closed forms of expert parallelism and of TP with experts, DeepSpeed's capacity, and the
+command line's MoE options."""
 import json
+import math
+from fractions import Fraction
 
 import pytest
 
@@ -136,4 +139,182 @@ def test_mixtral_k_larger_than_experts():
     cfg = dict(load_model("tiny-mixtral").hf_config, num_experts_per_tok=9)
     with pytest.raises(SpecError, match="num_experts_per_tok=9 exceeds the 8 experts"):
         load_model(cfg)
+
+
+# ------------------------------------------------------------------------------------------------- closed forms
+import numpy as np  # noqa: E402
+import sympy as sp  # noqa: E402
+
+from llmcomm import Layout, Workload  # noqa: E402
+from llmcomm.derive import evaluate as ev, moe, volumes as v  # noqa: E402
+from llmcomm.notation import C, C_min, E, G, L, L_moe, S, V, b, e, gamma, h, k, s, t, w  # noqa: E402
+
+
+def test_capacity_closed_form():
+    assert moe.CAPACITY == sp.Max(sp.ceiling(b * s * k * gamma / (e * E)), C_min)
+    assert moe.A2A_BYTES == E * C * h * w
+    assert moe.DROPLESS_BOUNDS == (sp.ceiling(b * s * k / (e * E)), b * s / e)
+    vals = {b: 4, s: 7, k: 2, gamma: 1, e: 2, E: 8, C_min: 4}
+    assert moe.CAPACITY.subs(vals) == 4 and moe.CAPACITY.subs({**vals, gamma: 3}) == 11
+
+
+def test_capacity_matches_deepspeed_float32():
+    """capacity() against DeepSpeed's own _capacity over a grid, including capacity factors where float32 differs
+    from the exact rational form."""
+    import torch
+    from deepspeed.moe.sharded_moe import _capacity
+
+    differs = 0
+    for cf in (0.5, 0.7, 1.0, 1.1, 1.2, 1.25, 1.3, 1.7, 2.0, 2.4):
+        for E_ in (1, 2, 3, 4, 6, 7, 8, 16, 60, 128):
+            for k_ in range(1, min(E_, 4) + 1):
+                for T in range(1, 130):
+                    for mc in (0, 4):
+                        ds = int(_capacity(torch.empty(T, E_), torch.tensor(cf * k_), torch.tensor(mc)))
+                        assert moe.capacity(T, E_, k_, cf, mc) == ds, (T, E_, k_, cf, mc)
+                        exact_c = max(math.ceil(Fraction(str(cf)) * T * k_ / E_), mc)     # CAPACITY, exactly
+                        differs += ds != exact_c
+                        assert ds - exact_c in (0, 1)          # float32 gives at most one slot more
+    assert differs > 0                                       # the grid does exercise float32 rounding
+    assert moe.capacity(25, 2, 1, 1.2, 0) == 16 and moe.CAPACITY.subs(
+        {b: 25, s: 1, e: 1, E: 2, k: 1, gamma: sp.Rational(6, 5), C_min: 0}) == 15
+    # the quotient T/E is rounded to float32 too: with E = 7 even a dyadic factor differs from the exact form (and
+    # multiplying in float64, math.ceil(T / E * float32(cf·k)), misses it the other way: 30 instead of 29)
+    assert moe.capacity(114, 7, 7, 0.5, 0) == 58 and math.ceil(Fraction(114 * 7, 2 * 7)) == 57
+    assert moe.capacity(58, 7, 7, 0.5, 0) == 29 == math.ceil(58 / 7 * float(np.float32(0.5 * 7))) - 1
+
+
+def test_ep_pattern_closed_forms():
+    fwd = v.per_forward("deepspeed-ep")
+    calls, nbytes = fwd[("all_to_all", e)]
+    assert calls.subs(e, 2) == 2 * L_moe and calls.subs(e, 1) == 0
+    assert sp.expand(nbytes.subs(e, 4) - 2 * L_moe * E * C * h * w) == 0
+    assert ("all_reduce", e) not in fwd
+    drop = v.per_forward("deepspeed-ep-dropless")
+    assert drop[("all_reduce", e)][0].subs(e, 2) == L_moe and drop[("all_reduce", e)][1].subs(e, 2) == 8 * L_moe
+    # capacity routing: C is DeepSpeed's capacity of the forward
+    _, cap_bytes = moe.ep_forms("capacity")[("all_to_all", e)]
+    assert sp.simplify(cap_bytes.subs(e, 2) - 2 * L_moe * E * h * w * moe.CAPACITY.subs(e, 2)) == 0
+    # per phase, a generation: 1 prefill + G−1 decodes, C of the phase's forward
+    calls, nbytes = v.volumes("deepspeed-ep")[("decode", "all_to_all", e)]
+    assert sp.expand(nbytes.subs(e, 2) - 2 * (G - 1) * L_moe * E * C * h * w) == 0
+
+
+def test_tp_moe_closed_forms():
+    calls, nbytes = v.volumes("deepspeed-moe-autotp")[("prefill", "all_reduce", t)]
+    assert sp.expand(calls.subs(t, 2) - (2 * L - L_moe + 1)) == 0
+    assert sp.expand(nbytes.subs(t, 2) - ((2 * L - L_moe) * b * S * h * w + b * V * w)) == 0
+    # every layer MoE (Mixtral): one all-reduce per layer; experts sharded: two, like dense
+    assert sp.expand(calls.subs({t: 2, L_moe: L}) - (L + 1)) == 0
+    assert v.volumes("tp-experts")[("prefill", "all_reduce", t)] == v.volumes("deepspeed")[("prefill", "all_reduce", t)]
+
+
+def _core(rows):
+    return [(r["phase"], r["op"], r["group_size"], r["calls"], r["bytes"]) for r in rows]
+
+
+def test_ep_rows_tiny_mixtral():
+    # the scratch measurement's case: e=2, b=4, S=7, capacity cf=1, min_cap 4: T=14 per rank, C=4 in the prefill
+    # and C=4 in decode (T=2: min_capacity dominates): each a2a [8, 4, 64] fp32 = 8192 B, 2 per layer, 2 layers
+    model = load_model("tiny-mixtral")
+    rows = ev.rows(model, Layout(e=2), Workload(4, 7, 3), "deepspeed-ep")
+    assert _core(rows) == [("prefill", "all_to_all", 2, 4, 4 * 8192), ("decode", "all_to_all", 2, 8, 8 * 8192)]
+    # pairwise: each rank sends (e−1)/e of m per call, all links carry (e−1)·m
+    assert rows[0]["sent_bytes_per_rank"] == 4 * 4096 and rows[0]["link_bytes"] == 4 * 8192
+    big = ev.rows(model, Layout(e=2), Workload(4, 7, 3), "deepspeed-ep", routing=moe.Routing(capacity_factor=4.0))
+    assert big[0]["bytes"] == 4 * 8 * 14 * 64 * 4                    # γ = E/k: C = T = 14
+    # Mixtral-8x7B, e=8, b=8, S=1024 bf16: T=1024, C = 1024·2/8 = 256: m = 8·256·4096·2 per call, 64 calls
+    rows = ev.rows(load_model("mixtral-8x7b"), Layout(e=8), Workload(8, 1024, 2, "bf16"), "deepspeed-ep")
+    assert _core(rows)[0] == ("prefill", "all_to_all", 8, 64, 64 * 8 * 256 * 4096 * 2)
+
+
+def test_dropless_form_on_counts():
+    # per MoE layer, from the counts κ of each rank (rows) and expert (columns): C = the largest; FINDINGS' dropless
+    # prefill on tiny-mixtral gave C = 8 and 14 in the two layers: 2·16384 + 2·28672 B of all_to_all, 2 × 8 B MAX
+    layer1 = [[3, 8, 2, 1, 4, 3, 3, 4], [1, 2, 6, 5, 4, 5, 3, 2]]
+    layer2 = [[14, 1, 2, 3, 1, 2, 3, 2], [0, 0, 4, 6, 8, 2, 3, 5]]
+    sub = {E: 8, h: 64, w: 4, e: 2}
+    total = 0
+    for counts, c_expected in ((layer1, 8), (layer2, 14)):
+        assert moe.dropless_capacity(counts) == c_expected
+        forms = moe.ep_forms("dropless", counts=counts, per_layer=True)
+        assert forms[("all_reduce", e)][1].subs(sub) == 8
+        total += forms[("all_to_all", e)][1].subs(sub)
+    assert total == 2 * 16384 + 2 * 28672
+    kappa = sp.symbols("kappa1:4", positive=True, integer=True)
+    _, sym = moe.ep_forms("dropless", counts=kappa, per_layer=True)[("all_to_all", e)]
+    assert sp.simplify(sym.subs(e, 2) - 2 * E * h * w * sp.Max(*kappa)) == 0
+    assert moe.dropless_bounds(14, 8, 2) == (4, 14)
+    with pytest.raises(SpecError, match="non-negative"):
+        moe.dropless_capacity([])
+
+
+@pytest.mark.parametrize("T, E_, k_, ranks", [(14, 8, 2, 2), (7, 8, 2, 1), (5, 4, 1, 3), (10, 6, 3, 2)])
+def test_expected_dropless_capacity_against_monte_carlo(T, E_, k_, ranks):
+    value, method = moe.expected_max_count(T, E_, k_, ranks)
+    assert method == "exact"
+    rng = np.random.default_rng(7)
+    n = 20000
+    picks = np.argsort(rng.random((n, ranks, T, E_)), axis=-1)[..., :k_]            # a uniform k-subset per token
+    counts = np.zeros((n, ranks, E_), dtype=int)
+    for j in range(k_):
+        np.add.at(counts, (np.arange(n)[:, None, None], np.arange(ranks)[None, :, None], picks[..., j]), 1)
+    mx = counts.max(axis=(1, 2))
+    assert abs(mx.mean() - value) < 4 * mx.std() / np.sqrt(n) + 1e-9
+    lo, hi = moe.dropless_bounds(T, E_, k_)
+    assert lo <= value <= hi
+    # the independent-binomial approximation is a lower bound (negatively associated counts)
+    approx, how = moe.expected_max_count(T, E_, k_, ranks, exact=False)
+    assert how == "independent-binomial" and approx <= value + 1e-9
+
+
+def test_expected_dropless_capacity_large_case_is_labelled():
+    value, method = moe.expected_max_count(4096, 128, 8, 8)
+    assert method == "independent-binomial" and 4096 * 8 / 128 < value < 4096
+
+
+def test_dropless_rows_are_expectations():
+    rows = ev.rows(load_model("tiny-mixtral"), Layout(e=2), Workload(4, 7, 3), "deepspeed-ep-dropless",
+                   routing=moe.Routing("dropless"))
+    exp_c, _ = moe.expected_max_count(14, 8, 2, 2)
+    prefill = [r for r in rows if r["phase"] == "prefill"]
+    assert _core(prefill) == [("prefill", "all_reduce", 2, 2, 16),
+                              ("prefill", "all_to_all", 2, 4, pytest.approx(4 * 8 * exp_c * 64 * 4))]
+
+
+def test_autotp_moe_rows():
+    model = load_model("tiny-mixtral")
+    wl = Workload(1, 8, 2)
+    assert _core(ev.rows(model, Layout(2), wl, "deepspeed-moe-autotp")) == [
+        ("prefill", "all_reduce", 2, 3, 2 * 8 * 64 * 4 + 256 * 4), ("decode", "all_reduce", 2, 3, 2 * 64 * 4 + 256 * 4)]
+    assert _core(ev.rows(model, Layout(2), wl, "tp-experts"))[0] == ("prefill", "all_reduce", 2, 5,
+                                                                     4 * 8 * 64 * 4 + 256 * 4)
+    qwen = load_model(_qwen3())                       # 6 layers, 2 MoE: 6 o_proj + 4 dense down_proj + head
+    assert _core(ev.rows(qwen, Layout(2), wl, "deepspeed-moe-autotp"))[0][3] == 11
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mode="top1"), "MoE routing 'top1' is not one of"),
+    (dict(capacity_factor=0), "capacity factor 0 must be a positive"),
+    (dict(capacity_factor=float("nan")), "capacity factor nan"),
+    (dict(min_capacity=-1), "min capacity -1"),
+])
+def test_bad_routing(kwargs, message):
+    with pytest.raises(SpecError, match=message):
+        moe.Routing(**kwargs)
+
+
+@pytest.mark.parametrize("layout, model, message", [
+    (Layout(e=3), "tiny-mixtral", "e=3 does not divide the 8 experts of tiny-mixtral"),
+    (Layout(e=2), "tiny-llama", "needs a mixture of experts; tiny-llama is dense"),
+    (Layout(t=2, e=2), "tiny-mixtral", "is not modelled"),
+])
+def test_bad_ep_layouts(layout, model, message):
+    with pytest.raises(SpecError, match=message):
+        layout.validate(load_model(model))
+
+
+def test_ep_needs_e_to_divide_the_batch():
+    with pytest.raises(SpecError, match="e=2 does not divide the batch b=3"):
+        ev.rows(load_model("tiny-mixtral"), Layout(e=2), Workload(3, 7, 2), "deepspeed-ep")
 

@@ -57,10 +57,23 @@ _ENTRIES = (
     Notation("a_kv", "a_{kv}", "key-value heads", "model", "ModelSpec.kv_heads", "", "", "num_key_value_heads"),
     Notation("d", "d", "head dimension", "model", "ModelSpec.head_dim", "", "", "head_dim"),
     Notation("F", "F", "FFN (MLP intermediate) width", "model", "ModelSpec.ffn", "", "", "intermediate_size"),
+    Notation("E", "E", "routed experts per MoE layer", "model", "MoESpec.experts", "", "",
+             "num_local_experts (Mixtral), num_experts (Qwen-MoE)"),
+    Notation("k", "k", "experts each token is routed to (top-k)", "model", "MoESpec.top_k", "", "",
+             "num_experts_per_tok"),
+    Notation("F_ex", r"F_{\mathrm{ex}}", "FFN width of one routed expert", "model", "MoESpec.expert_ffn", "", "",
+             "intermediate_size (Mixtral), moe_intermediate_size (Qwen-MoE)"),
+    Notation("F_sh", r"F_{\mathrm{sh}}", "FFN width of the shared expert (0: none)", "model", "MoESpec.shared_ffn",
+             "", "", "shared_expert_intermediate_size"),
+    Notation("L_moe", r"L_{\mathrm{moe}}", "MoE layers (the others are dense)", "model", "ModelSpec.L_moe", "", "",
+             "decoder_sparse_step, mlp_only_layers"),
     # layout
     Notation("t", "t", "tensor-parallel degree (ranks of a TP group)", "layout", "Layout.t", "--tp", "tp"),
     Notation("p", "p", "pipeline-parallel degree (stages)", "layout", "Layout.p", "--pp", "pp"),
-    Notation("N", "N", "GPUs (ranks) of a layout, N = t·p", "layout", "Layout.ranks", "--gpus", "gpus"),
+    Notation("e", "e", "expert-parallel degree: ranks that split the experts, each running attention on b/e "
+             "sequences", "layout", "Layout.e", "--ep", "ep"),
+    Notation("N", "N", "GPUs (ranks) of a layout, N = t·p (N = e with expert parallelism)", "layout", "Layout.ranks",
+             "--gpus", "gpus"),
     Notation("g", "g", "GPUs per node (ranks placed in order, g per node)", "layout", "gpus_per_node",
              "--gpus-per-node", "gpus_per_node"),
     # one forward
@@ -71,6 +84,14 @@ _ENTRIES = (
     Notation("ell", r"\ell", "tokens already in the KV cache before a forward", "forward", "kv_len"),
     Notation("c", "c", "keys one query attends to (mean over a forward)", "forward", "ctx", "", "", "",
              integer=False),
+    Notation("gamma", r"\gamma", "capacity factor of capacity-based routing (DeepSpeed eval_capacity_factor)",
+             "forward", "Routing.capacity_factor", "--capacity-factor", "capacity_factor", integer=False),
+    Notation("C_min", r"C_{\min}", "minimum expert capacity (DeepSpeed min_capacity)", "forward",
+             "Routing.min_capacity", "--min-capacity", "min_capacity"),
+    Notation("C", "C", "expert capacity: token slots per expert in one forward, the same on every EP rank",
+             "forward", "capacity"),
+    Notation("kappa", r"\kappa", "routes one EP rank's tokens send to one expert in one forward (dropless counts)",
+             "forward", "counts"),
     # messages
     Notation("m", "m", "message size in bytes, as nccl-tests defines it for the op", "message", "bytes", "", "bytes"),
     Notation("n", "n", "ranks in the group a collective runs on", "message", "group_size", "--ranks",
@@ -101,7 +122,9 @@ def by_group(group: str) -> list[Notation]:
 # The symbols as module attributes, for ``from llmcomm.notation import b, S, G, h, L, V, t, p, w, s``.
 b, S, G, w = (symbol(x) for x in ("b", "S", "G", "w"))
 h, L, V, a, a_kv, d, F = (symbol(x) for x in ("h", "L", "V", "a", "a_kv", "d", "F"))
-t, p, N, g = (symbol(x) for x in ("t", "p", "N", "g"))
+E, k, F_ex, F_sh, L_moe = (symbol(x) for x in ("E", "k", "F_ex", "F_sh", "L_moe"))
+t, p, e, N, g = (symbol(x) for x in ("t", "p", "e", "N", "g"))
 s, T, ell, c = (symbol(x) for x in ("s", "T", "ell", "c"))
+gamma, C_min, C, kappa = (symbol(x) for x in ("gamma", "C_min", "C", "kappa"))
 m, n = symbol("m"), symbol("n")
 alpha, beta, tau = symbol("alpha"), symbol("beta"), symbol("tau")

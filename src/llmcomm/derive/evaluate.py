@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import sympy as sp
 
-from ..notation import L, V, b, h, p, s, t, w
+from ..notation import C, E, L, L_moe, V, b, e, h, p, s, t, w
 from ..spec import Layout, ModelSpec, SpecError, Workload, stage_layers
 from .patterns import pattern
 from .phases import PHASES, forwards
@@ -28,8 +28,9 @@ from .traffic import node_of_placement, rows_of_calls, summary
 __all__ = ["ARGS", "Compiled", "compiled", "messages", "phase_bytes", "rows", "forward_messages", "forward_calls",
            "generation_calls", "traffic_totals", "exact"]
 
-#: the argument order of every compiled function
-ARGS = (b, s, h, L, V, t, p, w)
+#: the argument order of every compiled function (the MoE symbols are 0 for a dense model; C is the expert capacity
+#: of the forward, computed by the caller: :func:`llmcomm.derive.moe.forward_capacity`)
+ARGS = (b, s, h, L, V, t, p, w, L_moe, E, e, C)
 
 
 @dataclass(frozen=True)
@@ -67,15 +68,16 @@ def compiled(engine: str) -> tuple[Compiled, ...]:
                           size=fn(m.bytes_per_call)) for m in pattern(engine))
 
 
-def _model_args(model: ModelSpec, t_, p_, b_, s_, w_) -> tuple:
-    return (b_, s_, model.h, model.L, model.V, t_, p_, w_)
+def _model_args(model: ModelSpec, t_, p_, b_, s_, w_, e_=1, C_=0) -> tuple:
+    return (b_, s_, model.h, model.L, model.V, t_, p_, w_, model.L_moe, model.E, e_, C_)
 
 
-def messages(engine: str, model: ModelSpec, t_, p_, b_, s_, w_) -> list[dict]:
-    """Every message kind of one forward over ``s_`` tokens, evaluated on broadcast arrays of t, p, b, s, w:
-    ``{"op", "path", "why", "n", "calls", "critical", "m"}`` (group size, calls, critical-path calls and bytes per
-    call, each an array of the broadcast shape). Kinds with no call anywhere in the grid are left out."""
-    arrs = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (t_, p_, b_, s_, w_)))
+def messages(engine: str, model: ModelSpec, t_, p_, b_, s_, w_, e_=1, C_=0) -> list[dict]:
+    """Every message kind of one forward over ``s_`` tokens, evaluated on broadcast arrays of t, p, b, s, w (and,
+    for expert parallelism, e and the capacity C): ``{"op", "path", "why", "n", "calls", "critical", "m"}`` (group
+    size, calls, critical-path calls and bytes per call, each an array of the broadcast shape). Kinds with no call
+    anywhere in the grid are left out."""
+    arrs = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (t_, p_, b_, s_, w_, e_, C_)))
     shape = arrs[0].shape
     args = _model_args(model, *arrs)
     out = []
@@ -128,23 +130,42 @@ def _split(calls: int, parts: int, what: str) -> int:
     return calls // parts
 
 
+def _bytes(x, cap) -> int | float:
+    """An exact byte count, or a float when the capacity is an expectation (dropless routing predicted)."""
+    return exact(x) if float(cap).is_integer() else float(x)
+
+
+def _capacity(model: ModelSpec, layout: Layout, workload: Workload, tokens: int, routing) -> float:
+    """The expert capacity C of one forward (0 without expert parallelism: no pattern then uses it)."""
+    if layout.e == 1:
+        return 0
+    from .moe import Routing, forward_capacity
+
+    return forward_capacity(routing or Routing(), model.E, model.moe.top_k, workload.b, tokens, layout.e)
+
+
 def forward_calls(model: ModelSpec, layout: Layout, workload: Workload, phase: str,
-                  engine: str = "deepspeed") -> list[tuple]:
+                  engine: str = "deepspeed", routing=None) -> list[tuple]:
     """The concrete calls of ONE forward of ``phase``: ``(op, ranks, m, count, root)`` with the global ranks of the
     group each call runs on (for send_recv: (sender, receiver)), expanded from each message's ``where``
     (:data:`llmcomm.derive.patterns.WHERE`). The calls of a ``layers`` message are split over the stages by the layers
-    each holds (:func:`llmcomm.spec.stage_layers`)."""
+    each holds (:func:`llmcomm.spec.stage_layers`).
+
+    With expert parallelism (``layout.e`` > 1) the capacity C of the forward comes from ``routing``
+    (:class:`llmcomm.derive.moe.Routing`, default DeepSpeed's capacity routing); for dropless routing it is the
+    expectation under uniform routing, so the all-to-all sizes are expectations (floats)."""
     tokens, _ = _tokens(phase, workload)
     t, p = layout.t, layout.p
     parts = stage_layers(model.L, p)
-    args = _model_args(model, t, p, workload.b, tokens, workload.w)
+    cap = _capacity(model, layout, workload, tokens, routing)
+    args = _model_args(model, t, p, workload.b, tokens, workload.w, layout.e, cap)
     group = lambda k: tuple(range(k * t, k * t + t))  # noqa: E731 - the TP group of stage k
     out = []
     for c in compiled(engine):
         calls = exact(c.calls(*args))
         if not calls:
             continue
-        m = exact(c.size(*args))
+        m = _bytes(c.size(*args), cap)
         where = c.where
         if where == "layers":
             for k, layers in enumerate(parts):
@@ -161,49 +182,52 @@ def forward_calls(model: ModelSpec, layout: Layout, workload: Workload, phase: s
         elif where == "wrap":
             per = _split(calls, t, c.why)
             out += [(c.op, ((p - 1) * t + j, j), m, per, None) for j in range(t)]
+        elif where == "experts":
+            out.append((c.op, tuple(range(layout.e)), m, calls, None))
         else:                                                          # pragma: no cover - WHERE is closed
             raise SpecError(f"no expansion for where={where!r}")
     return out
 
 
 def generation_calls(model: ModelSpec, layout: Layout, workload: Workload,
-                     engine: str = "deepspeed") -> list[tuple]:
+                     engine: str = "deepspeed", routing=None) -> list[tuple]:
     """Every call of a generation: ``(phase, op, ranks, m, count, root)`` (1 prefill + G−1 decode forwards)."""
     out = []
     for phase in PHASES:
         _, count = _tokens(phase, workload)
         if count:
             out += [(phase, op, ranks, m, count * k, root)
-                    for op, ranks, m, k, root in forward_calls(model, layout, workload, phase, engine)]
+                    for op, ranks, m, k, root in forward_calls(model, layout, workload, phase, engine, routing)]
     return out
 
 
 def rows(model: ModelSpec, layout: Layout, workload: Workload, engine: str = "deepspeed",
-         algorithm: str = "ring", gpus_per_node: int | None = None) -> list[dict]:
+         algorithm: str = "ring", gpus_per_node: int | None = None, routing=None) -> list[dict]:
     """Predicted rows of a generation (no setup rows), in the order and schema of a measurement's rows:
     ``{"phase", "op", "group_size", "calls", "bytes", "algorithm", "sent_bytes_per_rank", "link_bytes"}`` and, when
     ``gpus_per_node`` places the ranks (g per node, in order), ``"inter_node_bytes"``. ``algorithm`` is the
     all-reduce's (:mod:`llmcomm.derive.traffic`). Rows with no call are omitted; the layout and workload are
-    validated."""
+    validated. ``routing``: the MoE routing of expert parallelism (:func:`forward_calls`)."""
     layout.validate(model)
     workload.validate(model)
     node_of = node_of_placement(gpus_per_node) if gpus_per_node is not None else None
-    return rows_of_calls(generation_calls(model, layout, workload, engine), node_of, algorithm)
+    return rows_of_calls(generation_calls(model, layout, workload, engine, routing), node_of, algorithm)
 
 
 def traffic_totals(model: ModelSpec, layout: Layout, workload: Workload, engine: str = "deepspeed",
-                   algorithm: str = "ring", gpus_per_node: int | None = None) -> dict:
+                   algorithm: str = "ring", gpus_per_node: int | None = None, routing=None) -> dict:
     """The traffic of a whole generation (all phases, setup apart): ``{"algorithm", "bytes", "busiest_rank",
     "sent_bytes_busiest_rank", "link_bytes", "inter_node_bytes"}`` — the busiest rank over all ops together (not
     the sum of each row's busiest)."""
-    calls = generation_calls(model, layout.validate(model), workload.validate(model), engine)
+    calls = generation_calls(model, layout.validate(model), workload.validate(model), engine, routing)
     return summary(calls, node_of_placement(gpus_per_node) if gpus_per_node is not None else None, algorithm)
 
 
 def forward_messages(model: ModelSpec, layout: Layout, workload: Workload, phase: str,
-                     engine: str = "deepspeed") -> list[dict]:
+                     engine: str = "deepspeed", routing=None) -> list[dict]:
     """The messages of ONE forward of ``phase``: ``{"op", "group_size", "calls", "bytes_per_call", "why"}``."""
     tokens, _ = _tokens(phase, workload)
+    cap = _capacity(model, layout, workload, tokens, routing)
     return [{"op": msg["op"], "group_size": exact(msg["n"]), "calls": exact(msg["calls"]),
-             "bytes_per_call": exact(msg["m"]), "why": msg["why"]}
-            for msg in messages(engine, model, layout.t, layout.p, workload.b, tokens, workload.w)]
+             "bytes_per_call": _bytes(msg["m"], cap), "why": msg["why"]}
+            for msg in messages(engine, model, layout.t, layout.p, workload.b, tokens, workload.w, layout.e, cap)]

@@ -10,18 +10,21 @@ Messages that exist only when t > 1 (TP) or p > 1 (PP) carry that condition as a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import sympy as sp
 
-from ..notation import L, V, b, h, p, s, t, w
+from ..notation import C, E, L, L_moe, V, b, e, h, p, s, t, w
 from ..spec import SpecError
 
-__all__ = ["Msg", "ENGINES", "P2P_MODES", "PATHS", "WHERE", "W_TOKEN", "pattern", "engine_for", "when_tp", "when_pp"]
+__all__ = ["Msg", "ENGINES", "P2P_MODES", "PATHS", "WHERE", "W_TOKEN", "W_COUNT", "pattern", "engine_for", "when_tp",
+           "when_pp", "when_ep"]
 
 #: Bytes of one token id as engines move it (torch.int64).
 W_TOKEN = 8
+#: Bytes of the expert capacity DeepSpeed's dropless routing all-reduces (an int64 scalar).
+W_COUNT = 8
 #: Which ranks a message joins (the latency model's link choice): a TP group, neighbouring stages, or the wrap from
 #: the last stage back to stage 0.
 PATHS = ("tp", "pp", "wrap")
@@ -29,8 +32,9 @@ PATHS = ("tp", "pp", "wrap")
 #: consecutive ranks): ``layers`` — every stage's TP group, in proportion to the decoder layers it holds; ``head`` —
 #: the last stage's TP group; ``embed`` — the first stage's; ``receivers`` — the TP group of each stage that receives
 #: a hop (stages 1 … p−1), equally; ``boundary`` — TP rank j of stage k to TP rank j of stage k+1, at each of the
-#: p−1 boundaries, equally; ``wrap`` — TP rank j of the last stage to TP rank j of stage 0.
-WHERE = ("layers", "head", "embed", "receivers", "boundary", "wrap")
+#: p−1 boundaries, equally; ``wrap`` — TP rank j of the last stage to TP rank j of stage 0; ``experts`` — the EP
+#: group of the e ranks of expert parallelism (global ranks 0 … e−1; t = p = 1).
+WHERE = ("layers", "head", "embed", "receivers", "boundary", "wrap", "experts")
 
 
 def when_tp(expr):
@@ -41,6 +45,11 @@ def when_tp(expr):
 def when_pp(expr):
     """``expr`` when pipeline parallelism is on (p > 1), else 0."""
     return sp.Piecewise((expr, sp.Gt(p, 1)), (0, True))
+
+
+def when_ep(expr):
+    """``expr`` when expert parallelism is on (e > 1), else 0."""
+    return sp.Piecewise((expr, sp.Gt(e, 1)), (0, True))
 
 
 @dataclass(frozen=True)
@@ -133,18 +142,83 @@ def _vllm() -> list[Msg]:
     ]
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Mixtures of experts (DeepSpeed 0.19.8, transformers 5.24; measured in a scratch investigation of the MoE layer and
+# AutoTP on a tiny Mixtral, to be re-measured by the project's capture). L_moe of the L layers are MoE layers.
+# --------------------------------------------------------------------------------------------------------------------
+def _moe_autotp() -> list[Msg]:
+    """DeepSpeed AutoTP on an HF mixture of experts as it is: attention sharded t ways (o_proj LinearAllreduce), the
+    fused expert tensors (``experts.gate_up_proj`` [E, 2F_ex, h], ``experts.down_proj`` [E, h, F_ex]) bare
+    Parameters that AutoTP leaves whole on every rank — so an MoE layer has one all-reduce, not two, and the experts
+    are replicated t times. A dense layer of the same model (Qwen ``mlp_only_layers``) keeps its down_proj
+    all-reduce. Head and pipeline hops as DeepSpeed's dense pattern."""
+    dense = _deepspeed()
+    return [
+        Msg("all_reduce", t, when_tp(L), b * s * h,
+            "o_proj is LinearAllreduce: all-reduce of [b, s, h], once per layer (experts replicated, no reduction)"),
+        Msg("all_reduce", t, when_tp(L - L_moe), b * s * h,
+            "down_proj of the dense (non-MoE) layers is LinearAllreduce: all-reduce of [b, s, h]"),
+        *dense[1:],
+    ]
+
+
+def _tp_experts() -> list[Msg]:
+    """The serving engines' TP layout of a mixture of experts: every expert's FFN sharded t ways (gate/up by
+    columns, down by rows), so the MoE block's output is a partial sum reduced once, like a dense MLP: DeepSpeed's
+    dense pattern, two all-reduces per layer."""
+    dense = _deepspeed()
+    return [replace(dense[0], why="o_proj and the MoE block (every expert sharded t ways; dense layers: down_proj): "
+                                  "all-reduce of [b, s, h], twice per layer"), *dense[1:]]
+
+
+def _ep(dropless: bool = False) -> list[Msg]:
+    """Expert parallelism with data-parallel attention through DeepSpeed's MoE layer (``deepspeed.moe.layer.MoE``,
+    ``ep_size`` = e, in place of the model's sparse block): every rank runs attention on its own b/e sequences and
+    holds E/e experts; per MoE layer the dispatch and the combine are ``all_to_all_single`` of the capacity-padded
+    [E, C, h] buffer on the EP group (equal splits). Dropless routing first agrees on C: ``all_reduce`` MAX of the
+    int64 largest count. C is the capacity of the forward (:mod:`llmcomm.derive.moe`)."""
+    msgs = [Msg("all_to_all", e, when_ep(2 * L_moe), E * C * h,
+                "MoE dispatch and combine: all_to_all_single of [E, C, h] on the EP group, twice per MoE layer",
+                where="experts")]
+    if dropless:
+        msgs.insert(0, Msg("all_reduce", e, when_ep(L_moe), 1,
+                           "dropless capacity: all_reduce MAX of the int64 largest expert count, once per MoE layer",
+                           where="experts", width=W_COUNT))
+    return msgs
+
+
 ENGINES: dict[str, Callable[[], list[Msg]]] = {"deepspeed": _deepspeed, "deepspeed-full": lambda: _deepspeed("full"),
-                                               "vllm": _vllm}
+                                               "vllm": _vllm, "deepspeed-moe-autotp": _moe_autotp,
+                                               "tp-experts": _tp_experts, "deepspeed-ep": _ep,
+                                               "deepspeed-ep-dropless": lambda: _ep(dropless=True)}
 #: Stage-to-stage modes of the DeepSpeed pipeline runner (``llmcomm measure --p2p``) and the pattern of each. The one
 #: definition: the runner, the command line and the closed forms all read it.
 P2P_MODES = {"partitioned": "deepspeed", "full": "deepspeed-full"}
 
 
-def engine_for(engine: str = "deepspeed", p2p: str = "partitioned") -> str:
+def engine_for(engine: str = "deepspeed", p2p: str = "partitioned", model=None, e_: int = 1,
+               routing: str = "capacity") -> str:
     """The pattern name for ``engine`` with stage-to-stage mode ``p2p``: ``deepspeed`` + ``full`` →
-    ``deepspeed-full``; ``partitioned`` leaves any engine as it is (vLLM's pattern has its own pipeline rows)."""
+    ``deepspeed-full``; ``partitioned`` leaves any engine as it is (vLLM's pattern has its own pipeline rows).
+
+    For a mixture of experts (``model.is_moe``): expert parallelism (``e_`` > 1) is ``deepspeed-ep`` or
+    ``deepspeed-ep-dropless`` by ``routing``; else ``deepspeed`` means AutoTP as DeepSpeed does it
+    (``deepspeed-moe-autotp``, experts replicated) and ``tp-experts`` the serving engines' sharded experts."""
     if p2p not in P2P_MODES:
         raise SpecError(f"p2p mode {p2p!r} is not one of {', '.join(P2P_MODES)}")
+    moe = model is not None and model.is_moe
+    if engine == "tp-experts" and not moe:
+        raise SpecError("engine 'tp-experts' shards experts: it needs a mixture of experts")
+    if e_ > 1:
+        if engine != "deepspeed":
+            raise SpecError(f"expert parallelism is modelled for DeepSpeed's MoE layer, not engine {engine!r}")
+        from .moe import ep_engine
+
+        return ep_engine(routing)
+    if moe and engine == "deepspeed":
+        if p2p == "full":
+            raise SpecError("p2p mode 'full' is not modelled for a mixture of experts (use 'partitioned')")
+        return "deepspeed-moe-autotp"
     if p2p == "partitioned":
         return engine
     if engine not in ("deepspeed", "deepspeed-full"):

@@ -162,6 +162,8 @@ def _class_calls(msg, cls: str) -> sp.Expr:
         return calls / (t * (p - 1)) if cls in ("first", "middle") else sp.Integer(0)
     if where == "wrap":
         return calls / t if cls == "last" else sp.Integer(0)
+    if where == "experts":                      # expert parallelism: one stage, every rank in every call
+        return calls if cls == "single" else sp.Integer(0)
     raise ValueError(where)
 
 
