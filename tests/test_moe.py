@@ -318,3 +318,46 @@ def test_ep_needs_e_to_divide_the_batch():
     with pytest.raises(SpecError, match="e=2 does not divide the batch b=3"):
         ev.rows(load_model("tiny-mixtral"), Layout(e=2), Workload(3, 7, 2), "deepspeed-ep")
 
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+from llmcomm.cli import main  # noqa: E402
+
+
+def test_cli_predict_ep(capsys):
+    assert main(["predict", "--model", "tiny-mixtral", "--ep", "2", "--batch", "4", "--prompt", "7", "--generate",
+                 "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ep"] == 2 and out["moe_routing"] == "capacity" and out["moe"]["pattern"] == "deepspeed-ep"
+    assert _core(out["ops"]) == [("prefill", "all_to_all", 2, 4, 4 * 8192), ("decode", "all_to_all", 2, 8, 8 * 8192)]
+    assert out["moe"]["phases"]["prefill"] == {"tokens_per_rank": 14, "capacity": 4}
+    assert main(["predict", "--model", "tiny-mixtral", "--ep", "2", "--batch", "4", "--prompt", "7",
+                 "--moe-routing", "dropless"]) == 0
+    text = capsys.readouterr().out
+    assert "all_to_all" in text and "dropless C between 4 and 14" in text and "(exact)" in text
+    assert main(["predict", "--model", "tiny-mixtral", "--tp", "2", "--capacity-factor", "1.2",
+                 "--min-capacity", "0"]) == 0
+    assert "DeepSpeed AutoTP leaves the fused experts whole" in capsys.readouterr().out
+    assert main(["predict", "--model", "tiny-mixtral", "--tp", "2", "--engine", "tp-experts"]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "tiny-mixtral", "--ep", "3"], "e=3 does not divide the 8 experts of tiny-mixtral"),
+    (["--model", "tiny-llama", "--ep", "2"], "tiny-llama is dense"),
+    (["--model", "tiny-mixtral", "--ep", "2", "--capacity-factor", "0"], "--capacity-factor: 0 must be a positive"),
+    (["--model", "tiny-mixtral", "--ep", "2", "--capacity-factor", "-1.5"], "-1.5 must be a positive"),
+    (["--model", "tiny-mixtral", "--ep", "2", "--batch", "3"], "e=2 does not divide the batch b=3"),
+    (["--model", "tiny-mixtral", "--ep", "2", "--min-capacity", "-1"], "-1 must be at least 0"),
+    (["--model", "tiny-mixtral", "--ep", "2", "--moe-routing", "top1"], "invalid choice: 'top1'"),
+    (["--model", "tiny-mixtral", "--ep", "2", "--engine", "vllm"], "not engine 'vllm'"),
+    (["--model", "tiny-llama", "--tp", "2", "--engine", "tp-experts"], "needs a mixture of experts"),
+    (["--model", "tiny-mixtral", "--tp", "2", "--hardware", "h100-sxm"], "time model does not count expert"),
+    (["--model", "K_TOO_BIG"], "num_experts_per_tok=9 exceeds the 8 experts"),
+])
+def test_cli_bad_moe_input(tmp_path, capsys, argv, message):
+    if "K_TOO_BIG" in argv:
+        f = tmp_path / "config.json"
+        f.write_text(json.dumps(dict(load_model("tiny-mixtral").hf_config, num_experts_per_tok=9)))
+        argv = [str(f) if a == "K_TOO_BIG" else a for a in argv]
+    assert main(["predict", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err

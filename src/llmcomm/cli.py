@@ -42,6 +42,17 @@ def positive_int(text: str) -> int:
     return v
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer ≥ 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 0")
+    return v
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
     try:
@@ -76,7 +87,7 @@ def _add_spec_args(sp: argparse.ArgumentParser) -> None:
 def _specs(args):
     """The model, layout and workloads (the cross product of the workload options, :func:`workload_grid`)."""
     model = load_model(args.model)
-    layout = Layout(args.tp, args.pp).validate(model)
+    layout = Layout(args.tp, args.pp, getattr(args, "ep", 1)).validate(model)
     workloads = [w.validate(model) for w in workload_grid(args.batch, args.prompt, args.generate, args.dtype)]
     return model, layout, workloads
 
@@ -118,13 +129,47 @@ def _with_p2p(head: dict, layout, p2p: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------- predict
+def _moe_lines(summary: dict | None, engine: str) -> list[str]:
+    """The MoE lines under predict's rows: what the expert messages rest on."""
+    if summary is None:
+        return []
+    head = f"MoE: E={summary['E']} experts, top-{summary['k']}, {summary['L_moe']} MoE layers; "
+    if summary["e"] == 1:
+        return [head + {"deepspeed-moe-autotp": "DeepSpeed AutoTP leaves the fused experts whole on every TP rank "
+                        "(one all-reduce per MoE layer)",
+                        "tp-experts": "every expert sharded t ways (two all-reduces per layer, like dense)"}
+                .get(engine, f"engine pattern {engine}")]
+    r = summary["routing"]
+    lines = [head + f"expert parallelism e={summary['e']}, {r['mode']} routing"
+             + (f" (capacity factor {r['capacity_factor']}, min capacity {r['min_capacity']})"
+                if r["mode"] == "capacity" else "")]
+    for phase, x in summary["phases"].items():
+        if "capacity" in x:
+            lines.append(f"  {phase}: {x['tokens_per_rank']} tokens per EP rank, capacity C={x['capacity']}")
+        else:
+            lo, hi = x["capacity_bounds"]
+            lines.append(f"  {phase}: {x['tokens_per_rank']} tokens per EP rank, dropless C between {lo} and {hi}; "
+                         f"rows use E[C]={x['capacity_expected']:.3f} under uniform routing ({x['method']})")
+    return lines
+
+
+def _no_moe_time(what: str) -> SpecError:
+    return SpecError(f"{what} on a mixture of experts: the time model does not count expert compute or all_to_all "
+                     f"yet (llmcomm predict gives its bytes)")
+
+
 def cmd_predict(args) -> int:
     from .derive.evaluate import rows as predict_rows, traffic_totals
+    from .derive.moe import Routing, moe_summary
     from .derive.patterns import engine_for
 
     model, layout, workloads = _specs(args)
-    engine = engine_for(args.engine, args.p2p)          # deepspeed + full → the "deepspeed-full" pattern
+    routing = Routing(args.moe_routing, args.capacity_factor, args.min_capacity)
+    # deepspeed + full → the "deepspeed-full" pattern; a mixture of experts → its AutoTP or expert-parallel pattern
+    engine = engine_for(args.engine, args.p2p, model, layout.e, routing.mode)
     hw = None
+    if args.hardware and model.is_moe:
+        raise _no_moe_time("predict --hardware")
     if args.hardware:
         from .predict.hardware import load_hardware
 
@@ -132,13 +177,18 @@ def cmd_predict(args) -> int:
     if args.engine_profile and hw is None:
         raise SpecError("--engine-profile needs --hardware (it changes the latency, not the bytes)")
     for workload in workloads:
-        rows = predict_rows(model, layout, workload, engine, args.algorithm, args.gpus_per_node)
-        traffic = traffic_totals(model, layout, workload, engine, args.algorithm, args.gpus_per_node)
+        rows = predict_rows(model, layout, workload, engine, args.algorithm, args.gpus_per_node, routing)
+        traffic = traffic_totals(model, layout, workload, engine, args.algorithm, args.gpus_per_node, routing)
         head = dict(_header(model, layout, workload), engine=args.engine)
         if args.engine == "deepspeed":
             head = _with_p2p(head, layout, args.p2p)
+        if layout.e > 1:
+            head = dict(head, ep=layout.e, moe_routing=routing.mode)
+        summary = moe_summary(model, layout, workload, routing)
         out = dict(head, ops=rows, traffic=traffic)
-        extra = []
+        if summary is not None:
+            out["moe"] = dict(summary, pattern=engine)
+        extra = _moe_lines(summary, engine)
         if hw is not None:
             from .predict.latency import predict_latency
 
@@ -151,7 +201,7 @@ def cmd_predict(args) -> int:
             out["latency"] = lat
             out["memory"] = {"fits": need <= hw.usable_memory_bytes, "needed_gib_per_rank": need / 2 ** 30,
                              "usable_gib_per_rank": hw.usable_memory_bytes / 2 ** 30}
-            extra = [f"TTFT {lat['ttft_s'] * 1e3:.3f} ms  TPOT {lat['tpot_s'] * 1e3:.3f} ms  "
+            extra += [f"TTFT {lat['ttft_s'] * 1e3:.3f} ms  TPOT {lat['tpot_s'] * 1e3:.3f} ms  "
                      f"E2E {lat['e2e_s'] * 1e3:.3f} ms  (hardware {hw.name}, {lat['gpus_per_node']} GPUs per node, "
                      f"engine profile {lat['engine_profile']})"]
             if not out["memory"]["fits"]:
@@ -264,6 +314,8 @@ def cmd_advise(args) -> int:
     from .predict.hardware import load_hardware
 
     model, hw = load_model(args.model), load_hardware(args.hardware)
+    if model.is_moe:
+        raise _no_moe_time("advise")
     rep = advise_report(model, args.gpus, args.gpus_per_node, hw, args.prompt, args.generate, args.batch,
                         args.objective, args.dtype, args.engine)
     if args.json:
@@ -313,6 +365,8 @@ def cmd_cost(args) -> int:
         if not args.tokens:
             raise SpecError("cost --model needs --tokens N [N ...] (the GEMM M dimension: tokens in one forward)")
         model = load_model(args.model)
+        if model.is_moe:
+            raise _no_moe_time("cost --model")
         rows = compute_costs(model, hw, args.tp, args.tokens, args.context, args.dtype)
         head = {"hardware": hw.name, "model": model.name, "tp": args.tp, "dtype": args.dtype, "context": args.context}
         cols = ("op", "tokens", "seconds", "flops", "bytes")
@@ -475,7 +529,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="closed-form calls and bytes per op and phase")
     _add_spec_args(pr)
-    pr.add_argument("--engine", choices=["deepspeed", "vllm"], default="deepspeed")
+    pr.add_argument("--engine", choices=["deepspeed", "vllm", "tp-experts"], default="deepspeed",
+                    help="whose messages: deepspeed (AutoTP; a mixture of experts as AutoTP leaves it, experts whole "
+                         "on every rank), vllm, or tp-experts (a mixture of experts with every expert sharded t ways)")
+    pr.add_argument("--ep", type=positive_int, default=1,
+                    help="expert-parallel degree e of a mixture of experts (DeepSpeed's MoE layer, data-parallel "
+                         "attention: each of the e ranks runs b/e sequences; default 1)")
+    pr.add_argument("--moe-routing", choices=["capacity", "dropless"], default="capacity",
+                    help="with --ep: DeepSpeed's capacity routing (drop_tokens=True, its default) or dropless")
+    pr.add_argument("--capacity-factor", type=positive_float, default=1.0,
+                    help="capacity factor of capacity routing (DeepSpeed's eval_capacity_factor; default 1.0)")
+    pr.add_argument("--min-capacity", type=non_negative_int, default=4,
+                    help="minimum capacity per expert of capacity routing (DeepSpeed's min_capacity; default 4)")
     pr.add_argument("--hardware", help="hardware preset or JSON file: adds TTFT/TPOT/E2E predictions")
     pr.add_argument("--gpus-per-node", type=positive_int, default=None,
                     help="GPUs per node g: ranks placed in order, g per node; adds inter_node_bytes (default: the "
