@@ -180,3 +180,22 @@ def test_deepspeed_comm_is_counted_once(world1):
         finally:
             dsc.configure(enabled=False, prof_all=False)
         assert [(e.api, e.op, e.bytes) for e in cap.events] == expected
+
+
+def test_all_to_all_records_the_bytes_sent_to_each_peer(world1):
+    import torch
+    import torch.distributed as dist
+
+    from llmcomm.measure.capture import _a2a_splits, _positions
+
+    x = torch.ones(6, 4)                                   # 6 rows of 16 B
+    single = _a2a_splits("all_to_all_single", _positions(dist.all_to_all_single))
+    assert single((torch.empty(6, 4), x), {}, 3) == [32, 32, 32]                              # equal split
+    assert single((torch.empty(6, 4), x, [1, 1, 1], [1, 2, 3]), {}, 3) == [16, 32, 48]        # input_split_sizes
+    assert single((torch.empty(6, 4),), {"input": x, "input_split_sizes": [4, 0, 2]}, 3) == [64, 0, 32]
+    listed = _a2a_splits("all_to_all", _positions(dist.all_to_all))
+    assert listed(([torch.empty(1)] * 2, [torch.ones(3), torch.ones(5)]), {}, 2) == [12, 20]
+    with Capture() as cap:
+        dist.all_to_all_single(torch.empty(6, 4), x)
+    (ev,) = cap.events
+    assert (ev.op, ev.bytes, ev.splits) == ("all_to_all", 96, [96])

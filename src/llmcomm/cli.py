@@ -231,7 +231,8 @@ def result_name(model, layout, workload, p2p: str) -> str:
 
     name = re.sub(r"[^A-Za-z0-9.-]+", "-", model.name).strip("-")
     tail = f"_{p2p}" if layout.p > 1 else ""
-    return f"{name}_t{layout.t}_p{layout.p}_b{workload.b}_S{workload.S}_G{workload.G}_{workload.dtype}{tail}.json"
+    ep = f"_e{layout.e}" if layout.e > 1 else ""
+    return f"{name}_t{layout.t}_p{layout.p}{ep}_b{workload.b}_S{workload.S}_G{workload.G}_{workload.dtype}{tail}.json"
 
 
 def _stored(path, head: dict, backend) -> dict | None:
@@ -251,13 +252,22 @@ def cmd_measure(args) -> int:
     from .measure.launch import RunError, measure_many, progress
     from .record import write_json
 
+    from dataclasses import asdict
+
+    from .derive.moe import Routing
+
     model, layout, workloads = _specs(args)
     backend = None if args.backend == "auto" else args.backend
     options = {"p2p": args.p2p} if layout.p > 1 else None      # the TP runner has no stage-to-stage messages
+    routing = Routing(args.moe_routing, args.capacity_factor, args.min_capacity)
+    if layout.e > 1:
+        options = {"routing": asdict(routing)}
     if args.resume and not args.out:
         raise SpecError("--resume needs --out (the folder whose finished configurations are skipped)")
     out = Path(args.out) if args.out else None
     heads = [_with_p2p(dict(_header(model, layout, w), engine="deepspeed"), layout, args.p2p) for w in workloads]
+    if layout.e > 1:
+        heads = [dict(hd, ep=layout.e, moe_routing=routing.mode) for hd in heads]
     paths = [out / result_name(model, layout, w, args.p2p) if out else None for w in workloads]
     ready: dict[int, tuple[dict, object]] = {}
     if args.resume:
@@ -522,6 +532,19 @@ def cmd_calibrate(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------- parser
+def _add_moe_args(sp) -> None:
+    """The mixture-of-experts options ``predict`` and ``measure`` share."""
+    sp.add_argument("--ep", type=positive_int, default=1,
+                    help="expert-parallel degree e of a mixture of experts (DeepSpeed's MoE layer, data-parallel "
+                         "attention: each of the e ranks runs b/e sequences; default 1)")
+    sp.add_argument("--moe-routing", choices=["capacity", "dropless"], default="capacity",
+                    help="with --ep: DeepSpeed's capacity routing (drop_tokens=True, its default) or dropless")
+    sp.add_argument("--capacity-factor", type=positive_float, default=1.0,
+                    help="capacity factor of capacity routing (DeepSpeed's eval_capacity_factor; default 1.0)")
+    sp.add_argument("--min-capacity", type=non_negative_int, default=4,
+                    help="minimum capacity per expert of capacity routing (DeepSpeed's min_capacity; default 4)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="llmcomm", description=__doc__.split("\n\n")[0])
     ap.add_argument("--version", action="version", version=f"llmcomm {__version__}")
@@ -532,15 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--engine", choices=["deepspeed", "vllm", "tp-experts"], default="deepspeed",
                     help="whose messages: deepspeed (AutoTP; a mixture of experts as AutoTP leaves it, experts whole "
                          "on every rank), vllm, or tp-experts (a mixture of experts with every expert sharded t ways)")
-    pr.add_argument("--ep", type=positive_int, default=1,
-                    help="expert-parallel degree e of a mixture of experts (DeepSpeed's MoE layer, data-parallel "
-                         "attention: each of the e ranks runs b/e sequences; default 1)")
-    pr.add_argument("--moe-routing", choices=["capacity", "dropless"], default="capacity",
-                    help="with --ep: DeepSpeed's capacity routing (drop_tokens=True, its default) or dropless")
-    pr.add_argument("--capacity-factor", type=positive_float, default=1.0,
-                    help="capacity factor of capacity routing (DeepSpeed's eval_capacity_factor; default 1.0)")
-    pr.add_argument("--min-capacity", type=non_negative_int, default=4,
-                    help="minimum capacity per expert of capacity routing (DeepSpeed's min_capacity; default 4)")
+    _add_moe_args(pr)
     pr.add_argument("--hardware", help="hardware preset or JSON file: adds TTFT/TPOT/E2E predictions")
     pr.add_argument("--gpus-per-node", type=positive_int, default=None,
                     help="GPUs per node g: ranks placed in order, g per node; adds inter_node_bytes (default: the "
@@ -555,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     me = sub.add_parser("measure", help="run DeepSpeed ranks and capture every collective")
     _add_spec_args(me)
+    _add_moe_args(me)
     me.add_argument("--timeout", type=positive_float, default=300.0,
                     help="seconds a launch may go without finishing a configuration before it is killed as hung")
     me.add_argument("--out", help="folder for the results, one JSON file per configuration (written atomically as "

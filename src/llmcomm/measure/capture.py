@@ -60,7 +60,8 @@ class Event:
     ran on; ``peer`` the global rank of the other side of a send/recv (None for a recv from any source), or the root
     of a broadcast, gather, reduce or scatter (None for other collectives); ``t_start``/``t_end`` seconds since the epoch (same clock on all ranks of one machine; the end is when
     the call returned, which for ``async_op`` is not completion; with ``Capture(sync=True)`` the device is
-    synchronised before and after each call).
+    synchronised before and after each call). ``splits`` (all_to_all only): the bytes this rank sends to each
+    member of the group, in group order (its own chunk included; an equal split when the call gave no sizes).
     """
 
     rank: int
@@ -76,6 +77,7 @@ class Event:
     async_op: bool = False
     t_start: float = 0.0
     t_end: float = 0.0
+    splits: list[int] | None = None     # all_to_all: bytes this rank sends to each member of the group, in order
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -147,6 +149,33 @@ def _positions(fn) -> dict[str, int]:
 
 def _nbytes(t) -> int:
     return t.numel() * t.element_size()
+
+
+def _a2a_splits(name: str, pos: dict[str, int]):
+    """A function ``(args, kwargs, n) → [bytes to each of the n group members]`` for an all-to-all wrapper:
+    ``all_to_all_single`` splits its input along dim 0 by ``input_split_sizes`` (rows), or equally without it;
+    the list form sends ``input_tensor_list[j]`` to member j."""
+    if name == "all_to_all":
+        li = pos.get("input_tensor_list")
+
+        def of_list(args, kwargs, n):
+            lst = args[li] if li is not None and li < len(args) else kwargs.get("input_tensor_list")
+            return [_nbytes(x) for x in lst] if lst is not None else None
+        return of_list
+    ti = next((pos[x] for x in ("input", "tensor") if x in pos), None)
+    si = pos.get("input_split_sizes")
+
+    def of_single(args, kwargs, n):
+        t = args[ti] if ti is not None and ti < len(args) else kwargs.get("input", kwargs.get("tensor"))
+        sizes = args[si] if si is not None and si < len(args) else kwargs.get("input_split_sizes")
+        if t is None:
+            return None
+        total = _nbytes(t)
+        if not sizes:
+            return [total // n] * n
+        row = total // max(int(t.shape[0]), 1)
+        return [int(x) * row for x in sizes]
+    return of_single
 
 
 def _dtype_name(dtype) -> str | None:
@@ -272,6 +301,7 @@ class Capture:
         gpi = pos.get(peer_names[1]) if peer_names else None
         always_async = name in _ASYNC_ALWAYS
         times_n = kind == "times_n"
+        splits_of = _a2a_splits(name, pos) if op == "all_to_all" else None
         cap = self
         perf = time.perf_counter
         raw = self._raw
@@ -319,7 +349,8 @@ class Capture:
             finally:
                 cap._depth -= 1
             raw.append((cap._phase, op, api, ref.dtype if ref is not None else None,
-                        ref.shape if ref is not None else None, nbytes, ranks, peer, async_op, t0, t1))
+                        ref.shape if ref is not None else None, nbytes, ranks, peer, async_op, t0, t1,
+                        splits_of(args, kwargs, len(ranks)) if splits_of else None))
             return out
 
         wrapper._llmcomm_capture = self
@@ -363,7 +394,8 @@ class Capture:
             finally:
                 cap._depth -= 1
             for kind, t, ranks, peer in recs:
-                cap._raw.append((cap._phase, kind, api, t.dtype, tuple(t.shape), _nbytes(t), ranks, peer, True, t0, t1))
+                cap._raw.append((cap._phase, kind, api, t.dtype, tuple(t.shape), _nbytes(t), ranks, peer, True, t0, t1,
+                                 None))
             return out
 
         wrapper._llmcomm_capture = self
@@ -376,8 +408,8 @@ class Capture:
         off, r = self._offset, self.rank
         return [Event(rank=r, seq=i, phase=ph, op=op, api=api, dtype=_dtype_name(dt),
                       shape=list(sh) if sh is not None else None, bytes=nb, group=list(g), peer=peer,
-                      async_op=a, t_start=t0 + off, t_end=t1 + off)
-                for i, (ph, op, api, dt, sh, nb, g, peer, a, t0, t1) in enumerate(self._raw)]
+                      async_op=a, t_start=t0 + off, t_end=t1 + off, splits=sp)
+                for i, (ph, op, api, dt, sh, nb, g, peer, a, t0, t1, sp) in enumerate(self._raw)]
 
     @property
     def phase_spans(self) -> list[dict]:

@@ -157,7 +157,10 @@ def progress(total: int, desc: str = "configurations", initial: int = 0, enabled
 
 
 def entry_for(layout: Layout) -> str:
-    """The rank entry module of a layout: pipeline (and hybrid TP×PP) runs use ``runs/pipeline.py``."""
+    """The rank entry module of a layout: pipeline (and hybrid TP×PP) runs use ``runs/pipeline.py``, expert
+    parallelism ``runs/ep.py``."""
+    if layout.e > 1:
+        return "llmcomm.measure.runs.ep"
     return "llmcomm.measure.runs.pipeline" if layout.p > 1 else "llmcomm.measure.runs.tp"
 
 
@@ -572,6 +575,10 @@ def measure_many(model: ModelSpec, layout: Layout, workloads: Sequence[Workload]
     layout.validate(model)
     for w in workloads:
         w.validate(model)
+        if layout.e > 1:
+            from llmcomm.derive.moe import rank_batch
+
+            rank_batch(w.b, layout.e)           # data-parallel attention: every EP rank runs b/e sequences
     dtypes = sorted({w.dtype for w in workloads})
     if len(dtypes) > 1:
         raise SpecError(f"one launch builds the model in one dtype; got {', '.join(dtypes)} (one launch per dtype)")
@@ -633,7 +640,7 @@ def rank_spec(model: ModelSpec, layout: Layout, workload: Workload | Sequence[Wo
     sweep in one launch (``"workloads"``; ``"workload"`` is the first)."""
     workloads = [workload] if isinstance(workload, Workload) else list(workload)
     spec = {"model": {"name": model.name, "hf_config": dict(model.hf_config) or _hf_dict(model)},
-            "layout": {"t": layout.t, "p": layout.p}, "workload": workloads[0].as_dict(), "seed": seed,
+            "layout": {"t": layout.t, "p": layout.p, "e": layout.e}, "workload": workloads[0].as_dict(), "seed": seed,
             "backend": backend, "reference": reference, "sync": sync, "capture": capture,
             "options": dict(options or {})}
     if not isinstance(workload, Workload):
@@ -670,6 +677,22 @@ def allreduce_algorithm(records: list[dict]) -> str:
     return "direct" if paths == {"shm"} else "ring"
 
 
+def _joined_shares(records) -> tuple[list, list | None]:
+    """(tokens, reference) of a run whose ranks generated disjoint shares of the batch (``"share": [lo, hi)``),
+    joined in sequence order; a gap or overlap between the shares is a :class:`RunError`."""
+    parts = sorted(records, key=lambda r: r["share"][0])
+    expect = 0
+    for r in parts:
+        lo, hi = r["share"]
+        if lo != expect or r.get("tokens") is None or len(r["tokens"]) != hi - lo:
+            raise RunError(f"rank {r['rank']} reported sequences [{lo}, {hi}) and {len(r.get('tokens') or [])} "
+                           f"generations where sequence {expect} was due")
+        expect = hi
+    tokens = [seq for r in parts for seq in r["tokens"]]
+    refs = [r.get("reference_tokens") for r in parts]
+    return tokens, (None if any(x is None for x in refs) else [seq for x in refs for seq in x])
+
+
 def _assemble(records, model, layout, workload, facts, started, entry, backend, check_tokens,
               sweep: dict | None = None) -> MeasureResult:
     from llmcomm.derive.traffic import summary
@@ -680,14 +703,17 @@ def _assemble(records, model, layout, workload, facts, started, entry, backend, 
         check_consistent(events)
     except CaptureError as e:
         raise RunError(f"the ranks' captures disagree: {e}") from None
-    seen = [(r["rank"], r["tokens"]) for r in records if r.get("tokens") is not None]
-    if not seen:
-        raise RunError("no rank reported generated tokens")
-    tokens = seen[-1][1]                      # TP: all equal; pipeline: the last stage holds the logits
-    for rank, tk in seen:
-        if tk != tokens:
-            raise RunError(f"rank {rank} generated {tk}, rank {seen[-1][0]} generated {tokens}")
-    reference = next((r["reference_tokens"] for r in records if r.get("reference_tokens") is not None), None)
+    if all("share" in r for r in records):   # expert parallelism: each rank generated its own sequences
+        tokens, reference = _joined_shares(records)
+    else:
+        seen = [(r["rank"], r["tokens"]) for r in records if r.get("tokens") is not None]
+        if not seen:
+            raise RunError("no rank reported generated tokens")
+        tokens = seen[-1][1]                  # TP: all equal; pipeline: the last stage holds the logits
+        for rank, tk in seen:
+            if tk != tokens:
+                raise RunError(f"rank {rank} generated {tk}, rank {seen[-1][0]} generated {tokens}")
+        reference = next((r["reference_tokens"] for r in records if r.get("reference_tokens") is not None), None)
     if check_tokens and reference is not None and tokens != reference:
         msg = f"generated tokens {tokens} differ from the single-process reference {reference}"
         if workload.dtype == "fp32":
@@ -695,7 +721,8 @@ def _assemble(records, model, layout, workload, facts, started, entry, backend, 
         warnings.warn(msg + f" ({workload.dtype}: rounding may flip near-ties)", RuntimeWarning, stacklevel=3)
     timing = lambda k: max(float(r.get("timings", {}).get(k, 0.0)) for r in records)  # noqa: E731
     prov = provenance(records, facts, started)
-    prov.update(entry=entry, backend_requested=backend, model=model.name, layout={"t": layout.t, "p": layout.p},
+    prov.update(entry=entry, backend_requested=backend, model=model.name,
+                layout={"t": layout.t, "p": layout.p, **({"e": layout.e} if layout.e > 1 else {})},
                 workload=workload.as_dict())
     if sweep is not None:
         prov["launch"] = dict(sweep, setup="once per launch, shared by its configurations; one untimed warm-up "

@@ -1,0 +1,121 @@
+"""DeepSpeed's MoE layer in place of a Hugging Face Mixtral sparse block: expert parallelism for the measurements.
+
+transformers 5.24's ``MixtralSparseMoeBlock`` keeps every expert in two fused parameters (``experts.gate_up_proj``
+[E, 2F, h], gate rows first, and ``experts.down_proj`` [E, h, F]) and routes with ``gate`` (a top-k router over
+``softmax(x Wᵀ)``, weights renormalised over the k chosen). DeepSpeed-Inference has no expert parallelism for it:
+AutoTP shards attention only, and DeepSpeed 0.19.8's AutoEP works only through ``deepspeed.initialize`` and fails on
+transformers 5.24 (book appendix *Dependency facts*). This module is the one thin adaptation the project makes
+(:func:`adapt`): each layer's block becomes a ``deepspeed.moe.layer.MoE`` with ``ep_size = e`` whose experts are this
+rank's E/e experts, copied from the fused tensors — global expert j lives on EP rank ``j // (E/e)``, the order in
+which ``all_to_all_single`` splits DeepSpeed's [E, C, h] dispatch buffer — and whose gate is the HF router's weight.
+
+Settings that make DeepSpeed's layer compute Mixtral's function (each measured; book appendix):
+
+* ``top2_2nd_expert_sampling=False`` — its default adds Gumbel noise to the second choice, in eval too;
+* ``noisy_gate_policy=None``, ``use_rts=False`` — no randomness in which tokens survive an over-full expert;
+* ``set_deepspeed_parallelism()`` called by hand — ``deepspeed.initialize`` would, ``init_inference`` does not; without
+  it the all-to-alls run on the world group;
+* ``drop_tokens=False`` (dropless: capacity C = the largest per-expert count over the EP group, one all-reduce MAX
+  first) equals HF Mixtral; capacity mode (``drop_tokens=True``, C = max(⌈T·k·c_f/E⌉, C_min) per rank) drops routes
+  beyond C and then equals the same adapted model run in one process on the rank's share (the reference the runs
+  compare with), not HF Mixtral;
+* k = 1 is refused: DeepSpeed weights the single expert by its softmax probability where Mixtral uses 1.
+
+:class:`RoutingLog` records, for every MoE forward, the per-expert route counts of this rank's tokens (before any
+drop) and the capacity C DeepSpeed used: the inputs of the closed forms (:mod:`llmcomm.derive.moe`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["ExpertFFN", "DeepSpeedMoEBlock", "adapt", "RoutingLog"]
+
+
+class ExpertFFN(nn.Module):
+    """One Mixtral expert: ``down(act(gate(x)) · up(x))`` with gate and up fused as in HF (weight [2F, h])."""
+
+    def __init__(self, h: int, F: int, act):
+        super().__init__()
+        self.gate_up = nn.Linear(h, 2 * F, bias=False)
+        self.down = nn.Linear(F, h, bias=False)
+        self.act = act
+
+    def forward(self, x):                     # DeepSpeed feeds [e, 1, C, h]; padding rows are zeros and stay zeros
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(self.act(gate) * up)
+
+
+class DeepSpeedMoEBlock(nn.Module):
+    """``deepspeed.moe.layer.MoE`` holding this EP rank's experts of an HF sparse block (see the module docs)."""
+
+    def __init__(self, hf_block, ep_size: int, dropless: bool, capacity_factor: float, min_capacity: int):
+        super().__init__()
+        from deepspeed.moe.layer import MoE
+        from deepspeed.utils import groups
+
+        ex = hf_block.experts
+        E, h, F = ex.num_experts, ex.hidden_dim, ex.intermediate_dim
+        k = hf_block.gate.top_k
+        if k < 2:
+            raise ValueError("top-1 routing is not adapted: DeepSpeed weights by the softmax probability, Mixtral by 1")
+        self.moe = MoE(hidden_size=h, expert=ExpertFFN(h, F, ex.act_fn), num_experts=E, ep_size=ep_size, k=k,
+                       capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
+                       min_capacity=min_capacity, noisy_gate_policy=None, drop_tokens=not dropless, use_rts=False,
+                       top2_2nd_expert_sampling=False)
+        self.moe.set_deepspeed_parallelism()
+        ep_rank = groups._get_expert_parallel_rank(self.moe.expert_group_name)
+        local = self.moe.num_local_experts
+        self.experts_here = [ep_rank * local + j for j in range(local)]
+        self.moe = self.moe.to(hf_block.gate.weight.dtype)
+        with torch.no_grad():
+            self.moe.deepspeed_moe.gate.wg.weight.copy_(hf_block.gate.weight)
+            for j, e in enumerate(self.experts_here):
+                mod = self.moe.deepspeed_moe.experts.deepspeed_experts[j]
+                mod.gate_up.weight.copy_(ex.gate_up_proj[e])
+                mod.down.weight.copy_(ex.down_proj[e])
+
+    def forward(self, hidden_states):
+        out, _aux_loss, _counts = self.moe(hidden_states)
+        return out
+
+
+def adapt(hf_model, ep_size: int, *, dropless: bool, capacity_factor: float = 1.0, min_capacity: int = 4):
+    """Replace every sparse block of ``hf_model`` (in place) by a :class:`DeepSpeedMoEBlock`; returns the model.
+    Collective: every rank must call it with the same arguments, in the same order (it creates the EP groups)."""
+    for layer in hf_model.model.layers:
+        if hasattr(layer.mlp, "experts"):
+            layer.mlp = DeepSpeedMoEBlock(layer.mlp, ep_size, dropless, capacity_factor, min_capacity)
+    return hf_model.eval()
+
+
+class RoutingLog:
+    """Per MoE layer of every forward of ``model`` (adapted by :func:`adapt`), in call order: ``{"forward",
+    "layer", "tokens", "counts", "capacity"}`` — the forward's index since the last :meth:`take`, the decoder
+    layer, the rank's tokens T, its routes per expert before any drop (DeepSpeed's ``exp_counts``) and the capacity
+    C of the dispatch buffer [E, C, h] (dropless: after the EP group's all-reduce MAX)."""
+
+    def __init__(self, model):
+        self.records: list[dict] = []
+        self._handles = []
+        layers = [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, DeepSpeedMoEBlock)]
+        self._per_forward = len(layers)
+        for i in layers:
+            gate = model.model.layers[i].mlp.moe.deepspeed_moe.gate
+            self._handles.append(gate.register_forward_hook(self._hook(i)))
+
+    def _hook(self, layer: int):
+        def record(_module, inputs, output):
+            # the gate's sparse routes: (l_aux, C, E, indices, locations, gates, exp_counts)
+            self.records.append({"forward": len(self.records) // self._per_forward, "layer": layer,
+                                 "tokens": int(inputs[0].shape[0]), "capacity": int(output[1]),
+                                 "counts": [int(c) for c in output[-1].tolist()]})
+        return record
+
+    def take(self) -> list[dict]:
+        out, self.records = self.records, []
+        return out
+
+    def close(self):
+        for h in self._handles:
+            h.remove()

@@ -1,0 +1,60 @@
+"""Rank-side entry of an expert-parallel measurement: ``python -m llmcomm.measure.runs.ep --spec RUN/spec.json --out RUN``.
+
+Expert parallelism with data-parallel attention on e = world-size ranks (a MoE model; ``spec["options"]["routing"]``:
+the fields of :class:`llmcomm.derive.moe.Routing`). Every rank
+
+1. builds the seeded model once and takes its share of each configuration's batch: sequences
+   ``[r·b/e, (r+1)·b/e)`` (attention, norms, embedding and head run on the rank's own sequences, replicated weights);
+2. computes the single-process reference of its share: the same model adapted with ``ep_size = 1`` (DeepSpeed's MoE
+   layer with every expert local issues no collective), run before the EP model exists;
+3. under a capture of its own (phase ``setup``): :func:`llmcomm.measure.moe_adapter.adapt` with ``ep_size = e`` —
+   DeepSpeed's MoE layer holding this rank's E/e experts; the EP process groups are created here;
+4. one untimed warm-up generation, then for every configuration, under a fresh capture: the generation of its share
+   (each MoE layer of each forward: dispatch ``all_to_all``, experts, combine ``all_to_all``; dropless adds the
+   capacity ``all_reduce`` MAX first), with the router's per-expert counts and the capacity of every MoE forward
+   (:class:`~llmcomm.measure.moe_adapter.RoutingLog`) in the result's ``routing``.
+"""
+from __future__ import annotations
+
+import sys
+
+from llmcomm.measure.runs.rankio import RankContext, rank_main
+
+
+def run(ctx: RankContext):
+    """The EP experiment on this rank: yields, per configuration, this rank's share of the tokens, its reference,
+    timings and routing log."""
+    import copy
+
+    from llmcomm.measure.moe_adapter import RoutingLog, adapt
+    from llmcomm.measure.runs.common import build_model, generate, prompt_ids, reference_generations, warm_up
+
+    from llmcomm.derive.moe import Routing
+
+    model, e, r = ctx.model, ctx.world_size, ctx.rank
+    routing = Routing(**ctx.options.get("routing", {}))
+    opts = {"dropless": routing.mode == "dropless", "capacity_factor": routing.capacity_factor,
+            "min_capacity": routing.min_capacity}
+    hf = build_model(model, ctx.dtype, ctx.device, seed=ctx.seed)
+    shares = [(r * w.b // e, (r + 1) * w.b // e) for w in ctx.workloads]
+    prompts = [prompt_ids(w, model.V, seed=ctx.seed, device=ctx.device)[lo:hi]
+               for w, (lo, hi) in zip(ctx.workloads, shares)]
+    # The reference: the same weights, every expert local (ep_size = 1: no collective), this rank's sequences.
+    single = adapt(copy.deepcopy(hf), 1, **opts)
+    references = reference_generations(single, prompts, ctx.workloads, on=ctx.reference)
+    del single
+
+    with ctx.setup_capture() as cap, cap.phase("setup"):
+        ep_model = adapt(hf, e, **opts)
+    log = RoutingLog(ep_model)
+    warm_up(ep_model, ep_model, prompts[0], ctx.workloads[0])
+    for i, w in ctx.sweep():
+        log.take()
+        with ctx.capture() as cap:
+            gen = generate(ep_model, ep_model, prompts[i], w.G, phase=ctx.phase_hook(cap))
+        yield {"tokens": gen.tokens, "reference_tokens": references[i] and references[i].tokens,
+               "timings": gen.timings, "share": list(shares[i]), "routing": log.take()}
+
+
+if __name__ == "__main__":
+    sys.exit(rank_main(run, entry="llmcomm.measure.runs.ep"))

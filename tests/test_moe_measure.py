@@ -1,0 +1,93 @@
+"""Mixture-of-experts runs on CPU ranks against the closed forms, byte for byte: expert parallelism through
+DeepSpeed's MoE layer (capacity and dropless routing) and AutoTP on a tiny Mixtral. Slow (starts ranks)."""
+import pytest
+
+from llmcomm import load_model
+from llmcomm.cli import main
+from llmcomm.compare import moe as cm
+from llmcomm.derive.evaluate import rows as predict_rows
+from llmcomm.derive.moe import Routing, dropless_bounds, expected_max_count
+from llmcomm.derive.patterns import engine_for
+from llmcomm.measure.launch import RunError, _joined_shares
+from llmcomm.spec import Layout, Workload
+
+from support import core, measured
+
+MODEL = "tiny-mixtral"
+EP2 = Layout(1, 1, 2)
+WORKLOADS = (Workload(4, 7, 3, "fp32"), Workload(2, 5, 2, "fp32"))
+
+
+def _predicted(layout, w, routing):
+    m = load_model(MODEL)
+    return core(predict_rows(m, layout, w, engine_for("deepspeed", "partitioned", m, layout.e, routing.mode),
+                             routing=routing))
+
+
+@pytest.mark.slow
+def test_ep_capacity_routing_every_row_and_every_call_exact():
+    m, routing = load_model(MODEL), Routing("capacity")
+    for w, res in zip(WORKLOADS, measured(MODEL, EP2, WORKLOADS, options={"routing": {"mode": "capacity"}})):
+        assert res.tokens == res.reference_tokens and len(res.tokens) == w.b        # every sequence, joined in order
+        assert [r for r in core(res.rows) if r["phase"] != "setup"] == _predicted(EP2, w, routing)   # routing-free
+        ex = cm.a2a_exactness(res, m, EP2, w, routing)
+        assert ex.equal.all() and (ex.C_predicted == ex.C_run).all()
+        assert len(ex) == 2 * m.L_moe * w.G                                            # dispatch + combine per layer
+        assert all(s == [b // 2, b // 2] for s, b in zip(ex.split_measured, ex.bytes_measured))   # equal splits
+    # b = 4, S = 7 on 2 ranks: T = 14 tokens per rank in the prefill, C = max(⌈14·2/8⌉, 4) = 4 → m = 8·4·64·4 B
+    first = cm.a2a_exactness(measured(MODEL, EP2, WORKLOADS, options={"routing": {"mode": "capacity"}})[0], m, EP2,
+                             WORKLOADS[0], routing)
+    assert first.bytes_measured.iloc[0] == 8 * 4 * 64 * 4 == 8192
+
+
+@pytest.mark.slow
+def test_ep_dropless_exact_on_the_measured_counts():
+    m, routing = load_model(MODEL), Routing("dropless")
+    for w, res in zip(WORKLOADS, measured(MODEL, EP2, WORKLOADS, options={"routing": {"mode": "dropless"}})):
+        assert res.tokens == res.reference_tokens
+        ex = cm.a2a_exactness(res, m, EP2, w, routing)
+        assert ex.equal.all() and (ex.C_predicted == ex.C_run).all()
+        totals = cm.phase_totals(ex).set_index("phase")
+        by = {(r["phase"], r["op"]): r for r in res.rows}
+        for phase in totals.index:
+            assert by[(phase, "all_to_all")]["bytes"] == totals.loc[phase, "bytes_measured"]
+            # the capacity all-reduce MAX: one int64 per MoE layer per forward
+            forwards = 1 if phase == "prefill" else w.G - 1
+            assert (by[(phase, "all_reduce")]["calls"], by[(phase, "all_reduce")]["bytes"]) == \
+                   (m.L_moe * forwards, 8 * m.L_moe * forwards)
+        dist = cm.count_distribution(res, m, EP2)
+        for _, x in dist.iterrows():
+            lo, hi = dropless_bounds(x.tokens_per_rank, m.E, m.moe.top_k)
+            assert lo <= x.C_measured <= hi and lo <= x.C_uniform_expected <= hi
+            assert x.C_uniform_expected == pytest.approx(expected_max_count(x.tokens_per_rank, m.E, 2, 2)[0])
+
+
+@pytest.mark.slow
+def test_autotp_on_mixtral_shards_attention_only():
+    m, lay, w = load_model(MODEL), Layout(2, 1), WORKLOADS[0]
+    res = measured(MODEL, lay, [w])[0]
+    assert res.tokens == res.reference_tokens
+    assert [r for r in core(res.rows) if r["phase"] != "setup"] == _predicted(lay, w, Routing())
+    prefill = {r["op"]: r for r in res.rows if r["phase"] == "prefill"}
+    assert prefill["all_reduce"]["calls"] == m.L + 1           # o_proj once per layer + the head; experts replicated
+
+
+def test_joined_shares_in_sequence_order_and_gaps_refused():
+    recs = [{"rank": 1, "share": [2, 4], "tokens": [[5], [6]], "reference_tokens": [[5], [6]]},
+            {"rank": 0, "share": [0, 2], "tokens": [[1], [2]], "reference_tokens": [[1], [2]]}]
+    assert _joined_shares(recs) == ([[1], [2], [5], [6]], [[1], [2], [5], [6]])
+    recs[0]["share"] = [3, 5]
+    with pytest.raises(RunError, match="sequence 2 was due"):
+        _joined_shares(recs)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--model", MODEL, "--ep", "2", "--batch", "3"], "e=2 does not divide"),
+    (["--model", "tiny-llama", "--ep", "2"], "needs a mixture of experts"),
+    (["--model", MODEL, "--ep", "3"], "does not divide the 8 experts"),
+    (["--model", MODEL, "--ep", "2", "--capacity-factor", "0"], "capacity-factor"),
+])
+def test_measure_refuses_bad_moe_input_before_starting_ranks(argv, msg, capsys):
+    assert main(["measure", *argv]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and len(err.strip().splitlines()) == 1
