@@ -21,7 +21,7 @@ from ..derive.moe import A2A_BYTES, Routing, capacity, dropless_capacity, expect
 from ..notation import C, E, h, w
 from ..spec import Layout, ModelSpec, Workload
 
-__all__ = ["routing_frame", "a2a_exactness", "phase_totals", "count_distribution"]
+__all__ = ["routing_frame", "a2a_exactness", "phase_totals", "count_distribution", "layouts_traffic", "skew_capacity", "models_frame", "run_ep", "run_autotp", "skew_frame", "ep_crossover"]
 
 
 def _records(result) -> list[dict]:
@@ -97,3 +97,142 @@ def count_distribution(result, model: ModelSpec, layout: Layout) -> pd.DataFrame
                      "C_measured": int(same[experts].to_numpy().max()), "C_uniform_expected": float(expect),
                      "method": method})
     return pd.DataFrame(rows)
+
+
+def layouts_traffic(model: ModelSpec, n: int, workloads, routing: Routing | None = None) -> pd.DataFrame:
+    """The bytes of a whole generation of ``model`` on ``n`` ranks of one node, three ways (closed forms): TP as
+    DeepSpeed's AutoTP leaves a mixture of experts (t = n, experts replicated: ``deepspeed-moe-autotp``), TP with every
+    expert sharded t ways as serving engines do (``tp-experts``) and expert parallelism with data-parallel attention
+    (e = n, ``routing``; dropless: the uniform-routing expectation). One row per (workload, layout): the bytes the
+    busiest rank sends and what all links carry."""
+    from ..derive.evaluate import traffic_totals
+    from ..derive.patterns import engine_for
+
+    routing = routing or Routing()
+    rows = []
+    for wl in workloads:
+        for name, layout, engine in (
+                ("TP, experts replicated (AutoTP)", Layout(n, 1), "deepspeed-moe-autotp"),
+                ("TP, experts sharded", Layout(n, 1), "tp-experts"),
+                (f"EP ({routing.mode})", Layout(1, 1, n), engine_for("deepspeed", "partitioned", model, n,
+                                                                    routing.mode))):
+            tr = traffic_totals(model, layout, wl, engine, routing=routing)
+            rows.append({"model": model.name, "b": wl.b, "S": wl.S, "G": wl.G, "layout": name,
+                         "busiest rank sends (B)": float(tr["sent_bytes_busiest_rank"]),
+                         "all links (B)": float(tr["link_bytes"])})
+    return pd.DataFrame(rows)
+
+
+def skew_capacity(T: int, E_: int, k_: int, phi: float) -> int:
+    """Dropless C when the busiest expert receives a share ``phi`` of a rank's ``T`` tokens (each token routed to
+    ``k_`` distinct experts): ⌈φ·T⌉, at least the balanced ⌈T·k/E⌉ and at most T — the largest count of a count
+    vector κ, i.e. :func:`llmcomm.derive.moe.dropless_capacity`."""
+    from math import ceil
+
+    if not 0 < phi <= 1:
+        raise ValueError(f"share phi={phi!r} must be in (0, 1]")
+    return min(T, max(ceil(round(phi * T, 9)), ceil(round(T * k_ / E_, 9))))
+
+
+def models_frame(models) -> pd.DataFrame:
+    """The mixture-of-experts presets as the closed forms see them: E, k, F_ex, MoE layers, parameters in total and
+    active per token (billions)."""
+    return pd.DataFrame([{"model": m.name, "family": m.moe.family, "h": m.h, "L": m.L, "L_moe": m.L_moe,
+                          "E": m.E, "k": m.moe.top_k, "F_ex": m.moe.expert_ffn, "a_kv": m.kv_heads,
+                          "params (B)": round(m.params / 1e9, 2), "active (B)": round(m.active_params / 1e9, 2)}
+                         for m in models])
+
+
+def run_ep(model: ModelSpec, e_: int, workloads, modes=("capacity", "dropless"), command: str = "",
+           runner=None) -> dict:
+    """Measure expert parallelism on ``e_`` ranks for every routing mode (one launch per mode: the model built and
+    adapted once, each workload captured on its own) and tie every all-to-all to its closed form. Returns
+    ``{"exact": frame of every call (a2a_exactness, with mode and workload columns), "totals": per mode, workload and
+    phase, "counts": measured dropless C beside the uniform expectation, "rows": measured beside predicted rows}``;
+    saved with provenance under ``LLMCOMM_SAVE=1`` (``moe_ep_calls``, ``moe_ep_rows``)."""
+    from ..derive.evaluate import rows as predict_rows
+    from ..derive.patterns import engine_for
+    from .sweeps import compare_rows, save
+
+    if runner is None:
+        from ..measure.launch import measure_many as runner
+    layout = Layout(1, 1, e_)
+    exact, totals, counts, rows = [], [], [], []
+    for mode in modes:
+        routing = Routing(mode)
+        engine = engine_for("deepspeed", "partitioned", model, e_, mode)
+        for wl, res in zip(workloads, runner(model, layout, list(workloads), options={"routing": {"mode": mode}})):
+            tag = {"routing": mode, "b": wl.b, "S": wl.S, "G": wl.G}
+            if res.tokens != res.reference_tokens:
+                raise ValueError(f"{mode} {wl.label}: tokens differ from the single-process reference")
+            ex = a2a_exactness(res, model, layout, wl, routing)
+            exact.append(ex.assign(**tag))
+            totals.append(phase_totals(ex).assign(**tag))
+            counts.append(count_distribution(res, model, layout).assign(**tag))
+            meas = [r for r in res.rows if r["phase"] != "setup"]
+            pred = predict_rows(model, layout, wl, engine, routing=routing)
+            if mode == "dropless":
+                # the all-to-all sizes are the closed form on the measured counts (above), summed per phase; the
+                # capacity all-reduce's 8 B do not depend on them. Compared: calls and bytes.
+                keys = ("phase", "op", "group_size", "calls", "bytes")
+                per_phase = phase_totals(ex).set_index("phase").bytes_predicted
+                pred = [{k: (int(per_phase[r["phase"]]) if k == "bytes" and r["op"] == "all_to_all" else r[k])
+                         for k in keys} for r in pred]
+                meas = [{k: r[k] for k in keys} for r in meas]
+            rows.append(compare_rows(meas, pred).assign(**tag))
+    out = {"exact": pd.concat(exact, ignore_index=True), "totals": pd.concat(totals, ignore_index=True),
+           "counts": pd.concat(counts, ignore_index=True), "rows": pd.concat(rows, ignore_index=True)}
+    save(out["exact"].drop(columns=["split_measured"]), "moe_ep_calls", command, model=model.name, e=e_)
+    save(out["rows"], "moe_ep_rows", command, model=model.name, e=e_)
+    return out
+
+
+def run_autotp(model: ModelSpec, t_: int, workloads, command: str = "", runner=None) -> pd.DataFrame:
+    """DeepSpeed AutoTP on a mixture of experts as it is (``t_`` ranks, experts replicated): measured rows beside the
+    ``deepspeed-moe-autotp`` closed forms, one block per workload; saved as ``moe_autotp_rows``."""
+    from .sweeps import compare_rows, predicted_like, save
+
+    if runner is None:
+        from ..measure.launch import measure_many as runner
+    layout = Layout(t_, 1)
+    parts = []
+    for wl, res in zip(workloads, runner(model, layout, list(workloads))):
+        if res.tokens != res.reference_tokens:
+            raise ValueError(f"AutoTP {wl.label}: tokens differ from the single-process reference")
+        pred = predicted_like(model, layout, wl, res, "deepspeed-moe-autotp")
+        parts.append(compare_rows([r for r in res.rows if r["phase"] != "setup"], pred)
+                     .assign(t=t_, b=wl.b, S=wl.S, G=wl.G))
+    out = pd.concat(parts, ignore_index=True)
+    save(out, "moe_autotp_rows", command, model=model.name, t=t_)
+    return out
+
+
+def skew_frame(model: ModelSpec, e_: int, workload: Workload, phis) -> pd.DataFrame:
+    """Per phase and share φ (:func:`skew_capacity`): the tokens per EP rank T, the dropless C, the size m of one
+    all-to-all (E·C·h·w) and m relative to balanced routing (C = ⌈T·k/E⌉)."""
+    from ..derive.phases import PHASES, forwards
+    from ..derive.moe import rank_batch
+
+    size = A2A_BYTES.subs({E: model.E, h: model.h, w: workload.w})
+    k_ = model.moe.top_k
+    rows = []
+    for phase in PHASES:
+        tokens, _ = forwards(phase)
+        s_ = int(tokens.subs({sym: getattr(workload, sym.name) for sym in tokens.free_symbols}))
+        T = rank_batch(workload.b, e_) * s_
+        base = int(size.subs(C, skew_capacity(T, model.E, k_, k_ / model.E)))
+        for phi in phis:
+            c_ = skew_capacity(T, model.E, k_, phi)
+            m = int(size.subs(C, c_))
+            rows.append({"phase": phase, "phi": float(phi), "tokens_per_rank": T, "C": c_, "bytes": m,
+                         "relative": m / base})
+    return pd.DataFrame(rows)
+
+
+def ep_crossover(traffic: pd.DataFrame, against: str, y: str = "busiest rank sends (B)") -> dict:
+    """Per model of :func:`layouts_traffic`: the smallest batch b at which expert parallelism sends fewer bytes
+    (``y``) than the layout named ``against``, or None when it never does in the frame."""
+    piv = traffic.pivot_table(index=["model", "b"], columns="layout", values=y)
+    ep_col = next(c for c in piv.columns if c.startswith("EP"))
+    wins = piv[ep_col] < piv[against]
+    return {m: (int(wins[m][wins[m]].index.min()) if wins[m].any() else None) for m in piv.index.levels[0]}

@@ -340,3 +340,50 @@ def collective_sizes(df: pd.DataFrame, title: str = "", source: str = ""):
     fig.suptitle(title + (f"\npoints: measured ({source}); lines: predicted" if source else ""), fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def moe_calls(exact: pd.DataFrame, title: str = ""):
+    """Every all-to-all of expert-parallel runs: measured size against the closed form's (one point per call, both
+    axes log; the diagonal is exactness), coloured by routing mode, marker by phase."""
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    sns.scatterplot(data=exact, x="bytes_predicted", y="bytes_measured", hue="routing", style="phase", s=55,
+                    alpha=0.8, ax=ax)
+    lo, hi = exact[["bytes_predicted", "bytes_measured"]].min().min(), exact[["bytes_predicted",
+                                                                               "bytes_measured"]].max().max()
+    ax.plot([lo / 1.3, hi * 1.3], [lo / 1.3, hi * 1.3], color="grey", lw=1, ls="--", zorder=0)
+    ax.set(xscale="log", yscale="log", xlabel="predicted m = E·C·h·w (B)", ylabel="measured m (B)", title=title)
+    fig.tight_layout()
+    return fig
+
+
+def moe_capacity(counts: pd.DataFrame, title: str = ""):
+    """Measured dropless capacity C (the largest per-expert count over the EP ranks) of every MoE layer forward,
+    against the expectation under uniform routing, per phase."""
+    d = counts.melt(id_vars=["phase", "tokens_per_rank"], value_vars=["C_measured", "C_uniform_expected"],
+                    var_name="what", value_name="C")
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    sns.stripplot(data=d, x="phase", y="C", hue="what", dodge=True, alpha=0.75, ax=ax)
+    ax.set(title=title, ylabel="capacity C (slots per expert)")
+    fig.tight_layout()
+    return fig
+
+
+def moe_layouts(traffic: pd.DataFrame, y: str = "busiest rank sends (B)", title: str = ""):
+    """Bytes of a generation against the batch, one line per layout, one panel per model (log–log)."""
+    g = sns.relplot(data=traffic, x="b", y=y, hue="layout", col="model", kind="line", marker="o", height=3.4,
+                    aspect=1.15, facet_kws={"sharey": False})
+    g.set(xscale="log", yscale="log")
+    if title:
+        g.figure.suptitle(title, y=1.03)
+    return g.figure
+
+
+def moe_skew(df: pd.DataFrame, title: str = ""):
+    """Dropless all-to-all bytes per MoE layer forward against the share φ of a rank's tokens its busiest expert
+    receives, relative to balanced routing, one line per phase."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    sns.lineplot(data=df, x="phi", y="relative", hue="phase", marker="o", ax=ax)
+    ax.set(xlabel="share φ of a rank's tokens routed to the busiest expert", ylabel="all-to-all bytes ÷ balanced",
+           title=title)
+    fig.tight_layout()
+    return fig
