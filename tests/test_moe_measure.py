@@ -91,3 +91,14 @@ def test_measure_refuses_bad_moe_input_before_starting_ranks(argv, msg, capsys):
     assert main(["measure", *argv]) == 2
     err = capsys.readouterr().err
     assert msg in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_pipeline_of_a_mixture_of_experts_matches_its_pattern():
+    # the pipeline runner on tiny Mixtral (p = 2, t = 1 and t = 2 with gloo): stage hops, the token hand-back and,
+    # with t = 2, AutoTP's one all-reduce per layer — the deepspeed-moe-autotp pattern with its pipeline rows
+    w = WORKLOADS[0]
+    for lay, backend in ((Layout(1, 2), None), (Layout(2, 2), "gloo")):
+        res = measured(MODEL, lay, [w], backend=backend)[0]
+        assert res.tokens == res.reference_tokens
+        assert [r for r in core(res.rows) if r["phase"] != "setup"] == _predicted(lay, w, Routing()), lay
