@@ -16,6 +16,13 @@ of AutoTP's row-parallel head (vLLM's column-parallel head, [b, h]×[h, V/t], ha
 plus one overhead o. One batch crosses the p stages in sequence, so a forward costs the sum:
 ``L·τ_l + τ_embed + τ_head``.
 
+A mixture of experts (``model.is_moe``): its L_moe MoE layers cost the MoE ops of
+:func:`llmcomm.predict.kernels.layer_ops` under the pattern's expert layout (:func:`expert_layout`: experts whole
+on every TP rank under ``deepspeed-moe-autotp``, sharded t ways under ``tp-experts``, E/e per rank on the e·C rows
+of the capacity buffer under ``deepspeed-ep*``), its L − L_moe dense layers the dense ops; a forward costs
+``(L − L_moe)·τ_dense + L_moe·τ_moe + τ_embed + τ_head``. Under expert parallelism every rank runs attention,
+embedding and head on its own b/e sequences (data-parallel attention).
+
 ``flops`` and ``bytes`` (what :func:`layer_cost` returns) are those of the same ops: GEMM operands read once and
 results written, the KV cache read, every memory-bound op's reads and writes.
 """
@@ -23,17 +30,46 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..spec import ModelSpec
+from ..spec import ModelSpec, SpecError
 from .hardware import Hardware
-from .kernels import gemm_time, layer_ops, memop_time, op_times
+from .kernels import ExpertLayout, gemm_time, layer_ops, memop_time, op_times
 
-__all__ = ["layer_cost", "phase_context", "forward_compute", "layer_op_times"]
+__all__ = ["layer_cost", "phase_context", "forward_compute", "layer_op_times", "MOE_PATTERNS", "expert_layout"]
+
+#: the MoE patterns (:mod:`llmcomm.derive.patterns`) and how each lays out the experts: whole on every TP rank
+#: (AutoTP), sharded t ways, or expert-parallel
+MOE_PATTERNS = {"deepspeed-moe-autotp": "replicated", "tp-experts": "sharded", "deepspeed-ep": "ep",
+                "deepspeed-ep-dropless": "ep"}
 
 
-def layer_cost(model: ModelSpec, t, b, s, kv_len, ctx, w):
+def expert_layout(model: ModelSpec, engine: str, t, e: int, b, s, routing=None) -> ExpertLayout | None:
+    """The :class:`~llmcomm.predict.kernels.ExpertLayout` of one forward over ``s`` tokens per sequence of ``b``
+    under the MoE pattern ``engine`` (None for a dense model). Expert parallelism takes the capacity C of the forward
+    from ``routing`` (:func:`llmcomm.derive.moe.forward_capacity`, default DeepSpeed's capacity routing), point by
+    point over broadcast ``b`` and ``s``."""
+    if not model.is_moe:
+        return None
+    kind = MOE_PATTERNS.get(engine)
+    if kind is None:
+        raise SpecError(f"pattern {engine!r} has no expert layout for the mixture of experts {model.name}: use one of "
+                        f"{', '.join(MOE_PATTERNS)}")
+    if (kind == "ep") != (int(e) > 1):
+        raise SpecError(f"pattern {engine!r} with e={int(e)}: expert-parallel patterns need e > 1, the others e = 1")
+    if kind != "ep":
+        return ExpertLayout(t_exp=t if kind == "sharded" else 1)
+    from ..derive.moe import Routing, forward_capacity
+
+    routing = routing or Routing()
+    cap = np.vectorize(lambda bb, ss: forward_capacity(routing, model.E, model.moe.top_k, int(bb), int(ss), int(e)),
+                       otypes=[float])(b, s)
+    return ExpertLayout(t_exp=1, e=int(e), C=cap[()] if cap.ndim == 0 else cap)
+
+
+def layer_cost(model: ModelSpec, t, b, s, kv_len, ctx, w, experts: ExpertLayout | None = None):
     """(flops, bytes) of one decoder layer forward on one rank: ``s`` new tokens, ``kv_len`` (ell) cached before,
-    ``ctx`` (c) mean keys attended per query. All arguments broadcast (scalars stay scalars)."""
-    ops = layer_ops(model, t, b, s, kv_len, ctx, w)
+    ``ctx`` (c) mean keys attended per query; ``experts``: a MoE layer so laid out. All arguments broadcast (scalars
+    stay scalars)."""
+    ops = layer_ops(model, t, b, s, kv_len, ctx, w, experts)
     flops = sum(op.get("flops", 0.0) * op.get("count", 1) for op in ops.values())
     nbytes = sum(op["bytes"] * op.get("count", 1) for op in ops.values())
     return flops, nbytes
@@ -58,40 +94,56 @@ def _w_scalar(w):
     return float(w.flat[0]) if w.ndim else float(w)
 
 
-def layer_op_times(model: ModelSpec, hw: Hardware, t, b, s, kv_len, ctx, w) -> dict:
+def layer_op_times(model: ModelSpec, hw: Hardware, t, b, s, kv_len, ctx, w,
+                   experts: ExpertLayout | None = None) -> dict:
     """Seconds of each op of one decoder layer on one rank (``llmcomm cost`` and :func:`forward_compute`)."""
     w = _w_scalar(w)
-    return op_times(layer_ops(model, t, b, s, kv_len, ctx, w), hw.kernels(w), w)
+    return op_times(layer_ops(model, t, b, s, kv_len, ctx, w, experts), hw.kernels(w), w)
 
 
 def forward_compute(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str, inv_t=None,
-                    overhead_s=None, host_overlaps: bool = False) -> dict:
+                    overhead_s=None, host_overlaps: bool = False, engine: str | None = None, e: int = 1,
+                    routing=None) -> dict:
     """Compute seconds of one forward of ``phase`` summed over all stages (one batch crosses them in sequence):
     ``{"compute_s", "layer_s", "flops", "bytes", "compute_bound"}``. ``overhead_s``: host seconds per layer (the
     engine profile's, :func:`llmcomm.predict.engines.EngineProfile.layer_overhead_s`; default the hardware
     preset's calibrated ``layer_overhead_us``). ``host_overlaps``: the host enqueues kernels while the device runs
-    (a GPU): a layer costs max(host, kernels); else (CPU ranks run their ops themselves) the sum."""
+    (a GPU): a layer costs max(host, kernels); else (CPU ranks run their ops themselves) the sum.
+
+    A mixture of experts needs its MoE pattern ``engine`` (:data:`MOE_PATTERNS`), the EP degree ``e`` and, for
+    expert parallelism, the ``routing``; ``layer_s`` is then the mean over the L layers, ``b`` the whole batch (each
+    EP rank computes b/e sequences)."""
     s, kv_len, ctx = phase_context(phase, S, G)
     t = np.asarray(t, dtype=float) if inv_t is None else 1.0 / np.asarray(inv_t, dtype=float)
     b = np.asarray(b, dtype=float)
     w = _w_scalar(w)
     kern = hw.kernels(w)
     overhead = hw.layer_overhead_s if overhead_s is None else overhead_s
-    ops = layer_ops(model, t, b, s, kv_len, ctx, w)
-    times = op_times(ops, kern, w)
     join = np.maximum if host_overlaps else np.add
-    layer_s = join(sum(times.values()), overhead)
+    if model.is_moe:
+        experts = expert_layout(model, engine, t, e, b, s, routing)
+        b = b / experts.e                                    # data-parallel attention: b/e sequences per EP rank
+        kinds = [(n, x) for n, x in ((model.L - model.L_moe, None), (model.L_moe, experts)) if n]
+    else:
+        kinds = [(model.L, None)]
+    layers_s, flops, nbytes = 0.0, 0.0, 0.0
+    for n, experts in kinds:
+        ops = layer_ops(model, t, b, s, kv_len, ctx, w, experts)
+        one_s = join(sum(op_times(ops, kern, w).values()), overhead)
+        layers_s = layers_s + n * one_s
+        flops = flops + n * sum(op.get("flops", 0.0) * op.get("count", 1) for op in ops.values())
+        nbytes = nbytes + n * sum(op["bytes"] * op.get("count", 1) for op in ops.values())
+    layer_s = one_s if len(kinds) == 1 else layers_s / model.L
     h, V = model.h, model.V
     M = b * s
     emb_s = memop_time(2 * w * M * h, 2 * w * h, kern["memops"].get("emb") or kern["memops"]["add"])
     head_norm_s = memop_time(2 * w * b * h, 2 * w * h, kern["memops"]["rmsnorm"])
     head_gemm_s = gemm_time(b, V, h / t, w, kern["gemm"])
     head_s = join(head_norm_s + head_gemm_s, overhead)
-    flops, nbytes = layer_cost(model, t, b, s, kv_len, ctx, w)
     head_flops = 2 * b * h * V / t
     head_bytes = w * (b * h / t + h * V / t + b * V) + 2 * w * b * h
     emb_bytes = 2 * w * M * h
-    total = model.L * layer_s + emb_s + head_s
+    total = layers_s + emb_s + head_s
     F, B = float(kern["gemm"]["F"]), float(kern["gemm"]["B"])
-    return {"compute_s": total, "layer_s": layer_s, "flops": model.L * flops + head_flops,
-            "bytes": model.L * nbytes + emb_bytes + head_bytes, "compute_bound": flops / F >= nbytes / B}
+    return {"compute_s": total, "layer_s": layer_s, "flops": flops + head_flops,
+            "bytes": nbytes + emb_bytes + head_bytes, "compute_bound": flops / F >= nbytes / B}

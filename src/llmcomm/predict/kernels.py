@@ -29,25 +29,35 @@ Memory-bound ops (:func:`memop_time`): one CTA per token row::
 ``bytes`` are what the op reads and writes, ``row_bytes`` one token's row: at small T only T CTAs run, each streams
 its row at ``b_row``, so time stops falling with T. Parameters per (device, kernel kind).
 
+Mixture-of-experts layers (:func:`layer_ops` with an :class:`ExpertLayout`): the dense MLP is replaced by the
+router GEMM [T, h]×[h, E] and, per expert a rank computes, one gate_up GEMM [M, h]×[h, 2F_ex/t_exp] and one down GEMM
+[M, F_ex/t_exp]×[·, h] (and its SiLU·mul), plus the always-on shared expert (Qwen2-MoE) as a dense MLP of width F_sh.
+Without expert parallelism the rank computes the experts its T tokens touch (:func:`touched_experts`: an expectation
+under uniform routing), each on the T·k/touched tokens routed to it; with expert parallelism (e > 1) DeepSpeed's MoE
+layer runs each of its E/e experts on the whole capacity-padded buffer, M = e·C rows.
+
 Attention (:func:`attention_time`) — **not validated** (the public data have no attention kernel times): a roofline
 of its FLOPs 4·b·s·c·(a/t)·d at the GEMM rate F and its bytes (KV cache read, q/o read and written) at B, plus t0.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 
-from ..spec import ModelSpec
+from ..spec import ModelSpec, SpecError
 
-__all__ = ["LINEAR_OPS", "MEMORY_OPS", "DEFAULT_SPLITS", "gemm_time", "gemm_time_parts", "memop_time",
-           "attention_time", "layer_ops", "op_times", "roofline_device"]
+__all__ = ["LINEAR_OPS", "MEMORY_OPS", "MOE_MEMORY_OPS", "DEFAULT_SPLITS", "ExpertLayout", "touched_experts",
+           "gemm_time", "gemm_time_parts", "memop_time", "attention_time", "layer_ops", "op_times", "roofline_device"]
 
 #: the linear layers of a decoder layer, in the public data's names (one TP rank's shard)
 LINEAR_OPS = ("qkv_proj", "attn_out_proj", "mlp_gate_up_proj", "mlp_down_proj")
 #: memory-bound ops of a layer and their kernel kind (kinds share fitted parameters)
 MEMORY_OPS = {"input_norm": "rmsnorm", "post_attention_norm": "rmsnorm", "rope": "rope", "mlp_act": "silu_mul",
               "residual_add": "add"}
+#: memory-bound ops of a MoE layer's MLP and their kernel kind (the dense ``mlp_act`` is replaced by these)
+MOE_MEMORY_OPS = {"expert_act": "silu_mul", "shared_expert_act": "silu_mul"}
 DEFAULT_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
 
 
@@ -116,7 +126,73 @@ def roofline_device(flops_per_s: float, bytes_per_s: float, t0: float = 0.0) -> 
     return {"gemm": gemm, "memops": {kind: mem for kind in set(MEMORY_OPS.values()) | {"emb"}}}
 
 
-def layer_ops(model: ModelSpec, t, b, s, kv_len, ctx, w) -> dict[str, dict]:
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How one rank holds and computes the experts of a MoE layer (:func:`layer_ops`).
+
+    ``t_exp``: the ways each expert's FFN is sharded — 1 under DeepSpeed AutoTP (``deepspeed-moe-autotp``: the fused
+    expert tensors are bare Parameters AutoTP leaves whole, so every TP rank computes whole experts), t under
+    ``tp-experts`` (the serving engines' column/row-sharded experts). ``e``: expert parallelism (``deepspeed-ep*``:
+    E/e experts per rank, attention data-parallel over b/e sequences), with ``C`` the capacity of the forward
+    (:func:`llmcomm.derive.moe.forward_capacity`; scalars or arrays)."""
+
+    t_exp: Any = 1
+    e: int = 1
+    C: Any = 0
+
+
+def touched_experts(E, k, T):
+    """Expected number of distinct experts the ``T`` tokens of a forward route to: E·(1 − (1 − k/E)^T).
+
+    ASSUMPTION (uniform routing, as the issue states it): every token picks a uniformly random set of k of the E
+    experts, independently of the other tokens, so an expert is missed by one token with probability 1 − k/E. Real
+    routers are skewed, which touches fewer experts (fewer weight bytes at decode, more tokens per expert)."""
+    E, k, T = (np.asarray(x, dtype=float) for x in (E, k, T))
+    return E * (1.0 - (1.0 - k / E) ** T)
+
+
+def _gemm(M, N, K, w, count=None) -> dict:
+    op = {"kind": "gemm", "M": M, "N": N, "K": K, "flops": 2 * M * N * K, "bytes": w * (M * K + K * N + M * N)}
+    if count is not None:
+        op["count"] = count
+    return op
+
+
+def _moe_mlp_ops(model: ModelSpec, T, w, xl: ExpertLayout) -> dict[str, dict]:
+    """The MLP ops of one MoE layer on one rank that routes ``T`` tokens (module doc). ``count`` = the experts
+    computed (an expectation without EP); each GEMM's M = the rows one expert computes.
+
+    ASSUMPTION: the router ([T, h]×[h, E]) is whole on every rank (AutoTP leaves it unsharded: the measured bytes
+    show no gather of router logits); the routing softmax/top-k and the token gather/scatter (DeepSpeed's dispatch
+    einsum included) are not charged. ASSUMPTION: the shared expert (Qwen2-MoE) and its sigmoid gate are sharded like
+    the routed experts (t_exp; unsharded under EP) and run on all T tokens."""
+    moe, h = model.moe, model.h
+    E, k, F = moe.experts, moe.top_k, moe.expert_ffn
+    t_exp = np.asarray(xl.t_exp, dtype=float)
+    if xl.e > 1:
+        count = np.asarray(E / xl.e, dtype=float) + 0 * T
+        M = xl.e * np.asarray(xl.C, dtype=float) + 0 * T
+    else:
+        count = touched_experts(E, k, T)
+        M = T * k / count
+    out = {"router": _gemm(T, E, h, w),
+           "expert_gate_up_proj": _gemm(M, 2 * F / t_exp, h, w, count),
+           "expert_down_proj": _gemm(M, h, F / t_exp, w, count)}
+    row = 3 * w * F / t_exp
+    out["expert_act"] = {"kind": MOE_MEMORY_OPS["expert_act"], "bytes": M * row, "row_bytes": row + 0 * M,
+                         "count": count}
+    if moe.shared_ffn:
+        Fs = moe.shared_ffn
+        out["shared_expert_gate_up_proj"] = _gemm(T, 2 * Fs / t_exp, h, w)
+        out["shared_expert_down_proj"] = _gemm(T, h, Fs / t_exp, w)
+        out["shared_expert_gate"] = _gemm(T, 1 + 0 * T, h, w)
+        row = 3 * w * Fs / t_exp
+        out["shared_expert_act"] = {"kind": MOE_MEMORY_OPS["shared_expert_act"], "bytes": T * row,
+                                    "row_bytes": row + 0 * T}
+    return out
+
+
+def layer_ops(model: ModelSpec, t, b, s, kv_len, ctx, w, experts: ExpertLayout | None = None) -> dict[str, dict]:
     """The ops of one decoder layer forward on one TP rank (``s`` new tokens per sequence of ``b``, ``kv_len``
     cached before, ``ctx`` mean keys attended per query), as a TP rank holds them under AutoTP or vLLM:
 
@@ -127,16 +203,31 @@ def layer_ops(model: ModelSpec, t, b, s, kv_len, ctx, w) -> dict[str, dict]:
     * attention: ``{"kind": "attention", "flops", "bytes"}`` — QKᵀ and AV over ``ctx`` keys, KV cache read and the
       new keys/values written.
 
+    ``experts``: a MoE layer of ``model`` laid out so (:class:`ExpertLayout`): the two MLP GEMMs and ``mlp_act`` are
+    replaced by the MoE ops (:func:`_moe_mlp_ops`: ``router``, ``expert_gate_up_proj``, ``expert_down_proj``,
+    ``expert_act``, and the shared expert's when the model has one); expert ops carry ``count`` = experts computed
+    (``flops`` and ``bytes`` of one call, as for every op). Without it: a dense layer (MLP width ``model.ffn``).
+    Under expert parallelism ``b`` is the rank's own b/e sequences (the caller divides).
+
     All values broadcast over array arguments."""
     t, b, s, kv_len, ctx, w = (np.asarray(x, dtype=float) for x in (t, b, s, kv_len, ctx, w))
     h, d, a, akv, ffn = model.h, model.head_dim, model.heads, model.kv_heads, model.ffn
     M = b * s
+    moe = experts is not None
+    if moe and not model.is_moe:
+        raise SpecError(f"{model.name} is dense: it has no expert layout")
     out: dict[str, dict] = {}
-    for name, N, K in (("qkv_proj", (a + 2 * akv) * d / t, h), ("attn_out_proj", h, a * d / t),
-                       ("mlp_gate_up_proj", 2 * ffn / t, h), ("mlp_down_proj", h, ffn / t)):
-        out[name] = {"kind": "gemm", "M": M, "N": N, "K": K, "flops": 2 * M * N * K, "bytes": w * (M * K + K * N + M * N)}
+    linear = (("qkv_proj", (a + 2 * akv) * d / t, h), ("attn_out_proj", h, a * d / t))
+    if not moe:
+        linear += (("mlp_gate_up_proj", 2 * ffn / t, h), ("mlp_down_proj", h, ffn / t))
+    for name, N, K in linear:
+        out[name] = _gemm(M, N, K, w)
+    if moe:
+        out.update(_moe_mlp_ops(model, M, w, experts))
     rows = {"input_norm": 2 * w * h, "post_attention_norm": 2 * w * h, "rope": 2 * w * (a + akv) / t * d,
             "mlp_act": 3 * w * ffn / t, "residual_add": 3 * w * h}
+    if moe:
+        del rows["mlp_act"]
     for name, row in rows.items():
         out[name] = {"kind": MEMORY_OPS[name], "bytes": M * row, "row_bytes": row + 0 * M,
                      "count": 2 if name == "residual_add" else 1}          # two residual adds per layer
@@ -158,6 +249,6 @@ def op_times(ops: Mapping[str, Mapping[str, Any]], kernels: Mapping[str, Any], w
             out[name] = attention_time(op["flops"], op["bytes"], gemm)
         else:
             out[name] = memop_time(op["bytes"], op["row_bytes"], mem.get(kind) or mem["add"])
-        if op.get("count", 1) != 1:
+        if "count" in op:                                    # calls of the op (arrays for expected expert counts)
             out[name] = out[name] * op["count"]
     return out

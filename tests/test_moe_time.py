@@ -1,0 +1,112 @@
+"""The time model of mixtures of experts: expert GEMM shapes per layout, and dense predictions unchanged."""
+import numpy as np
+import pytest
+
+from llmcomm.derive.moe import Routing
+from llmcomm.predict.compute import expert_layout, forward_compute, layer_cost
+from llmcomm.predict.hardware import load_hardware
+from llmcomm.predict.kernels import ExpertLayout, layer_ops, touched_experts
+from llmcomm.predict.latency import predict_latency, predict_latency_grid
+from llmcomm.spec import Layout, SpecError, Workload, load_model
+
+MIX = load_model("mixtral-8x7b")       # h = 4096, E = 8, k = 2, F_ex = 14336, L = L_moe = 32
+H100 = load_hardware("h100-sxm")
+
+
+def _shape(op):
+    return float(op["M"]), float(op["N"]), float(op["K"]), float(op.get("count", 1))
+
+
+def test_touched_experts_uniform_routing():
+    assert touched_experts(8, 2, 1) == 2.0                       # one token: its k experts
+    assert touched_experts(8, 2, 2) == pytest.approx(8 * (1 - 0.75 ** 2))
+    assert touched_experts(8, 2, 10 ** 4) == pytest.approx(8.0)  # a prefill touches every expert
+
+
+def test_mixtral_decode_t1_shapes():
+    # decode, b = 1, t = 1: T = 1 token, E·(1 − (1 − k/E)^1) = k = 2 experts touched, M = T·k/2 = 1 each
+    ops = layer_ops(MIX, 1, 1, 1, 100, 101, 2, ExpertLayout())
+    assert "mlp_gate_up_proj" not in ops and "mlp_down_proj" not in ops and "mlp_act" not in ops
+    assert _shape(ops["router"]) == (1, 8, 4096, 1)
+    assert _shape(ops["expert_gate_up_proj"]) == (1, 2 * 14336, 4096, 2)
+    assert _shape(ops["expert_down_proj"]) == (1, 4096, 14336, 2)
+    assert float(ops["expert_act"]["count"]) == 2 and float(ops["expert_act"]["bytes"]) == 3 * 2 * 14336
+    assert _shape(ops["qkv_proj"]) == (1, (32 + 16) * 128, 4096, 1)     # attention as a dense layer's
+
+
+def test_expert_flops_are_k_experts_per_token():
+    T = 37.0
+    ops = layer_ops(MIX, 1, 1, T, 0, 0, 2, ExpertLayout())
+    experts = sum(float(ops[x]["flops"] * ops[x]["count"]) for x in ("expert_gate_up_proj", "expert_down_proj"))
+    assert experts == pytest.approx(2 * T * 2 * 3 * 4096 * 14336, rel=1e-12)
+    assert float(ops["router"]["flops"]) == 2 * T * 8 * 4096
+
+
+def test_autotp_keeps_experts_whole_tp_experts_shards_them():
+    xa = expert_layout(MIX, "deepspeed-moe-autotp", 4, 1, 1, 1)
+    xs = expert_layout(MIX, "tp-experts", 4, 1, 1, 1)
+    a = layer_ops(MIX, 4, 1, 1, 0, 1, 2, xa)
+    s = layer_ops(MIX, 4, 1, 1, 0, 1, 2, xs)
+    assert _shape(a["expert_gate_up_proj"]) == (1, 2 * 14336, 4096, 2)
+    assert _shape(a["expert_down_proj"]) == (1, 4096, 14336, 2)
+    assert _shape(s["expert_gate_up_proj"]) == (1, 2 * 14336 / 4, 4096, 2)
+    assert _shape(s["expert_down_proj"]) == (1, 4096, 14336 / 4, 2)
+    assert _shape(a["router"]) == _shape(s["router"]) == (1, 8, 4096, 1)     # the router is whole on every rank
+    assert _shape(a["qkv_proj"]) == (1, 48 * 128 / 4, 4096, 1)               # attention sharded in both
+
+
+def test_ep_computes_local_experts_on_the_capacity_buffer():
+    # e = 8, b = 8 decode: T = 1 token per rank, C = max(⌈1/8·1·2⌉, 4) = 4; E/e = 1 expert per rank on e·C = 32 rows
+    xl = expert_layout(MIX, "deepspeed-ep", 1, 8, 8, 1)
+    assert xl.e == 8 and xl.C == 4
+    ops = layer_ops(MIX, 1, 8 / 8, 1, 0, 1, 2, xl)
+    assert _shape(ops["expert_gate_up_proj"]) == (32, 2 * 14336, 4096, 1)
+    assert _shape(ops["expert_down_proj"]) == (32, 4096, 14336, 1)
+    assert _shape(ops["router"]) == (1, 8, 4096, 1)                          # the rank's own tokens
+    # e = 2: 4 experts per rank on 2·C rows; prefill S = 64, b = 2: T = 64, C = ⌈64/8·2⌉ = 16
+    xl = expert_layout(MIX, "deepspeed-ep", 1, 2, 2, 64)
+    ops = layer_ops(MIX, 1, 1, 64, 0, 32.5, 2, xl)
+    assert xl.C == 16 and _shape(ops["expert_gate_up_proj"]) == (32, 2 * 14336, 4096, 4)
+    # dropless: C is the expectation of the largest count
+    xd = expert_layout(MIX, "deepspeed-ep-dropless", 1, 2, 2, 64, Routing("dropless"))
+    assert 16 <= xd.C <= 64
+
+
+def test_bad_expert_layouts():
+    with pytest.raises(SpecError, match="has no expert layout"):
+        expert_layout(MIX, "deepspeed", 1, 1, 1, 1)
+    with pytest.raises(SpecError, match="need e > 1"):
+        expert_layout(MIX, "deepspeed-ep", 1, 1, 1, 1)
+    with pytest.raises(SpecError, match="is dense"):
+        layer_ops(load_model("tiny-llama"), 1, 1, 1, 0, 1, 2, ExpertLayout())
+
+
+def test_forward_compute_moe_layers():
+    # every Mixtral layer is MoE: the forward's flops are L MoE layers + head
+    f = forward_compute(MIX, H100, 1, 1, 1, 16, 4, 2, "decode", engine="deepspeed-moe-autotp")
+    fl, _ = layer_cost(MIX, 1, 1, 1, 17, 18, 2, ExpertLayout())
+    assert float(f["flops"]) == pytest.approx(32 * float(fl) + 2 * 4096 * 32000)
+    with pytest.raises(SpecError, match="has no expert layout"):
+        forward_compute(MIX, H100, 1, 1, 1, 16, 4, 2, "decode")
+
+
+# Values of the dense model computed by the code before the MoE time model (llama-3.1-8b, h100-sxm, S=512, G=64,
+# bf16): (t, p, b) → (ttft_s, tpot_s, decode flops, prefill bytes)
+DENSE_BEFORE = {(1, 1, 1): (0.014758391915441873, 0.011553664496084344, 15294529536.0, 20722240000.0),
+                (2, 1, 8): (0.05499899582548985, 0.014068921646502692, 61178118144.0, 37907189760.0),
+                (8, 1, 4): (0.019131744410621314, 0.014068921453566512, 7647264768.0, 11339610112.0),
+                (4, 2, 16): (0.07302554489372164, 0.014128674401780894, 61178118144.0, 49256538112.0)}
+
+
+@pytest.mark.parametrize("tpb", sorted(DENSE_BEFORE))
+def test_dense_predictions_unchanged(tpb):
+    t, p, b = tpb
+    r = predict_latency(load_model("llama-3.1-8b"), Layout(t, p), Workload(b=b, S=512, G=64, dtype="bf16"), H100)
+    assert (r["ttft_s"], r["tpot_s"], r["breakdown"]["decode"]["flops"], r["breakdown"]["prefill"]["bytes"]) \
+        == DENSE_BEFORE[tpb]
+
+
+def test_dense_grid_unchanged():
+    g = predict_latency_grid(load_model("llama-3.1-8b"), H100, np.array([1, 2, 4, 8]), 1, 4, 512, 64, 2)
+    assert g["tpot_s"].tolist() == [0.0115536645088994, 0.014068921453566512, 0.014068921453566512,
+                                    0.014068921453566512]
