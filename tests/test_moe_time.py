@@ -1,4 +1,5 @@
-"""The time model of mixtures of experts: expert GEMM shapes per layout, and dense predictions unchanged."""
+"""The time model of mixtures of experts: expert GEMM shapes per layout, the all-to-all's α-β time, MoE latency,
+and dense predictions unchanged."""
 import numpy as np
 import pytest
 
@@ -88,6 +89,41 @@ def test_forward_compute_moe_layers():
     assert float(f["flops"]) == pytest.approx(32 * float(fl) + 2 * 4096 * 32000)
     with pytest.raises(SpecError, match="has no expert layout"):
         forward_compute(MIX, H100, 1, 1, 1, 16, 4, 2, "decode")
+
+
+@pytest.mark.parametrize("n, level, alpha_us, bw", [(8, "intra", 3.0, 450e9 * 0.8), (16, "inter", 10.0, 50e9 * 0.9),
+                                                    (2, "inter", 10.0, 50e9 * 0.9)])
+def test_all_to_all_is_alpha_beta_on_the_link(n, level, alpha_us, bw):
+    m = 262144.0
+    expect = (n - 1) * alpha_us * 1e-6 + (n - 1) / n * m / bw
+    assert float(H100.collective_time("all_to_all", n, m, level)) == pytest.approx(expect, rel=1e-12)
+    grid = H100.collective_time("all_to_all", np.array([n, n]), np.array([m, 2 * m]), level)
+    assert float(grid[0]) == pytest.approx(expect, rel=1e-12)
+
+
+def test_ep_latency_charges_the_all_to_all():
+    res = predict_latency(MIX, Layout(e=8), Workload(b=8, S=512, G=64, dtype="bf16"), H100)
+    assert res["pattern"] == "deepspeed-ep" and res["ep"] == 8
+    (msg,) = res["breakdown"]["decode"]["messages"]
+    m = 8 * 4 * 4096 * 2                                   # [E, C, h] with C = 4 in the decode
+    assert msg["op"] == "all_to_all" and msg["bytes_per_call"] == m and msg["calls"] == 64
+    assert msg["time_s"] == pytest.approx(64 * (7 * 3e-6 + 7 / 8 * m / 360e9), rel=1e-12)
+    # 4 GPUs per node: the EP group of 8 spans two nodes, the all-to-all crosses the inter-node link
+    res4 = predict_latency(MIX, Layout(e=8), Workload(b=8, S=512, G=64, dtype="bf16"), H100, gpus_per_node=4)
+    (msg4,) = res4["breakdown"]["decode"]["messages"]
+    assert msg4["time_s"] == pytest.approx(64 * (7 * 10e-6 + 7 / 8 * m / 45e9), rel=1e-12)
+    grid = predict_latency_grid(MIX, H100, 1, 1, 8, 512, 64, 2, engine="deepspeed", e=8)
+    assert float(grid["tpot_s"]) == pytest.approx(res["tpot_s"], rel=1e-12)
+
+
+def test_tp_moe_latency_autotp_vs_tp_experts():
+    wl = Workload(b=8, S=512, G=64, dtype="bf16")
+    auto = predict_latency(MIX, Layout(8), wl, H100)                 # engine "deepspeed" → AutoTP
+    shard = predict_latency(MIX, Layout(8), wl, H100, engine="tp-experts")
+    assert auto["pattern"] == "deepspeed-moe-autotp" and shard["pattern"] == "tp-experts"
+    # replicated experts: every rank reads every touched expert whole, so AutoTP's decode computes longer
+    assert auto["breakdown"]["decode"]["compute_s"] > shard["breakdown"]["decode"]["compute_s"]
+    assert auto["breakdown"]["decode"]["flops"] > shard["breakdown"]["decode"]["flops"]
 
 
 # Values of the dense model computed by the code before the MoE time model (llama-3.1-8b, h100-sxm, S=512, G=64,

@@ -74,8 +74,9 @@ def _model_args(model: ModelSpec, t_, p_, b_, s_, w_, e_=1, C_=0) -> tuple:
 
 def messages(engine: str, model: ModelSpec, t_, p_, b_, s_, w_, e_=1, C_=0) -> list[dict]:
     """Every message kind of one forward over ``s_`` tokens, evaluated on broadcast arrays of t, p, b, s, w (and,
-    for expert parallelism, e and the capacity C): ``{"op", "path", "why", "n", "calls", "critical", "m"}`` (group
-    size, calls, critical-path calls and bytes per call, each an array of the broadcast shape). Kinds with no call
+    for expert parallelism, e and the capacity C): ``{"op", "path", "where", "why", "n", "calls", "critical", "m"}`` (group
+    size, calls, critical-path calls and bytes per call, each an array of the broadcast shape; ``"where"``: which
+    groups issue it, :data:`llmcomm.derive.patterns.WHERE`). Kinds with no call
     anywhere in the grid are left out."""
     arrs = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (t_, p_, b_, s_, w_, e_, C_)))
     shape = arrs[0].shape
@@ -85,7 +86,7 @@ def messages(engine: str, model: ModelSpec, t_, p_, b_, s_, w_, e_=1, C_=0) -> l
         calls = np.broadcast_to(np.asarray(c.calls(*args), dtype=float), shape)
         if not calls.any():
             continue
-        out.append({"op": c.op, "path": c.path, "why": c.why,
+        out.append({"op": c.op, "path": c.path, "where": c.where, "why": c.why,
                     "n": np.broadcast_to(np.asarray(c.group(*args), dtype=float), shape).astype(np.int64),
                     "calls": calls,
                     "critical": np.broadcast_to(np.asarray(c.critical(*args), dtype=float), shape),

@@ -16,6 +16,9 @@ broadcast      (n−1)·α + m·β      (pipelined chain)        ⌈log2 n⌉·�
 send_recv      α + m·β                                     α + m·β
 =============  ==========================================  =============================================
 
+all_to_all is the pairwise exchange (n−1 steps, each rank sends (n−1)/n of its m bytes): ASSUMPTION — no public
+all-to-all time is fitted here; GPU presets charge it on the link's α and β (:meth:`llmcomm.predict.hardware.Hardware.collective_time`).
+
 The bandwidth term of every row is ``m·β·f(n)`` (the bus factor): a fitted β is the inverse of the asymptotic busbw.
 ``direct`` is the one-shot shared-memory form (DeepSpeed's CPU shm all-reduce, NCCL's one-shot NVLS): a single
 latency and the busbw term, ``α + f(n)·m·β``. Every function takes scalars or numpy arrays (broadcast together).

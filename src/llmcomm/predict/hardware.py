@@ -196,7 +196,13 @@ class Hardware:
         """Seconds of one ``op`` of size m = ``size_bytes`` on ``n`` ranks at ``level``; ``n`` and ``size_bytes``
         may be numpy arrays (coefficients tabulated per distinct n, then gathered: two lookups and a multiply-add).
         With a fitted NCCL model: ``g`` GPUs per node (for groups that span nodes; default the preset's) and
-        ``floor`` (apply its eager launch floor; an engine that replays CUDA graphs does not pay it)."""
+        ``floor`` (apply its eager launch floor; an engine that replays CUDA graphs does not pay it).
+
+        ``all_to_all`` (expert parallelism's dispatch and combine) always takes the α-β form: (n−1)·α + (n−1)/n·m·β,
+        n−1 pairwise exchange steps (:func:`~llmcomm.predict.collectives.latency_steps`), on the link of ``level``
+        (``inter`` for a group that spans nodes, as every α-β op). ASSUMPTION: no public all-to-all measurement is
+        fitted, so the link's α and β (or a preset's fitted ``collectives`` entry for all_to_all) stand for NCCL's
+        all-to-all; the fitted NCCL launch floor is not applied to it."""
         n_arr = np.asarray(n)
         size = np.asarray(size_bytes, dtype=float)
         if self.nccl:
