@@ -350,7 +350,8 @@ def test_cli_predict_ep(capsys):
     (["--model", "tiny-mixtral", "--ep", "2", "--moe-routing", "top1"], "invalid choice: 'top1'"),
     (["--model", "tiny-mixtral", "--ep", "2", "--engine", "vllm"], "not engine 'vllm'"),
     (["--model", "tiny-llama", "--tp", "2", "--engine", "tp-experts"], "needs a mixture of experts"),
-    (["--model", "tiny-mixtral", "--tp", "2", "--hardware", "h100-sxm"], "time model does not count expert"),
+    (["--model", "tiny-mixtral", "--ep", "2", "--batch", "3", "--hardware", "h100-sxm"],
+     "e=2 does not divide the batch b=3"),
     (["--model", "K_TOO_BIG"], "num_experts_per_tok=9 exceeds the 8 experts"),
 ])
 def test_cli_bad_moe_input(tmp_path, capsys, argv, message):

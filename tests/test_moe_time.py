@@ -1,8 +1,11 @@
-"""The time model of mixtures of experts: expert GEMM shapes per layout, the all-to-all's α-β time, MoE latency,
-and dense predictions unchanged."""
+"""The time model of mixtures of experts: expert GEMM shapes per layout, the all-to-all's α-β time, MoE latency
+through ``predict`` and ``cost``, and dense predictions unchanged."""
+import json
+
 import numpy as np
 import pytest
 
+from llmcomm.cli import main
 from llmcomm.derive.moe import Routing
 from llmcomm.predict.compute import expert_layout, forward_compute, layer_cost
 from llmcomm.predict.hardware import load_hardware
@@ -146,3 +149,31 @@ def test_dense_grid_unchanged():
     g = predict_latency_grid(load_model("llama-3.1-8b"), H100, np.array([1, 2, 4, 8]), 1, 4, 512, 64, 2)
     assert g["tpot_s"].tolist() == [0.0115536645088994, 0.014068921453566512, 0.014068921453566512,
                                     0.014068921453566512]
+
+
+def test_cli_predict_hardware_ep(capsys):
+    assert main(["predict", "--hardware", "h100-sxm", "--model", "mixtral-8x7b", "--ep", "8", "--batch", "8",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    lat = out["latency"]
+    assert lat["pattern"] == "deepspeed-ep" and lat["ttft_s"] > 0 and lat["tpot_s"] > 0
+    assert [m["op"] for m in lat["breakdown"]["decode"]["messages"]] == ["all_to_all"]
+    assert main(["predict", "--hardware", "h100-sxm", "--model", "qwen3-30b-a3b", "--tp", "4", "--batch", "8"]) == 0
+    assert "TTFT" in capsys.readouterr().out
+
+
+def test_cli_cost_moe(capsys):
+    assert main(["cost", "--hardware", "h100-sxm", "--model", "mixtral-8x7b", "--tokens", "1", "--tp", "2",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["op"]: r for r in out["ops"]}
+    assert out["pattern"] == "deepspeed-moe-autotp"
+    assert rows["expert_gate_up_proj"]["calls"] == 2 and rows["expert_gate_up_proj"]["M"] == 1
+    assert rows["expert_gate_up_proj"]["flops"] == 2 * 2 * 2 * 14336 * 4096          # 2 experts, whole (AutoTP)
+    assert rows["router"]["flops"] == 2 * 8 * 4096
+    assert main(["cost", "--hardware", "h100-sxm", "--model", "mixtral-8x7b", "--tokens", "1", "--tp", "2",
+                 "--engine", "tp-experts", "--json"]) == 0
+    rows = {r["op"]: r for r in json.loads(capsys.readouterr().out)["ops"]}
+    assert rows["expert_gate_up_proj"]["flops"] == 2 * 2 * 14336 * 4096               # sharded 2 ways
+    assert main(["cost", "--hardware", "h100-sxm", "--collective", "all_to_all", "--ranks", "8", "--bytes", "1M",
+                 "--json"]) == 0

@@ -3,7 +3,10 @@
 
 * :func:`compute_costs`: every op of one decoder layer on one TP rank (:func:`llmcomm.predict.kernels.layer_ops`),
   plus the final norm and the lm_head, for a forward of ``tokens`` tokens (the GEMM M dimension); attention only
-  with a ``context`` (tokens already cached, each new token attends to them and causally to the new ones).
+  with a ``context`` (tokens already cached, each new token attends to them and causally to the new ones). A
+  mixture of experts gives the rows of one MoE layer: ``router``, ``expert_gate_up_proj``, ``expert_down_proj``,
+  ``expert_act`` (with ``calls``: the experts the tokens touch, an expectation under uniform routing, and ``M``: the
+  tokens each computes), the shared expert's when it has one.
 * :func:`collective_costs`: one collective of m bytes (nccl-tests size) on n ranks placed g per node, with its
   algorithm and bus bandwidth.
 
@@ -16,17 +19,20 @@ import numpy as np
 from ..derive.conventions import bus_factor, canonical_op
 from ..spec import DTYPE_BYTES, Layout, ModelSpec, SpecError
 from .hardware import Hardware
+from .compute import expert_layout
 from .kernels import gemm_time, layer_ops, memop_time, op_times
 
 __all__ = ["compute_costs", "collective_costs", "COLLECTIVE_OPS"]
 
-COLLECTIVE_OPS = ("all_reduce", "all_gather", "broadcast", "send_recv")
+COLLECTIVE_OPS = ("all_reduce", "all_gather", "broadcast", "send_recv", "all_to_all")
 
 
 def compute_costs(model: ModelSpec, hw: Hardware, t: int, tokens, context: int | None = None,
-                  dtype: str = "bf16") -> list[dict]:
+                  dtype: str = "bf16", engine: str = "deepspeed-moe-autotp") -> list[dict]:
     """Rows ``{"op", "tokens", "seconds", "flops", "bytes"}`` for every op and every token count (one sequence of
-    ``tokens`` new tokens; ``context`` cached tokens adds the attention row)."""
+    ``tokens`` new tokens; ``context`` cached tokens adds the attention row). A mixture of experts: the ops of one
+    MoE layer under the TP pattern ``engine`` (``deepspeed-moe-autotp``: experts whole on every rank;
+    ``tp-experts``: sharded t ways); its expert rows add ``calls`` and ``M``. Ignored for a dense model."""
     Layout(t).validate(model)
     if dtype not in DTYPE_BYTES:
         raise SpecError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
@@ -37,14 +43,17 @@ def compute_costs(model: ModelSpec, hw: Hardware, t: int, tokens, context: int |
         if int(n) < 1:
             raise SpecError(f"tokens={n} must be at least 1")
         ctx = 0 if context is None else int(context)
-        ops = layer_ops(model, t, 1, n, ctx, ctx + (n + 1) / 2, w)
+        ops = layer_ops(model, t, 1, n, ctx, ctx + (n + 1) / 2, w, expert_layout(model, engine, t, 1, 1, n))
         if context is None:
             ops.pop("attention")
         times = op_times(ops, kern, w)
         for name, op in ops.items():
-            count = op.get("count", 1)
-            rows.append({"op": name, "tokens": int(n), "seconds": float(times[name]),
-                         "flops": float(op.get("flops", 0.0)) * count, "bytes": float(op["bytes"]) * count})
+            count = float(op.get("count", 1))
+            row = {"op": name, "tokens": int(n), "seconds": float(times[name]),
+                   "flops": float(op.get("flops", 0.0)) * count, "bytes": float(op["bytes"]) * count}
+            if name.startswith("expert_"):
+                row.update(calls=count, M=float(op["M"]) if "M" in op else float(op["bytes"] / op["row_bytes"]))
+            rows.append(row)
         h, V = model.h, model.V
         rows.append({"op": "final_norm", "tokens": int(n),
                      "seconds": float(memop_time(2 * w * n * h, 2 * w * h, kern["memops"]["rmsnorm"])),
