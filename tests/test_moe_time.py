@@ -177,3 +177,28 @@ def test_cli_cost_moe(capsys):
     assert rows["expert_gate_up_proj"]["flops"] == 2 * 2 * 14336 * 4096               # sharded 2 ways
     assert main(["cost", "--hardware", "h100-sxm", "--collective", "all_to_all", "--ranks", "8", "--bytes", "1M",
                  "--json"]) == 0
+
+
+def _qwen2_moe():
+    # 6 layers, MoE at 1 and 5 (decoder_sparse_step 2, layer 3 listed dense); h = 32, F = 48, F_ex = 24, F_sh = 40
+    return load_model({"model_type": "qwen2_moe", "hidden_size": 32, "num_hidden_layers": 6,
+                       "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "intermediate_size": 48,
+                       "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40, "num_experts": 6,
+                       "num_experts_per_tok": 2, "vocab_size": 128, "decoder_sparse_step": 2, "mlp_only_layers": [3],
+                       "tie_word_embeddings": False, "max_position_embeddings": 64})
+
+
+def test_shared_expert_and_dense_layers():
+    m = _qwen2_moe()
+    assert m.moe.layers == (1, 5)
+    ops = layer_ops(m, 2, 1, 4, 0, 2.5, 2, ExpertLayout(t_exp=2))
+    assert _shape(ops["shared_expert_gate_up_proj"]) == (4, 2 * 40 / 2, 32, 1)    # always on: all T tokens
+    assert _shape(ops["shared_expert_down_proj"]) == (4, 32, 40 / 2, 1)
+    assert _shape(ops["shared_expert_gate"]) == (4, 1, 32, 1)
+    assert _shape(ops["expert_gate_up_proj"])[1:3] == (2 * 24 / 2, 32)
+    # a decode forward (S = 16, G = 4: 17 cached, 18 keys): 4 dense layers (MLP width F = 48) + 2 MoE layers, each costed with its own ops
+    dense_fl, _ = layer_cost(m, 1, 1, 1, 17, 18, 2)
+    moe_fl, _ = layer_cost(m, 1, 1, 1, 17, 18, 2, ExpertLayout())
+    f = forward_compute(m, H100, 1, 1, 1, 16, 4, 2, "decode", engine="deepspeed-moe-autotp")
+    assert float(f["flops"]) == pytest.approx(4 * float(dense_fl) + 2 * float(moe_fl) + 2 * 32 * 128)
+    assert float(dense_fl) != float(moe_fl)
