@@ -21,7 +21,7 @@ from ..derive.moe import A2A_BYTES, Routing, capacity, dropless_capacity, expect
 from ..notation import C, E, h, w
 from ..spec import Layout, ModelSpec, Workload
 
-__all__ = ["routing_frame", "a2a_exactness", "phase_totals", "count_distribution", "layouts_traffic", "skew_capacity", "models_frame", "run_ep", "run_autotp", "skew_frame", "ep_crossover"]
+__all__ = ["routing_frame", "a2a_exactness", "phase_totals", "count_distribution", "layouts_traffic", "skew_capacity", "models_frame", "run_ep", "run_autotp", "skew_frame", "ep_crossover", "layouts_latency"]
 
 
 def _records(result) -> list[dict]:
@@ -236,3 +236,28 @@ def ep_crossover(traffic: pd.DataFrame, against: str, y: str = "busiest rank sen
     ep_col = next(c for c in piv.columns if c.startswith("EP"))
     wins = piv[ep_col] < piv[against]
     return {m: (int(wins[m][wins[m]].index.min()) if wins[m].any() else None) for m in piv.index.levels[0]}
+
+
+def layouts_latency(model: ModelSpec, n: int, workloads, hw, routing: Routing | None = None,
+                    engine: str = "deepspeed") -> pd.DataFrame:
+    """The time model on the three layouts of :func:`layouts_traffic` (``n`` GPUs of one node of ``hw``; ``engine``
+    ``deepspeed`` = its eager profile, ``vllm`` = CUDA graphs): TTFT, TPOT, E2E and the decode step's compute and
+    communication. A prediction resting on the labelled assumptions of :mod:`llmcomm.predict.kernels` (uniform
+    routing) and of the α-β all-to-all (no public measurement fitted)."""
+    from ..predict.engines import load_engine
+    from ..predict.latency import predict_latency
+
+    routing = routing or Routing()
+    profile = load_engine("vllm-v0") if engine == "vllm" else None
+    rows = []
+    for wl in workloads:
+        for name, layout, pattern in (("TP, experts replicated (AutoTP)", Layout(n, 1), "deepspeed-moe-autotp"),
+                                      ("TP, experts sharded", Layout(n, 1), "tp-experts"),
+                                      (f"EP ({routing.mode})", Layout(1, 1, n), "deepspeed")):
+            r = predict_latency(model, layout, wl, hw, gpus_per_node=n, engine=pattern, routing=routing,
+                                profile=profile)
+            dec = r["breakdown"]["decode"]
+            rows.append({"model": model.name, "b": wl.b, "S": wl.S, "G": wl.G, "layout": name,
+                         "TTFT ms": 1e3 * r["ttft_s"], "TPOT ms": 1e3 * r["tpot_s"], "E2E s": r["e2e_s"],
+                         "decode compute ms": 1e3 * dec["compute_s"], "decode comm ms": 1e3 * dec["comm_s"]})
+    return pd.DataFrame(rows)
