@@ -153,11 +153,6 @@ def _moe_lines(summary: dict | None, engine: str) -> list[str]:
     return lines
 
 
-def _no_moe_time(what: str) -> SpecError:
-    return SpecError(f"{what} on a mixture of experts: the layout search does not enumerate expert parallelism yet "
-                     f"(llmcomm predict --hardware times one layout)")
-
-
 def cmd_predict(args) -> int:
     from .derive.evaluate import rows as predict_rows, traffic_totals
     from .derive.moe import Routing, moe_summary
@@ -188,20 +183,23 @@ def cmd_predict(args) -> int:
             out["moe"] = dict(summary, pattern=engine)
         extra = _moe_lines(summary, engine)
         if hw is not None:
-            from .predict.latency import predict_latency
-
             from .predict.advise import memory_per_rank
+            from .predict.latency import predict_latency
 
             lat = predict_latency(model, layout, workload, hw, gpus_per_node=args.gpus_per_node, engine=engine,
                                   profile=args.engine_profile, routing=routing)
             out["latency"] = lat
-            if model.is_moe:                 # memory_per_rank counts a dense MLP: no fit check for experts yet
-                out["memory"] = {"fits": None, "why": "memory per rank is not modelled for a mixture of experts"}
+            if model.is_moe:
+                from .predict.moe_advice import moe_memory_per_rank
+
+                scheme = "ep" if layout.e > 1 else "tp-experts" if engine == "tp-experts" else "autotp"
+                need = float(moe_memory_per_rank(model, scheme, layout.t, layout.p, layout.e, workload.b,
+                                                 workload.S, workload.G, workload.w)["total"])
             else:
                 need = float(memory_per_rank(model, layout.t, layout.p, workload.b, workload.S, workload.G,
                                              workload.w)["total"])
-                out["memory"] = {"fits": need <= hw.usable_memory_bytes, "needed_gib_per_rank": need / 2 ** 30,
-                                 "usable_gib_per_rank": hw.usable_memory_bytes / 2 ** 30}
+            out["memory"] = {"fits": need <= hw.usable_memory_bytes, "needed_gib_per_rank": need / 2 ** 30,
+                             "usable_gib_per_rank": hw.usable_memory_bytes / 2 ** 30}
             extra += [f"TTFT {lat['ttft_s'] * 1e3:.3f} ms  TPOT {lat['tpot_s'] * 1e3:.3f} ms  "
                      f"E2E {lat['e2e_s'] * 1e3:.3f} ms  (hardware {hw.name}, {lat['gpus_per_node']} GPUs per node, "
                      f"engine profile {lat['engine_profile']})"]
@@ -324,24 +322,35 @@ def cmd_advise(args) -> int:
     from .predict.advise import advise_report
     from .predict.hardware import load_hardware
 
+    from .derive.moe import Routing
+
     model, hw = load_model(args.model), load_hardware(args.hardware)
-    if model.is_moe:
-        raise _no_moe_time("advise")
+    routing = Routing(args.moe_routing, args.capacity_factor, args.min_capacity)
     rep = advise_report(model, args.gpus, args.gpus_per_node, hw, args.prompt, args.generate, args.batch,
-                        args.objective, args.dtype, args.engine)
+                        args.objective, args.dtype, args.engine, routing)
     if args.json:
         print(json.dumps(rep))
         return 0
     w = rep["workload"]
+    moe = model.is_moe
     print(f"model={rep['model']} gpus={rep['gpus']} gpus_per_node={rep['gpus_per_node']} hardware={rep['hardware']} "
-          f"b={w['b']} S={w['S']} G={w['G']} dtype={w['dtype']} objective={rep['objective']}")
-    print(f"{'rank':>4} {'tp':>4} {'pp':>4} {'TTFT ms':>10} {'TPOT ms':>10} {'E2E s':>9} {'busiest sends':>15} "
+          f"b={w['b']} S={w['S']} G={w['G']} dtype={w['dtype']} objective={rep['objective']}"
+          + (f" moe_routing={routing.mode}" if moe else ""))
+    print(("    scheme " if moe else "") + f"{'rank':>4} {'tp':>4} {'pp':>4} " + ("  ep " if moe else "")
+          + f"{'TTFT ms':>10} {'TPOT ms':>10} {'E2E s':>9} {'busiest sends':>15} "
           f"{'inter-node B':>15} {'GiB/GPU':>8} {'fits':>5} {'pareto':>6}")
     for r in rep["layouts"]:
-        print(f"{r['rank']:>4} {r['tp']:>4} {r['pp']:>4} {r['ttft_s'] * 1e3:>10.3f} {r['tpot_s'] * 1e3:>10.3f} "
+        print((f"{r['scheme']:>10} " if moe else "") + f"{r['rank']:>4} {r['tp']:>4} {r['pp']:>4} " + (f"{r['ep']:>4} " if moe else "")
+              + f"{r['ttft_s'] * 1e3:>10.3f} {r['tpot_s'] * 1e3:>10.3f} "
               f"{r['e2e_s']:>9.4f} {r['sent_bytes_busiest_rank']:>15,} {r['inter_node_bytes']:>15,} "
               f"{r['memory_gib']:>8.1f} {'yes' if r['fits'] else 'no':>5} {'*' if r['pareto'] else '':>6}")
     print("pareto: no other fitting layout is both faster and moves fewer inter-node bytes (within 1 %)")
+    if moe:
+        print("schemes: autotp = DeepSpeed AutoTP as it is (experts whole on every TP rank); tp-experts = every "
+              "expert sharded t ways; ep = expert parallelism, data-parallel attention (predictions: uniform "
+              "routing, α-β all-to-all)")
+        for why in rep["not_candidates"]:
+            print(f"not a candidate: {why}")
     return 0
 
 
@@ -537,11 +546,13 @@ def cmd_calibrate(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------- parser
-def _add_moe_args(sp) -> None:
-    """The mixture-of-experts options ``predict`` and ``measure`` share."""
-    sp.add_argument("--ep", type=positive_int, default=1,
-                    help="expert-parallel degree e of a mixture of experts (DeepSpeed's MoE layer, data-parallel "
-                         "attention: each of the e ranks runs b/e sequences; default 1)")
+def _add_moe_args(sp, ep: bool = True) -> None:
+    """The mixture-of-experts options ``predict`` and ``measure`` share (``advise`` all but ``--ep``: it enumerates
+    e itself)."""
+    if ep:
+        sp.add_argument("--ep", type=positive_int, default=1,
+                        help="expert-parallel degree e of a mixture of experts (DeepSpeed's MoE layer, data-parallel "
+                             "attention: each of the e ranks runs b/e sequences; default 1)")
     sp.add_argument("--moe-routing", choices=["capacity", "dropless"], default="capacity",
                     help="with --ep: DeepSpeed's capacity routing (drop_tokens=True, its default) or dropless")
     sp.add_argument("--capacity-factor", type=positive_float, default=1.0,
@@ -606,7 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--json", action="store_true", help="print one JSON object")
     co.set_defaults(func=cmd_cost)
 
-    ad = sub.add_parser("advise", help="rank every t×p layout of N GPUs by predicted latency or bytes")
+    ad = sub.add_parser("advise", help="rank every t×p layout of N GPUs (a mixture of experts: every t×p and e, "
+                                       "three schemes) by predicted latency or bytes")
     ad.add_argument("--model", required=True, help="preset name or path to an HF config.json")
     ad.add_argument("--gpus", type=positive_int, required=True, help="number of GPUs N (layouts with t·p = N)")
     ad.add_argument("--gpus-per-node", type=positive_int, default=None,
@@ -619,7 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--objective", choices=["ttft", "tpot", "e2e", "inter_node_bytes", "sent_bytes_busiest_rank",
                                             "link_bytes"], default="e2e",
                     help="rank by a latency or by a traffic metric of the whole generation (default e2e)")
-    ad.add_argument("--engine", choices=["deepspeed", "vllm"], default="deepspeed")
+    ad.add_argument("--engine", choices=["deepspeed", "vllm"], default="deepspeed",
+                    help="whose pattern and host profile; a mixture of experts: DeepSpeed's MoE patterns under the "
+                         "deepspeed (eager) or vllm (CUDA graphs) host profile")
+    _add_moe_args(ad, ep=False)
     ad.add_argument("--json", action="store_true", help="print one JSON object")
     ad.set_defaults(func=cmd_advise)
 

@@ -21,7 +21,8 @@ from ..derive.moe import A2A_BYTES, Routing, capacity, dropless_capacity, expect
 from ..notation import C, E, h, w
 from ..spec import Layout, ModelSpec, Workload
 
-__all__ = ["routing_frame", "a2a_exactness", "phase_totals", "count_distribution", "layouts_traffic", "skew_capacity", "models_frame", "run_ep", "run_autotp", "skew_frame", "ep_crossover", "layouts_latency"]
+__all__ = ["routing_frame", "a2a_exactness", "phase_totals", "count_distribution", "layouts_traffic", "skew_capacity", "models_frame", "run_ep", "run_autotp", "skew_frame", "ep_crossover", "layouts_latency",
+           "advice_frame", "advice_winners"]
 
 
 def _records(result) -> list[dict]:
@@ -245,19 +246,55 @@ def layouts_latency(model: ModelSpec, n: int, workloads, hw, routing: Routing | 
     communication. A prediction resting on the labelled assumptions of :mod:`llmcomm.predict.kernels` (uniform
     routing) and of the α-β all-to-all (no public measurement fitted)."""
     from ..predict.engines import load_engine
+    from ..predict.hardware import GiB
     from ..predict.latency import predict_latency
+    from ..predict.moe_advice import moe_memory_per_rank
 
     routing = routing or Routing()
     profile = load_engine("vllm-v0") if engine == "vllm" else None
     rows = []
     for wl in workloads:
-        for name, layout, pattern in (("TP, experts replicated (AutoTP)", Layout(n, 1), "deepspeed-moe-autotp"),
-                                      ("TP, experts sharded", Layout(n, 1), "tp-experts"),
-                                      (f"EP ({routing.mode})", Layout(1, 1, n), "deepspeed")):
+        for name, layout, pattern, scheme in (
+                ("TP, experts replicated (AutoTP)", Layout(n, 1), "deepspeed-moe-autotp", "autotp"),
+                ("TP, experts sharded", Layout(n, 1), "tp-experts", "tp-experts"),
+                (f"EP ({routing.mode})", Layout(1, 1, n), "deepspeed", "ep")):
             r = predict_latency(model, layout, wl, hw, gpus_per_node=n, engine=pattern, routing=routing,
                                 profile=profile)
             dec = r["breakdown"]["decode"]
+            mem = moe_memory_per_rank(model, scheme, layout.t, layout.p, layout.e, wl.b, wl.S, wl.G, wl.w)["total"]
             rows.append({"model": model.name, "b": wl.b, "S": wl.S, "G": wl.G, "layout": name,
                          "TTFT ms": 1e3 * r["ttft_s"], "TPOT ms": 1e3 * r["tpot_s"], "E2E s": r["e2e_s"],
-                         "decode compute ms": 1e3 * dec["compute_s"], "decode comm ms": 1e3 * dec["comm_s"]})
+                         "decode compute ms": 1e3 * dec["compute_s"], "decode comm ms": 1e3 * dec["comm_s"],
+                         "GiB/GPU": mem / GiB, "fits": bool(mem <= hw.usable_memory_bytes)})
     return pd.DataFrame(rows)
+
+
+def advice_frame(models, gpus: int, batches, hw, S: int = 1024, G: int = 128, routing: Routing | None = None,
+                 engine: str = "deepspeed") -> pd.DataFrame:
+    """:func:`llmcomm.predict.moe_advice.advise_moe` of each model on ``gpus`` GPUs of ``hw`` for each batch size:
+    one row per (model, b, candidate layout) — scheme, t, p, e, TTFT, TPOT, E2E, decode communication, the bytes
+    the busiest rank sends in the whole generation, memory per GPU, fits, rank by E2E. Predictions."""
+    from ..predict.moe_advice import advise_moe
+
+    rows = []
+    for model in models:
+        for b in batches:
+            ranked, _ = advise_moe(model, gpus, None, hw, S, G, b, "e2e", "bf16", engine, routing)
+            rows += [{"model": model.name, "b": b, "scheme": r["scheme"], "t": r["tp"], "p": r["pp"], "e": r["ep"],
+                      "TTFT ms": 1e3 * r["ttft_s"], "TPOT ms": 1e3 * r["tpot_s"], "E2E s": r["e2e_s"],
+                      "decode comm ms": 1e3 * r["decode_comm_s"],
+                      "busiest sends GB": r["sent_bytes_busiest_rank"] / 1e9, "GiB/GPU": r["memory_gib"],
+                      "fits": r["fits"], "rank": r["rank"]} for r in ranked]
+    return pd.DataFrame(rows)
+
+
+def advice_winners(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, b) of :func:`advice_frame`: the fitting layout with the lowest TTFT, TPOT and E2E (``scheme
+    t×p×e``) — the phases may disagree."""
+    fit = frame[frame.fits]
+    label = fit.scheme + " " + fit.t.astype(str) + "×" + fit.p.astype(str) + "×" + fit.e.astype(str)
+    out = {}
+    for col in ("TTFT ms", "TPOT ms", "E2E s"):
+        out[f"best {col.split()[0]}"] = label.loc[fit.groupby(["model", "b"])[col].idxmin()].set_axis(
+            pd.MultiIndex.from_frame(fit.loc[fit.groupby(["model", "b"])[col].idxmin(), ["model", "b"]]))
+    return pd.DataFrame(out)

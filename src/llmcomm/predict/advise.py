@@ -29,7 +29,7 @@ from .hardware import GiB, Hardware, scale_links
 from .latency import predict_latency_grid
 from .placement import placement_fractions
 
-__all__ = ["winner_under_error",
+__all__ = ["winner_under_error", "check_request",
            "advise", "advise_report", "candidate_layouts", "memory_per_rank", "pareto_front", "node_crossings",
            "advice_map", "what_if", "LEVERS", "OBJECTIVES", "PARETO_REL_TOL"]
 
@@ -117,13 +117,9 @@ def node_crossings(model: ModelSpec, layout: Layout, workload: Workload, g: int,
     return len(hops), collectives
 
 
-def advise(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware, S: int = 1024, G: int = 128,
-           b: int = 1, objective: str = "e2e", dtype: str = "bf16", engine: str = "deepspeed",
-           include_infeasible: bool = True) -> list[dict]:
-    """Ranked layouts (best first) as dicts ``{"tp", "pp", "ttft_s", "tpot_s", "e2e_s", "bytes",
-    "sent_bytes_busiest_rank", "link_bytes", "inter_node_bytes", "fits", "pareto", …}``.
-
-    Raises :class:`SpecError` when no layout exists or none fits the device memory (one sentence saying why)."""
+def check_request(objective: str, gpus, gpus_per_node, hw: Hardware) -> int:
+    """One :class:`SpecError` for an objective, GPU count or GPUs per node advice cannot take; else the GPUs per node
+    g (the hardware preset's when ``gpus_per_node`` is None)."""
     if objective not in OBJECTIVES:
         raise SpecError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
@@ -131,6 +127,17 @@ def advise(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware,
     g = hw.gpus_per_node if gpus_per_node is None else gpus_per_node
     if isinstance(g, bool) or not isinstance(g, int) or g < 1:
         raise SpecError(f"gpus_per_node={g!r} must be a positive integer")
+    return g
+
+
+def advise(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware, S: int = 1024, G: int = 128,
+           b: int = 1, objective: str = "e2e", dtype: str = "bf16", engine: str = "deepspeed",
+           include_infeasible: bool = True) -> list[dict]:
+    """Ranked layouts (best first) as dicts ``{"tp", "pp", "ttft_s", "tpot_s", "e2e_s", "bytes",
+    "sent_bytes_busiest_rank", "link_bytes", "inter_node_bytes", "fits", "pareto", …}``.
+
+    Raises :class:`SpecError` when no layout exists or none fits the device memory (one sentence saying why)."""
+    g = check_request(objective, gpus, gpus_per_node, hw)
     wl = Workload(b, S, G, dtype).validate(model)
     cands = candidate_layouts(model, gpus)
     if not cands:
@@ -199,13 +206,24 @@ def winner_under_error(rows: list[dict], rel_err: float, metric: str = "e2e_s") 
 
 def advise_report(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware, S: int = 1024,
                   G: int = 128, b: int = 1, objective: str = "e2e", dtype: str = "bf16",
-                  engine: str = "deepspeed") -> dict:
+                  engine: str = "deepspeed", routing=None) -> dict:
     """The JSON the CLI prints: ``{"model", "hardware", "gpus", "gpus_per_node", "workload", "objective",
-    "layouts": [...]}`` (layouts best first)."""
+    "layouts": [...]}`` (layouts best first). A mixture of experts goes to
+    :func:`llmcomm.predict.moe_advice.advise_moe` (every scheme: AutoTP, sharded experts, expert parallelism under
+    ``routing``); its report adds ``routing`` and ``not_candidates`` (why a scheme has no layout)."""
     g = hw.gpus_per_node if gpus_per_node is None else gpus_per_node
-    layouts = advise(model, gpus, g, hw, S, G, b, objective, dtype, engine)
-    return {"model": model.name, "hardware": hw.name, "gpus": gpus, "gpus_per_node": g, "engine": engine,
-            "workload": {"b": b, "S": S, "G": G, "dtype": dtype}, "objective": objective, "layouts": layouts}
+    head = {"model": model.name, "hardware": hw.name, "gpus": gpus, "gpus_per_node": g, "engine": engine,
+            "workload": {"b": b, "S": S, "G": G, "dtype": dtype}, "objective": objective}
+    if model.is_moe:
+        from ..derive.moe import Routing
+        from .moe_advice import advise_moe
+
+        routing = routing or Routing()
+        layouts, why = advise_moe(model, gpus, g, hw, S, G, b, objective, dtype, engine, routing)
+        return {**head, "routing": {"mode": routing.mode, "capacity_factor": routing.capacity_factor,
+                                    "min_capacity": routing.min_capacity}, "not_candidates": why,
+                "layouts": layouts}
+    return {**head, "layouts": advise(model, gpus, g, hw, S, G, b, objective, dtype, engine)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

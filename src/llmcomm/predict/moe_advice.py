@@ -1,0 +1,200 @@
+"""Layout advice for a mixture of experts: every (scheme, t, e, p) of N GPUs, its memory per GPU, predicted
+latency per phase and bytes, ranked — the MoE counterpart of :func:`llmcomm.predict.advise.advise`.
+
+Three schemes, one per MoE message pattern (:mod:`llmcomm.derive.patterns`), all under the same engine profile:
+
+* ``autotp`` — DeepSpeed AutoTP as it is (``deepspeed-moe-autotp``): t×p ranks, attention sharded t ways, the fused
+  expert tensors left whole on every TP rank (what a DeepSpeed user gets today: measured exact on CPU);
+* ``tp-experts`` — t×p ranks, every expert's FFN sharded t ways as serving engines shard it (closed forms only);
+* ``ep`` — expert parallelism with data-parallel attention (``deepspeed-ep`` or ``deepspeed-ep-dropless`` by the
+  routing): e = N ranks, t = p = 1, E/e experts per rank, each rank running attention on b/e sequences. A candidate
+  only when e divides the E experts and the batch b (each EP rank runs whole sequences); EP combined with TP or
+  PP is not a candidate (:meth:`llmcomm.spec.Layout.validate` refuses it).
+
+Memory per GPU (bytes, the fullest pipeline stage), per decoder layer a rank holds, with ``t'`` = t under the TP
+schemes and 1 under EP, ``b_r`` = b/e the sequences a rank runs::
+
+    attention   (2·h·n_h·d + 2·h·n_kv·d)/t' + 2h (norms) + the family's per-layer extra (q/k norms, biases)
+    dense MLP   3·h·F/t'
+    MoE block   E·h (router, never sharded) + E·3·h·F_ex / x + (3·h·F_sh + h)/t_exp   x = 1 (autotp), t (tp-experts),
+                                                                                        e (ep); t_exp = t under
+                                                                                        tp-experts, else 1
+    KV cache    w·b_r·(S+G)·2·(n_kv/t')·d
+
+plus the embedding V·h on the first stage and the head V·h/t' + h on the last (one shared copy when tied and the
+model is on one stage), and an activation margin ``w·b_r·S·(2h + (n_h+2n_kv)·d/t' + 2·(k·F_ex + F_sh)/t_exp +
+2·k·h·[ep]) + 4·b_r·V`` (the prefill's largest live tensors: the attention projections, the k routed copies of
+each token's expert intermediate, EP's dispatch and combine buffers, fp32 logits). ``fits`` when the total is at
+most the device memory × (1 − reserve_fraction). The router and the shared expert's sharding under AutoTP follow
+the compute model's ASSUMPTION (:func:`llmcomm.predict.kernels.layer_ops`).
+
+Latency: :func:`llmcomm.predict.latency.predict_latency_grid` with the scheme's pattern (uniform routing,
+α-β all-to-all: the assumptions the MoE chapter names); traffic: :func:`llmcomm.derive.evaluate.traffic_totals`
+(exact for capacity routing; the uniform-routing expectation for dropless).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..derive.evaluate import traffic_totals
+from ..derive.moe import Routing
+from ..spec import DTYPE_BYTES, Layout, ModelSpec, SpecError, Workload, stage_layers
+from .advise import PARETO_REL_TOL, check_request, node_crossings, pareto_front
+from .engines import load_engine
+from .hardware import GiB, Hardware
+from .latency import predict_latency_grid
+
+__all__ = ["SCHEMES", "scheme_pattern", "candidate_moe_layouts", "moe_memory_per_rank", "advise_moe"]
+
+#: the schemes of MoE advice and their message patterns (EP's depends on the routing: :func:`scheme_pattern`)
+SCHEMES = {"autotp": "deepspeed-moe-autotp", "tp-experts": "tp-experts", "ep": "deepspeed-ep"}
+
+
+def scheme_pattern(scheme: str, routing: Routing | None = None) -> str:
+    """The message pattern of ``scheme`` (``ep`` under dropless routing: ``deepspeed-ep-dropless``)."""
+    if scheme not in SCHEMES:
+        raise SpecError(f"MoE scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
+    if scheme == "ep" and routing is not None and routing.mode == "dropless":
+        return "deepspeed-ep-dropless"
+    return SCHEMES[scheme]
+
+
+def candidate_moe_layouts(model: ModelSpec, gpus: int, b: int) -> tuple[list[tuple[str, int, int, int]], list[str]]:
+    """(candidates ``(scheme, t, p, e)`` with t·p·e = ``gpus``, reasons a scheme has none). TP schemes: every (t, p)
+    :meth:`~llmcomm.spec.Layout.validate` accepts (``tp-experts`` only with t > 1: at t = 1 nothing is sharded and
+    it is the ``autotp`` layout); EP: e = ``gpus`` when it divides the experts and the batch."""
+    if not model.is_moe:
+        raise SpecError(f"{model.name} is dense: MoE advice needs a mixture of experts (use llmcomm advise)")
+    out, why = [], []
+    tp = []
+    for t in range(1, gpus + 1):
+        if gpus % t:
+            continue
+        try:
+            Layout(t, gpus // t).validate(model)
+        except SpecError:
+            continue
+        tp.append((t, gpus // t))
+    out += [("autotp", t, p, 1) for t, p in tp]
+    out += [("tp-experts", t, p, 1) for t, p in tp if t > 1]       # t = 1: the same layout as autotp's
+    if not tp:
+        why.append(f"no t×p layout: t must divide the {model.heads} heads and {model.kv_heads} KV heads, p ≤ "
+                   f"{model.L} layers")
+    if gpus == 1:
+        why.append("ep: one GPU is no expert parallelism")
+    elif model.E % gpus:
+        why.append(f"ep: e={gpus} does not divide the {model.E} experts")
+    elif b % gpus:
+        why.append(f"ep: e={gpus} does not divide the batch b={b} (each EP rank runs b/e whole sequences)")
+    else:
+        out.append(("ep", 1, 1, gpus))
+    return out, why
+
+
+def _layer_elements(model: ModelSpec, scheme: str, t: int, e: int) -> list[float]:
+    """Parameters of each decoder layer one rank holds (elements; see the module docstring)."""
+    h, hd, moe = model.h, model.head_dim, model.moe
+    tq = 1 if scheme == "ep" else t
+    t_exp = t if scheme == "tp-experts" else 1
+    x = {"autotp": 1, "tp-experts": t, "ep": e}[scheme]
+    attn = (2 * h * model.heads * hd + 2 * h * model.kv_heads * hd) / tq + 2 * h + moe.layer_extra
+    dense = 3 * h * model.ffn / tq
+    shared = (3 * h * moe.shared_ffn + h) / t_exp if moe.shared_ffn else 0.0
+    block = moe.experts * h + moe.experts * 3 * h * moe.expert_ffn / x + shared
+    moe_layers = set(moe.layers)
+    return [attn + (block if i in moe_layers else dense) for i in range(model.L)]
+
+
+def moe_memory_per_rank(model: ModelSpec, scheme: str, t: int, p: int, e: int, b: int, S: int, G: int,
+                        w: float) -> dict:
+    """Bytes per GPU of the fullest pipeline stage of a MoE layout: ``weights``, ``kv``, ``act``, ``total``."""
+    if scheme not in SCHEMES:
+        raise SpecError(f"MoE scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
+    moe, h, hd, V = model.moe, model.h, model.head_dim, model.V
+    ep = scheme == "ep"
+    tq = 1 if ep else t
+    t_exp = t if scheme == "tp-experts" else 1
+    b_r = b / e
+    per_layer = _layer_elements(model, scheme, t, e)
+    kv_layer = w * b_r * (S + G) * 2 * (model.kv_heads / tq) * hd
+    sizes = stage_layers(model.L, p)
+    starts = np.cumsum([0] + sizes[:-1])
+    best = None
+    for i, (lo, n) in enumerate(zip(starts, sizes)):
+        weights = sum(per_layer[lo:lo + n])
+        if i == 0:
+            weights += V * h
+        if i == p - 1:
+            weights += h + (0 if (p == 1 and model.tied and tq == 1) else V * h / tq)
+        stage = {"weights": w * weights, "kv": n * kv_layer}
+        if best is None or stage["weights"] + stage["kv"] > best["weights"] + best["kv"]:
+            best = stage
+    ffn_act = 2 * (moe.top_k * moe.expert_ffn + moe.shared_ffn) / t_exp + (2 * moe.top_k * h if ep else 0)
+    if model.L > model.L_moe:
+        ffn_act = max(ffn_act, 2 * model.ffn / tq)
+    act = w * b_r * S * (2 * h + (model.heads + 2 * model.kv_heads) * hd / tq + ffn_act) + 4 * b_r * V
+    return {"weights": best["weights"], "kv": best["kv"], "act": act, "total": best["weights"] + best["kv"] + act}
+
+
+def _profile(engine: str):
+    """The engine profile of MoE advice: None (the pattern's default: DeepSpeed eager on a GPU) or vLLM V0's."""
+    if engine == "deepspeed":
+        return None
+    if engine == "vllm":
+        return load_engine("vllm-v0")
+    raise SpecError(f"engine {engine!r}: MoE advice prices DeepSpeed's patterns under the deepspeed or vllm host "
+                    f"profile")
+
+
+def advise_moe(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware, S: int = 1024, G: int = 128,
+               b: int = 1, objective: str = "e2e", dtype: str = "bf16", engine: str = "deepspeed",
+               routing: Routing | None = None, include_infeasible: bool = True) -> tuple[list[dict], list[str]]:
+    """(ranked rows, best first; reasons a scheme has no candidate). Each row: ``scheme``, ``pattern``, ``tp``,
+    ``pp``, ``ep``, the latencies and their per-phase compute and communication, the traffic metrics of the whole
+    generation, memory, ``fits`` and ``pareto`` (as :func:`llmcomm.predict.advise.advise`).
+
+    Raises :class:`SpecError` when no candidate exists or none fits the device memory (one sentence saying why)."""
+    g = check_request(objective, gpus, gpus_per_node, hw)
+    routing = routing or Routing()
+    profile = _profile(engine)
+    wl = Workload(b, S, G, dtype).validate(model)
+    cands, why = candidate_moe_layouts(model, gpus, b)
+    if not cands:
+        raise SpecError(f"no layout of {model.name} on {gpus} GPUs: " + "; ".join(why))
+    w = DTYPE_BYTES[dtype]
+    usable = hw.usable_memory_bytes
+    rows = []
+    for scheme, t, p, e in cands:
+        pattern = scheme_pattern(scheme, routing)
+        layout = Layout(t, p, e)
+        lat = predict_latency_grid(model, hw, t, p, b, S, G, w, gpus_per_node=g, engine=pattern, profile=profile,
+                                   e=e, routing=routing)
+        mem = moe_memory_per_rank(model, scheme, t, p, e, b, S, G, w)
+        traffic = traffic_totals(model, layout, wl, pattern, "ring", g, routing)
+        hops, spanning = node_crossings(model, layout, wl, g, pattern)
+        row = {"scheme": scheme, "pattern": pattern, "tp": t, "pp": p, "ep": e,
+               **{k: float(lat[k]) for k in ("ttft_s", "tpot_s", "e2e_s", "prefill_compute_s", "prefill_comm_s",
+                                             "decode_compute_s", "decode_comm_s")},
+               **{k: traffic[k] for k in ("bytes", "sent_bytes_busiest_rank", "link_bytes", "inter_node_bytes")},
+               "inter_node_hops_per_forward": hops, "inter_node_collectives_per_forward": spanning,
+               "memory_gib": mem["total"] / GiB, "weights_gib": mem["weights"] / GiB, "kv_gib": mem["kv"] / GiB,
+               "usable_gib": usable / GiB, "fits": bool(mem["total"] <= usable), "objective": objective}
+        rows.append(row)
+    if not any(r["fits"] for r in rows):
+        small = min(rows, key=lambda r: r["memory_gib"])
+        raise SpecError(
+            f"no layout of {model.name} ({dtype}, b={b}, S={S}, G={G}) fits {gpus} x {hw.name}: the smallest needs "
+            f"{small['memory_gib']:.1f} GiB per GPU ({small['scheme']} t={small['tp']}, p={small['pp']}, "
+            f"e={small['ep']}) but one has {usable / GiB:.1f} GiB usable; use more GPUs, a smaller batch/context or "
+            f"a narrower dtype")
+    lat_key = f"{objective}_s" if objective in ("ttft", "tpot", "e2e") else "e2e_s"
+    score_key = lat_key if objective in ("ttft", "tpot", "e2e") else objective
+    front = pareto_front([r[lat_key] for r in rows], [r["inter_node_bytes"] for r in rows],
+                         [r["fits"] for r in rows], PARETO_REL_TOL)
+    for r, f in zip(rows, front):
+        r["pareto"] = bool(f)
+        r["score"] = float(r[score_key])
+    rows.sort(key=lambda r: (not r["fits"], r["score"], r["inter_node_bytes"], r["scheme"], r["tp"]))
+    for k, r in enumerate(rows, 1):
+        r["rank"] = k
+    return (rows if include_infeasible else [r for r in rows if r["fits"]]), why
