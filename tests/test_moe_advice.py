@@ -21,11 +21,17 @@ H100 = load_hardware("h100-sxm")
 def test_candidates_schemes_and_reasons():
     cands, why = candidate_moe_layouts(MIX, 8, 8)
     assert cands == [("autotp", 1, 8, 1), ("autotp", 2, 4, 1), ("autotp", 4, 2, 1), ("autotp", 8, 1, 1),
-                     ("tp-experts", 2, 4, 1), ("tp-experts", 4, 2, 1), ("tp-experts", 8, 1, 1), ("ep", 1, 1, 8)]
+                     ("tp-experts", 2, 4, 1), ("tp-experts", 4, 2, 1), ("tp-experts", 8, 1, 1),
+                     ("ep", 1, 4, 2), ("ep", 1, 2, 4), ("ep", 1, 1, 8)]
     assert why == []
     cands, why = candidate_moe_layouts(QW3, 8, 1)
     assert {c[1] for c in cands} == {1, 2, 4} and not any(c[0] == "ep" for c in cands)
-    assert why == ["ep: e=8 does not divide the batch b=1 (each EP rank runs b/e whole sequences)"]
+    assert why == [f"ep: e={e} does not divide the batch b=1 (each EP rank runs b/e whole sequences)" for e in (2, 4, 8)]
+    assert candidate_moe_layouts(QW3, 8, 2)[0][-1] == ("ep", 1, 4, 2)
+    cands, why = candidate_moe_layouts(load_model("tiny-mixtral"), 8, 8)      # 2 KV heads, 2 layers
+    assert cands == [("ep", 1, 2, 4), ("ep", 1, 1, 8)]
+    assert why == ["no t×p layout: t must divide the 4 heads and 2 KV heads, p ≤ 2 layers",
+                   "ep: e=2 leaves p=4 stages for 2 layers"]
     assert candidate_moe_layouts(MIX, 3, 6)[1] == ["ep: e=3 does not divide the 8 experts"]
     with pytest.raises(SpecError, match="dense"):
         candidate_moe_layouts(load_model("llama-3.1-8b"), 8, 8)
@@ -67,7 +73,7 @@ def test_kv_per_rank_follows_the_batch_share_and_kv_heads():
 
 def test_advise_moe_rows_agree_with_predict_and_traffic():
     rows, why = advise_moe(MIX, 8, None, H100, 1024, 128, 8)
-    assert why == [] and len(rows) == 8
+    assert why == [] and len(rows) == 10
     fit = [r for r in rows if r["fits"]]
     assert [r["e2e_s"] for r in fit] == sorted(r["e2e_s"] for r in fit)
     assert not any(r["fits"] for r in rows if (r["scheme"], r["tp"]) == ("autotp", 8))   # 85 GiB > 71.7 usable

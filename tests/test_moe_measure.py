@@ -102,3 +102,32 @@ def test_pipeline_of_a_mixture_of_experts_matches_its_pattern():
         res = measured(MODEL, lay, [w], backend=backend)[0]
         assert res.tokens == res.reference_tokens
         assert [r for r in core(res.rows) if r["phase"] != "setup"] == _predicted(lay, w, Routing()), lay
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["capacity", "dropless"])
+def test_expert_parallelism_in_pipeline_stages_exact(mode):
+    # e = 2 EP ranks in each of p = 2 stages (4 ranks; global rank = stage·2 + EP rank): each stage's EP group
+    # all-to-alls its own MoE layer, EP rank j hands [b/e, s, h] to EP rank j of the next stage and the last stage
+    # hands b/e tokens back. Capacity routing: every row equals the closed form; dropless: every all-to-all equals
+    # the closed form on the measured counts of its stage's two ranks.
+    m, routing, lay, w = load_model(MODEL), Routing(mode), Layout(1, 2, 2), WORKLOADS[0]
+    res = measured(MODEL, lay, [w], options={"routing": {"mode": mode}})[0]
+    assert res.tokens == res.reference_tokens and len(res.tokens) == w.b
+    ex = cm.a2a_exactness(res, m, lay, w, routing)
+    assert ex.equal.all() and (ex.C_predicted == ex.C_run).all()
+    assert sorted(set(ex.stage)) == [0, 1] and set(ex[ex.stage == 1].layer) == {1}      # L = 2: one layer a stage
+    assert len(ex) == 2 * m.L_moe * w.G
+    rows = [r for r in core(res.rows) if r["phase"] != "setup"]
+    pred = _predicted(lay, w, routing)
+    hops = [r for r in rows if r["op"] == "send_recv"]
+    assert hops == [r for r in pred if r["op"] == "send_recv"]
+    # prefill hop: [b/e, S, h] fp32 = 2·7·64·4 B from each EP rank, plus b/e int64 tokens handed back each
+    assert hops[0]["bytes"] == 2 * (2 * 7 * 64 * 4) + 2 * (2 * 8) == 7200
+    if mode == "capacity":
+        assert rows == pred
+    else:
+        a2a = {r["phase"]: r["bytes"] for r in rows if r["op"] == "all_to_all"}
+        assert a2a == cm.phase_totals(ex).set_index("phase").bytes_measured.to_dict()
+        assert [(r["phase"], r["calls"]) for r in rows if r["op"] == "all_reduce"] == \
+            [("prefill", m.L_moe), ("decode", m.L_moe * (w.G - 1))]

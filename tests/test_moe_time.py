@@ -202,3 +202,30 @@ def test_shared_expert_and_dense_layers():
     f = forward_compute(m, H100, 1, 1, 1, 16, 4, 2, "decode", engine="deepspeed-moe-autotp")
     assert float(f["flops"]) == pytest.approx(4 * float(dense_fl) + 2 * float(moe_fl) + 2 * 32 * 128)
     assert float(dense_fl) != float(moe_fl)
+
+
+def test_ep_in_pipeline_stages_calls_and_time():
+    from llmcomm.derive import evaluate as ev
+
+    # Qwen2-MoE-like, MoE layers 1 and 5 of 6: with p = 3 (layers 0-1, 2-3, 4-5) stage 1 holds no MoE layer
+    m = _qwen2_moe()
+    calls = ev.forward_calls(m, Layout(1, 3, 2), Workload(4, 5, 2), "decode", "deepspeed-ep")
+    a2a = [(ranks, n) for op, ranks, _, n, _ in calls if op == "all_to_all"]
+    assert a2a == [((0, 1), 2), ((4, 5), 2)]                         # dispatch + combine on the stages that hold one
+    hops = [(ranks, mm) for op, ranks, mm, _, _ in calls if op == "send_recv"]
+    assert hops == [((0, 2), 2 * 32 * 4), ((1, 3), 2 * 32 * 4), ((2, 4), 2 * 32 * 4), ((3, 5), 2 * 32 * 4),
+                    ((4, 0), 2 * 8), ((5, 1), 2 * 8)]                  # [b/e, 1, h] fp32 per EP rank; b/e int64 back
+    # time: the e concurrent hops of a boundary are one on the critical path; an EP group of 4 spans nodes of 2
+    wl = Workload(8, 1024, 128, "bf16")
+    one = predict_latency(MIX, Layout(1, 2, 4), wl, H100, gpus_per_node=8)
+    msgs = one["breakdown"]["decode"]["messages"]
+    dec = {x["op"]: x for x in msgs}
+    assert [(x["calls"], x["bytes_per_call"]) for x in msgs if x["op"] == "send_recv"] == \
+        [(1, 2 * 4096 * 2), (1, 2 * 8)]                              # one hop of [b/e, 1, h] bf16, one hand-back
+    assert dec["all_to_all"]["group_size"] == 4 and dec["all_to_all"]["calls"] == 2 * 32
+    assert all(x["inter_fraction"] == 0 for x in msgs)
+    split = predict_latency(MIX, Layout(1, 2, 4), wl, H100, gpus_per_node=2)
+    sdec = {x["op"]: x for x in split["breakdown"]["decode"]["messages"]}
+    assert sdec["all_to_all"]["inter_fraction"] == 1 and sdec["all_to_all"]["time_s"] > dec["all_to_all"]["time_s"]
+    with pytest.raises(SpecError, match="with t=2 is not modelled"):
+        Layout(2, 2, 2).validate(MIX)

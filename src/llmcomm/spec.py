@@ -302,8 +302,9 @@ def stage_layers(L: int, p: int) -> list[int]:
 @dataclass(frozen=True)
 class Layout:
     """Tensor-parallel degree t times pipeline degree p; ranks = t·p (TP groups are consecutive ranks). Or, for a
-    mixture of experts, expert parallelism of degree e with data-parallel attention: e ranks, each running attention
-    on b/e of the sequences, the experts split e ways (t = p = 1; ranks = e)."""
+    mixture of experts, expert parallelism of degree e with data-parallel attention: e ranks per pipeline stage,
+    each running attention on b/e of the sequences, the experts split e ways (t = 1; ranks = e·p, global rank =
+    stage·e + EP rank: the EP group of a stage is its e consecutive ranks)."""
 
     t: int = 1
     p: int = 1
@@ -327,16 +328,17 @@ class Layout:
         We refuse both, like vLLM and the paper's setting, rather than measure a lopsided layout.
 
         Expert parallelism (e > 1) needs a mixture of experts whose E experts e divides (DeepSpeed's MoE layer asserts
-        it: every rank holds E/e experts); combined with TP or PP it is not modelled yet.
+        it: every rank holds E/e experts); it combines with pipeline stages (p > 1), not with TP (DeepSpeed's MoE
+        layer without a model-parallel unit would send every TP rank's duplicate tokens through the all-to-all).
         """
         if self.e > 1:
             if not model.is_moe:
                 raise SpecError(f"expert parallelism e={self.e} needs a mixture of experts; {model.name} is dense")
             if model.E % self.e:
                 raise SpecError(f"e={self.e} does not divide the {model.E} experts of {model.name}")
-            if self.t > 1 or self.p > 1:
-                raise SpecError(f"expert parallelism e={self.e} with t={self.t}, p={self.p} is not modelled: "
-                                f"use e alone (data-parallel attention) or t and p without e")
+            if self.t > 1:
+                raise SpecError(f"expert parallelism e={self.e} with t={self.t} is not modelled: use e (data-parallel "
+                                f"attention), with or without p, or t and p without e")
         if self.t > 1:
             if model.heads % self.t:
                 raise SpecError(f"t={self.t} does not divide the {model.heads} attention heads of {model.name}")

@@ -45,35 +45,38 @@ def routing_frame(result) -> pd.DataFrame:
 def a2a_exactness(result, model: ModelSpec, layout: Layout, workload: Workload,
                   routing: Routing | None = None) -> pd.DataFrame:
     """One row per all-to-all call of the run (the dispatch and the combine of each MoE layer of each forward), as
-    the lowest rank of the EP group issued it: phase, forward, layer, which (dispatch / combine), C predicted from
-    the routing (see the module docs) and as DeepSpeed used it, the predicted and the measured size m, the measured
-    per-peer split, and whether they are equal."""
+    the lowest rank of its EP group issued it (one group per pipeline stage: ranks stage·e … stage·e + e − 1):
+    stage, phase, forward, layer, which (dispatch / combine), C predicted from the routing (see the module docs) and
+    as DeepSpeed used it, the predicted and the measured size m, the measured per-peer split, and whether they are
+    equal."""
     routing = routing or Routing()
     k = model.moe.top_k
     logs = routing_frame(result)
     experts = [f"k{j}" for j in range(model.E)]
-    rank0 = min(r["rank"] for r in result.ranks)
-    calls = [ev for ev in result.events if ev["rank"] == rank0 and ev["op"] == "all_to_all"
-             and ev["phase"] in ("prefill", "decode")]
-    mine = logs[logs["rank"] == rank0].reset_index(drop=True)
-    if len(calls) != 2 * len(mine):
-        raise ValueError(f"{len(calls)} all-to-all calls on rank {rank0} for {len(mine)} MoE layer forwards: "
-                         "expected a dispatch and a combine for each")
     size = A2A_BYTES.subs({E: model.E, h: model.h, w: workload.w})
+    base = min(r["rank"] for r in result.ranks)
     rows = []
-    for i, x in mine.iterrows():
-        if routing.mode == "capacity":
-            c_pred = capacity(int(x.tokens), model.E, k, routing.capacity_factor, routing.min_capacity)
-        else:
-            same = logs[(logs.forward == x.forward) & (logs.layer == x.layer)]
-            c_pred = dropless_capacity(same[experts].to_numpy())
-        m_pred = int(size.subs(C, c_pred))
-        for j, which in enumerate(("dispatch", "combine")):
-            ev = calls[2 * i + j]
-            rows.append({"phase": x.phase, "forward": int(x.forward), "layer": int(x.layer), "call": which,
-                         "tokens_per_rank": int(x.tokens), "C_predicted": int(c_pred), "C_run": int(x.capacity),
-                         "bytes_predicted": m_pred, "bytes_measured": int(ev["bytes"]),
-                         "split_measured": ev.get("splits"), "equal": m_pred == int(ev["bytes"])})
+    for stage in range(layout.p):
+        rank0 = base + stage * layout.e
+        calls = [ev for ev in result.events if ev["rank"] == rank0 and ev["op"] == "all_to_all"
+                 and ev["phase"] in ("prefill", "decode")]
+        mine = logs[logs["rank"] == rank0].reset_index(drop=True)
+        if len(calls) != 2 * len(mine):
+            raise ValueError(f"{len(calls)} all-to-all calls on rank {rank0} for {len(mine)} MoE layer forwards: "
+                             "expected a dispatch and a combine for each")
+        for i, x in mine.iterrows():
+            if routing.mode == "capacity":
+                c_pred = capacity(int(x.tokens), model.E, k, routing.capacity_factor, routing.min_capacity)
+            else:                                 # the layer's EP group: its stage's ranks (layers are global)
+                same = logs[(logs.forward == x.forward) & (logs.layer == x.layer)]
+                c_pred = dropless_capacity(same[experts].to_numpy())
+            m_pred = int(size.subs(C, c_pred))
+            for j, which in enumerate(("dispatch", "combine")):
+                ev = calls[2 * i + j]
+                rows.append({"stage": stage, "phase": x.phase, "forward": int(x.forward), "layer": int(x.layer),
+                             "call": which, "tokens_per_rank": int(x.tokens), "C_predicted": int(c_pred),
+                             "C_run": int(x.capacity), "bytes_predicted": m_pred, "bytes_measured": int(ev["bytes"]),
+                             "split_measured": ev.get("splits"), "equal": m_pred == int(ev["bytes"])})
     return pd.DataFrame(rows)
 
 
@@ -145,19 +148,20 @@ def models_frame(models) -> pd.DataFrame:
 
 
 def run_ep(model: ModelSpec, e_: int, workloads, modes=("capacity", "dropless"), command: str = "",
-           runner=None) -> dict:
-    """Measure expert parallelism on ``e_`` ranks for every routing mode (one launch per mode: the model built and
-    adapted once, each workload captured on its own) and tie every all-to-all to its closed form. Returns
-    ``{"exact": frame of every call (a2a_exactness, with mode and workload columns), "totals": per mode, workload and
-    phase, "counts": measured dropless C beside the uniform expectation, "rows": measured beside predicted rows}``;
-    saved with provenance under ``LLMCOMM_SAVE=1`` (``moe_ep_calls``, ``moe_ep_rows``)."""
+           runner=None, p_: int = 1, name: str = "moe_ep") -> dict:
+    """Measure expert parallelism on ``e_`` ranks (in ``p_`` pipeline stages of ``e_`` ranks each) for every routing
+    mode (one launch per mode: the model built and adapted once, each workload captured on its own) and tie every
+    all-to-all to its closed form. Returns ``{"exact": frame of every call (a2a_exactness, with mode and workload
+    columns), "totals": per mode, workload and phase, "counts": measured dropless C beside the uniform expectation,
+    "rows": measured beside predicted rows}``; saved with provenance under ``LLMCOMM_SAVE=1`` (``{name}_calls``,
+    ``{name}_rows``)."""
     from ..derive.evaluate import rows as predict_rows
     from ..derive.patterns import engine_for
     from .sweeps import compare_rows, save
 
     if runner is None:
         from ..measure.launch import measure_many as runner
-    layout = Layout(1, 1, e_)
+    layout = Layout(1, p_, e_)
     exact, totals, counts, rows = [], [], [], []
     for mode in modes:
         routing = Routing(mode)
@@ -183,8 +187,8 @@ def run_ep(model: ModelSpec, e_: int, workloads, modes=("capacity", "dropless"),
             rows.append(compare_rows(meas, pred).assign(**tag))
     out = {"exact": pd.concat(exact, ignore_index=True), "totals": pd.concat(totals, ignore_index=True),
            "counts": pd.concat(counts, ignore_index=True), "rows": pd.concat(rows, ignore_index=True)}
-    save(out["exact"].drop(columns=["split_measured"]), "moe_ep_calls", command, model=model.name, e=e_)
-    save(out["rows"], "moe_ep_rows", command, model=model.name, e=e_)
+    save(out["exact"].drop(columns=["split_measured"]), f"{name}_calls", command, model=model.name, e=e_, p=p_)
+    save(out["rows"], f"{name}_rows", command, model=model.name, e=e_, p=p_)
     return out
 
 

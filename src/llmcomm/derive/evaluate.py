@@ -7,8 +7,8 @@ arguments :data:`ARGS` in that order; a model's symbols come from its :class:`~l
 by the caller.
 
 Predicted rows are built exactly as measured rows are (:func:`llmcomm.derive.traffic.rows_of_calls`): the pattern
-is expanded to the concrete calls each group of a layout makes (global rank = stage·t + TP rank), and the calls'
-transfers give the traffic metrics.
+is expanded to the concrete calls each group of a layout makes (global rank = stage·q + j, q = t·e ranks per
+stage), and the calls' transfers give the traffic metrics.
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ class Compiled:
     """One message kind of one forward, compiled: each field a function of :data:`ARGS` (numpy arrays welcome).
 
     ``calls`` counts every call (what bytes count); ``critical`` the calls on one request's critical path — the t
-    concurrent sends of a stage boundary (one per TP rank) count once there."""
+    concurrent sends of a stage boundary (one per TP rank; e per boundary under expert parallelism, one per EP rank)
+    count once there."""
 
     op: str
     where: str
@@ -53,9 +54,11 @@ class Compiled:
 def _critical_calls(msg) -> sp.Expr:
     calls = sp.piecewise_fold(msg.calls)
     if msg.op == "send_recv":
-        per_t = sp.simplify(calls / t)
-        if t not in per_t.free_symbols:              # t concurrent sends per boundary: one on the critical path
-            return per_t
+        for q in (t, e):                             # t (TP) or e (EP) concurrent sends per boundary: one counts
+            per_q = sp.piecewise_fold(calls / q)
+            values = [a.expr for a in per_q.args] if isinstance(per_q, sp.Piecewise) else [per_q]
+            if not any(q in v.free_symbols for v in values):   # q may stay in a condition (e > 1), not a count
+                return per_q
     return calls
 
 
@@ -157,10 +160,11 @@ def forward_calls(model: ModelSpec, layout: Layout, workload: Workload, phase: s
     expectation under uniform routing, so the all-to-all sizes are expectations (floats)."""
     tokens, _ = _tokens(phase, workload)
     t, p = layout.t, layout.p
+    q = t * layout.e                                                   # ranks per stage: t TP or e EP ranks
     parts = stage_layers(model.L, p)
     cap = _capacity(model, layout, workload, tokens, routing)
     args = _model_args(model, t, p, workload.b, tokens, workload.w, layout.e, cap)
-    group = lambda k: tuple(range(k * t, k * t + t))  # noqa: E731 - the TP group of stage k
+    group = lambda k: tuple(range(k * q, k * q + q))  # noqa: E731 - the TP (or EP) group of stage k
     out = []
     for c in compiled(engine):
         calls = exact(c.calls(*args))
@@ -178,13 +182,18 @@ def forward_calls(model: ModelSpec, layout: Layout, workload: Workload, phase: s
             per = _split(calls, p - 1, c.why)
             out += [(c.op, group(k), m, per, None) for k in range(1, p)]
         elif where == "boundary":
-            per = _split(calls, t * (p - 1), c.why)
-            out += [(c.op, (k * t + j, (k + 1) * t + j), m, per, None) for k in range(p - 1) for j in range(t)]
+            per = _split(calls, q * (p - 1), c.why)
+            out += [(c.op, (k * q + j, (k + 1) * q + j), m, per, None) for k in range(p - 1) for j in range(q)]
         elif where == "wrap":
-            per = _split(calls, t, c.why)
-            out += [(c.op, ((p - 1) * t + j, j), m, per, None) for j in range(t)]
-        elif where == "experts":
-            out.append((c.op, tuple(range(layout.e)), m, calls, None))
+            per = _split(calls, q, c.why)
+            out += [(c.op, ((p - 1) * q + j, j), m, per, None) for j in range(q)]
+        elif where == "experts":                                       # each stage's EP group, by its MoE layers
+            first = 0
+            for k, layers in enumerate(parts):
+                held = sum(first <= i < first + layers for i in model.moe.layers)
+                first += layers
+                if held:
+                    out.append((c.op, group(k), m, _split(calls * held, model.L_moe, c.why), None))
         else:                                                          # pragma: no cover - WHERE is closed
             raise SpecError(f"no expansion for where={where!r}")
     return out

@@ -28,12 +28,12 @@ W_COUNT = 8
 #: Which ranks a message joins (the latency model's link choice): a TP group, neighbouring stages, or the wrap from
 #: the last stage back to stage 0.
 PATHS = ("tp", "pp", "wrap")
-#: Which groups issue a message's calls (global rank = stage·t + TP rank; the TP group of a stage is its t
-#: consecutive ranks): ``layers`` — every stage's TP group, in proportion to the decoder layers it holds; ``head`` —
-#: the last stage's TP group; ``embed`` — the first stage's; ``receivers`` — the TP group of each stage that receives
-#: a hop (stages 1 … p−1), equally; ``boundary`` — TP rank j of stage k to TP rank j of stage k+1, at each of the
-#: p−1 boundaries, equally; ``wrap`` — TP rank j of the last stage to TP rank j of stage 0; ``experts`` — the EP
-#: group of the e ranks of expert parallelism (global ranks 0 … e−1; t = p = 1).
+#: Which groups issue a message's calls (global rank = stage·q + j with q = t·e ranks per stage — t TP ranks, or e
+#: EP ranks under expert parallelism; the group of a stage is its q consecutive ranks): ``layers`` — every stage's
+#: group, in proportion to the decoder layers it holds; ``head`` — the last stage's group; ``embed`` — the first
+#: stage's; ``receivers`` — the group of each stage that receives a hop (stages 1 … p−1), equally; ``boundary`` —
+#: rank j of stage k to rank j of stage k+1, at each of the p−1 boundaries, equally; ``wrap`` — rank j of the last
+#: stage to rank j of stage 0; ``experts`` — the EP group of each stage, in proportion to the MoE layers it holds.
 WHERE = ("layers", "head", "embed", "receivers", "boundary", "wrap", "experts")
 
 
@@ -176,10 +176,20 @@ def _ep(dropless: bool = False) -> list[Msg]:
     ``ep_size`` = e, in place of the model's sparse block): every rank runs attention on its own b/e sequences and
     holds E/e experts; per MoE layer the dispatch and the combine are ``all_to_all_single`` of the capacity-padded
     [E, C, h] buffer on the EP group (equal splits). Dropless routing first agrees on C: ``all_reduce`` MAX of the
-    int64 largest count. C is the capacity of the forward (:mod:`llmcomm.derive.moe`)."""
+    int64 largest count. C is the capacity of the forward (:mod:`llmcomm.derive.moe`).
+
+    With pipeline stages (p > 1; the llmcomm pipeline runner, each stage an EP group of e ranks): EP rank j of each
+    stage sends its own sequences' hidden state [b/e, s, h] to EP rank j of the next stage, and the last stage's EP
+    rank j hands its b/e greedy tokens back to EP rank j of stage 0 — the dense pipeline's hops with the batch split
+    e ways instead of the hidden state split t ways, and no all-gather (nothing is sharded)."""
     msgs = [Msg("all_to_all", e, when_ep(2 * L_moe), E * C * h,
                 "MoE dispatch and combine: all_to_all_single of [E, C, h] on the EP group, twice per MoE layer",
-                where="experts")]
+                where="experts"),
+            Msg("send_recv", 2, when_ep(when_pp(e * (p - 1))), b * s * h / e,
+                "hidden state of the rank's b/e sequences [b/e, s, h], EP rank j to EP rank j, at each of the p−1 "
+                "stage boundaries", where="boundary"),
+            Msg("send_recv", 2, when_ep(when_pp(e)), b / e, "token ids int64 [b/e, 1], last stage → stage 0, from every EP rank",
+                where="wrap", width=W_TOKEN)]
     if dropless:
         msgs.insert(0, Msg("all_reduce", e, when_ep(L_moe), 1,
                            "dropless capacity: all_reduce MAX of the int64 largest expert count, once per MoE layer",

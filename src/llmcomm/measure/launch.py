@@ -157,11 +157,11 @@ def progress(total: int, desc: str = "configurations", initial: int = 0, enabled
 
 
 def entry_for(layout: Layout) -> str:
-    """The rank entry module of a layout: pipeline (and hybrid TP×PP) runs use ``runs/pipeline.py``, expert
-    parallelism ``runs/ep.py``."""
-    if layout.e > 1:
-        return "llmcomm.measure.runs.ep"
-    return "llmcomm.measure.runs.pipeline" if layout.p > 1 else "llmcomm.measure.runs.tp"
+    """The rank entry module of a layout: pipeline runs (p > 1: TP×PP hybrids and EP×PP included) use
+    ``runs/pipeline.py``, expert parallelism on one stage ``runs/ep.py``, the rest ``runs/tp.py``."""
+    if layout.p > 1:
+        return "llmcomm.measure.runs.pipeline"
+    return "llmcomm.measure.runs.ep" if layout.e > 1 else "llmcomm.measure.runs.tp"
 
 
 def has_cuda() -> bool:
@@ -586,7 +586,7 @@ def measure_many(model: ModelSpec, layout: Layout, workloads: Sequence[Workload]
         raise SpecError(f"backend {backend!r} is not one of gloo, nccl (or None for DeepSpeed's default)")
     if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
         raise SpecError(f"timeout_s={timeout_s!r} must be a positive number of seconds")
-    if backend is None and layout.t > 1 and layout.p > 1 and not has_cuda():
+    if backend is None and max(layout.t, layout.e) > 1 and layout.p > 1 and not has_cuda():
         backend = "gloo"        # the shm all-reduce ignores sub-groups (book appendix "Dependency facts")
     if backend == "nccl" and not has_cuda():
         raise SpecError("backend 'nccl' needs CUDA GPUs; none found (use gloo or the default on CPU)")
@@ -703,8 +703,9 @@ def _assemble(records, model, layout, workload, facts, started, entry, backend, 
         check_consistent(events)
     except CaptureError as e:
         raise RunError(f"the ranks' captures disagree: {e}") from None
-    if all("share" in r for r in records):   # expert parallelism: each rank generated its own sequences
-        tokens, reference = _joined_shares(records)
+    shared = [r for r in records if r.get("share") is not None]
+    if shared:                               # expert parallelism: each (stage-0) rank generated its own sequences
+        tokens, reference = _joined_shares(shared)
     else:
         seen = [(r["rank"], r["tokens"]) for r in records if r.get("tokens") is not None]
         if not seen:

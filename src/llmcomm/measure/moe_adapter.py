@@ -92,17 +92,18 @@ def adapt(hf_model, ep_size: int, *, dropless: bool, capacity_factor: float = 1.
 class RoutingLog:
     """Per MoE layer of every forward of ``model`` (adapted by :func:`adapt`), in call order: ``{"forward",
     "layer", "tokens", "counts", "capacity"}`` — the forward's index since the last :meth:`take`, the decoder
-    layer, the rank's tokens T, its routes per expert before any drop (DeepSpeed's ``exp_counts``) and the capacity
+    layer (its index in the whole model: ``first_layer`` is that of ``model``'s first, a pipeline stage's), the
+    rank's tokens T, its routes per expert before any drop (DeepSpeed's ``exp_counts``) and the capacity
     C of the dispatch buffer [E, C, h] (dropless: after the EP group's all-reduce MAX)."""
 
-    def __init__(self, model):
+    def __init__(self, model, first_layer: int = 0):
         self.records: list[dict] = []
         self._handles = []
         layers = [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, DeepSpeedMoEBlock)]
         self._per_forward = len(layers)
         for i in layers:
             gate = model.model.layers[i].mlp.moe.deepspeed_moe.gate
-            self._handles.append(gate.register_forward_hook(self._hook(i)))
+            self._handles.append(gate.register_forward_hook(self._hook(first_layer + i)))
 
     def _hook(self, layer: int):
         def record(_module, inputs, output):

@@ -104,7 +104,7 @@ def node_crossings(model: ModelSpec, layout: Layout, workload: Workload, g: int,
     the token hand-back —, collective calls per decode forward on TP groups that span nodes), ranks placed in order,
     ``g`` per node."""
     node = lambda r: r // g  # noqa: E731
-    stage = lambda r: r // layout.t  # noqa: E731
+    stage = lambda r: r // (layout.t * layout.e)  # noqa: E731 - t TP or e EP ranks per stage
     hops, collectives = set(), 0
     for op, ranks, _, count, _ in forward_calls(model, layout, workload, "decode" if workload.G > 1 else "prefill",
                                                engine):

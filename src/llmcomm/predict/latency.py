@@ -10,8 +10,9 @@ A mixture of experts runs under its MoE pattern (:data:`llmcomm.predict.compute.
 ``deepspeed`` engine name maps to AutoTP's ``deepspeed-moe-autotp``, or with e > 1 to expert parallelism): the
 compute counts the experts a rank computes (:func:`llmcomm.predict.compute.forward_compute`) and the messages take
 the EP degree e and the capacity C of each phase, so the dispatch and combine all-to-alls are charged
-(:meth:`llmcomm.predict.hardware.Hardware.collective_time`: α-β on the link). The EP group is ranks 0 … e−1 placed g
-per node: its messages cross the inter-node link when e > g.
+(:meth:`llmcomm.predict.hardware.Hardware.collective_time`: α-β on the link). The EP group of a stage is its e
+consecutive ranks, placed g per node like a TP group: its messages cross the inter-node link when it spans nodes
+(e > g on one stage); with p > 1 stages each EP rank's hop carries its own b/e sequences.
 
 Phases: ``TTFT = prefill forward``; ``TPOT = one decode forward`` at the mean KV length; ``E2E = TTFT + (G−1)·TPOT``.
 
@@ -86,9 +87,10 @@ def forward_comm(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str, g
         w = comm_w
     t, p, b, s, w, g = np.broadcast_arrays(*(np.asarray(x) for x in (t, p, b, s, w, g)))
     g_one = int(g.flat[0]) if g.size and (g == g.flat[0]).all() else None     # GPUs per node, when uniform
-    f_tp, f_pp = placement_fractions(model.L, t, p, g) if fractions is None else fractions
-    frac_of = {"tp": f_tp, "pp": f_pp, "wrap": wrap_inter_fraction(t, p, g),
-               "experts": (int(e) > g).astype(float)}          # the EP group: ranks 0 … e−1, g per node
+    q = t * int(e)                                   # ranks per stage: t TP ranks, or e EP ranks (t = 1)
+    f_tp, f_pp = placement_fractions(model.L, q, p, g) if fractions is None else fractions
+    # a stage's EP group is its e consecutive ranks, placed like a TP group: the same spanning fraction
+    frac_of = {"tp": f_tp, "pp": f_pp, "wrap": wrap_inter_fraction(q, p, g), "experts": f_tp}
     sub = bool(hw.subgroup_collectives) and bool((p > 1).any())
     total = np.zeros(t.shape)
     parts = []
@@ -123,7 +125,7 @@ def predict_latency_grid(model: ModelSpec, hw: Hardware, t, p, b, S, G, w=2, gpu
     each forward ``max(compute, comm)`` instead of ``compute + comm`` (perfect overlap of communication with
     compute: a lower bound, not a schedule any engine here runs).
 
-    A mixture of experts: ``e`` (one EP degree for the whole grid; e > 1 needs t = p = 1 and e dividing b) and
+    A mixture of experts: ``e`` (one EP degree for the whole grid; e > 1 needs t = 1 and e dividing b) and
     ``routing`` (:class:`llmcomm.derive.moe.Routing`) of expert parallelism; ``engine`` as :func:`moe_engine` maps it.
 
     No validation here (the grid is the caller's): t must divide the heads, p ≤ L (see
@@ -134,7 +136,7 @@ def predict_latency_grid(model: ModelSpec, hw: Hardware, t, p, b, S, G, w=2, gpu
     t, p, b, S, G, w, g = np.broadcast_arrays(*(np.asarray(x) for x in (t, p, b, S, G, w, g)))
     inv_t = 1.0 / t.astype(float)
     w_compute = float(w.flat[0]) if w.size and (w == w.flat[0]).all() else w       # one dtype: keep w a scalar
-    fractions = placement_fractions(model.L, t, p, g)
+    fractions = placement_fractions(model.L, t * int(e), p, g)
     out = {}
     for phase in ("prefill", "decode"):
         out[f"{phase}_compute_s"] = forward_compute(

@@ -7,9 +7,9 @@ Three schemes, one per MoE message pattern (:mod:`llmcomm.derive.patterns`), all
   expert tensors left whole on every TP rank (what a DeepSpeed user gets today: measured exact on CPU);
 * ``tp-experts`` — t×p ranks, every expert's FFN sharded t ways as serving engines shard it (closed forms only);
 * ``ep`` — expert parallelism with data-parallel attention (``deepspeed-ep`` or ``deepspeed-ep-dropless`` by the
-  routing): e = N ranks, t = p = 1, E/e experts per rank, each rank running attention on b/e sequences. A candidate
-  only when e divides the E experts and the batch b (each EP rank runs whole sequences); EP combined with TP or
-  PP is not a candidate (:meth:`llmcomm.spec.Layout.validate` refuses it).
+  routing): e·p = N ranks, t = 1, E/e experts per rank, each rank running attention on b/e sequences, optionally
+  in p pipeline stages of e ranks each. A candidate when e > 1 divides the E experts and the batch b (each EP rank
+  runs whole sequences) and p ≤ L; EP combined with TP is not (:meth:`llmcomm.spec.Layout.validate` refuses it).
 
 Memory per GPU (bytes, the fullest pipeline stage), per decoder layer a rank holds, with ``t'`` = t under the TP
 schemes and 1 under EP, ``b_r`` = b/e the sequences a rank runs::
@@ -62,7 +62,7 @@ def scheme_pattern(scheme: str, routing: Routing | None = None) -> str:
 def candidate_moe_layouts(model: ModelSpec, gpus: int, b: int) -> tuple[list[tuple[str, int, int, int]], list[str]]:
     """(candidates ``(scheme, t, p, e)`` with t·p·e = ``gpus``, reasons a scheme has none). TP schemes: every (t, p)
     :meth:`~llmcomm.spec.Layout.validate` accepts (``tp-experts`` only with t > 1: at t = 1 nothing is sharded and
-    it is the ``autotp`` layout); EP: e = ``gpus`` when it divides the experts and the batch."""
+    it is the ``autotp`` layout); EP: every e > 1 with e·p = ``gpus`` that divides the experts and the batch."""
     if not model.is_moe:
         raise SpecError(f"{model.name} is dense: MoE advice needs a mixture of experts (use llmcomm advise)")
     out, why = [], []
@@ -80,14 +80,20 @@ def candidate_moe_layouts(model: ModelSpec, gpus: int, b: int) -> tuple[list[tup
     if not tp:
         why.append(f"no t×p layout: t must divide the {model.heads} heads and {model.kv_heads} KV heads, p ≤ "
                    f"{model.L} layers")
+    for e in range(2, gpus + 1):
+        if gpus % e:
+            continue
+        p = gpus // e
+        if model.E % e:
+            why.append(f"ep: e={e} does not divide the {model.E} experts")
+        elif b % e:
+            why.append(f"ep: e={e} does not divide the batch b={b} (each EP rank runs b/e whole sequences)")
+        elif p > model.L:
+            why.append(f"ep: e={e} leaves p={p} stages for {model.L} layers")
+        else:
+            out.append(("ep", 1, p, e))
     if gpus == 1:
         why.append("ep: one GPU is no expert parallelism")
-    elif model.E % gpus:
-        why.append(f"ep: e={gpus} does not divide the {model.E} experts")
-    elif b % gpus:
-        why.append(f"ep: e={gpus} does not divide the batch b={b} (each EP rank runs b/e whole sequences)")
-    else:
-        out.append(("ep", 1, 1, gpus))
     return out, why
 
 

@@ -39,6 +39,15 @@ Stage-to-stage mode (``options.p2p``): ``"partitioned"`` (default when t > 1, wh
 ``pipe_partitioned``) or ``"full"`` (every TP rank sends the whole ``[b, s, h]`` to its peer). With t = 1 both are the
 plain send of the whole tensor.
 
+Expert parallelism in stages (``layout.e`` > 1, t = 1; a mixture of experts): the grid's slice dimension holds the
+e EP ranks of a stage (global rank = stage·e + EP rank), each running its own b/e sequences through every stage —
+EP rank j sends its hidden state [b/e, s, h] to EP rank j of the next stage and the last stage's EP rank j hands its
+b/e tokens back to EP rank j of stage 0. After AutoTP (t = 1: nothing sharded) the stage's sparse blocks become
+DeepSpeed's MoE layer with ``ep_size = e`` (:func:`llmcomm.measure.moe_adapter.adapt`); DeepSpeed's legacy group
+layout makes the EP groups consecutive ranks, i.e. exactly each stage's e ranks (checked). The reference of each rank's
+share is the same weights adapted with ``ep_size = 1`` in one process (as :mod:`llmcomm.measure.runs.ep`: capacity
+routing drops by the rank's own token count).
+
 All-reduce path: the shm all-reduce ignores sub-groups (proof ``shm_allreduce_ignores_subgroups.py``), so a hybrid
 must run its TP all-reduces on gloo. The launcher asks for backend ``gloo`` (rankio then drops ``LOCAL_SIZE`` — no
 /dev/shm buffer — and sets ``cdb.shm_vector_kernel_level = 0``, DeepSpeed's own fallback to
@@ -63,7 +72,8 @@ def check_layout(model: ModelSpec, layout: Layout, world_size: int, p2p: str = "
         raise SpecError(f"the pipeline runner needs p >= 2, got p={layout.p} (p = 1 is llmcomm.measure.runs.tp)")
     layout.validate(model)                                   # t divides the heads, p <= L (every stage has a layer)
     if layout.ranks != world_size:
-        raise SpecError(f"layout t={layout.t} x p={layout.p} needs {layout.ranks} ranks, but {world_size} were launched")
+        raise SpecError(f"layout t={layout.t} x p={layout.p} x e={layout.e} needs {layout.ranks} ranks, but "
+                        f"{world_size} were launched")
     if p2p not in P2P_MODES:
         raise SpecError(f"p2p mode {p2p!r} is not one of {', '.join(P2P_MODES)}")
     if p2p == "partitioned" and layout.t > 1 and model.h % layout.t:
@@ -127,7 +137,8 @@ class Stage:
         from llmcomm.measure.runs.common import TORCH_DTYPES, cache_kwarg
 
         model, layout = ctx.model, ctx.layout
-        t, p = layout.t, layout.p
+        t, p, e = layout.t, layout.p, layout.e
+        q = t * e                                            # ranks per stage: t TP ranks, or e EP ranks (t = 1)
         self.parts = check_layout(model, layout, ctx.world_size, p2p_mode)
         self.h, self.V = model.h, model.V
         self.dtype = TORCH_DTYPES[ctx.dtype]
@@ -138,7 +149,7 @@ class Stage:
         #    device) only the stage's slice. The grid's new_group calls rendezvous over the TCP store: no collective.
         DecoderPipe = _decoder_pipe_class()
         wrappers = [DecoderPipe(layer) for layer in hf.model.layers]
-        topo = PipeModelDataParallelTopology(num_pp=p, num_mp=t, num_dp=1)
+        topo = PipeModelDataParallelTopology(num_pp=p, num_mp=q, num_dp=1)
         self.pipe = PipelineModule(layers=wrappers, topology=topo, partition_method="uniform")
         grid = self.pipe._grid
         self.stage, self.tp_rank = grid.get_stage_id(), grid.get_slice_parallel_rank()
@@ -147,7 +158,7 @@ class Stage:
         got = [self.pipe.parts[i + 1] - self.pipe.parts[i] for i in range(p)]
         if got != self.parts:                                # DeepSpeed's split must be the one the formulas use
             raise SpecError(f"PipelineModule split the layers {got}, expected stage_layers = {self.parts}")
-        assert ctx.rank == self.stage * t + self.tp_rank, "TP groups must be consecutive ranks"
+        assert ctx.rank == self.stage * q + self.tp_rank, "TP (EP) groups must be consecutive ranks"
         p2p.init_process_groups(grid)                        # only records the grid (torch >= 1.8: no groups made)
         self.tp_group = grid.get_slice_parallel_group()
 
@@ -166,6 +177,19 @@ class Stage:
         engine = deepspeed.init_inference(hf, tensor_parallel={"tp_size": t}, dtype=self.dtype,
                                           replace_with_kernel_inject=False)
         self.hf = engine.module
+        if e > 1:                                            # the stage's sparse blocks: DeepSpeed's MoE layer
+            from deepspeed.utils import groups
+
+            from llmcomm.measure.moe_adapter import adapt
+
+            # Every rank creates the EP groups (new_group is collective over the world), whether or not its stage
+            # holds a MoE layer; DeepSpeed's legacy layout: consecutive ranks, i.e. this stage's e ranks.
+            if f"ep_size_{e}" not in groups._get_expert_parallel_group_dict():
+                groups._create_expert_and_data_parallel(e)
+            ranks = list(groups._EXPERT_PARALLEL_GROUP_RANKS[f"ep_size_{e}"])
+            if ranks != list(range(self.stage * e, self.stage * e + e)):
+                raise SpecError(f"DeepSpeed put rank {ctx.rank} in EP group {ranks}, not its stage's ranks")
+            self.hf = adapt(self.hf, e, **moe_options(ctx))
         for k, layer in enumerate(self.hf.model.layers):     # run what AutoTP left in the model, whatever it replaced
             self.pipe.forward_funcs[k].layer = layer
         self.first_layer = self.start                         # global index of this stage's first layer (its cache)
@@ -254,6 +278,9 @@ def run(ctx: RankContext):
     check_layout(model, layout, ctx.world_size, p2p_mode)   # before any collective: one clear error on every rank
     hf = build_model(model, ctx.dtype, ctx.device, seed=ctx.seed)
     prompts = [prompt_ids(w, model.V, seed=ctx.seed, device=ctx.device) for w in ctx.workloads]
+    if layout.e > 1:
+        yield from _run_ep(ctx, hf, prompts, p2p_mode)
+        return
     last_stage_rank0 = (layout.p - 1) * layout.t
     # Same weights, not yet cut or sharded: the single-process answers. Rank 0 reports their tokens; the first rank
     # of the last stage keeps their next-token logits to compare with the pipeline's.
@@ -291,6 +318,48 @@ def run(ctx: RankContext):
                             "stage_layers": stage.parts, "p2p": stage.p2p_mode,
                             "token_handback": "last stage -> stage 0, int64 [b, 1], every TP rank, once per forward",
                             "logits_max_abs_diff": diff}}
+
+
+def moe_options(ctx: RankContext) -> dict:
+    """The keyword arguments of :func:`llmcomm.measure.moe_adapter.adapt` from the run's routing option."""
+    from llmcomm.derive.moe import Routing
+
+    routing = Routing(**ctx.options.get("routing", {}))
+    return {"dropless": routing.mode == "dropless", "capacity_factor": routing.capacity_factor,
+            "min_capacity": routing.min_capacity}
+
+
+def _run_ep(ctx: RankContext, hf, prompts, p2p_mode: str):
+    """EP×PP (see the module docs): this rank's share of each batch through the stages, its routing log, and the
+    single-process reference of the share (the same weights, ``ep_size = 1``) on every rank of stage 0."""
+    import copy
+
+    from llmcomm.measure.moe_adapter import RoutingLog, adapt
+    from llmcomm.measure.runs.common import generate, reference_generations, warm_up
+
+    e = ctx.layout.e
+    j = ctx.rank % e                                        # EP rank: which b/e sequences this rank runs
+    shares = [(j * w.b // e, (j + 1) * w.b // e) for w in ctx.workloads]
+    prompts = [ids[lo:hi] for ids, (lo, hi) in zip(prompts, shares)]
+    single = adapt(copy.deepcopy(hf), 1, **moe_options(ctx))   # collective: every rank makes the ep_size_1 groups
+    references = reference_generations(single, prompts, ctx.workloads, on=ctx.reference and ctx.rank < e)
+    del single
+    with ctx.setup_capture() as cap, cap.phase("setup"):
+        stage = Stage(ctx, hf, p2p_mode)
+    log = RoutingLog(stage.hf, first_layer=stage.start)
+    warm_up(stage, stage.hf, prompts[0], ctx.workloads[0])
+    for i, w in ctx.sweep():
+        log.take()
+        with ctx.capture() as cap:
+            gen = generate(stage, stage.hf, prompts[i], w.G, phase=ctx.phase_hook(cap))
+        first = stage.first
+        yield {"tokens": gen.tokens if first else None,
+               "reference_tokens": references[i].tokens if first and references[i] else None,
+               "share": list(shares[i]) if first else None, "timings": gen.timings, "routing": log.take(),
+               "pipeline": {"stage": stage.stage, "ep_rank": j, "layers": [stage.start, stage.stop],
+                            "stage_layers": stage.parts, "p2p": "full (each EP rank its own b/e sequences)",
+                            "token_handback": "last stage -> stage 0, int64 [b/e, 1], every EP rank, once per "
+                                              "forward"}}
 
 
 if __name__ == "__main__":
