@@ -82,6 +82,9 @@ def test_joined_shares_in_sequence_order_and_gaps_refused():
 
 
 @pytest.mark.parametrize("argv,msg", [
+    (["--model", "tiny-llama", "--tp", "2", "--engine", "tp-experts"], "sharded experts need a mixture of experts"),
+    (["--model", MODEL, "--tp", "2", "--pp", "2", "--engine", "tp-experts"], "measured with TP alone"),
+    (["--model", MODEL, "--tp", "1", "--engine", "tp-experts"], "measured with TP alone"),
     (["--model", MODEL, "--ep", "2", "--batch", "3"], "e=2 does not divide"),
     (["--model", "tiny-llama", "--ep", "2"], "needs a mixture of experts"),
     (["--model", MODEL, "--ep", "3"], "does not divide the 8 experts"),
@@ -131,3 +134,16 @@ def test_expert_parallelism_in_pipeline_stages_exact(mode):
         assert a2a == cm.phase_totals(ex).set_index("phase").bytes_measured.to_dict()
         assert [(r["phase"], r["calls"]) for r in rows if r["op"] == "all_reduce"] == \
             [("prefill", m.L_moe), ("decode", m.L_moe * (w.G - 1))]
+
+
+@pytest.mark.slow
+def test_sharded_experts_measured_exact():
+    # every expert's FFN sharded t = 2 ways after AutoTP (measure/moe_adapter.shard_experts): the MoE block ends in
+    # an all-reduce of [b, s, h] — two per layer plus the head's, the tp-experts closed form, row for row
+    m, lay = load_model(MODEL), Layout(2, 1)
+    for w, res in zip(WORKLOADS, measured(MODEL, lay, WORKLOADS, options={"experts": "sharded"})):
+        assert res.tokens == res.reference_tokens
+        rows = [r for r in core(res.rows) if r["phase"] != "setup"]
+        assert rows == core(predict_rows(m, lay, w, "tp-experts"))
+        pre = next(r for r in rows if (r["phase"], r["op"]) == ("prefill", "all_reduce"))
+        assert pre["calls"] == 2 * m.L + 1 and pre["bytes"] == 4 * (2 * m.L * w.b * w.S * m.h + w.b * m.V)

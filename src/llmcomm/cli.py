@@ -224,12 +224,12 @@ def _emit(obj: dict, as_json: bool, text, several: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- measure
-def result_name(model, layout, workload, p2p: str) -> str:
+def result_name(model, layout, workload, p2p: str, engine: str = "deepspeed") -> str:
     """File name of one configuration's result under ``measure --out``."""
     import re
 
     name = re.sub(r"[^A-Za-z0-9.-]+", "-", model.name).strip("-")
-    tail = f"_{p2p}" if layout.p > 1 else ""
+    tail = (f"_{p2p}" if layout.p > 1 else "") + ("_tp-experts" if engine == "tp-experts" else "")
     ep = f"_e{layout.e}" if layout.e > 1 else ""
     return f"{name}_t{layout.t}_p{layout.p}{ep}_b{workload.b}_S{workload.S}_G{workload.G}_{workload.dtype}{tail}.json"
 
@@ -261,13 +261,15 @@ def cmd_measure(args) -> int:
     routing = Routing(args.moe_routing, args.capacity_factor, args.min_capacity)
     if layout.e > 1:
         options = {"routing": asdict(routing)}
+    if args.engine == "tp-experts":                           # every expert sharded t ways after AutoTP
+        options = dict(options or {}, experts="sharded")
     if args.resume and not args.out:
         raise SpecError("--resume needs --out (the folder whose finished configurations are skipped)")
     out = Path(args.out) if args.out else None
-    heads = [_with_p2p(dict(_header(model, layout, w), engine="deepspeed"), layout, args.p2p) for w in workloads]
+    heads = [_with_p2p(dict(_header(model, layout, w), engine=args.engine), layout, args.p2p) for w in workloads]
     if layout.e > 1:
         heads = [dict(hd, ep=layout.e, moe_routing=routing.mode) for hd in heads]
-    paths = [out / result_name(model, layout, w, args.p2p) if out else None for w in workloads]
+    paths = [out / result_name(model, layout, w, args.p2p, args.engine) if out else None for w in workloads]
     ready: dict[int, tuple[dict, object]] = {}
     if args.resume:
         for i, path in enumerate(paths):
@@ -587,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     me = sub.add_parser("measure", help="run DeepSpeed ranks and capture every collective")
     _add_spec_args(me)
     _add_moe_args(me)
+    me.add_argument("--engine", choices=["deepspeed", "tp-experts"], default="deepspeed",
+                    help="deepspeed (AutoTP as it is; a mixture of experts keeps its experts whole on every rank) or "
+                         "tp-experts (a mixture of experts with every expert sharded t ways after AutoTP)")
     me.add_argument("--timeout", type=positive_float, default=300.0,
                     help="seconds a launch may go without finishing a configuration before it is killed as hung")
     me.add_argument("--out", help="folder for the results, one JSON file per configuration (written atomically as "

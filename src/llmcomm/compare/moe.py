@@ -192,23 +192,30 @@ def run_ep(model: ModelSpec, e_: int, workloads, modes=("capacity", "dropless"),
     return out
 
 
-def run_autotp(model: ModelSpec, t_: int, workloads, command: str = "", runner=None) -> pd.DataFrame:
-    """DeepSpeed AutoTP on a mixture of experts as it is (``t_`` ranks, experts replicated): measured rows beside the
-    ``deepspeed-moe-autotp`` closed forms, one block per workload; saved as ``moe_autotp_rows``."""
+def run_autotp(model: ModelSpec, t_: int, workloads, command: str = "", runner=None,
+               experts: str = "replicated") -> pd.DataFrame:
+    """DeepSpeed AutoTP on a mixture of experts (``t_`` ranks): as it is (``experts="replicated"``, experts whole on
+    every rank) or with every expert sharded t ways after it (``"sharded"``,
+    :func:`llmcomm.measure.moe_adapter.shard_experts`). Measured rows beside the ``deepspeed-moe-autotp`` or
+    ``tp-experts`` closed forms, one block per workload; saved as ``moe_autotp_rows`` or ``moe_tp_experts_rows``."""
     from .sweeps import compare_rows, predicted_like, save
 
     if runner is None:
         from ..measure.launch import measure_many as runner
     layout = Layout(t_, 1)
+    pattern, name = (("tp-experts", "moe_tp_experts_rows") if experts == "sharded" else
+                     ("deepspeed-moe-autotp", "moe_autotp_rows"))
+    options = {"experts": "sharded"} if experts == "sharded" else None
     parts = []
-    for wl, res in zip(workloads, runner(model, layout, list(workloads))):
+    for wl, res in zip(workloads, runner(model, layout, list(workloads), options=options)):
         if res.tokens != res.reference_tokens:
-            raise ValueError(f"AutoTP {wl.label}: tokens differ from the single-process reference")
-        pred = predicted_like(model, layout, wl, res, "deepspeed-moe-autotp")
+            raise ValueError(f"AutoTP ({experts} experts) {wl.label}: tokens differ from the single-process "
+                             f"reference")
+        pred = predicted_like(model, layout, wl, res, pattern)
         parts.append(compare_rows([r for r in res.rows if r["phase"] != "setup"], pred)
                      .assign(t=t_, b=wl.b, S=wl.S, G=wl.G))
     out = pd.concat(parts, ignore_index=True)
-    save(out, "moe_autotp_rows", command, model=model.name, t=t_)
+    save(out, name, command, model=model.name, t=t_)
     return out
 
 

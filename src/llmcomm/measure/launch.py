@@ -579,6 +579,18 @@ def measure_many(model: ModelSpec, layout: Layout, workloads: Sequence[Workload]
             from llmcomm.derive.moe import rank_batch
 
             rank_batch(w.b, layout.e)           # data-parallel attention: every EP rank runs b/e sequences
+    experts = (options or {}).get("experts", "replicated")
+    if experts not in ("replicated", "sharded"):
+        raise SpecError(f"experts {experts!r} is not one of replicated (AutoTP as it is), sharded (tp-experts)")
+    if experts == "sharded":
+        if not model.is_moe or model.moe.shared_ffn:
+            raise SpecError(f"sharded experts need a mixture of experts without a shared expert; {model.name} is "
+                            f"{'dense' if not model.is_moe else 'one with a shared expert (not adapted)'}")
+        if layout.t < 2 or layout.p > 1 or layout.e > 1:
+            raise SpecError(f"sharded experts are measured with TP alone (t > 1, p = e = 1), not t={layout.t}, "
+                            f"p={layout.p}, e={layout.e}")
+        if model.moe.expert_ffn % layout.t:
+            raise SpecError(f"t={layout.t} does not divide the expert width F_ex={model.moe.expert_ffn}")
     dtypes = sorted({w.dtype for w in workloads})
     if len(dtypes) > 1:
         raise SpecError(f"one launch builds the model in one dtype; got {', '.join(dtypes)} (one launch per dtype)")

@@ -23,13 +23,21 @@ Settings that make DeepSpeed's layer compute Mixtral's function (each measured; 
 
 :class:`RoutingLog` records, for every MoE forward, the per-expert route counts of this rank's tokens (before any
 drop) and the capacity C DeepSpeed used: the inputs of the closed forms (:mod:`llmcomm.derive.moe`).
+
+Sharded experts (``tp-experts``, the serving engines' TP layout): DeepSpeed has no path that shards HF's fused expert
+tensors, so :func:`shard_experts` is the second thin step, taken after AutoTP: TP rank r keeps rows
+``[r·F/t, (r+1)·F/t)`` of each expert's gate and of its up projection (``gate_up_proj[:, :F]`` and ``[:, F:]``) and
+the same columns of ``down_proj`` — a column- then row-parallel FFN, as AutoTP shards a dense MLP — so the block's
+output is a partial sum, all-reduced over the TP group with DeepSpeed's ``inference_all_reduce`` (what AutoTP's
+``LinearAllreduce`` calls). The router stays whole: every rank routes the same tokens the same way. HF's eager
+expert loop (``chunk(2)`` of the fused product) runs the sharded tensors unchanged.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["ExpertFFN", "DeepSpeedMoEBlock", "adapt", "RoutingLog"]
+__all__ = ["ExpertFFN", "DeepSpeedMoEBlock", "adapt", "RoutingLog", "ShardedExpertsBlock", "shard_experts"]
 
 
 class ExpertFFN(nn.Module):
@@ -120,3 +128,45 @@ class RoutingLog:
     def close(self):
         for h in self._handles:
             h.remove()
+
+
+class ShardedExpertsBlock(nn.Module):
+    """An HF Mixtral sparse block with every expert sharded ``t`` ways (see the module docs): HF's own forward on the
+    rank's shards, then the all-reduce of the partial sum over ``group``."""
+
+    def __init__(self, hf_block, rank: int, t: int, group):
+        super().__init__()
+        if hasattr(hf_block, "shared_expert"):
+            raise ValueError("sharding a shared expert (Qwen2-MoE) is not adapted: only Mixtral-style blocks")
+        ex = hf_block.experts
+        F = ex.intermediate_dim
+        if F % t:
+            raise ValueError(f"t={t} does not divide the expert width F_ex={F}")
+        f = F // t
+        lo, hi = rank * f, (rank + 1) * f
+        with torch.no_grad():
+            gate_up = torch.cat([ex.gate_up_proj[:, lo:hi], ex.gate_up_proj[:, F + lo:F + hi]], dim=1)
+            down = ex.down_proj[:, :, lo:hi]
+        ex.gate_up_proj = nn.Parameter(gate_up.contiguous(), requires_grad=False)
+        ex.down_proj = nn.Parameter(down.contiguous(), requires_grad=False)
+        ex.intermediate_dim = f
+        self.block, self.group = hf_block, group
+
+    def forward(self, hidden_states):
+        import deepspeed.comm as dist
+
+        out = self.block(hidden_states)
+        dist.inference_all_reduce(out, group=self.group)
+        return out
+
+
+def shard_experts(hf_model, group):
+    """Shard every sparse block of ``hf_model`` (already through AutoTP) over the TP ``group`` (in place); returns
+    the model. Every TP rank calls it."""
+    import torch.distributed as tdist
+
+    t, rank = tdist.get_world_size(group), tdist.get_rank(group)
+    for layer in hf_model.model.layers:
+        if hasattr(layer.mlp, "experts"):
+            layer.mlp = ShardedExpertsBlock(layer.mlp, rank, t, group)
+    return hf_model

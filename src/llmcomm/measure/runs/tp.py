@@ -7,7 +7,8 @@ Started on every rank by :func:`llmcomm.measure.launch.measure_many` (through th
 2. builds the seeded model once; rank 0 first runs the single-process reference generation of every configuration
    on it (before any sharding);
 3. under a capture of its own (phase ``setup``): ``deepspeed.init_inference(tp_size=t,
-   replace_with_kernel_inject=False)`` (AutoTP), once;
+   replace_with_kernel_inject=False)`` (AutoTP), once; with ``options["experts"] == "sharded"`` a mixture of experts
+   then has every expert sharded t ways (:func:`llmcomm.measure.moe_adapter.shard_experts`);
 4. one uncaptured, untimed warm-up generation (the first configuration's shape, at most 2 tokens), so that no
    configuration's timings depend on its place in the sweep (the first forward of a process pays one-time costs);
 5. for every configuration of ``spec["workloads"]``, under a fresh capture: the generation (phases ``prefill``,
@@ -37,6 +38,10 @@ def run(ctx: RankContext):
     with ctx.setup_capture() as cap, cap.phase("setup"):
         engine = deepspeed.init_inference(hf, tensor_parallel={"tp_size": layout.t}, dtype=TORCH_DTYPES[ctx.dtype],
                                           replace_with_kernel_inject=False)
+        if ctx.options.get("experts") == "sharded":           # tp-experts: every expert's FFN sharded t ways
+            from llmcomm.measure.moe_adapter import shard_experts
+
+            shard_experts(engine.module, engine.mp_group)
     warm_up(engine, engine.module, prompts[0], ctx.workloads[0])
     for i, w in ctx.sweep():
         with ctx.capture() as cap:
