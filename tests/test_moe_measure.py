@@ -1,7 +1,10 @@
 """Mixture-of-experts runs on CPU ranks against the closed forms, byte for byte: expert parallelism through
 DeepSpeed's MoE layer (capacity and dropless routing) and AutoTP on a tiny Mixtral. Slow (starts ranks)."""
+from pathlib import Path
+
 import pytest
 
+import llmcomm
 from llmcomm import load_model
 from llmcomm.cli import main
 from llmcomm.compare import moe as cm
@@ -18,10 +21,14 @@ EP2 = Layout(1, 1, 2)
 WORKLOADS = (Workload(4, 7, 3, "fp32"), Workload(2, 5, 2, "fp32"))
 
 
-def _predicted(layout, w, routing):
-    m = load_model(MODEL)
+def _predicted_of(model, layout, w, routing):
+    m = load_model(model)
     return core(predict_rows(m, layout, w, engine_for("deepspeed", "partitioned", m, layout.e, routing.mode),
                              routing=routing))
+
+
+def _predicted(layout, w, routing):
+    return _predicted_of(MODEL, layout, w, routing)
 
 
 @pytest.mark.slow
@@ -147,3 +154,53 @@ def test_sharded_experts_measured_exact():
         assert rows == core(predict_rows(m, lay, w, "tp-experts"))
         pre = next(r for r in rows if (r["phase"], r["op"]) == ("prefill", "all_reduce"))
         assert pre["calls"] == 2 * m.L + 1 and pre["bytes"] == 4 * (2 * m.L * w.b * w.S * m.h + w.b * m.V)
+
+
+QWEN = "tiny-qwen3-moe"        # 16 experts, top-4 (DeepSpeed's topkgating), layers 0, 1, 3 MoE, layer 2 dense
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["capacity", "dropless"])
+def test_qwen3_moe_expert_parallelism_alone_and_in_stages_exact(mode):
+    m, routing, w = load_model(QWEN), Routing(mode), Workload(4, 5, 3, "fp32")
+    for lay in (EP2, Layout(1, 2, 2)):
+        res = measured(QWEN, lay, [w], options={"routing": {"mode": mode}})[0]
+        assert res.tokens == res.reference_tokens
+        ex = cm.a2a_exactness(res, m, lay, w, routing)
+        assert ex.equal.all() and (ex.C_predicted == ex.C_run).all()
+        assert len(ex) == 2 * m.L_moe * w.G
+        if lay.p == 2:        # stage 0: layers 0, 1 (both MoE); stage 1: layer 2 (dense), layer 3 (MoE)
+            assert set(ex[ex.stage == 0].layer) == {0, 1} and set(ex[ex.stage == 1].layer) == {3}
+        rows = [r for r in core(res.rows) if r["phase"] != "setup"]
+        if mode == "capacity":
+            assert rows == _predicted_of(QWEN, lay, w, routing)
+        else:
+            a2a = {r["phase"]: r["bytes"] for r in rows if r["op"] == "all_to_all"}
+            assert a2a == cm.phase_totals(ex).set_index("phase").bytes_measured.to_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experts,pattern", [("replicated", "deepspeed-moe-autotp"), ("sharded", "tp-experts")])
+def test_qwen3_moe_tensor_parallel_exact(experts, pattern):
+    # AutoTP: o_proj's all-reduce in every layer, down_proj's in the dense layer 2, the head's; sharded experts add
+    # the MoE blocks' all-reduces (two per layer then)
+    m, lay, w = load_model(QWEN), Layout(2, 1), Workload(4, 5, 3, "fp32")
+    res = measured(QWEN, lay, [w], options={"experts": experts} if experts == "sharded" else None)[0]
+    assert res.tokens == res.reference_tokens
+    rows = [r for r in core(res.rows) if r["phase"] != "setup"]
+    assert rows == core(predict_rows(m, lay, w, pattern))
+    pre = next(r for r in rows if (r["phase"], r["op"]) == ("prefill", "all_reduce"))
+    assert pre["calls"] == (m.L + (m.L - m.L_moe) if experts == "replicated" else 2 * m.L) + 1
+
+
+def test_expert_parallelism_refuses_what_the_adapter_does_not_model(tmp_path, capsys):
+    import json
+
+    base = json.loads((Path(llmcomm.__file__).parent / "presets/models/tiny-qwen3-moe.json").read_text())
+    for extra, msg in (({"norm_topk_prob": False}, "norm_topk_prob=False"), ({"num_experts_per_tok": 1}, "top-1"),
+                       ({"model_type": "qwen2_moe", "shared_expert_intermediate_size": 32}, "shared expert")):
+        cfg = tmp_path / "cfg.json"
+        cfg.write_text(json.dumps(dict(base, **extra)))
+        assert main(["measure", "--model", str(cfg), "--ep", "2", "--batch", "2"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err

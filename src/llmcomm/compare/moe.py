@@ -193,18 +193,20 @@ def run_ep(model: ModelSpec, e_: int, workloads, modes=("capacity", "dropless"),
 
 
 def run_autotp(model: ModelSpec, t_: int, workloads, command: str = "", runner=None,
-               experts: str = "replicated") -> pd.DataFrame:
+               experts: str = "replicated", name: str | None = None) -> pd.DataFrame:
     """DeepSpeed AutoTP on a mixture of experts (``t_`` ranks): as it is (``experts="replicated"``, experts whole on
     every rank) or with every expert sharded t ways after it (``"sharded"``,
     :func:`llmcomm.measure.moe_adapter.shard_experts`). Measured rows beside the ``deepspeed-moe-autotp`` or
-    ``tp-experts`` closed forms, one block per workload; saved as ``moe_autotp_rows`` or ``moe_tp_experts_rows``."""
+    ``tp-experts`` closed forms, one block per workload; saved as ``name`` (default ``moe_autotp_rows`` or
+    ``moe_tp_experts_rows``)."""
     from .sweeps import compare_rows, predicted_like, save
 
     if runner is None:
         from ..measure.launch import measure_many as runner
     layout = Layout(t_, 1)
-    pattern, name = (("tp-experts", "moe_tp_experts_rows") if experts == "sharded" else
-                     ("deepspeed-moe-autotp", "moe_autotp_rows"))
+    pattern, default = (("tp-experts", "moe_tp_experts_rows") if experts == "sharded" else
+                        ("deepspeed-moe-autotp", "moe_autotp_rows"))
+    name = name or default
     options = {"experts": "sharded"} if experts == "sharded" else None
     parts = []
     for wl, res in zip(workloads, runner(model, layout, list(workloads), options=options)):

@@ -579,6 +579,13 @@ def measure_many(model: ModelSpec, layout: Layout, workloads: Sequence[Workload]
             from llmcomm.derive.moe import rank_batch
 
             rank_batch(w.b, layout.e)           # data-parallel attention: every EP rank runs b/e sequences
+    if layout.e > 1:                            # what measure/moe_adapter.py adapts (it refuses the rest too)
+        moe = model.moe
+        if moe.shared_ffn or not moe.norm_topk or moe.top_k < 2:
+            raise SpecError(f"expert parallelism of {model.name} is not adapted: DeepSpeed's MoE layer "
+                            + ("would drop its shared expert" if moe.shared_ffn else
+                               "renormalises the top-k weights (norm_topk_prob=False here)" if not moe.norm_topk else
+                               "weights top-1 routes by the softmax probability, the HF model by 1"))
     experts = (options or {}).get("experts", "replicated")
     if experts not in ("replicated", "sharded"):
         raise SpecError(f"experts {experts!r} is not one of replicated (AutoTP as it is), sharded (tp-experts)")

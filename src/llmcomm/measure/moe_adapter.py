@@ -1,4 +1,5 @@
-"""DeepSpeed's MoE layer in place of a Hugging Face Mixtral sparse block: expert parallelism for the measurements.
+"""DeepSpeed's MoE layer in place of a Hugging Face Mixtral (or Qwen3-MoE) sparse block: expert parallelism for the
+measurements.
 
 transformers 5.24's ``MixtralSparseMoeBlock`` keeps every expert in two fused parameters (``experts.gate_up_proj``
 [E, 2F, h], gate rows first, and ``experts.down_proj`` [E, h, F]) and routes with ``gate`` (a top-k router over
@@ -19,7 +20,11 @@ Settings that make DeepSpeed's layer compute Mixtral's function (each measured; 
   first) equals HF Mixtral; capacity mode (``drop_tokens=True``, C = max(⌈T·k·c_f/E⌉, C_min) per rank) drops routes
   beyond C and then equals the same adapted model run in one process on the rank's share (the reference the runs
   compare with), not HF Mixtral;
-* k = 1 is refused: DeepSpeed weights the single expert by its softmax probability where Mixtral uses 1.
+* k = 1 is refused: DeepSpeed weights the single expert by its softmax probability where Mixtral uses 1;
+* Qwen3-MoE's block has the same fused tensors and router (``Qwen3MoeTopKRouter``); with ``norm_topk_prob=True`` (both
+  published Qwen3-MoE models) its top-k weights are renormalised as DeepSpeed's ``top2gating``/``topkgating`` do,
+  so the same adaptation holds; ``norm_topk_prob=False`` and Qwen2-MoE's shared expert are refused (DeepSpeed's
+  layer would renormalise, or drop the shared expert).
 
 :class:`RoutingLog` records, for every MoE forward, the per-expert route counts of this rank's tokens (before any
 drop) and the capacity C DeepSpeed used: the inputs of the closed forms (:mod:`llmcomm.derive.moe`).
@@ -67,6 +72,10 @@ class DeepSpeedMoEBlock(nn.Module):
         k = hf_block.gate.top_k
         if k < 2:
             raise ValueError("top-1 routing is not adapted: DeepSpeed weights by the softmax probability, Mixtral by 1")
+        if hasattr(hf_block, "shared_expert"):
+            raise ValueError("a shared expert (Qwen2-MoE) is not adapted: DeepSpeed's MoE layer would drop it")
+        if not getattr(hf_block.gate, "norm_topk_prob", True):
+            raise ValueError("norm_topk_prob=False is not adapted: DeepSpeed renormalises the top-k weights")
         self.moe = MoE(hidden_size=h, expert=ExpertFFN(h, F, ex.act_fn), num_experts=E, ep_size=ep_size, k=k,
                        capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
                        min_capacity=min_capacity, noisy_gate_policy=None, drop_tokens=not dropless, use_rts=False,
