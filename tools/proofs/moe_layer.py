@@ -13,6 +13,9 @@ Claims:
 3. Without ``set_deepspeed_parallelism()`` — called by ``deepspeed.initialize``, not by ``init_inference`` or plain
    use — the MoE layer has no expert-parallel group (``ep_group`` is None) and its all-to-alls would run on the world
    group (``llmcomm.measure.moe_adapter`` calls it).
+4. With the adapter's settings and dropless routing, DeepSpeed's MoE layer (``ep_size = 1``) computes the HF sparse
+   block's function: Mixtral's (top-2: DeepSpeed's ``top2gating``) and Qwen3-MoE's with ``norm_topk_prob=True``
+   (top-4: ``topkgating``) — both renormalise the top-k weights.
 """
 import os
 import sys
@@ -70,4 +73,17 @@ for sampling in (True, False):
     claims.append((same != sampling,
                    f"top2_2nd_expert_sampling={sampling}: two identical eval forwards are "
                    f"{'bitwise equal' if same else f'different (max |diff| {float((a - b).abs().max()):.3g})'}"))
+from llmcomm.measure.moe_adapter import DeepSpeedMoEBlock  # noqa: E402
+from llmcomm.measure.runs.common import build_model  # noqa: E402
+
+for preset in ("tiny-mixtral", "tiny-qwen3-moe"):
+    hf = build_model(load_model(preset), "fp32", "cpu", seed=_tiny.SEED)
+    block = next(layer.mlp for layer in hf.model.layers if hasattr(layer.mlp, "experts"))
+    x = torch.randn(2, 9, hf.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = block(x)
+        got = DeepSpeedMoEBlock(block, 1, dropless=True, capacity_factor=1.0, min_capacity=4).eval()(x)
+    err = float((got - want).abs().max())
+    claims.append((err < 1e-5, f"{preset} (top-{block.gate.top_k} of {block.experts.num_experts}): DeepSpeed's MoE "
+                               f"layer, dropless, ep_size 1, equals the HF sparse block (max |diff| {err:.2g})"))
 _tiny.report(claims if dist.get_rank() == 0 else [], src=0)
