@@ -229,3 +229,25 @@ def test_ep_in_pipeline_stages_calls_and_time():
     assert sdec["all_to_all"]["inter_fraction"] == 1 and sdec["all_to_all"]["time_s"] > dec["all_to_all"]["time_s"]
     with pytest.raises(SpecError, match="with t=2 is not modelled"):
         Layout(2, 2, 2).validate(MIX)
+
+
+def test_routing_skew_prices_the_buffer_and_the_step():
+    from llmcomm.compare import moe as cm
+    from llmcomm.derive import evaluate as ev
+    from llmcomm.derive.moe import forward_capacity, skew_capacity
+
+    for bad in ({"mode": "capacity", "skew": 0.5}, {"mode": "dropless", "skew": 0.0},
+                {"mode": "dropless", "skew": 1.5}):
+        with pytest.raises(SpecError, match="skew"):
+            Routing(**bad)
+    assert skew_capacity(4096, 8, 2, 0.5) == 2048 and skew_capacity(4096, 8, 2, 0.1) == 1024   # at least balanced
+    r = Routing("dropless", skew=0.5)
+    assert forward_capacity(r, 8, 2, 16, 1024, 4) == 2048                 # T = 16/4 · 1024 = 4096 tokens per rank
+    wl = Workload(16, 1024, 2, "bf16")
+    rows = {(x["phase"], x["op"]): x for x in ev.rows(MIX, Layout(e=4), wl, "deepspeed-ep-dropless", routing=r)}
+    assert rows[("prefill", "all_to_all")]["bytes"] == 2 * 32 * 8 * 2048 * 4096 * 2     # 2 per layer, E·C·h·w
+    assert rows[("decode", "all_to_all")]["bytes"] == 2 * 32 * 8 * 2 * 4096 * 2         # T = 4: C = ⌈0.5·4⌉
+    sk = cm.skew_latency(MIX, 4, Workload(16, 1024, 128, "bf16"), [0.5, 1.0], H100)
+    assert sk.phi.tolist() == [0.5, 1.0]
+    assert 1 < sk["TTFT relative"].iloc[0] < sk["TTFT relative"].iloc[1]                  # more rows, more time
+    assert (sk["TPOT relative"] >= 1).all()

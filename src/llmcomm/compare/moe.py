@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..derive.moe import A2A_BYTES, Routing, capacity, dropless_capacity, expected_max_count
+from ..derive.moe import A2A_BYTES, Routing, capacity, dropless_capacity, expected_max_count, skew_capacity
 from ..notation import C, E, h, w
 from ..spec import Layout, ModelSpec, Workload
 
-__all__ = ["routing_frame", "a2a_exactness", "phase_totals", "count_distribution", "layouts_traffic", "skew_capacity", "models_frame", "run_ep", "run_autotp", "skew_frame", "ep_crossover", "layouts_latency",
+__all__ = ["routing_frame", "a2a_exactness", "phase_totals", "count_distribution", "layouts_traffic", "skew_capacity", "models_frame", "run_ep", "run_autotp", "skew_frame", "ep_crossover", "layouts_latency", "skew_latency",
            "advice_frame", "advice_winners"]
 
 
@@ -127,17 +127,6 @@ def layouts_traffic(model: ModelSpec, n: int, workloads, routing: Routing | None
     return pd.DataFrame(rows)
 
 
-def skew_capacity(T: int, E_: int, k_: int, phi: float) -> int:
-    """Dropless C when the busiest expert receives a share ``phi`` of a rank's ``T`` tokens (each token routed to
-    ``k_`` distinct experts): ⌈φ·T⌉, at least the balanced ⌈T·k/E⌉ and at most T — the largest count of a count
-    vector κ, i.e. :func:`llmcomm.derive.moe.dropless_capacity`."""
-    from math import ceil
-
-    if not 0 < phi <= 1:
-        raise ValueError(f"share phi={phi!r} must be in (0, 1]")
-    return min(T, max(ceil(round(phi * T, 9)), ceil(round(T * k_ / E_, 9))))
-
-
 def models_frame(models) -> pd.DataFrame:
     """The mixture-of-experts presets as the closed forms see them: E, k, F_ex, MoE layers, parameters in total and
     active per token (billions)."""
@@ -241,6 +230,27 @@ def skew_frame(model: ModelSpec, e_: int, workload: Workload, phis) -> pd.DataFr
             rows.append({"phase": phase, "phi": float(phi), "tokens_per_rank": T, "C": c_, "bytes": m,
                          "relative": m / base})
     return pd.DataFrame(rows)
+
+
+def skew_latency(model: ModelSpec, e_: int, workload: Workload, phis, hw, p_: int = 1) -> pd.DataFrame:
+    """The predicted step times of dropless expert parallelism (``e_`` ranks, ``p_`` stages) when the busiest expert
+    takes a share φ of each rank's tokens (:class:`llmcomm.derive.moe.Routing` ``skew``; φ = k/E is balanced): per φ,
+    TTFT and TPOT, the decode step's compute (E/e experts on the e·C rows of the buffer) and communication, and
+    TTFT and TPOT relative to balanced routing. A prediction: α-β all-to-all, the hardware's kernel model."""
+    from ..predict.latency import predict_latency
+
+    rows = []
+    base = None
+    for phi in [model.moe.top_k / model.E, *phis]:
+        r = predict_latency(model, Layout(1, p_, e_), workload, hw, gpus_per_node=e_ * p_,
+                            routing=Routing("dropless", skew=float(phi)))
+        dec = r["breakdown"]["decode"]
+        row = {"phi": float(phi), "TTFT ms": 1e3 * r["ttft_s"], "TPOT ms": 1e3 * r["tpot_s"],
+               "decode compute ms": 1e3 * dec["compute_s"], "decode comm ms": 1e3 * dec["comm_s"]}
+        base = base or row
+        rows.append(dict(row, **{"TTFT relative": row["TTFT ms"] / base["TTFT ms"],
+                                 "TPOT relative": row["TPOT ms"] / base["TPOT ms"]}))
+    return pd.DataFrame(rows[1:])
 
 
 def ep_crossover(traffic: pd.DataFrame, against: str, y: str = "busiest rank sends (B)") -> dict:

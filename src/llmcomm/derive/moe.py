@@ -34,7 +34,7 @@ import sympy as sp
 from ..notation import C, C_min, E, L_moe, b, e, gamma, h, k, s, w
 from ..spec import SpecError
 
-__all__ = ["ROUTING_MODES", "Routing", "T_RANK", "CAPACITY", "A2A_BYTES", "DROPLESS_BOUNDS", "capacity",
+__all__ = ["ROUTING_MODES", "Routing", "T_RANK", "CAPACITY", "A2A_BYTES", "DROPLESS_BOUNDS", "capacity", "skew_capacity",
            "dropless_capacity", "dropless_bounds", "expected_max_count", "rank_batch", "forward_capacity",
            "ep_engine", "ep_forms", "moe_summary"]
 
@@ -56,13 +56,23 @@ DROPLESS_BOUNDS = (sp.ceiling(T_RANK * k / E), T_RANK)
 class Routing:
     """How the MoE layers route, as DeepSpeed's ``MoE`` is configured: ``mode`` (:data:`ROUTING_MODES`);
     ``capacity_factor`` γ (``eval_capacity_factor``, default 1.0) and ``min_capacity`` C_min (default 4), both
-    DeepSpeed's defaults (``deepspeed.moe.layer.MoE``) and ignored by dropless routing."""
+    DeepSpeed's defaults (``deepspeed.moe.layer.MoE``) and ignored by dropless routing.
+
+    ``skew`` φ (dropless only; default None = uniform routing, the expectation): a skewed router whose busiest expert
+    receives a share φ of every EP rank's tokens in every MoE layer, so C = :func:`skew_capacity` — what a
+    prediction at a given skew prices (the all-to-all sizes and EP's compute on the e·C rows of the buffer)."""
 
     mode: str = "capacity"
     capacity_factor: float = 1.0
     min_capacity: int = 4
+    skew: float | None = None
 
     def __post_init__(self):
+        if self.skew is not None:
+            if self.mode != "dropless":
+                raise SpecError(f"a routing skew φ={self.skew!r} needs dropless routing (capacity routing caps C)")
+            if isinstance(self.skew, bool) or not isinstance(self.skew, (int, float)) or not 0 < self.skew <= 1:
+                raise SpecError(f"routing skew φ={self.skew!r} must be a share in (0, 1]")
         if self.mode not in ROUTING_MODES:
             raise SpecError(f"MoE routing {self.mode!r} is not one of {', '.join(ROUTING_MODES)}")
         cf = self.capacity_factor
@@ -169,12 +179,24 @@ def rank_batch(b_: int, e_: int) -> int:
     return b_ // e_
 
 
+def skew_capacity(T: int, E_: int, k_: int, phi: float) -> int:
+    """Dropless C when the busiest expert receives a share ``phi`` of a rank's ``T`` tokens (each token routed to
+    ``k_`` distinct experts): ⌈φ·T⌉, at least the balanced ⌈T·k/E⌉ and at most T — the largest count of a count
+    vector κ, i.e. :func:`dropless_capacity`."""
+    if not 0 < phi <= 1:
+        raise ValueError(f"share phi={phi!r} must be in (0, 1]")
+    return min(T, max(math.ceil(round(phi * T, 9)), math.ceil(round(T * k_ / E_, 9))))
+
+
 def forward_capacity(routing: Routing, E_: int, k_: int, b_: int, s_: int, e_: int) -> float:
     """The C of one forward over ``s_`` tokens per sequence with b/e sequences per EP rank: DeepSpeed's float32
-    capacity (capacity routing), or the uniform-routing expectation of the dropless C (a float: an expectation)."""
+    capacity (capacity routing), the dropless C of a router with skew φ (:func:`skew_capacity`), or the
+    uniform-routing expectation of the dropless C (a float: an expectation)."""
     T = rank_batch(b_, e_) * s_
     if routing.mode == "capacity":
         return capacity(T, E_, k_, routing.capacity_factor, routing.min_capacity)
+    if routing.skew is not None:
+        return skew_capacity(T, E_, k_, routing.skew)
     return expected_max_count(T, E_, k_, e_)[0]
 
 
