@@ -92,6 +92,8 @@ _ENTRIES = (
              "forward", "capacity"),
     Notation("kappa", r"\kappa", "routes one EP rank's tokens send to one expert in one forward (dropless counts)",
              "forward", "counts"),
+    Notation("phi", r"\varphi", "routing skew: the share of an EP rank's tokens its busiest expert receives (dropless)",
+             "forward", "Routing.skew", "", "phi", integer=False),
     # messages
     Notation("m", "m", "message size in bytes, as nccl-tests defines it for the op", "message", "bytes", "", "bytes"),
     Notation("n", "n", "ranks in the group a collective runs on", "message", "group_size", "--ranks",
