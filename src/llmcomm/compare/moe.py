@@ -268,13 +268,12 @@ def layouts_latency(model: ModelSpec, n: int, workloads, hw, routing: Routing | 
     ``deepspeed`` = its eager profile, ``vllm`` = CUDA graphs): TTFT, TPOT, E2E and the decode step's compute and
     communication. A prediction resting on the labelled assumptions of :mod:`llmcomm.predict.kernels` (uniform
     routing) and of the α-β all-to-all (no public measurement fitted)."""
-    from ..predict.engines import load_engine
     from ..predict.hardware import GiB
     from ..predict.latency import predict_latency
-    from ..predict.moe_advice import moe_memory_per_rank
+    from ..predict.moe_advice import moe_memory_per_rank, moe_profile
 
     routing = routing or Routing()
-    profile = load_engine("vllm-v0") if engine == "vllm" else None
+    profile = moe_profile(engine)
     rows = []
     for wl in workloads:
         for name, layout, pattern, scheme in (

@@ -39,12 +39,12 @@ import numpy as np
 from ..derive.evaluate import traffic_totals
 from ..derive.moe import Routing
 from ..spec import DTYPE_BYTES, Layout, ModelSpec, SpecError, Workload, stage_layers
-from .advise import PARETO_REL_TOL, check_request, node_crossings, pareto_front
+from .advise import PARETO_REL_TOL, candidate_layouts, check_request, node_crossings, pareto_front
 from .engines import load_engine
 from .hardware import GiB, Hardware
 from .latency import predict_latency_grid
 
-__all__ = ["SCHEMES", "scheme_pattern", "candidate_moe_layouts", "moe_memory_per_rank", "advise_moe"]
+__all__ = ["SCHEMES", "scheme_pattern", "moe_profile", "candidate_moe_layouts", "moe_memory_per_rank", "advise_moe"]
 
 #: the schemes of MoE advice and their message patterns (EP's depends on the routing: :func:`scheme_pattern`)
 SCHEMES = {"autotp": "deepspeed-moe-autotp", "tp-experts": "tp-experts", "ep": "deepspeed-ep"}
@@ -66,15 +66,7 @@ def candidate_moe_layouts(model: ModelSpec, gpus: int, b: int) -> tuple[list[tup
     if not model.is_moe:
         raise SpecError(f"{model.name} is dense: MoE advice needs a mixture of experts (use llmcomm advise)")
     out, why = [], []
-    tp = []
-    for t in range(1, gpus + 1):
-        if gpus % t:
-            continue
-        try:
-            Layout(t, gpus // t).validate(model)
-        except SpecError:
-            continue
-        tp.append((t, gpus // t))
+    tp = candidate_layouts(model, gpus)
     out += [("autotp", t, p, 1) for t, p in tp]
     out += [("tp-experts", t, p, 1) for t, p in tp if t > 1]       # t = 1: the same layout as autotp's
     if not tp:
@@ -142,7 +134,7 @@ def moe_memory_per_rank(model: ModelSpec, scheme: str, t: int, p: int, e: int, b
     return {"weights": best["weights"], "kv": best["kv"], "act": act, "total": best["weights"] + best["kv"] + act}
 
 
-def _profile(engine: str):
+def moe_profile(engine: str):
     """The engine profile of MoE advice: None (the pattern's default: DeepSpeed eager on a GPU) or vLLM V0's."""
     if engine == "deepspeed":
         return None
@@ -162,7 +154,7 @@ def advise_moe(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardw
     Raises :class:`SpecError` when no candidate exists or none fits the device memory (one sentence saying why)."""
     g = check_request(objective, gpus, gpus_per_node, hw)
     routing = routing or Routing()
-    profile = _profile(engine)
+    profile = moe_profile(engine)
     wl = Workload(b, S, G, dtype).validate(model)
     cands, why = candidate_moe_layouts(model, gpus, b)
     if not cands:

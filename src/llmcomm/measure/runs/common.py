@@ -142,6 +142,32 @@ def reference_generations(forward: Callable, prompts: list, workloads: list, on:
             for ids, w in zip(prompts, workloads)]
 
 
+def moe_options(options: dict) -> dict:
+    """The keyword arguments of :func:`llmcomm.measure.moe_adapter.adapt` from a run's ``options["routing"]`` (the
+    fields of :class:`llmcomm.derive.moe.Routing`)."""
+    from llmcomm.derive.moe import Routing
+
+    routing = Routing(**options.get("routing", {}))
+    return {"dropless": routing.mode == "dropless", "capacity_factor": routing.capacity_factor,
+            "min_capacity": routing.min_capacity}
+
+
+def ep_share(hf, prompts: list, workloads: list, j: int, e: int, opts: dict, reference: bool = True):
+    """What EP rank ``j`` of ``e`` runs: ``(shares, prompts, references)`` — sequences ``[j·b/e, (j+1)·b/e)`` of each
+    configuration, their prompts, and the single-process reference of that share: the same weights adapted with
+    ``ep_size = 1`` (every expert local, no collective in the forward; capacity routing drops by the rank's own token
+    count). Collective: every rank of the world must call it (the adaptation creates the ep_size_1 groups)."""
+    import copy
+
+    from llmcomm.measure.moe_adapter import adapt
+
+    shares = [(j * w.b // e, (j + 1) * w.b // e) for w in workloads]
+    prompts = [ids[lo:hi] for ids, (lo, hi) in zip(prompts, shares)]
+    single = adapt(copy.deepcopy(hf), 1, **opts)
+    references = reference_generations(single, prompts, workloads, on=reference)
+    return shares, prompts, references
+
+
 def warm_up(forward: Callable, hf_model, ids: torch.Tensor, workload: Workload) -> None:
     """One generation of at most 2 tokens, not captured and not timed, before the first configuration is measured:
     the first forward of a process pays one-time costs (allocator, thread pools, kernel selection) that would

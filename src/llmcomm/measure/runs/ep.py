@@ -24,25 +24,14 @@ from llmcomm.measure.runs.rankio import RankContext, rank_main
 def run(ctx: RankContext):
     """The EP experiment on this rank: yields, per configuration, this rank's share of the tokens, its reference,
     timings and routing log."""
-    import copy
-
     from llmcomm.measure.moe_adapter import RoutingLog, adapt
-    from llmcomm.measure.runs.common import build_model, generate, prompt_ids, reference_generations, warm_up
-
-    from llmcomm.derive.moe import Routing
+    from llmcomm.measure.runs.common import build_model, ep_share, generate, moe_options, prompt_ids, warm_up
 
     model, e, r = ctx.model, ctx.world_size, ctx.rank
-    routing = Routing(**ctx.options.get("routing", {}))
-    opts = {"dropless": routing.mode == "dropless", "capacity_factor": routing.capacity_factor,
-            "min_capacity": routing.min_capacity}
+    opts = moe_options(ctx.options)
     hf = build_model(model, ctx.dtype, ctx.device, seed=ctx.seed)
-    shares = [(r * w.b // e, (r + 1) * w.b // e) for w in ctx.workloads]
-    prompts = [prompt_ids(w, model.V, seed=ctx.seed, device=ctx.device)[lo:hi]
-               for w, (lo, hi) in zip(ctx.workloads, shares)]
-    # The reference: the same weights, every expert local (ep_size = 1: no collective), this rank's sequences.
-    single = adapt(copy.deepcopy(hf), 1, **opts)
-    references = reference_generations(single, prompts, ctx.workloads, on=ctx.reference)
-    del single
+    prompts = [prompt_ids(w, model.V, seed=ctx.seed, device=ctx.device) for w in ctx.workloads]
+    shares, prompts, references = ep_share(hf, prompts, ctx.workloads, r, e, opts, ctx.reference)
 
     with ctx.setup_capture() as cap, cap.phase("setup"):
         ep_model = adapt(hf, e, **opts)

@@ -181,6 +181,7 @@ class Stage:
             from deepspeed.utils import groups
 
             from llmcomm.measure.moe_adapter import adapt
+            from llmcomm.measure.runs.common import moe_options
 
             # Every rank creates the EP groups (new_group is collective over the world), whether or not its stage
             # holds a MoE layer; DeepSpeed's legacy layout: consecutive ranks, i.e. this stage's e ranks.
@@ -189,7 +190,7 @@ class Stage:
             ranks = list(groups._EXPERT_PARALLEL_GROUP_RANKS[f"ep_size_{e}"])
             if ranks != list(range(self.stage * e, self.stage * e + e)):
                 raise SpecError(f"DeepSpeed put rank {ctx.rank} in EP group {ranks}, not its stage's ranks")
-            self.hf = adapt(self.hf, e, **moe_options(ctx))
+            self.hf = adapt(self.hf, e, **moe_options(ctx.options))
         for k, layer in enumerate(self.hf.model.layers):     # run what AutoTP left in the model, whatever it replaced
             self.pipe.forward_funcs[k].layer = layer
         self.first_layer = self.start                         # global index of this stage's first layer (its cache)
@@ -279,7 +280,9 @@ def run(ctx: RankContext):
     hf = build_model(model, ctx.dtype, ctx.device, seed=ctx.seed)
     prompts = [prompt_ids(w, model.V, seed=ctx.seed, device=ctx.device) for w in ctx.workloads]
     if layout.e > 1:
-        yield from _run_ep(ctx, hf, prompts, p2p_mode)
+        from llmcomm.measure.runs.common import moe_options
+
+        yield from _run_ep(ctx, hf, prompts, p2p_mode, moe_options(ctx.options))
         return
     last_stage_rank0 = (layout.p - 1) * layout.t
     # Same weights, not yet cut or sharded: the single-process answers. Rank 0 reports their tokens; the first rank
@@ -320,30 +323,15 @@ def run(ctx: RankContext):
                             "logits_max_abs_diff": diff}}
 
 
-def moe_options(ctx: RankContext) -> dict:
-    """The keyword arguments of :func:`llmcomm.measure.moe_adapter.adapt` from the run's routing option."""
-    from llmcomm.derive.moe import Routing
-
-    routing = Routing(**ctx.options.get("routing", {}))
-    return {"dropless": routing.mode == "dropless", "capacity_factor": routing.capacity_factor,
-            "min_capacity": routing.min_capacity}
-
-
-def _run_ep(ctx: RankContext, hf, prompts, p2p_mode: str):
+def _run_ep(ctx: RankContext, hf, prompts, p2p_mode: str, opts: dict):
     """EP×PP (see the module docs): this rank's share of each batch through the stages, its routing log, and the
     single-process reference of the share (the same weights, ``ep_size = 1``) on every rank of stage 0."""
-    import copy
-
-    from llmcomm.measure.moe_adapter import RoutingLog, adapt
-    from llmcomm.measure.runs.common import generate, reference_generations, warm_up
+    from llmcomm.measure.moe_adapter import RoutingLog
+    from llmcomm.measure.runs.common import ep_share, generate, warm_up
 
     e = ctx.layout.e
     j = ctx.rank % e                                        # EP rank: which b/e sequences this rank runs
-    shares = [(j * w.b // e, (j + 1) * w.b // e) for w in ctx.workloads]
-    prompts = [ids[lo:hi] for ids, (lo, hi) in zip(prompts, shares)]
-    single = adapt(copy.deepcopy(hf), 1, **moe_options(ctx))   # collective: every rank makes the ep_size_1 groups
-    references = reference_generations(single, prompts, ctx.workloads, on=ctx.reference and ctx.rank < e)
-    del single
+    shares, prompts, references = ep_share(hf, prompts, ctx.workloads, j, e, opts, ctx.reference and ctx.rank < e)
     with ctx.setup_capture() as cap, cap.phase("setup"):
         stage = Stage(ctx, hf, p2p_mode)
     log = RoutingLog(stage.hf, first_layer=stage.start)
