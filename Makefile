@@ -4,7 +4,7 @@
 #                included) in place, build the HTML book into book/_build/html
 #   make test    same environment; unit tests + nbval over the chapters + an offline book build
 #
-# Other targets: make help | install | execute [NB=book/CHAPTER.ipynb] | html | data | clean | distclean
+# Other targets: make help | test-fast | install | execute [NB=book/CHAPTER.ipynb] | html | data | clean | distclean
 # Variables you may set: PYTHON (interpreter that creates the venv), VENV (e.g. VENV=$CONDA_PREFIX to use
 # an active conda env), NB, EXEC_TIMEOUT, PYTEST_ARGS, DATA_STEPS.
 
@@ -60,7 +60,7 @@ export LLMCOMM_PROGRESS ?= 0
 # Models are built from configs with random weights: nothing is downloaded. Fail fast if something tries.
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install book execute html test data gpu-fits clean distclean
+.PHONY: help install book execute html test test-fast data gpu-fits clean distclean
 
 help:
 	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
@@ -117,12 +117,17 @@ test: $(STAMP) $(MATHJAX)
 	  --nbval --nbval-current-env \
 	  --nbval-sanitize-with tests/nbval_sanitize.cfg \
 	  --nbval-cell-timeout=$(EXEC_TIMEOUT) \
-	  -ra $(PYTEST_ARGS) || rc=$$?; \
+	  --durations=15 -ra $(PYTEST_ARGS) || rc=$$?; \
 	echo "== pytest exit status: $$rc"; \
 	jupyter-book build book --builder html --all -W -n --keep-going >.cache/book-build.log 2>&1 \
 	  && echo "== book build (-W -n): clean" \
 	  || { echo "== book build (-W -n) FAILED:"; tail -n 40 .cache/book-build.log; rc=1; }; \
 	exit $$rc
+
+# The unit tests that start no rank and load no DeepSpeed op (tests not marked `slow`; tests/conftest.py fails a
+# test that tries), no nbval, no book build: the loop while editing (< 1 min).
+test-fast: $(STAMP)
+	python -m pytest tests -m "not slow" -q --durations=5 $(PYTEST_ARGS)
 
 # ---- data ----------------------------------------------------------------------------------------------
 # Re-run the experiments whose results are committed under data/<machine>/ and that the chapters read but do
@@ -130,7 +135,8 @@ test: $(STAMP) $(MATHJAX)
 # (LLMCOMM_MACHINE or a --machine option; see llmcomm.record) and writes a provenance sidecar (README).
 # HOOK: one command per line; append new experiment drivers here (or: make data DATA_STEPS='...').
 # Calibration of this machine (the time model's cpu-local preset): collectives microbenchmark, then the α-β fits
-# and the compute calibration (at the thread counts the runs use) written into the preset; then the in-run
+# and the compute calibration (at the thread counts the runs use) written into data/calibration/cpu-local.json (a
+# calibration is a result: it lives with the data, never in src/); then the in-run
 # calibration (calib-llama run as TP2, PP2 and 2x2: compute and all-reduce costs where the runs run) and the time
 # model's CPU validation (3 reruns of the latency sweep, every point 5 times) into data/cpu-local/. On a GPU node only
 # the microbenchmark runs (nccl), into data/<machine>/. The GPU kernel and NCCL fits to the public measurements
@@ -138,8 +144,8 @@ test: $(STAMP) $(MATHJAX)
 BENCH_ARGS ?= $(if $(filter cpu,$(DS_ACCELERATOR)),--backend shm gloo --max-bytes 16M --point-seconds 0.15 --ranks 2 $$([ $$(nproc) -ge 4 ] && echo 4 || true))
 define DATA_STEPS
 llmcomm bench-collectives --out data/$$(python -c 'from llmcomm.record import machine_id; print(machine_id())') $(BENCH_ARGS) --no-progress
-if [ "$${DS_ACCELERATOR:-}" = cpu ]; then llmcomm calibrate --csv data/cpu-local/collectives.csv --compute --write src/llmcomm/presets/hardware/cpu-local.json; fi
-if [ "$${DS_ACCELERATOR:-}" = cpu ]; then llmcomm calibrate --in-run --reps 5 --write src/llmcomm/presets/hardware/cpu-local.json; fi
+if [ "$${DS_ACCELERATOR:-}" = cpu ]; then llmcomm calibrate --csv data/cpu-local/collectives.csv --compute --write; fi
+if [ "$${DS_ACCELERATOR:-}" = cpu ]; then llmcomm calibrate --in-run --reps 5 --write; fi
 if [ "$${DS_ACCELERATOR:-}" = cpu ]; then llmcomm validate-time --runs 3 --reps 5; fi
 endef
 data: $(STAMP)

@@ -3,9 +3,10 @@ from llmcomm import load_model
 from llmcomm.derive import evaluate
 
 
-def predicted(model: str, layout, workload, engine: str = "deepspeed") -> list[dict]:
-    """Predicted rows of a preset model (``llmcomm.derive.evaluate.rows`` on its ModelSpec)."""
-    return evaluate.rows(load_model(model), layout, workload, engine)
+def predicted(model: str, layout, workload, pattern: str = "deepspeed") -> list[dict]:
+    """Predicted rows of a preset model (``llmcomm.derive.evaluate.rows`` on its ModelSpec) for message
+    ``pattern``."""
+    return evaluate.rows(load_model(model), layout, workload, pattern)
 
 
 COUNTS = ("phase", "op", "group_size", "calls", "bytes")

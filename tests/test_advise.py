@@ -158,7 +158,7 @@ def test_host_bound_facts_compare_one_layers_kernels_with_the_profiles_host_time
         assert f["host_bound"] == (f["host_s"] > f["kernels_s"])
     assert host_bound_facts(m, H100, 8, Workload(1, 1024, 128, "bf16"))["host_bound"]
     # the vLLM profile replays decode in CUDA graphs: no host time per layer, never host-bound
-    assert not host_bound_facts(m, H100, 8, Workload(1, 1024, 128, "bf16"), engine="vllm")["host_bound"]
+    assert not host_bound_facts(m, H100, 8, Workload(1, 1024, 128, "bf16"), framework="vllm")["host_bound"]
 
 
 def test_share_text_lists_the_winning_layouts_only():

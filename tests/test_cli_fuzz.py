@@ -92,9 +92,13 @@ def sandbox(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def no_runs(sandbox):
-    """Launches fail as a dead rank would; compute timing returns canned numbers."""
+    """Launches fail as a dead rank would; compute timing returns canned numbers; calibrations are read from and
+    written to a copy of the repository's (``OUTcal``, outside the comparison of the sandbox's files)."""
+    import shutil
+
     from llmcomm.compare import calibration
-    from llmcomm.measure import bench, launch
+    from llmcomm.measure import bench, launch, supervise
+    from llmcomm.predict.hardware import CALIBRATION_ENV, calibration_path
 
     def dead(entry, spec, nranks, out, **kw):
         raise launch.RunError(f"{entry} with {nranks} ranks: rank 1 exited with status 3 (fuzz)", rank=1)
@@ -103,7 +107,10 @@ def no_runs(sandbox):
               "layer_prefill_s": 0.05, "layer_decode_s": 0.002,
               "shape": {"h": 512, "heads": 8, "kv_heads": 8, "ffn": 1376, "S": 128}, "raw_times_s": {}}
     mp = pytest.MonkeyPatch()
+    shutil.copytree(calibration_path("cpu-local").parent, sandbox / "OUTcal")
+    mp.setenv(CALIBRATION_ENV, str(sandbox / "OUTcal"))
     mp.setattr(launch, "launch_ranks", dead)
+    mp.setattr(supervise, "launch_ranks", dead)
     mp.setattr(bench, "launch_ranks", dead)
     mp.setattr(calibration, "time_compute", lambda threads=1, **kw: dict(canned, threads=threads))
     yield
@@ -115,7 +122,7 @@ def _tree(root: Path) -> dict[str, float]:
 
 
 def test_cli_fuzz(sandbox, no_runs):
-    before = _tree(sandbox)
+    before = {k: v for k, v in _tree(sandbox).items() if not k.startswith("OUT")}
     seen = {"status": set(), "count": 0}
     t0 = time.monotonic()
     cwd = os.getcwd()

@@ -1,5 +1,5 @@
 """The time model's parts checked by hand: kernel models (GEMM, memory-bound, attention), the fitted-NCCL form and its
-cross-node prediction, engine profiles, ``llmcomm cost`` and the memory check of ``predict``."""
+cross-node prediction, host profiles, ``llmcomm cost`` and the memory check of ``predict``."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +12,8 @@ import pytest
 from llmcomm.cli import main
 from llmcomm.predict import collectives as C, kernels as K
 from llmcomm.predict.compute import forward_compute, layer_cost
-from llmcomm.predict.engines import default_profile, load_engine
+from llmcomm.deployment import Deployment
+from llmcomm.predict.profiles import load_profile, profile_for
 from llmcomm.predict.hardware import load_hardware
 from llmcomm.predict.latency import predict_latency
 from llmcomm.spec import Layout, SpecError, Workload, load_model
@@ -113,26 +114,27 @@ def test_cross_node_allreduce_is_limited_by_nics_and_network_steps():
         C.cross_node_allreduce_time(S, 12, 5, NC, net)
 
 
-# -------------------------------------------------------------------------------------------------------- engines
-def test_engine_profiles_and_defaults():
+# -------------------------------------------------------------------------------------------------- host profiles
+def test_host_profiles_and_defaults():
     h100, cpu = load_hardware("h100-sxm"), load_hardware("cpu-local")
-    assert default_profile("deepspeed", h100).name == "deepspeed-eager"
-    assert default_profile("deepspeed-full", cpu).name == "deepspeed-cpu"
-    v = default_profile("vllm", h100)
+    assert profile_for(Deployment(), h100).name == "deepspeed-eager"
+    assert profile_for(Deployment(p2p="full"), cpu).name == "deepspeed-cpu"
+    assert profile_for(Deployment(profile="vllm-v0-custom-ar"), cpu).name == "vllm-v0-custom-ar"
+    v = profile_for(Deployment("vllm"), h100)
     assert v.name == "vllm-v0" and v.cuda_graphs("decode") and not v.cuda_graphs("prefill")
     assert not v.launch_floor("decode") and v.launch_floor("prefill") and v.custom_allreduce is None
-    assert load_engine("deepspeed-cpu").layer_overhead_s("decode", cpu) == cpu.layer_overhead_s
-    with pytest.raises(SpecError, match="pattern"):
-        load_engine({"name": "x", "pattern": "trt", "prefill": {}, "decode": {}})
-    with pytest.raises(SpecError, match="unknown engine profile"):
-        load_engine("no-such-engine")
+    assert load_profile("deepspeed-cpu").layer_overhead_s("decode", cpu) == cpu.layer_overhead_s
+    with pytest.raises(SpecError, match="framework"):
+        load_profile({"name": "x", "framework": "trt", "prefill": {}, "decode": {}})
+    with pytest.raises(SpecError, match="unknown host profile"):
+        load_profile("no-such-profile")
 
 
 def test_custom_allreduce_replaces_nccl_below_its_limit():
     h100 = load_hardware("h100-sxm")
     wl = Workload(1, 128, 16, "bf16")
-    base = predict_latency(M8B, Layout(4), wl, h100, engine="vllm", profile="vllm-v0")
-    fast = predict_latency(M8B, Layout(4), wl, h100, engine="vllm", profile="vllm-v0-custom-ar")
+    base = predict_latency(M8B, Layout(4), wl, h100, Deployment("vllm", profile="vllm-v0"))
+    fast = predict_latency(M8B, Layout(4), wl, h100, Deployment("vllm", profile="vllm-v0-custom-ar"))
     ar = [m for m in fast["breakdown"]["decode"]["messages"] if m["op"] == "all_reduce"][0]
     m = ar["bytes_per_call"]
     assert m <= 8 * 2 ** 20
@@ -154,7 +156,9 @@ def test_cost_cli_rows_and_errors():
     st, out, _ = _cli(["cost", "--hardware", "h100-sxm", "--collective", "all_reduce", "--ranks", "8", "--bytes",
                        "64M", "--json"])
     r = json.loads(out)["ops"][0]
-    assert st == 0 and set(r) == {"op", "ranks", "gpus_per_node", "bytes", "seconds", "algbw_GBps", "busbw_GBps"}
+    assert st == 0 and set(r) == {"op", "ranks", "gpus_per_node", "message_bytes", "seconds", "algbw_GBps",
+                                  "busbw_GBps"}
+    assert r["message_bytes"] == 64 << 20
     assert r["busbw_GBps"] == pytest.approx(r["algbw_GBps"] * 1.75)
     for bad in (["cost", "--hardware", "h100-sxm"],
                 ["cost", "--hardware", "h100-sxm", "--model", "llama-3.1-8b", "--tp", "3", "--tokens", "4"],

@@ -348,7 +348,7 @@ def test_cli_predict_ep(capsys):
     (["--model", "tiny-mixtral", "--ep", "2", "--batch", "3"], "e=2 does not divide the batch b=3"),
     (["--model", "tiny-mixtral", "--ep", "2", "--min-capacity", "-1"], "-1 must be at least 0"),
     (["--model", "tiny-mixtral", "--ep", "2", "--moe-routing", "top1"], "invalid choice: 'top1'"),
-    (["--model", "tiny-mixtral", "--ep", "2", "--engine", "vllm"], "not engine 'vllm'"),
+    (["--model", "tiny-mixtral", "--ep", "2", "--engine", "tp-experts"], "exclude each other"),
     (["--model", "tiny-llama", "--tp", "2", "--engine", "tp-experts"], "needs a mixture of experts"),
     (["--model", "tiny-mixtral", "--ep", "2", "--batch", "3", "--hardware", "h100-sxm"],
      "e=2 does not divide the batch b=3"),

@@ -6,11 +6,11 @@ import pytest
 
 from llmcomm.cli import main
 from llmcomm.derive.evaluate import traffic_totals
-from llmcomm.derive.moe import Routing
+from llmcomm.deployment import Deployment, Routing
 from llmcomm.predict.advise import advise_report
 from llmcomm.predict.hardware import GiB, load_hardware
 from llmcomm.predict.latency import predict_latency
-from llmcomm.predict.moe_advice import advise_moe, candidate_moe_layouts, moe_memory_per_rank, scheme_pattern
+from llmcomm.predict.moe_advice import advise_moe, candidate_moe_layouts, moe_memory_per_rank
 from llmcomm.spec import Layout, SpecError, Workload, load_model
 
 MIX = load_model("mixtral-8x7b")       # h 4096, 32 heads of 128, 8 KV heads, E 8, k 2, F_ex 14336, L 32, V 32000
@@ -35,8 +35,9 @@ def test_candidates_schemes_and_reasons():
     assert candidate_moe_layouts(MIX, 3, 6)[1] == ["ep: e=3 does not divide the 8 experts"]
     with pytest.raises(SpecError, match="dense"):
         candidate_moe_layouts(load_model("llama-3.1-8b"), 8, 8)
-    assert scheme_pattern("ep", Routing("dropless")) == "deepspeed-ep-dropless"
-    assert scheme_pattern("autotp") == "deepspeed-moe-autotp"
+    assert Deployment(experts="ep", routing=Routing("dropless")).pattern(MIX, Layout(1, 1, 2)) == \
+        "deepspeed-ep-dropless"
+    assert Deployment(experts="autotp").pattern(MIX) == "deepspeed-moe-autotp"
 
 
 @pytest.mark.parametrize("model", ["mixtral-8x7b", "qwen3-30b-a3b", "tiny-mixtral"])
@@ -81,7 +82,7 @@ def test_advise_moe_rows_agree_with_predict_and_traffic():
     wl = Workload(8, 1024, 128, "bf16")
     for r in rows:
         layout = Layout(r["tp"], r["pp"], r["ep"])
-        lat = predict_latency(MIX, layout, wl, H100, engine=r["pattern"], routing=Routing())
+        lat = predict_latency(MIX, layout, wl, H100, Deployment(experts=r["scheme"]))
         assert r["ttft_s"] == pytest.approx(lat["ttft_s"], rel=1e-12)
         assert r["tpot_s"] == pytest.approx(lat["tpot_s"], rel=1e-12)
         tt = traffic_totals(MIX, layout, wl, r["pattern"], "ring", 8, Routing())
@@ -93,7 +94,7 @@ def test_advise_moe_rows_agree_with_predict_and_traffic():
 
 def test_advise_moe_dropless_and_objectives():
     cap, _ = advise_moe(QW3, 8, None, H100, 1024, 128, 8)
-    drop, _ = advise_moe(QW3, 8, None, H100, 1024, 128, 8, routing=Routing("dropless"))
+    drop, _ = advise_moe(QW3, 8, None, H100, 1024, 128, 8, deployment=Deployment(routing=Routing("dropless")))
     ep_cap = next(r for r in cap if r["scheme"] == "ep")
     ep_drop = next(r for r in drop if r["scheme"] == "ep")
     assert ep_drop["pattern"] == "deepspeed-ep-dropless"
@@ -109,8 +110,10 @@ def test_advise_moe_refusals():
         advise_moe(load_model("mixtral-8x22b"), 1, None, H100, 1024, 128, 1)
     with pytest.raises(SpecError, match="objective"):
         advise_moe(MIX, 8, None, H100, objective="speed")
-    with pytest.raises(SpecError, match="engine"):
-        advise_moe(MIX, 8, None, H100, engine="deepspeed-full")
+    with pytest.raises(SpecError, match="leave the deployment's expert layout unset"):
+        advise_moe(MIX, 8, None, H100, deployment=Deployment(experts="tp-experts"))
+    with pytest.raises(SpecError, match="p2p mode 'full' is not modelled for a mixture of experts"):
+        advise_moe(MIX, 8, None, H100, deployment=Deployment(p2p="full"))
 
 
 def test_report_and_cli(capsys):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from llmcomm.cli import main
-from llmcomm.derive.moe import Routing
+from llmcomm.deployment import Deployment, Routing
 from llmcomm.predict.compute import expert_layout, forward_compute, layer_cost
 from llmcomm.predict.hardware import load_hardware
 from llmcomm.predict.kernels import ExpertLayout, layer_ops, touched_experts
@@ -47,7 +47,7 @@ def test_expert_flops_are_k_experts_per_token():
 
 
 def test_autotp_keeps_experts_whole_tp_experts_shards_them():
-    xa = expert_layout(MIX, "deepspeed-moe-autotp", 4, 1, 1, 1)
+    xa = expert_layout(MIX, "autotp", 4, 1, 1, 1)
     xs = expert_layout(MIX, "tp-experts", 4, 1, 1, 1)
     a = layer_ops(MIX, 4, 1, 1, 0, 1, 2, xa)
     s = layer_ops(MIX, 4, 1, 1, 0, 1, 2, xs)
@@ -61,37 +61,40 @@ def test_autotp_keeps_experts_whole_tp_experts_shards_them():
 
 def test_ep_computes_local_experts_on_the_capacity_buffer():
     # e = 8, b = 8 decode: T = 1 token per rank, C = max(⌈1/8·1·2⌉, 4) = 4; E/e = 1 expert per rank on e·C = 32 rows
-    xl = expert_layout(MIX, "deepspeed-ep", 1, 8, 8, 1)
+    xl = expert_layout(MIX, "ep", 1, 8, 8, 1)
     assert xl.e == 8 and xl.C == 4
     ops = layer_ops(MIX, 1, 8 / 8, 1, 0, 1, 2, xl)
     assert _shape(ops["expert_gate_up_proj"]) == (32, 2 * 14336, 4096, 1)
     assert _shape(ops["expert_down_proj"]) == (32, 4096, 14336, 1)
     assert _shape(ops["router"]) == (1, 8, 4096, 1)                          # the rank's own tokens
     # e = 2: 4 experts per rank on 2·C rows; prefill S = 64, b = 2: T = 64, C = ⌈64/8·2⌉ = 16
-    xl = expert_layout(MIX, "deepspeed-ep", 1, 2, 2, 64)
+    xl = expert_layout(MIX, "ep", 1, 2, 2, 64)
     ops = layer_ops(MIX, 1, 1, 64, 0, 32.5, 2, xl)
     assert xl.C == 16 and _shape(ops["expert_gate_up_proj"]) == (32, 2 * 14336, 4096, 4)
     # dropless: C is the expectation of the largest count
-    xd = expert_layout(MIX, "deepspeed-ep-dropless", 1, 2, 2, 64, Routing("dropless"))
+    xd = expert_layout(MIX, "ep", 1, 2, 2, 64, Routing("dropless"))
     assert 16 <= xd.C <= 64
 
 
 def test_bad_expert_layouts():
-    with pytest.raises(SpecError, match="has no expert layout"):
+    with pytest.raises(SpecError, match="is not one of autotp, tp-experts, ep"):
         expert_layout(MIX, "deepspeed", 1, 1, 1, 1)
-    with pytest.raises(SpecError, match="need e > 1"):
-        expert_layout(MIX, "deepspeed-ep", 1, 1, 1, 1)
+    with pytest.raises(SpecError, match="needs e > 1"):
+        expert_layout(MIX, "ep", 1, 1, 1, 1)
+    with pytest.raises(SpecError, match="needs e > 1"):
+        expert_layout(MIX, "tp-experts", 1, 2, 1, 1)
     with pytest.raises(SpecError, match="is dense"):
         layer_ops(load_model("tiny-llama"), 1, 1, 1, 0, 1, 2, ExpertLayout())
 
 
 def test_forward_compute_moe_layers():
     # every Mixtral layer is MoE: the forward's flops are L MoE layers + head
-    f = forward_compute(MIX, H100, 1, 1, 1, 16, 4, 2, "decode", engine="deepspeed-moe-autotp")
+    f = forward_compute(MIX, H100, 1, 1, 1, 16, 4, 2, "decode", experts="autotp")
     fl, _ = layer_cost(MIX, 1, 1, 1, 17, 18, 2, ExpertLayout())
     assert float(f["flops"]) == pytest.approx(32 * float(fl) + 2 * 4096 * 32000)
-    with pytest.raises(SpecError, match="has no expert layout"):
-        forward_compute(MIX, H100, 1, 1, 1, 16, 4, 2, "decode")
+    assert float(forward_compute(MIX, H100, 1, 1, 1, 16, 4, 2, "decode")["flops"]) == float(f["flops"])  # default
+    with pytest.raises(SpecError, match="is not one of autotp"):
+        forward_compute(MIX, H100, 1, 1, 1, 16, 4, 2, "decode", experts="deepspeed")
 
 
 @pytest.mark.parametrize("n, level, alpha_us, bw", [(8, "intra", 3.0, 450e9 * 0.8), (16, "inter", 10.0, 50e9 * 0.9),
@@ -115,14 +118,14 @@ def test_ep_latency_charges_the_all_to_all():
     res4 = predict_latency(MIX, Layout(e=8), Workload(b=8, S=512, G=64, dtype="bf16"), H100, gpus_per_node=4)
     (msg4,) = res4["breakdown"]["decode"]["messages"]
     assert msg4["time_s"] == pytest.approx(64 * (7 * 10e-6 + 7 / 8 * m / 45e9), rel=1e-12)
-    grid = predict_latency_grid(MIX, H100, 1, 1, 8, 512, 64, 2, engine="deepspeed", e=8)
+    grid = predict_latency_grid(MIX, H100, 1, 1, 8, 512, 64, 2, e=8)
     assert float(grid["tpot_s"]) == pytest.approx(res["tpot_s"], rel=1e-12)
 
 
 def test_tp_moe_latency_autotp_vs_tp_experts():
     wl = Workload(b=8, S=512, G=64, dtype="bf16")
-    auto = predict_latency(MIX, Layout(8), wl, H100)                 # engine "deepspeed" → AutoTP
-    shard = predict_latency(MIX, Layout(8), wl, H100, engine="tp-experts")
+    auto = predict_latency(MIX, Layout(8), wl, H100)                 # DeepSpeed as it is → AutoTP
+    shard = predict_latency(MIX, Layout(8), wl, H100, Deployment(experts="tp-experts"))
     assert auto["pattern"] == "deepspeed-moe-autotp" and shard["pattern"] == "tp-experts"
     # replicated experts: every rank reads every touched expert whole, so AutoTP's decode computes longer
     assert auto["breakdown"]["decode"]["compute_s"] > shard["breakdown"]["decode"]["compute_s"]
@@ -167,7 +170,7 @@ def test_cli_cost_moe(capsys):
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     rows = {r["op"]: r for r in out["ops"]}
-    assert out["pattern"] == "deepspeed-moe-autotp"
+    assert out["experts"] == "autotp"
     assert rows["expert_gate_up_proj"]["calls"] == 2 and rows["expert_gate_up_proj"]["M"] == 1
     assert rows["expert_gate_up_proj"]["flops"] == 2 * 2 * 2 * 14336 * 4096          # 2 experts, whole (AutoTP)
     assert rows["router"]["flops"] == 2 * 8 * 4096
@@ -199,7 +202,7 @@ def test_shared_expert_and_dense_layers():
     # a decode forward (S = 16, G = 4: 17 cached, 18 keys): 4 dense layers (MLP width F = 48) + 2 MoE layers, each costed with its own ops
     dense_fl, _ = layer_cost(m, 1, 1, 1, 17, 18, 2)
     moe_fl, _ = layer_cost(m, 1, 1, 1, 17, 18, 2, ExpertLayout())
-    f = forward_compute(m, H100, 1, 1, 1, 16, 4, 2, "decode", engine="deepspeed-moe-autotp")
+    f = forward_compute(m, H100, 1, 1, 1, 16, 4, 2, "decode", experts="autotp")
     assert float(f["flops"]) == pytest.approx(4 * float(dense_fl) + 2 * float(moe_fl) + 2 * 32 * 128)
     assert float(dense_fl) != float(moe_fl)
 

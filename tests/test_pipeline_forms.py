@@ -9,6 +9,7 @@ import pytest
 import sympy as sp
 
 from llmcomm import Layout, SpecError, Workload, load_model
+from llmcomm.deployment import Deployment, Routing
 from llmcomm.cli import build_parser, main
 from llmcomm.derive import patterns, volumes as v
 from llmcomm.derive.conventions import bus_factor
@@ -17,14 +18,28 @@ from llmcomm.report import plots, tables
 from support import core, predicted
 
 
-def test_engine_for():
-    assert patterns.engine_for("deepspeed", "partitioned") == "deepspeed"
-    assert patterns.engine_for("deepspeed", "full") == "deepspeed-full"
-    assert patterns.engine_for("vllm") == "vllm"
+def test_deployment_patterns():
+    dense, moe = load_model("tiny-llama"), load_model("tiny-mixtral")
+    assert Deployment().pattern(dense) == "deepspeed"
+    assert Deployment(p2p="full").pattern(dense) == "deepspeed-full"
+    assert Deployment("vllm").pattern(dense) == "vllm"
+    assert Deployment.from_flags("tp-experts").pattern(moe) == "tp-experts"
+    assert Deployment().pattern(moe) == "deepspeed-moe-autotp"
+    assert Deployment("vllm").pattern(moe, Layout(1, 1, 2)) == "deepspeed-ep"      # vLLM: its host profile only
+    assert Deployment(routing=Routing("dropless")).pattern(moe, Layout(1, 1, 2)) == "deepspeed-ep-dropless"
     with pytest.raises(SpecError, match="models the DeepSpeed pipeline runner"):
-        patterns.engine_for("vllm", "full")
+        Deployment("vllm", p2p="full").pattern(dense)
     with pytest.raises(SpecError, match="p2p mode 'ring'"):
-        patterns.engine_for("deepspeed", "ring")
+        Deployment(p2p="ring")
+    with pytest.raises(SpecError, match="needs a mixture of experts"):
+        Deployment(experts="autotp").pattern(dense)
+    with pytest.raises(SpecError, match="needs an expert-parallel degree"):
+        Deployment(experts="ep").pattern(moe)
+    # what a rank reads back is what the launcher wrote
+    d = Deployment(experts="tp-experts")
+    assert Deployment.from_options(d.config_options(Layout(2))) == d
+    d = Deployment(routing=Routing("dropless", 1.5, 2), p2p="full")
+    assert Deployment.from_options(d.config_options(Layout(1, 2, 2))) == d
 
 
 def test_full_mode_exact_rows():
@@ -115,10 +130,10 @@ def test_cli_measure_passes_p2p_option(monkeypatch, capsys):
 
     monkeypatch.setattr(llmcomm.measure.launch, "measure_many", fake)
     assert main(["measure", "--model", "tiny-llama", "--pp", "2", "--p2p", "full", "--json"]) == 0
-    assert seen["options"] == {"p2p": "full"}
+    assert seen["deployment"].p2p == "full"
     assert json.loads(capsys.readouterr().out)["p2p"] == "full"
     assert main(["measure", "--model", "tiny-llama", "--tp", "2", "--json"]) == 0
-    assert seen["options"] is None and "p2p" not in json.loads(capsys.readouterr().out)
+    assert seen["deployment"].config_options(Layout(2)) == {} and "p2p" not in json.loads(capsys.readouterr().out)
 
 
 def test_cli_predict_full_mode(capsys):

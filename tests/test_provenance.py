@@ -1,7 +1,7 @@
 """Committed results say where they come from, and come from committed code.
 
-Every provenance record under ``data/`` (a CSV's JSON sidecar, a JSON result's ``"provenance"``) and the calibration
-record of the ``cpu-local`` preset must name a git commit, and not one with ``+dirty``: a result made from
+Every provenance record under ``data/`` (a CSV's JSON sidecar, a JSON result's ``"provenance"``, every section of a
+calibration under ``data/calibration/``) must name a git commit, and not one with ``+dirty``: a result made from
 uncommitted code cannot be reproduced from the repository. ``data/external/`` holds other people's measurements, with
 their own source records instead."""
 from __future__ import annotations
@@ -25,8 +25,7 @@ def _provenances(obj, where="$"):
                 yield from _provenances(v, f"{where}.{k}")
 
 
-RECORDS = sorted(p for p in DATA.rglob("*.json") if "external" not in p.relative_to(DATA).parts) + \
-    [ROOT / "src" / "llmcomm" / "presets" / "hardware" / "cpu-local.json"]
+RECORDS = sorted(p for p in DATA.rglob("*.json") if "external" not in p.relative_to(DATA).parts)
 
 
 @pytest.mark.parametrize("path", RECORDS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -50,7 +49,8 @@ def test_what_counts_as_uncommitted_code():
     from llmcomm.record import _only_results_changed
 
     assert _only_results_changed("data/cpu-local/collectives.csv")
-    assert _only_results_changed("src/llmcomm/presets/hardware/cpu-local.json")     # written by llmcomm calibrate
+    assert _only_results_changed("data/calibration/cpu-local.json")                 # written by llmcomm calibrate
+    assert not _only_results_changed("src/llmcomm/presets/hardware/cpu-local.json")  # the package: code
     assert not _only_results_changed("src/llmcomm/presets/hardware/h100-sxm.json")
     assert not _only_results_changed("src/llmcomm/spec.py")
     assert not _only_results_changed("book/no-such-chapter.ipynb")                  # not committed: not comparable

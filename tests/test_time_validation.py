@@ -98,7 +98,7 @@ def test_comm_width_and_overlap_levers():
     ov = predict_latency_grid(*args, w=2, gpus_per_node=8, overlap=True)
     assert float(ov["ttft_s"]) == max(float(base["prefill_compute_s"]), float(base["prefill_comm_s"]))
     assert float(ov["e2e_s"]) == pytest.approx(float(ov["ttft_s"]) + 3 * float(ov["tpot_s"]))
-    one = predict_latency(TINY, Layout(2, 1), Workload(1, 8, 4, "bf16"), hw, 8, overlap=True)
+    one = predict_latency(TINY, Layout(2, 1), Workload(1, 8, 4, "bf16"), hw, gpus_per_node=8, overlap=True)
     assert one["ttft_s"] == pytest.approx(float(ov["ttft_s"]))
 
 
@@ -144,7 +144,7 @@ def test_fit_default_threads_and_subgroup_fits():
     assert calibration.default_threads(2) == [1]
     assert calibration.default_threads(8) == [2, 4]
     fits = pd.DataFrame([{"backend": "gloo", "op": "all_reduce", "group_size": "2", "alpha_us": 500.0,
-                          "busbw_GBps": 1.5, "algorithm": "ring", "r2": 0.9, "median_rel_err": 0.1}])
+                          "busbw_GBps": 1.5, "algorithm": "ring", "r2": 0.9, "median_rel_err": 0.1, "path": ""}])
     coll = {"all_reduce": {"2": {"backend": "shm"}}}
     sub = calibration.subgroup_fits(coll, fits)
     assert sub["all_reduce"]["2"]["alpha_us"] == 500.0 and sub["all_reduce"]["2"]["backend"] == "gloo"

@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
+from llmcomm.deployment import Deployment
 from llmcomm.predict.compute import layer_cost
 from llmcomm.predict.hardware import load_hardware
 from llmcomm.predict.latency import forward_comm, predict_latency, predict_latency_grid
@@ -81,7 +82,8 @@ def test_predict_latency_hand_case():
     from llmcomm.predict.kernels import layer_ops
 
     hw = _hw()              # no fitted kernels: every op is max(flops/F, bytes/B), F = B = 1e9
-    r = predict_latency(TINY, Layout(2, 1), Workload(1, 16, 4, "fp32"), hw, gpus_per_node=8, profile="deepspeed-cpu")
+    r = predict_latency(TINY, Layout(2, 1), Workload(1, 16, 4, "fp32"), hw, Deployment(profile="deepspeed-cpu"),
+                        gpus_per_node=8)
     pre = r["breakdown"]["prefill"]
     ops = layer_ops(TINY, 2, 1, 16, 0, 8.5, 4)
     t_layer = sum(max(op.get("flops", 0.0), op["bytes"]) / 1e9 * op.get("count", 1) for op in ops.values())
@@ -91,9 +93,9 @@ def test_predict_latency_hand_case():
     assert r["ttft_s"] == pytest.approx(pre["compute_s"] + pre["comm_s"])
     assert r["e2e_s"] == pytest.approx(r["ttft_s"] + 3 * r["tpot_s"])
     assert {m["op"] for m in pre["messages"]} == {"all_reduce"}
-    # the same hardware as a GPU engine: the host (350 µs per layer) runs ahead of the kernels: max, not sum
-    gpu = predict_latency(TINY, Layout(2, 1), Workload(1, 16, 4, "fp32"), hw, gpus_per_node=8,
-                          profile="deepspeed-eager")["breakdown"]["prefill"]
+    # the same hardware under a GPU host profile: the host (350 µs per layer) runs ahead of the kernels: max, not sum
+    gpu = predict_latency(TINY, Layout(2, 1), Workload(1, 16, 4, "fp32"), hw, Deployment(profile="deepspeed-eager"),
+                          gpus_per_node=8)["breakdown"]["prefill"]
     assert gpu["compute_s"] == pytest.approx(4 * max(t_layer, 350e-6) + emb + max(head, 350e-6), rel=1e-12)
 
 
@@ -153,13 +155,13 @@ def test_more_tp_is_faster_compute_and_validation():
     m = load_model("llama-3.1-70b")
     wl = Workload(1, 2048, 32, "bf16")
     h100 = load_hardware("h100-sxm")
-    r1 = predict_latency(m, Layout(2, 1), wl, h100, engine="vllm")
-    r8 = predict_latency(m, Layout(8, 1), wl, h100, engine="vllm")
+    r1 = predict_latency(m, Layout(2, 1), wl, h100, Deployment("vllm"))
+    r8 = predict_latency(m, Layout(8, 1), wl, h100, Deployment("vllm"))
     assert r8["breakdown"]["prefill"]["compute_s"] < r1["breakdown"]["prefill"]["compute_s"]
     assert r8["breakdown"]["decode"]["comm_s"] > 0 and r1["tpot_s"] > r8["tpot_s"]     # CUDA-graph decode
     # eager DeepSpeed decode is host-bound: 350 µs per layer on the host, at any t (the kernels take less)
     for t in (2, 8):
-        eager = predict_latency(m, Layout(t, 1), wl, h100, engine="deepspeed")["breakdown"]["decode"]
+        eager = predict_latency(m, Layout(t, 1), wl, h100, Deployment())["breakdown"]["decode"]
         assert eager["layer_s"] == pytest.approx(350e-6)
     with pytest.raises(SpecError):
         predict_latency(m, Layout(3, 1), wl, h100)       # 3 does not divide 64 heads

@@ -69,13 +69,13 @@ def test_exact_bytes_llama31_8b():
 
 
 def test_no_communication_on_one_rank():
-    for engine in patterns.ENGINES:
-        assert predicted("llama-3.1-8b", Layout(1, 1), Workload(2, 64, 8), engine) == []
+    for name in patterns.PATTERNS:
+        assert predicted("llama-3.1-8b", Layout(1, 1), Workload(2, 64, 8), name) == []
 
 
-def test_unknown_engine():
-    with pytest.raises(SpecError, match="unknown engine 'megatron'"):
-        predicted("tiny-llama", Layout(2), Workload(), engine="megatron")
+def test_unknown_pattern():
+    with pytest.raises(SpecError, match="unknown message pattern 'megatron'"):
+        predicted("tiny-llama", Layout(2), Workload(), "megatron")
 
 
 def test_engines_differ_by_embedding_all_reduce_and_head():
@@ -100,7 +100,7 @@ models = st.sampled_from(["llama-3.2-1b", "llama-3.1-8b", "llama-3.1-70b", "llam
 layouts = st.builds(Layout, t=st.sampled_from([1, 2, 4, 8]), p=st.sampled_from([1, 2, 4]))
 
 
-@given(models, layouts, workloads, st.sampled_from(sorted(patterns.ENGINES)))
+@given(models, layouts, workloads, st.sampled_from(sorted(patterns.PATTERNS)))
 def test_rows_equal_sum_of_forward_messages(model, layout, workload, engine):
     """Lambdified closed forms == the pattern's messages substituted one forward at a time (two independent paths)."""
     rows = predicted(model, layout, workload, engine)

@@ -5,8 +5,15 @@
 * :func:`atomic_write_text`, :func:`write_json` — every file the project writes goes through a temporary file in the
   same folder and ``os.replace``: an interrupted run never leaves a half-written or corrupted result, and an earlier
   result stays until a complete new one replaces it;
-* :func:`save_frame` / :func:`load_frame` — ``data/<machine>/<name>.csv`` beside ``<name>.json`` (its provenance);
+* :func:`save_frame` / :func:`load_frame` — ``data/<machine>/<name>.csv`` beside its sidecar ``<name>.json``;
   :func:`save_json` / :func:`load_json` — a JSON result with its provenance inside (benchmarks, calibrations).
+
+One sidecar schema (:func:`write_frame`, :func:`read_sidecar`) for every table the project writes — the chapters'
+sweeps, the microbenchmark's ``collectives.csv``, the validation runs, the GPU fits' error tables::
+
+    {"provenance": provenance(...),        # where and how the table was made
+     "rows": int, "columns": [str, ...],   # what the CSV holds
+     ...}                                  # what else the writer records (a summary, a configuration, a source)
 """
 from __future__ import annotations
 
@@ -22,8 +29,9 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["git_commit", "load_average", "machine_id", "result_names", "cpu_model", "provenance", "data_dir", "atomic_write_text", "write_json", "save_frame",
-           "load_frame", "save_json", "load_json", "repo_root"]
+__all__ = ["git_commit", "load_average", "machine_id", "result_names", "cpu_model", "provenance", "data_dir",
+           "atomic_write_text", "write_json", "write_frame", "read_sidecar", "save_frame", "load_frame", "save_json",
+           "load_json", "repo_root", "writable_dir"]
 
 _VERSIONED = ("llmcomm", "torch", "deepspeed", "transformers", "sympy", "numpy", "pandas")
 
@@ -87,17 +95,11 @@ def _cell_sources(text: str) -> list[str] | None:
         return None
 
 
-#: results that live outside ``data/``: the ``cpu-local`` preset is written by ``llmcomm calibrate`` (``make data``)
-#: from this machine's measurements, like the ``data/`` files it is fitted to. Without this, a second ``make data``
-#: would count the first one's calibration as uncommitted code.
-_RESULT_FILES = ("src/llmcomm/presets/hardware/cpu-local.json",)
-
-
 def _only_results_changed(path: str) -> bool:
-    """A change that cannot have altered how a result was made: files under ``data/`` and the calibrated preset
-    (results themselves), and a notebook whose cell sources equal the committed ones (re-executing a chapter rewrites
-    only its outputs)."""
-    if path.startswith("data/") or path in _RESULT_FILES:
+    """A change that cannot have altered how a result was made: files under ``data/`` (results themselves, the
+    calibrations included), and a notebook whose cell sources equal the committed ones (re-executing a chapter
+    rewrites only its outputs)."""
+    if path.startswith("data/"):
         return True
     if path.endswith(".ipynb"):
         head = _git("show", f"HEAD:{path}")
@@ -167,6 +169,21 @@ def _nvidia_driver() -> str | None:
         return None
 
 
+def writable_dir(path: str | Path, what: str) -> Path:
+    """``path`` as a folder results can be written to — created if missing — or one :class:`~llmcomm.spec.SpecError`
+    naming ``what`` (checked before anything is measured, so that no run's result is lost at the end)."""
+    from .spec import SpecError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".llmcomm-probe-", delete=True)
+        probe.close()
+    except OSError as e:
+        raise SpecError(f"{what} {str(path)!r} is not a writable folder ({e.strerror or e})") from None
+    return path
+
+
 def data_dir(machine: str | None = None, root: str | Path | None = None) -> Path:
     """``<root>/<machine>/``: ``root`` defaults to ``$LLMCOMM_DATA``, else ``<repo>/data``."""
     base = Path(root) if root is not None else Path(os.environ.get("LLMCOMM_DATA", repo_root() / "data"))
@@ -195,23 +212,34 @@ def write_json(path: str | Path, obj, indent: int | None = None) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=indent, default=str) + ("\n" if indent else ""))
 
 
-def save_frame(df, name: str, command: str | list[str] | None = None, machine: str | None = None,
-               root: str | Path | None = None, **extra) -> Path:
-    """Save ``df`` as ``<root>/<machine>/<name>.csv`` (root: :func:`data_dir`'s) with its provenance in
-    ``<name>.json``; returns the CSV path."""
-    folder = data_dir(machine, root)
-    prov = provenance(command, rows=len(df), columns=list(map(str, df.columns)), **extra)
-    csv = atomic_write_text(folder / f"{name}.csv", df.to_csv(index=False))
-    atomic_write_text(folder / f"{name}.json", json.dumps(prov, indent=2, default=str) + "\n")
+def write_frame(csv_path: str | Path, df, prov: dict, float_format: str | None = None, **extra) -> Path:
+    """Write ``df`` to ``csv_path`` and its sidecar (the module's schema: ``provenance`` = ``prov``, ``rows``,
+    ``columns``, ``extra``) beside it, both atomically; returns the CSV path."""
+    csv_path = Path(csv_path)
+    csv = atomic_write_text(csv_path, df.to_csv(index=False, float_format=float_format))
+    side = {"provenance": prov, "rows": len(df), "columns": list(map(str, df.columns)), **extra}
+    write_json(csv_path.with_suffix(".json"), side, indent=2)
     return csv
 
 
+def read_sidecar(csv_path: str | Path) -> dict:
+    """The sidecar of a table (the module's schema)."""
+    return json.loads(Path(csv_path).with_suffix(".json").read_text())
+
+
+def save_frame(df, name: str, command: str | list[str] | None = None, machine: str | None = None,
+               root: str | Path | None = None, float_format: str | None = None, **extra) -> Path:
+    """Save ``df`` as ``<root>/<machine>/<name>.csv`` (root: :func:`data_dir`'s) with its sidecar ``<name>.json``
+    (:func:`write_frame`; ``extra`` joins it); returns the CSV path."""
+    return write_frame(data_dir(machine, root) / f"{name}.csv", df, provenance(command), float_format, **extra)
+
+
 def load_frame(name: str, machine: str | None = None):
-    """(DataFrame, provenance dict) of a saved result."""
+    """(DataFrame, provenance dict) of a saved result (its sidecar's ``provenance``)."""
     import pandas as pd
 
-    folder = data_dir(machine)
-    return pd.read_csv(folder / f"{name}.csv"), json.loads((folder / f"{name}.json").read_text())
+    path = data_dir(machine) / f"{name}.csv"
+    return pd.read_csv(path), read_sidecar(path)["provenance"]
 
 
 def save_json(result: dict, name: str, command: str | list[str] | None = None, machine: str | None = None,

@@ -13,14 +13,17 @@ and exits with status 2.
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field, asdict
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 __all__ = ["SpecError", "ModelSpec", "MoESpec", "MOE_FAMILIES", "Layout", "Workload", "DTYPE_BYTES", "preset_names", "load_model",
-           "stage_layers", "read_preset_or_file", "cpu_threads_per_rank", "workload_grid"]
+           "stage_layers", "read_preset_or_file", "read_json_file", "resolve", "cpu_threads_per_rank",
+           "workload_grid"]
 
 
 class SpecError(ValueError):
@@ -28,13 +31,17 @@ class SpecError(ValueError):
 
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-_TORCH_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+@lru_cache(maxsize=None)
+def _names(kind: str) -> tuple[str, ...]:
+    folder = resources.files("llmcomm.presets") / kind
+    return tuple(sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json")))
 
 
 def preset_names(kind: str = "models") -> list[str]:
-    """Names of the presets shipped in ``llmcomm/presets/<kind>`` (``models`` or ``hardware``)."""
-    folder = resources.files("llmcomm.presets") / kind
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+    """Names of the presets shipped in ``llmcomm/presets/<kind>`` (``models``, ``hardware``, ``profiles``)."""
+    return list(_names(kind))
 
 
 #: Keys of a preset that are not transformers config fields (``_source``: where a preset's shape comes from).
@@ -259,31 +266,56 @@ class ModelSpec:
         return transformers.Qwen3MoeConfig(**cfg)
 
 
+@lru_cache(maxsize=256)
+def _parsed(path: str, stamp: tuple[int, int]) -> Any:
+    """The JSON of ``path`` as of ``stamp`` (mtime, size): a file is parsed once until it changes."""
+    return json.loads(Path(path).read_text())
+
+
+def read_json_file(path: str | Path, what: str) -> Any:
+    """A JSON file, parsed once and cached until it changes (a deep copy each call: callers may change theirs).
+    One clear :class:`SpecError` for a missing file or malformed JSON (``what`` names the thing)."""
+    path = Path(path)
+    try:
+        st = path.stat()
+        data = _parsed(str(path.resolve()), (st.st_mtime_ns, st.st_size))
+    except OSError as e:
+        raise SpecError(f"{what} file {str(path)!r}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{what} file {str(path)!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    return copy.deepcopy(data)
+
+
 def read_preset_or_file(kind: str, text: str, what: str) -> tuple[Any, str]:
     """(parsed JSON, name) of ``text``: a preset of ``llmcomm/presets/<kind>``, else a JSON file (a folder means its
-    ``config.json``). One clear :class:`SpecError` for an unknown name or malformed JSON (``what`` names the thing)."""
+    ``config.json``) — the one preset resolver every loader goes through (:func:`load_model`,
+    :func:`llmcomm.predict.hardware.load_hardware`, :func:`llmcomm.predict.profiles.load_profile`), cached by
+    :func:`read_json_file`. One clear :class:`SpecError` for an unknown name or malformed JSON."""
     if text in preset_names(kind):
-        return json.loads((resources.files("llmcomm.presets") / kind / f"{text}.json").read_text()), text
+        return read_json_file(Path(str(resources.files("llmcomm.presets") / kind / f"{text}.json")), what), text
     path = Path(text)
     if path.is_dir():
         path = path / "config.json"
     if not path.exists():
         raise SpecError(f"unknown {what} {text!r}: not a preset ({', '.join(preset_names(kind))}) and no such file")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise SpecError(f"{what} file {str(path)!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    return data, path.parent.name if path.name == "config.json" else path.stem
+    return read_json_file(path, what), path.parent.name if path.name == "config.json" else path.stem
+
+
+def resolve(kind: str, value: Any, cls: type, what: str):
+    """An object of ``cls`` (a spec class with ``from_dict``/``from_hf_config``) from ``value``: an instance
+    already, a dict, a preset name or a JSON path — the three loaders' one body."""
+    if isinstance(value, cls):
+        return value
+    build = getattr(cls, "from_hf_config", None) or getattr(cls, "from_dict")
+    if isinstance(value, Mapping):
+        return build(value)
+    data, name = read_preset_or_file(kind, str(value), what)
+    return build(data, name=name)
 
 
 def load_model(model: str | Path | Mapping[str, Any] | ModelSpec) -> ModelSpec:
     """A :class:`ModelSpec` from a preset name, a path to an HF ``config.json`` (or its folder), or a dict."""
-    if isinstance(model, ModelSpec):
-        return model
-    if isinstance(model, Mapping):
-        return ModelSpec.from_hf_config(model)
-    cfg, name = read_preset_or_file("models", str(model), "model")
-    return ModelSpec.from_hf_config(cfg, name=name)
+    return resolve("models", model, ModelSpec, "model")
 
 
 def stage_layers(L: int, p: int) -> list[int]:
@@ -399,7 +431,7 @@ def workload_grid(b: Sequence[int] = (1,), S: Sequence[int] = (16,), G: Sequence
 
 def cpu_threads_per_rank(ranks: int, cores: int | None = None) -> int:
     """Threads each rank of a CPU run gets: ``OMP_NUM_THREADS = max(1, cores // ranks)`` — what the launcher sets
-    (:func:`llmcomm.measure.launch.default_env`) and the calibration the time model picks
+    (:func:`llmcomm.measure.supervise.default_env`) and the calibration the time model picks
     (:func:`llmcomm.predict.hardware.for_ranks`)."""
     import os
 

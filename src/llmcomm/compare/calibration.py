@@ -1,12 +1,23 @@
-"""The ``cpu-local`` hardware preset: written from this machine's own measurements.
+"""Calibrations: the fitted numbers of the hardware presets, written from measurements into ``data/calibration/``.
+
+A calibration is a result, so it lives with the data, never in the package: ``data/calibration/<preset>.json`` =
+``{"provenance", "preset", "overlay": {key: value}}``, which :func:`llmcomm.predict.hardware.load_hardware` lays over
+the packaged preset (:func:`write_calibration` merges new sections into it, atomically). The writers:
+
+* :func:`calibrate_cpu_local` — ``llmcomm calibrate`` (``make data``): this machine's collectives and compute;
+* :func:`calibrate_in_run` — ``llmcomm calibrate --in-run``: compute and all-reduces inside runs of each validated
+  layout (:mod:`llmcomm.compare.inrun`);
+* :func:`calibrate_public_gpu` — ``llmcomm calibrate --public-gpu`` (``make gpu-fits``): the GPU kernel and NCCL
+  models fitted to the public Vidur measurements (:mod:`llmcomm.compare.vidur`), and their out-of-sample errors into
+  ``data/validation/``.
 
 Collectives: the α-β fits (:mod:`llmcomm.predict.fit`) of a ``llmcomm bench-collectives`` table — all_reduce from
-DeepSpeed's shm kernel (one-shot form), the other ops and the all-reduces of sub-groups from gloo (ring form).
+DeepSpeed's shm kernel (``shm``: its one-shot path below 1 MiB and its two-phase path above, each fitted on its own
+side), the other ops and the all-reduces of sub-groups from gloo (ring form).
 Compute: :func:`llmcomm.measure.calibrate.time_compute` at every thread count the measured runs use, then the roofline
 efficiency ``e_f`` and per-layer overhead ``o`` fitted so that :func:`llmcomm.predict.compute.layer_cost` reproduces
 the measured prefill and decode layer times: ``τ = o + max(flops/(peak·e_f), bytes/bw)``.
 
-``llmcomm calibrate`` (what ``make data`` runs after the microbenchmark) calls :func:`calibrate_cpu_local`.
 """
 from __future__ import annotations
 
@@ -17,16 +28,60 @@ from pathlib import Path
 from ..measure.calibrate import time_compute
 from ..predict.compute import layer_cost
 from ..predict.fit import fit_table
-from ..record import atomic_write_text, provenance
-from ..spec import ModelSpec, cpu_threads_per_rank
+from ..predict.hardware import calibration_path
+from ..record import provenance, write_json
+from ..spec import ModelSpec, SpecError, cpu_threads_per_rank, read_json_file
 
-__all__ = ["calibrate_cpu_local", "fit_roofline", "default_threads", "subgroup_fits"]
+__all__ = ["calibrate_cpu_local", "calibrate_in_run", "calibrate_public_gpu", "write_calibration", "fit_roofline",
+           "default_threads", "subgroup_fits", "read_bench_table"]
+
+
+def write_calibration(preset: str, overlay: dict, command: str, path: str | Path | None = None) -> Path:
+    """Merge ``overlay`` into the calibration file of ``preset`` (default :func:`~llmcomm.predict.hardware.
+    calibration_path`; ``path`` to write elsewhere): its keys replace the file's, ``source`` is merged; the file's
+    provenance becomes this write's (each section keeps the provenance it carries). Checked before anything runs:
+    :func:`writable`."""
+    path = Path(path) if path is not None else calibration_path(preset)
+    old = read_json_file(path, "calibration") if path.exists() else {"overlay": {}}
+    merged = dict(old.get("overlay") or {})
+    merged.update({k: v for k, v in overlay.items() if k != "source"})
+    merged["source"] = dict(merged.get("source", {}), **overlay.get("source", {}))
+    return write_json(path, {"provenance": provenance(command), "preset": preset, "overlay": merged}, indent=1)
+
+
+def read_bench_table(csv_path):
+    """(table, fits) of a ``bench-collectives`` CSV; one :class:`SpecError` when it is not one."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(csv_path)
+        return table, fit_table(table)
+    except (OSError, ValueError, KeyError) as e:
+        raise SpecError(f"cannot read a bench-collectives table from {str(csv_path)!r}: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def _entry(r, backend: str) -> dict:
     return {"alpha_us": round(r["alpha_us"], 3), "busbw_GBps": round(r["busbw_GBps"], 4),
             "algorithm": r["algorithm"], "backend": backend, "r2": round(r["r2"], 4),
             "median_rel_err": round(r["median_rel_err"], 4)}
+
+
+def _entries(rows, backend: str) -> dict:
+    """``{n: FIT}`` of one (backend, op) of a fit table; DeepSpeed's shm all-reduce: the one-shot path's α and
+    busbw, its two-phase path's under ``two_phase`` (:func:`llmcomm.predict.collectives.shm_time`)."""
+    out = {}
+    for n, g in rows.groupby("group_size"):
+        paths = {r["path"]: r for _, r in g.iterrows()}
+        if "one-shot" in paths or "two-phase" in paths:
+            one = paths.get("one-shot", paths.get("two-phase"))
+            two = paths.get("two-phase", one)
+            out[n] = dict(_entry(one, backend), algorithm="shm",
+                          two_phase={x: round(float(two[x]), 4) for x in ("alpha_us", "busbw_GBps", "r2",
+                                                                          "median_rel_err")})
+        else:
+            out[n] = _entry(next(iter(paths.values())), backend)
+    return out
 
 
 def default_threads(cores: int | None = None, ranks=(2, 4)) -> list[int]:
@@ -41,7 +96,7 @@ def subgroup_fits(coll: dict, fits) -> dict:
     if sub.empty or coll.get("all_reduce", {}).get("any", coll.get("all_reduce", {}).get("2", {})).get(
             "backend") != "shm":
         return {}
-    return {"all_reduce": {r["group_size"]: _entry(r, "gloo") for _, r in sub.iterrows()}}
+    return {"all_reduce": _entries(sub, "gloo")}
 
 
 def fit_roofline(timed: dict) -> tuple[float, float]:
@@ -61,26 +116,25 @@ def fit_roofline(timed: dict) -> tuple[float, float]:
     return e_f, overhead
 
 
-def calibrate_cpu_local(csv_path, out_path=None, compute: bool = True, threads=None, existing=None,
+def calibrate_cpu_local(csv_path, out_path=None, compute: bool = True, threads=None,
                         command: str | None = None) -> dict:
-    """Build the ``cpu-local`` preset from a bench-collectives CSV and, with ``compute``, from
+    """The ``cpu-local`` calibration from a bench-collectives CSV and, with ``compute``, from
     :func:`~llmcomm.measure.calibrate.time_compute` at every thread count in ``threads`` (default
     :func:`default_threads`), kept in ``compute_by_threads``; the top-level compute numbers are those of the first
-    count. Writes JSON to ``out_path`` (atomically) when given."""
-    import pandas as pd
-
+    count (without ``compute`` the file's earlier compute numbers stay). Written with :func:`write_calibration`
+    (``out_path``: elsewhere than ``data/calibration/cpu-local.json``); returns the overlay."""
     threads = default_threads() if threads is None else [int(x) for x in ([threads] if isinstance(threads, int)
                                                                           else threads)]
-    df = pd.read_csv(csv_path)
-    fits = fit_table(df)
-    prev = json.loads(Path(existing).read_text()) if existing and Path(existing).exists() else {}
+    df, fits = read_bench_table(csv_path)
+    target = Path(out_path) if out_path is not None else calibration_path("cpu-local")
+    prev = (read_json_file(target, "calibration").get("overlay") or {}) if target.exists() else {}
     coll: dict = {}
     src_backend = {"all_reduce": "shm" if (df["backend"] == "shm").any() else "gloo"}
     for op in sorted(set(fits["op"])):
         be = src_backend.get(op, "gloo")
         sub = fits[(fits["op"] == op) & (fits["backend"] == be)]
         if not sub.empty:
-            coll[op] = {r["group_size"]: _entry(r, be) for _, r in sub.iterrows()}
+            coll[op] = _entries(sub, be)
     gl = fits[(fits["backend"] == "gloo") & (fits["op"] == "all_reduce")]
     gl_any = gl[gl["group_size"] == "any"]
     gl_row = (gl_any if not gl_any.empty else gl).iloc[0] if not gl.empty else None
@@ -91,10 +145,6 @@ def calibrate_cpu_local(csv_path, out_path=None, compute: bool = True, threads=N
     sub_coll = subgroup_fits(coll, fits)
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
     preset = {
-        "name": "cpu-local",
-        "device": "cpu",
-        "description": "this machine, calibrated from its own microbenchmarks (bench-collectives) and a timed "
-                       "decoder-layer forward; ranks are processes on one node, one core each",
         "gpus_per_node": os.cpu_count() or 1,
         "memory_gib": round(mem_gib, 2),
         "reserve_fraction": 0.25,
@@ -108,7 +158,8 @@ def calibrate_cpu_local(csv_path, out_path=None, compute: bool = True, threads=N
         "fits": json.loads(fits.to_json(orient="records")),
         "source": {
             "collectives": f"alpha-beta fits of {csv_path} (llmcomm.predict.fit; all_reduce = DeepSpeed shm "
-                           "inference_all_reduce, one-shot form; other ops = gloo, ring form)",
+                           "inference_all_reduce, its one-shot (< 1 MiB) and two-phase paths fitted apart; other "
+                           "ops = gloo, ring form)",
             "links": "gloo all_reduce fit (pooled over group sizes); 'inter' is a stand-in: this is one machine",
             "memory_gib": "os.sysconf physical pages of this machine",
             "reserve_fraction": "ASSUMPTION: Python, torch and the OS keep ~25% of RAM",
@@ -117,7 +168,11 @@ def calibrate_cpu_local(csv_path, out_path=None, compute: bool = True, threads=N
                                     "TP groups of a hybrid all-reduce through gloo",
         },
     }
-    if compute:
+    if not compute:
+        for key in ("compute_calibration", "compute_by_threads"):
+            if key in prev:
+                preset[key] = prev[key]
+    else:
         by = {}
         for th in threads:
             timed = time_compute(threads=th)
@@ -147,8 +202,60 @@ def calibrate_cpu_local(csv_path, out_path=None, compute: bool = True, threads=N
     bench = Path(csv_path).with_name("collectives.json")
     if bench.exists():
         b = json.loads(bench.read_text())
+        b = b.get("provenance", b)
         prov["bench"] = {x: b.get(x) for x in ("cpu", "cpu_model", "date", "command", "wall_s", "git") if x in b}
     preset["calibration"] = prov
-    if out_path:
-        atomic_write_text(out_path, json.dumps(preset, indent=1) + "\n")
+    write_calibration("cpu-local", preset, command or "llmcomm calibrate", target)
     return preset
+
+
+def calibrate_in_run(reps: int = 5, command: str | None = None, path=None, log=None) -> dict:
+    """``llmcomm calibrate --in-run``: every layout of :data:`llmcomm.compare.inrun.IN_RUN_LAYOUTS` calibrated inside
+    runs of the calibration model (:func:`llmcomm.compare.inrun.calibrate_layout`, on the ``cpu-local`` preset as it
+    is), written as the calibration's ``in_run`` section. Returns ``{layout key: entry}``."""
+    from ..predict.hardware import load_hardware
+    from ..spec import Layout
+    from .inrun import IN_RUN_LAYOUTS, calibrate_layout, layout_key
+
+    hw = load_hardware("cpu-local")
+    entries = {}
+    for t, p in IN_RUN_LAYOUTS:
+        if log:
+            log(f"in-run calibration t={t} p={p} ...")
+        entries[layout_key(t, p)] = calibrate_layout(Layout(t, p), hw, reps=reps)
+    command = command or "llmcomm calibrate --in-run"
+    write_calibration("cpu-local", {"in_run": dict(entries, provenance=provenance(command)), "source": {
+        "in_run": "llmcomm calibrate --in-run: compute rate, per-layer overhead and all-reduce fits measured inside "
+                  "runs of calib-llama in each validated layout (llmcomm.compare.inrun)"}}, command, path)
+    return entries
+
+
+def calibrate_public_gpu(command: str | None = None, log=None) -> dict:
+    """``llmcomm calibrate --public-gpu``: the GPU kernel and NCCL models fitted to the public Vidur measurements
+    (:func:`llmcomm.compare.vidur.fit_all`), written as the ``kernels`` and ``nccl`` sections of the GPU presets'
+    calibrations, and their error tables (out of sample included) to ``data/validation/gpu_<name>.csv`` with
+    sidecars. Returns the error tables."""
+    from ..record import data_dir, save_frame
+    from .vidur import PRESET_OF, error_summary, fit_all, preset_sections
+
+    command = command or "llmcomm calibrate --public-gpu"
+    params, errors = fit_all(log=log or (lambda msg: None))
+    prov = provenance(command)
+    tables = error_summary(errors)
+    # out-of-sample predictions row by row for the book's figures (H100 GEMMs, every collective; the other kernels,
+    # 100k rows, are summarised only), beside the summaries
+    oos = errors[errors.validation.isin(["lomo", "logo", "extrapolation"])]
+    oos = oos[(oos.part == "collective") | ((oos.part == "gemm") & (oos.gpu == "h100"))]
+    keep = ["part", "validation", "gpu", "model", "tp", "op", "M", "N", "K", "T", "system", "collective",
+            "num_workers", "devices_per_node", "m", "seconds", "predicted_s", "rel_err"]
+    tables["out_of_sample"] = oos[[c for c in keep if c in oos]]
+    root = data_dir("validation").parent
+    for name, df in tables.items():
+        save_frame(df, f"gpu_{name}", command, machine="validation", root=root, float_format="%.5g",
+                   source="data/external/vidur (Vidur, MIT)")
+    for preset in PRESET_OF:
+        sections = preset_sections(params, preset)
+        for key in ("kernels", "nccl"):
+            sections[key]["provenance"] = prov
+        write_calibration(preset, sections, command)
+    return tables

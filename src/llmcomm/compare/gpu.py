@@ -9,9 +9,9 @@ from __future__ import annotations
 import pandas as pd
 
 from ..predict.compute import forward_compute
-from ..predict.engines import load_engine
 from ..predict.hardware import Hardware, load_hardware
 from ..predict.latency import predict_latency
+from ..predict.profiles import load_profile
 from ..record import data_dir, load_frame
 from ..spec import Layout, ModelSpec, Workload
 
@@ -38,9 +38,9 @@ def predicted_layers(hw: Hardware, models: list[ModelSpec], shapes=SHAPES, profi
                      ) -> pd.DataFrame:
     """Predicted seconds of one decoder layer on one rank for each (model, t, b, S) and phase (decode: one token
     with S cached, i.e. G = 2 in the phase convention): ``kernels_us``, the device time of its kernels alone, and
-    ``predicted_us``, the layer as an eager engine runs it (engine ``profile``: the slower of the kernels and the
+    ``predicted_us``, the layer as an eager framework runs it (host ``profile``: the slower of the kernels and the
     host's launching, :func:`llmcomm.predict.compute.forward_compute`)."""
-    prof = load_engine(profile)
+    prof = load_profile(profile)
     rows = []
     for model in models:
         for t, b, S in shapes:

@@ -151,9 +151,12 @@ def calibrate_layout(layout: Layout, hw: Hardware, reps: int = 3, runner=None, c
         row = {"op": op, "n": int(n), "calls": int(len(g)), "median_in_run_us": float(g.seconds.median() * 1e6),
                "median_fit_us": float(g.fit_s.median() * 1e6), "in_run_over_fit": ratio}
         if op == "all_reduce":
+            # DeepSpeed's shm all-reduce (TP alone): one step per call, as its one-shot path is fitted (every
+            # in-run call of the calibration model is below its 1 MiB threshold); gloo (hybrids): a ring
+            shm = layout.p == 1 and hw.collectives.get("intra", {}).get("all_reduce", {}).get(str(n), {}).get(
+                "backend") == "shm"
             f = fit_alpha_beta(op, n, g.bytes.to_numpy(dtype=float), g.seconds.to_numpy(dtype=float),
-                               "direct" if (layout.p == 1 and hw.collectives.get("intra", {}).get("all_reduce", {})
-                                            .get(str(n), {}).get("backend") == "shm") else "ring")
+                               "direct" if shm else "ring")
             collectives.setdefault(op, {})[str(int(n))] = {
                 "alpha_us": round(f["alpha_us"], 3), "busbw_GBps": round(f["busbw_GBps"], 4),
                 "algorithm": f["algorithm"], "source": "in-run: captured call durations of the calibration runs"}

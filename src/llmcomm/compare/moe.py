@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..derive.moe import A2A_BYTES, Routing, capacity, dropless_capacity, expected_max_count, skew_capacity
+from ..deployment import Deployment, Routing
+from ..derive.moe import A2A_BYTES, capacity, dropless_capacity, expected_max_count, skew_capacity
 from ..notation import C, E, h, w
 from ..spec import Layout, ModelSpec, Workload
 
@@ -103,24 +104,26 @@ def count_distribution(result, model: ModelSpec, layout: Layout) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
+def _three_layouts(n: int, routing: Routing) -> list[tuple[str, Layout, Deployment]]:
+    """The three ways to lay a mixture of experts on ``n`` ranks of one node that the chapter compares."""
+    return [("TP, experts replicated (AutoTP)", Layout(n, 1), Deployment(experts="autotp")),
+            ("TP, experts sharded", Layout(n, 1), Deployment(experts="tp-experts")),
+            (f"EP ({routing.mode})", Layout(1, 1, n), Deployment(experts="ep", routing=routing))]
+
+
 def layouts_traffic(model: ModelSpec, n: int, workloads, routing: Routing | None = None) -> pd.DataFrame:
     """The bytes of a whole generation of ``model`` on ``n`` ranks of one node, three ways (closed forms): TP as
     DeepSpeed's AutoTP leaves a mixture of experts (t = n, experts replicated: ``deepspeed-moe-autotp``), TP with every
-    expert sharded t ways as serving engines do (``tp-experts``) and expert parallelism with data-parallel attention
-    (e = n, ``routing``; dropless: the uniform-routing expectation). One row per (workload, layout): the bytes the
-    busiest rank sends and what all links carry."""
+    expert sharded t ways as serving frameworks do (``tp-experts``) and expert parallelism with data-parallel
+    attention (e = n, ``routing``; dropless: the uniform-routing expectation). One row per (workload, layout): the
+    bytes the busiest rank sends and what all links carry."""
     from ..derive.evaluate import traffic_totals
-    from ..derive.patterns import engine_for
 
     routing = routing or Routing()
     rows = []
     for wl in workloads:
-        for name, layout, engine in (
-                ("TP, experts replicated (AutoTP)", Layout(n, 1), "deepspeed-moe-autotp"),
-                ("TP, experts sharded", Layout(n, 1), "tp-experts"),
-                (f"EP ({routing.mode})", Layout(1, 1, n), engine_for("deepspeed", "partitioned", model, n,
-                                                                    routing.mode))):
-            tr = traffic_totals(model, layout, wl, engine, routing=routing)
+        for name, layout, d in _three_layouts(n, routing):
+            tr = traffic_totals(model, layout, wl, d.pattern(model, layout), routing=routing)
             rows.append({"model": model.name, "b": wl.b, "S": wl.S, "G": wl.G, "layout": name,
                          "busiest rank sends (B)": float(tr["sent_bytes_busiest_rank"]),
                          "all links (B)": float(tr["link_bytes"])})
@@ -136,77 +139,73 @@ def models_frame(models) -> pd.DataFrame:
                          for m in models])
 
 
-def run_ep(model: ModelSpec, e_: int, workloads, modes=("capacity", "dropless"), command: str = "",
-           runner=None, p_: int = 1, name: str = "moe_ep") -> dict:
-    """Measure expert parallelism on ``e_`` ranks (in ``p_`` pipeline stages of ``e_`` ranks each) for every routing
-    mode (one launch per mode: the model built and adapted once, each workload captured on its own) and tie every
-    all-to-all to its closed form. Returns ``{"exact": frame of every call (a2a_exactness, with mode and workload
-    columns), "totals": per mode, workload and phase, "counts": measured dropless C beside the uniform expectation,
-    "rows": measured beside predicted rows}``; saved with provenance under ``LLMCOMM_SAVE=1`` (``{name}_calls``,
-    ``{name}_rows``)."""
-    from ..derive.evaluate import rows as predict_rows
-    from ..derive.patterns import engine_for
-    from .sweeps import compare_rows, save
+def _measured(kind: str, runner=None):
+    """The configurations of sweep ``kind`` measured (:func:`llmcomm.compare.sweeps.measure_configs`: one launch per
+    model and layout), each checked: tokens equal the single-process reference."""
+    from .sweeps import configs, measure_configs
 
-    if runner is None:
-        from ..measure.launch import measure_many as runner
-    layout = Layout(1, p_, e_)
-    exact, totals, counts, rows = [], [], [], []
-    for mode in modes:
-        routing = Routing(mode)
-        engine = engine_for("deepspeed", "partitioned", model, e_, mode)
-        for wl, res in zip(workloads, runner(model, layout, list(workloads), options={"routing": {"mode": mode}})):
-            tag = {"routing": mode, "b": wl.b, "S": wl.S, "G": wl.G}
-            if res.tokens != res.reference_tokens:
-                raise ValueError(f"{mode} {wl.label}: tokens differ from the single-process reference")
-            ex = a2a_exactness(res, model, layout, wl, routing)
-            exact.append(ex.assign(**tag))
-            totals.append(phase_totals(ex).assign(**tag))
-            counts.append(count_distribution(res, model, layout).assign(**tag))
-            meas = [r for r in res.rows if r["phase"] != "setup"]
-            pred = predict_rows(model, layout, wl, engine, routing=routing)
-            if mode == "dropless":
-                # the all-to-all sizes are the closed form on the measured counts (above), summed per phase; the
-                # capacity all-reduce's 8 B do not depend on them. Compared: calls and bytes.
-                keys = ("phase", "op", "group_size", "calls", "bytes")
-                per_phase = phase_totals(ex).set_index("phase").bytes_predicted
-                pred = [{k: (int(per_phase[r["phase"]]) if k == "bytes" and r["op"] == "all_to_all" else r[k])
-                         for k in keys} for r in pred]
-                meas = [{k: r[k] for k in keys} for r in meas]
-            rows.append(compare_rows(meas, pred).assign(**tag))
-    out = {"exact": pd.concat(exact, ignore_index=True), "totals": pd.concat(totals, ignore_index=True),
-           "counts": pd.concat(counts, ignore_index=True), "rows": pd.concat(rows, ignore_index=True)}
-    save(out["exact"].drop(columns=["split_measured"]), f"{name}_calls", command, model=model.name, e=e_, p=p_)
-    save(out["rows"], f"{name}_rows", command, model=model.name, e=e_, p=p_)
+    out = measure_configs(configs(kind), runner)
+    for c, _, res in out:
+        if res.tokens != res.reference_tokens:
+            raise ValueError(f"{c.label}: tokens differ from the single-process reference")
     return out
 
 
-def run_autotp(model: ModelSpec, t_: int, workloads, command: str = "", runner=None,
-               experts: str = "replicated", name: str | None = None) -> pd.DataFrame:
-    """DeepSpeed AutoTP on a mixture of experts (``t_`` ranks): as it is (``experts="replicated"``, experts whole on
-    every rank) or with every expert sharded t ways after it (``"sharded"``,
+def run_ep(kind: str = "moe-ep", command: str = "", runner=None, name: str | None = None) -> dict:
+    """Measure the expert-parallel configurations of sweep ``kind`` (:func:`llmcomm.compare.sweeps.configs`: e ranks,
+    alone or in p pipeline stages of e ranks, each routing mode — one launch for all) and tie every all-to-all to
+    its closed form. Returns ``{"exact": frame of every call (a2a_exactness, with routing and workload columns),
+    "totals": per routing, workload and phase, "counts": measured dropless C beside the uniform expectation,
+    "rows": measured beside predicted rows}``; saved with provenance under ``LLMCOMM_SAVE=1`` (``{name}_calls``,
+    ``{name}_rows``; ``name`` default: ``kind`` with ``_`` for ``-``)."""
+    from ..derive.evaluate import rows as predict_rows
+    from .sweeps import compare_rows, save
+
+    name = name or kind.replace("-", "_")
+    exact, totals, counts, rows = [], [], [], []
+    done = _measured(kind, runner)
+    for c, model, res in done:
+        layout, wl, routing = c.layout, c.workload, c.deployment.routing
+        tag = {"routing": c.routing, "b": wl.b, "S": wl.S, "G": wl.G}
+        ex = a2a_exactness(res, model, layout, wl, routing)
+        exact.append(ex.assign(**tag))
+        totals.append(phase_totals(ex).assign(**tag))
+        counts.append(count_distribution(res, model, layout).assign(**tag))
+        meas = [r for r in res.rows if r["phase"] != "setup"]
+        pred = predict_rows(model, layout, wl, c.deployment.pattern(model, layout), routing=routing)
+        if c.routing == "dropless":
+            # the all-to-all sizes are the closed form on the measured counts (above), summed per phase; the
+            # capacity all-reduce's 8 B do not depend on them. Compared: calls and bytes.
+            keys = ("phase", "op", "group_size", "calls", "bytes")
+            per_phase = phase_totals(ex).set_index("phase").bytes_predicted
+            pred = [{k: (int(per_phase[r["phase"]]) if k == "bytes" and r["op"] == "all_to_all" else r[k])
+                     for k in keys} for r in pred]
+            meas = [{k: r[k] for k in keys} for r in meas]
+        rows.append(compare_rows(meas, pred).assign(**tag))
+    out = {"exact": pd.concat(exact, ignore_index=True), "totals": pd.concat(totals, ignore_index=True),
+           "counts": pd.concat(counts, ignore_index=True), "rows": pd.concat(rows, ignore_index=True)}
+    c0 = done[0][0]
+    save(out["exact"].drop(columns=["split_measured"]), f"{name}_calls", command, model=c0.model, e=c0.e, p=c0.p)
+    save(out["rows"], f"{name}_rows", command, model=c0.model, e=c0.e, p=c0.p)
+    return out
+
+
+def run_autotp(kind: str = "moe-autotp", command: str = "", runner=None, name: str | None = None) -> pd.DataFrame:
+    """DeepSpeed AutoTP on a mixture of experts, the configurations of sweep ``kind``: as it is (expert layout
+    ``autotp``, experts whole on every rank) or with every expert sharded t ways after it (``tp-experts``,
     :func:`llmcomm.measure.moe_adapter.shard_experts`). Measured rows beside the ``deepspeed-moe-autotp`` or
-    ``tp-experts`` closed forms, one block per workload; saved as ``name`` (default ``moe_autotp_rows`` or
-    ``moe_tp_experts_rows``)."""
+    ``tp-experts`` closed forms, one block per configuration (column ``experts``); saved as ``name`` (default
+    ``kind`` with ``_`` for ``-`` and ``_rows``)."""
     from .sweeps import compare_rows, predicted_like, save
 
-    if runner is None:
-        from ..measure.launch import measure_many as runner
-    layout = Layout(t_, 1)
-    pattern, default = (("tp-experts", "moe_tp_experts_rows") if experts == "sharded" else
-                        ("deepspeed-moe-autotp", "moe_autotp_rows"))
-    name = name or default
-    options = {"experts": "sharded"} if experts == "sharded" else None
     parts = []
-    for wl, res in zip(workloads, runner(model, layout, list(workloads), options=options)):
-        if res.tokens != res.reference_tokens:
-            raise ValueError(f"AutoTP ({experts} experts) {wl.label}: tokens differ from the single-process "
-                             f"reference")
-        pred = predicted_like(model, layout, wl, res, pattern)
+    done = _measured(kind, runner)
+    for c, model, res in done:
+        pred = predicted_like(model, c.layout, c.workload, res, c.deployment.pattern(model, c.layout))
         parts.append(compare_rows([r for r in res.rows if r["phase"] != "setup"], pred)
-                     .assign(t=t_, b=wl.b, S=wl.S, G=wl.G))
+                     .assign(t=c.t, b=c.b, S=c.S, G=c.G, experts=c.experts))
     out = pd.concat(parts, ignore_index=True)
-    save(out, name, command, model=model.name, t=t_)
+    save(out, name or kind.replace("-", "_") + "_rows", command, model=done[0][0].model, t=done[0][0].t)
     return out
 
 
@@ -242,8 +241,8 @@ def skew_latency(model: ModelSpec, e_: int, workload: Workload, phis, hw, p_: in
     rows = []
     base = None
     for phi in [model.moe.top_k / model.E, *phis]:
-        r = predict_latency(model, Layout(1, p_, e_), workload, hw, gpus_per_node=e_ * p_,
-                            routing=Routing("dropless", skew=float(phi)))
+        r = predict_latency(model, Layout(1, p_, e_), workload, hw,
+                            Deployment(routing=Routing("dropless", skew=float(phi))), gpus_per_node=e_ * p_)
         dec = r["breakdown"]["decode"]
         row = {"phi": float(phi), "TTFT ms": 1e3 * r["ttft_s"], "TPOT ms": 1e3 * r["tpot_s"],
                "decode compute ms": 1e3 * dec["compute_s"], "decode comm ms": 1e3 * dec["comm_s"]}
@@ -263,27 +262,26 @@ def ep_crossover(traffic: pd.DataFrame, against: str, y: str = "busiest rank sen
 
 
 def layouts_latency(model: ModelSpec, n: int, workloads, hw, routing: Routing | None = None,
-                    engine: str = "deepspeed") -> pd.DataFrame:
-    """The time model on the three layouts of :func:`layouts_traffic` (``n`` GPUs of one node of ``hw``; ``engine``
-    ``deepspeed`` = its eager profile, ``vllm`` = CUDA graphs): TTFT, TPOT, E2E and the decode step's compute and
-    communication. A prediction resting on the labelled assumptions of :mod:`llmcomm.predict.kernels` (uniform
-    routing) and of the α-β all-to-all (no public measurement fitted)."""
+                    framework: str = "deepspeed") -> pd.DataFrame:
+    """The time model on the three layouts of :func:`layouts_traffic` (``n`` GPUs of one node of ``hw``;
+    ``framework`` ``deepspeed`` = its eager host profile, ``vllm`` = CUDA graphs): TTFT, TPOT, E2E and the decode
+    step's compute and communication. A prediction resting on the labelled assumptions of
+    :mod:`llmcomm.predict.kernels` (uniform routing) and of the α-β all-to-all (no public measurement fitted)."""
+    from dataclasses import replace
+
     from ..predict.hardware import GiB
     from ..predict.latency import predict_latency
-    from ..predict.moe_advice import moe_memory_per_rank, moe_profile
+    from ..predict.moe_advice import moe_memory_per_rank
 
     routing = routing or Routing()
-    profile = moe_profile(engine)
     rows = []
     for wl in workloads:
-        for name, layout, pattern, scheme in (
-                ("TP, experts replicated (AutoTP)", Layout(n, 1), "deepspeed-moe-autotp", "autotp"),
-                ("TP, experts sharded", Layout(n, 1), "tp-experts", "tp-experts"),
-                (f"EP ({routing.mode})", Layout(1, 1, n), "deepspeed", "ep")):
-            r = predict_latency(model, layout, wl, hw, gpus_per_node=n, engine=pattern, routing=routing,
-                                profile=profile)
+        for name, layout, d in _three_layouts(n, routing):
+            d = replace(d, framework=framework)
+            r = predict_latency(model, layout, wl, hw, d, gpus_per_node=n)
             dec = r["breakdown"]["decode"]
-            mem = moe_memory_per_rank(model, scheme, layout.t, layout.p, layout.e, wl.b, wl.S, wl.G, wl.w)["total"]
+            mem = moe_memory_per_rank(model, d.experts, layout.t, layout.p, layout.e, wl.b, wl.S, wl.G,
+                                      wl.w)["total"]
             rows.append({"model": model.name, "b": wl.b, "S": wl.S, "G": wl.G, "layout": name,
                          "TTFT ms": 1e3 * r["ttft_s"], "TPOT ms": 1e3 * r["tpot_s"], "E2E s": r["e2e_s"],
                          "decode compute ms": 1e3 * dec["compute_s"], "decode comm ms": 1e3 * dec["comm_s"],
@@ -292,7 +290,7 @@ def layouts_latency(model: ModelSpec, n: int, workloads, hw, routing: Routing | 
 
 
 def advice_frame(models, gpus: int, batches, hw, S: int = 1024, G: int = 128, routing: Routing | None = None,
-                 engine: str = "deepspeed") -> pd.DataFrame:
+                 framework: str = "deepspeed") -> pd.DataFrame:
     """:func:`llmcomm.predict.moe_advice.advise_moe` of each model on ``gpus`` GPUs of ``hw`` for each batch size:
     one row per (model, b, candidate layout) — scheme, t, p, e, TTFT, TPOT, E2E, decode communication, the bytes
     the busiest rank sends in the whole generation, memory per GPU, fits, rank by E2E. Predictions."""
@@ -301,7 +299,8 @@ def advice_frame(models, gpus: int, batches, hw, S: int = 1024, G: int = 128, ro
     rows = []
     for model in models:
         for b in batches:
-            ranked, _ = advise_moe(model, gpus, None, hw, S, G, b, "e2e", "bf16", engine, routing)
+            ranked, _ = advise_moe(model, gpus, None, hw, S, G, b, "e2e", "bf16",
+                                   Deployment(framework, routing=routing or Routing()))
             rows += [{"model": model.name, "b": b, "scheme": r["scheme"], "t": r["tp"], "p": r["pp"], "e": r["ep"],
                       "TTFT ms": 1e3 * r["ttft_s"], "TPOT ms": 1e3 * r["tpot_s"], "E2E s": r["e2e_s"],
                       "decode comm ms": 1e3 * r["decode_comm_s"],

@@ -14,6 +14,7 @@ from ..derive import volumes as v
 from ..notation import G, L, S, V, b, h, p, t, w
 from ..predict.hardware import Hardware
 from ..predict.latency import predict_latency
+from ..deployment import Deployment
 from ..record import load_frame
 from ..spec import Layout, Workload, load_model
 
@@ -66,16 +67,17 @@ def formulas() -> list[dict]:
     return out
 
 
-def beside_reported(hw: Hardware, gpus_per_node: int, engine: str = "vllm") -> pd.DataFrame:
+def beside_reported(hw: Hardware, gpus_per_node: int, framework: str = "vllm") -> pd.DataFrame:
     """Every reported row beside the time model's prediction of the same configuration (batch 1, S = 128,
-    G = 128, bf16) on ``hw`` with ``gpus_per_node``: reported values as transcribed, predicted values, and the
+    G = 128, bf16) on ``hw`` with ``gpus_per_node`` (``framework``'s pattern and host profile): reported values as
+    transcribed, predicted values, and the
     evidence level of each column."""
     df, _ = reported()
     rows = []
     for r in df.itertuples():
         model = load_model(r.model)
         pred = predict_latency(model, Layout(int(r.tp), int(r.pp)), Workload(1, 128, 128, "bf16"), hw,
-                               gpus_per_node=gpus_per_node, engine=engine)
+                               Deployment(framework), gpus_per_node=gpus_per_node)
         weights = (model.params * 2) / int(r.tp)               # bf16 weights one TP rank reads per token
         rows.append({"model": r.model, "layout": r.layout, "GPUs": r.gpus, "nodes": r.nodes,
                      "TTFT ms reported": 1e3 * r.ttft_s, "TTFT ms predicted": 1e3 * pred["ttft_s"],

@@ -8,23 +8,26 @@ shows the frames it returns.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import pandas as pd
 
+from ..deployment import Deployment, Routing
 from ..derive.evaluate import rows as predict_rows
 from ..derive.phases import order as phase_order
 from ..spec import Layout, Workload, load_model
 
-__all__ = ["Config", "scale", "configs", "configs_frame", "compare_rows", "predicted_like", "measure_configs",
-           "sweep", "save",
-           "run_sweep", "ROW_COLUMNS", "ROW_VALUES",
-           "row_columns", "setup_rows", "measured_by_config", "CONFIG_COLUMNS", "measure_one"]
+__all__ = ["Config", "scale", "configs", "kinds", "CHAPTER_KINDS", "configs_frame", "compare_rows", "predicted_like",
+           "measure_configs", "sweep", "save", "run_sweep", "ROW_COLUMNS", "ROW_VALUES", "row_columns", "setup_rows",
+           "measured_by_config", "CONFIG_COLUMNS", "measure_one"]
 
 
 @dataclass(frozen=True)
 class Config:
+    """One measured configuration: model, layout (t, p, e), workload (b, S, G, dtype) and how it is deployed (the
+    expert layout, the routing mode of expert parallelism, the pipeline's stage-to-stage mode)."""
+
     model: str
     t: int = 1
     p: int = 1
@@ -32,18 +35,34 @@ class Config:
     S: int = 16
     G: int = 4
     dtype: str = "fp32"
+    e: int = 1
+    experts: str | None = None
+    routing: str = "capacity"
+    p2p: str = "partitioned"
 
     @property
     def layout(self) -> Layout:
-        return Layout(self.t, self.p)
+        return Layout(self.t, self.p, self.e)
 
     @property
     def workload(self) -> Workload:
         return Workload(self.b, self.S, self.G, self.dtype)
 
     @property
+    def deployment(self) -> Deployment:
+        return Deployment(experts=self.experts, routing=Routing(self.routing), p2p=self.p2p)
+
+    @property
     def label(self) -> str:
-        return f"{self.model} t={self.t} p={self.p} b={self.b} S={self.S} G={self.G} {self.dtype}"
+        extra = "".join(f" {k}={v}" for k, v in (("e", self.e), ("experts", self.experts), ("p2p", self.p2p),
+                                                  ("routing", self.routing))
+                        if v != Config.__dataclass_fields__[k].default)
+        return f"{self.model} t={self.t} p={self.p} b={self.b} S={self.S} G={self.G} {self.dtype}{extra}"
+
+    @property
+    def columns(self) -> dict:
+        """The configuration as a frame's columns (:data:`CONFIG_COLUMNS`)."""
+        return {k: getattr(self, k) for k in CONFIG_COLUMNS}
 
 
 def scale() -> str:
@@ -61,39 +80,75 @@ def scale() -> str:
         return "cpu"
 
 
-# The sweeps of the book, per scale. CPU: tiny models (odd sizes on purpose), every op and phase exercised, uneven
-# pipeline splits, b > 1, S = 1 and G = 1 edge cases. GPU: real shapes, bf16, degrees that fit one 8-GPU node.
+# The sweeps of the book, per scale — the one list each chapter measures and the tests are parametrised over
+# (tests/test_measured.py): every configuration is measured once per test session and the chapters' re-execution
+# under nbval reuses the results (llmcomm.measure.cache). CPU: tiny models (odd sizes on purpose), every op and phase
+# exercised, uneven pipeline splits, b > 1, S = 1 and G = 1 edge cases. GPU: real shapes, bf16, degrees that fit one
+# 8-GPU node.
+_MOE_WORKLOADS = ((4, 7, 3), (2, 16, 4), (8, 12, 2))            # tiny Mixtral: b, S, G
+_ROUTINGS = ("capacity", "dropless")
 _SWEEPS = {
+    # tiny-llama-tied t=4, b=16, S=384: the prefill all-reduce of [16, 384, 64] fp32 is 1.5 MiB, above DeepSpeed's
+    # 1 MiB one-shot threshold: its shm kernel takes the two-phase path (llmcomm.derive.conventions)
     ("tp", "cpu"): [Config("tiny-llama", 2, 1, 1, 8, 4), Config("tiny-llama", 2, 1, 2, 5, 3),
                     Config("tiny-llama", 2, 1, 3, 16, 1), Config("tiny-llama", 2, 1, 1, 1, 6),
                     Config("tiny-llama", 2, 1, 4, 32, 8), Config("tiny-llama-tied", 2, 1, 2, 12, 5),
-                    Config("tiny-llama-tied", 4, 1, 1, 8, 4), Config("tiny-llama-tied", 4, 1, 2, 24, 3)],
+                    Config("tiny-llama-tied", 4, 1, 1, 8, 4), Config("tiny-llama-tied", 4, 1, 2, 24, 3),
+                    Config("tiny-llama-tied", 4, 1, 16, 384, 2)],
     ("tp", "gpu"): [Config(m, t, 1, b, S, 32, "bf16") for m in ("llama-3.2-3b", "llama-3.1-8b")
                     for t in (2, 4, 8) for b, S in ((1, 128), (8, 1024))],
     # Pipelines and hybrids (llmcomm.measure.runs.pipeline, default partitioned stage-to-stage mode). tiny-llama: L=4,
-    # KV heads 2 (t ≤ 2); tiny-llama-tied: L=5 (uneven split p=2 → [3, 2]), KV heads 4. Five layouts, one launch each
-    # (a launch costs ~7 s of imports per rank on 2 cores); tests/test_pipeline_exact.py adds p=4 on [2, 1, 1, 1].
+    # KV heads 2 (t ≤ 2); tiny-llama-tied: L=5 (uneven split p=2 → [3, 2]), KV heads 4. Five layouts, one launch each.
     ("pipeline", "cpu"): [Config("tiny-llama", 1, 3, 2, 3, 1),          # uneven [2, 1, 1]; G = 1: no decode
                           Config("tiny-llama", 1, 3, 2, 8, 4),          # the same launch: b > 1, decode
                           Config("tiny-llama", 1, 4, 1, 1, 5),          # one layer per stage; S = 1
                           Config("tiny-llama-tied", 1, 2, 1, 5, 3),     # uneven [3, 2], tied head
                           Config("tiny-llama", 2, 2, 2, 8, 4),          # hybrid 2×2 on an even split, b > 1
                           Config("tiny-llama-tied", 2, 2, 3, 6, 2)],    # hybrid 2×2 on [3, 2], b = 3
+    # the last hybrid with every TP rank sending the whole hidden state (p2p 'full'): in the same launch
+    ("pipeline-full", "cpu"): [Config("tiny-llama-tied", 2, 2, 3, 6, 2, p2p="full")],
     # Real shapes in bf16; needs a node with t·p ≤ 8 GPUs (NCCL puts one rank on each GPU).
     ("pipeline", "gpu"): [Config(m, t, p, b, S, 32, "bf16") for m in ("llama-3.2-3b", "llama-3.1-8b")
                           for t, p in ((1, 2), (1, 4), (2, 2), (1, 8), (2, 4), (4, 2)) for b, S in ((1, 128), (8, 1024))],
+    ("pipeline-full", "gpu"): [Config("llama-3.1-8b", 2, 2, 8, 1024, 32, "bf16", p2p="full")],
     # Time model validation (book: "Time: microbenchmarks and the α-β model"): TP (shm all-reduce), PP (gloo sends,
     # stages in sequence) and the TP×PP hybrid (gloo all-reduce on sub-groups) over several (b, S, G); small-llama
     # (h=512, L=8) so that compute is not lost in launch noise, two tiny-llama points where overheads dominate.
     ("latency", "cpu"): [Config("small-llama", t, p, b, S, G) for t, p in ((2, 1), (1, 2), (2, 2))
                          for b, S, G in ((1, 64, 8), (4, 128, 4), (2, 16, 16))]
                         + [Config("tiny-llama", 2, 1, 1, 16, 8), Config("tiny-llama", 1, 2, 1, 16, 8)],
+    # Mixtures of experts (book: "Mixtures of experts"; tiny models at every scale): expert parallelism alone and in
+    # pipeline stages under both routings, AutoTP as it is and with sharded experts — one launch per (model, layout),
+    # routing and expert layout changing per configuration inside it.
+    ("moe-ep", "cpu"): [Config("tiny-mixtral", 1, 1, b, S, G, e=2, routing=r) for r in _ROUTINGS
+                        for b, S, G in _MOE_WORKLOADS],
+    ("moe-autotp", "cpu"): [Config("tiny-mixtral", 2, 1, *_MOE_WORKLOADS[0], experts="autotp")],
+    ("moe-tp-experts", "cpu"): [Config("tiny-mixtral", 2, 1, *_MOE_WORKLOADS[0], experts="tp-experts")],
+    ("moe-ep-pp", "cpu"): [Config("tiny-mixtral", 1, 2, *_MOE_WORKLOADS[0], e=2, routing=r) for r in _ROUTINGS],
+    ("moe-qwen3-ep", "cpu"): [Config("tiny-qwen3-moe", 1, 1, 4, 5, 3, e=2, routing=r) for r in _ROUTINGS],
+    ("moe-qwen3-ep-pp", "cpu"): [Config("tiny-qwen3-moe", 1, 2, 4, 5, 3, e=2, routing=r) for r in _ROUTINGS],
+    ("moe-qwen3-tp", "cpu"): [Config("tiny-qwen3-moe", 2, 1, 4, 5, 3, experts=x) for x in ("autotp", "tp-experts")],
 }
+#: kinds measured with tiny models at every scale (their chapter says why)
+_TINY_AT_EVERY_SCALE = ("moe-",)
+#: kinds the book's chapters measure (the time validation runs in ``make data``, not in a chapter)
+CHAPTER_KINDS = ("tp", "pipeline", "pipeline-full", "moe-ep", "moe-autotp", "moe-tp-experts", "moe-ep-pp",
+                 "moe-qwen3-ep", "moe-qwen3-ep-pp", "moe-qwen3-tp")
+
+
+def kinds(which: str | None = None) -> list[str]:
+    """The sweep kinds defined at the current (or given) scale."""
+    which = which or scale()
+    return sorted({k for k, sc in _SWEEPS if sc == which or k.startswith(_TINY_AT_EVERY_SCALE)})
 
 
 def configs(kind: str, which: str | None = None) -> list[Config]:
-    """The configurations of sweep ``kind`` ("tp", "pipeline", …) at the current (or given) scale."""
-    return list(_SWEEPS[(kind, which or scale())])
+    """The configurations of sweep ``kind`` ("tp", "pipeline", "moe-ep", …) at the current (or given) scale."""
+    which = "cpu" if kind.startswith(_TINY_AT_EVERY_SCALE) else (which or scale())
+    try:
+        return list(_SWEEPS[(kind, which)])
+    except KeyError:
+        raise ValueError(f"no sweep {kind!r} at scale {which!r}") from None
 
 
 #: the columns that name a configuration in every frame of a sweep
@@ -102,7 +157,7 @@ CONFIG_COLUMNS = ["model", "t", "p", "b", "S", "G", "dtype"]
 
 def configs_frame(cfgs: Iterable[Config]) -> pd.DataFrame:
     """The configurations as a table (one row each)."""
-    return pd.DataFrame([asdict(c) for c in cfgs], columns=CONFIG_COLUMNS)
+    return pd.DataFrame([c.columns for c in cfgs], columns=CONFIG_COLUMNS)
 
 
 #: the quantities a row carries and a comparison checks, measured against predicted
@@ -131,24 +186,31 @@ def compare_rows(measured: Iterable[dict], predicted: Iterable[dict]) -> pd.Data
     return d.sort_values(["_o", "op", "group_size"]).drop(columns="_o").reset_index(drop=True)
 
 
-def predicted_like(model, config_layout, workload, res, engine: str = "deepspeed") -> list[dict]:
+def predicted_like(model, config_layout, workload, res, pattern: str = "deepspeed", routing=None) -> list[dict]:
     """The predicted rows of a measured configuration, counted as its measurement was: the run's all-reduce
     algorithm and its placement of ranks on hosts (all on one node here: g = the ranks per host)."""
-    from ..measure.launch import allreduce_algorithm
+    from ..measure.results import allreduce_algorithm
 
     hosts = [r.get("hostname") for r in sorted(res.ranks, key=lambda r: r["rank"])]
     per_host = hosts.count(hosts[0]) if hosts else config_layout.ranks
-    return predict_rows(model, config_layout, workload, engine, algorithm=allreduce_algorithm(res.ranks),
-                        gpus_per_node=per_host)
+    return predict_rows(model, config_layout, workload, pattern, algorithm=allreduce_algorithm(res.ranks),
+                        gpus_per_node=per_host, routing=routing)
+
+
+def _launch_key(c: Config) -> tuple:
+    """What the configurations of one launch share: model, layout, dtype (routing, p2p mode and expert layout may
+    change from one configuration to the next: :meth:`llmcomm.deployment.Deployment.config_options`)."""
+    return c.model, c.t, c.p, c.e, c.dtype
 
 
 def measure_configs(cfgs: Iterable[Config], runner: Callable | None = None, progress: bool | None = None,
                     **kw) -> list[tuple[Config, object, object]]:
-    """Measure every configuration with as few launches as possible: configurations that share (model, t, p, dtype)
-    run in **one** launch (:func:`llmcomm.measure.launch.measure_many`: the model built and sharded once), in the
-    order they first appear. Returns ``(config, ModelSpec, result)`` in the order of ``cfgs``. ``runner`` replaces
-    ``measure_many`` (same signature: ``runner(model, layout, workloads, on_result=…, **kw) -> list``);
-    ``progress``: a bar of configurations done (default: :func:`llmcomm.measure.launch.progress_enabled`)."""
+    """Measure every configuration with as few launches as possible: configurations that share (model, t, p, e,
+    dtype) run in **one** launch (:func:`llmcomm.measure.launch.measure_many`: the model built and sharded once),
+    in the order the groups first appear (inside a group the ``tp-experts`` configurations after the others: sharding
+    the experts is the one change a launch cannot undo). Returns ``(config, ModelSpec, result)`` in the order of
+    ``cfgs``. ``runner`` replaces ``measure_many`` (same signature); ``progress``: a bar of configurations done
+    (default: :func:`llmcomm.measure.launch.progress_enabled`)."""
     from ..measure.launch import progress as progress_bar
 
     if runner is None:
@@ -156,18 +218,20 @@ def measure_configs(cfgs: Iterable[Config], runner: Callable | None = None, prog
     cfgs = list(cfgs)
     groups: dict[tuple, list[int]] = {}
     for i, c in enumerate(cfgs):
-        groups.setdefault((c.model, c.t, c.p, c.dtype), []).append(i)
+        groups.setdefault(_launch_key(c), []).append(i)
     out: list = [None] * len(cfgs)
     bar = progress_bar(len(cfgs), "configurations", enabled=progress)
     try:
-        for (name, t, p, _), idx in groups.items():
-            model = load_model(name)
+        for idx in groups.values():
+            idx = sorted(idx, key=lambda i: cfgs[i].experts == "tp-experts")
+            model = load_model(cfgs[idx[0]].model)
 
             def done(j, res, idx=idx, model=model):
                 out[idx[j]] = (cfgs[idx[j]], model, res)
                 bar.update(cfgs[idx[j]].label)
 
-            results = runner(model, Layout(t, p), [cfgs[i].workload for i in idx], on_result=done, **kw)
+            results = runner(model, cfgs[idx[0]].layout, [cfgs[i].workload for i in idx],
+                             deployment=[cfgs[i].deployment for i in idx], on_result=done, **kw)
             for j, res in enumerate(results):          # a runner that does not call on_result
                 if out[idx[j]] is None:
                     done(j, res)
@@ -176,18 +240,18 @@ def measure_configs(cfgs: Iterable[Config], runner: Callable | None = None, prog
     return out
 
 
-def sweep(cfgs: Iterable[Config], engine: str = "deepspeed", runner: Callable | None = None,
-          progress: bool | None = None):
+def sweep(cfgs: Iterable[Config], runner: Callable | None = None, progress: bool | None = None):
     """Run every configuration (one launch per model and layout: :func:`measure_configs`); return (rows, runs):
     ``rows`` one line per config × (phase, op, group) with measured and predicted calls, bytes and traffic; ``runs``
     one line per config with TTFT/TPOT/E2E and whether tokens matched."""
     rows, runs = [], []
     for c, model, res in measure_configs(cfgs, runner, progress):
-        d = compare_rows(res.rows, predicted_like(model, c.layout, c.workload, res, engine))
-        for k, v in asdict(c).items():
+        pattern = c.deployment.pattern(model, c.layout)
+        d = compare_rows(res.rows, predicted_like(model, c.layout, c.workload, res, pattern))
+        for k, v in c.columns.items():
             d.insert(0, k, v) if k == "model" else d.insert(len(d.columns), k, v)
         rows.append(d)
-        runs.append(dict(asdict(c), ttft_s=res.ttft_s, tpot_s=res.tpot_s, e2e_s=res.e2e_s,
+        runs.append(dict(c.columns, ttft_s=res.ttft_s, tpot_s=res.tpot_s, e2e_s=res.e2e_s,
                          tokens_match=bool(getattr(res, "tokens_match", True))))
     return pd.concat(rows, ignore_index=True), pd.DataFrame(runs)
 
@@ -230,12 +294,12 @@ def measured_by_config(rows: pd.DataFrame, abbreviate: dict[str, str] | None = N
     return rows.assign(bytes=rows.bytes_measured, config=label)
 
 
-def run_sweep(kind: str, command: str, engine: str = "deepspeed", runner: Callable | None = None,
+def run_sweep(kind: str, command: str, runner: Callable | None = None,
               progress: bool | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The sweep of ``kind`` at this scale (:func:`configs`), measured and predicted (:func:`sweep`), saved as
     ``<kind>_rows`` and ``<kind>_runs`` with provenance (:func:`save`, when ``$LLMCOMM_SAVE=1``; ``command`` names
     what ran it), checked: every run's tokens equal the single-process reference (else ``AssertionError``)."""
-    rows, runs = sweep(configs(kind), engine=engine, runner=runner, progress=progress)
+    rows, runs = sweep(configs(kind), runner=runner, progress=progress)
     save(rows, f"{kind}_rows", command)
     save(runs, f"{kind}_runs", command)
     bad = runs[~runs.tokens_match]
@@ -243,15 +307,10 @@ def run_sweep(kind: str, command: str, engine: str = "deepspeed", runner: Callab
     return rows, runs
 
 
-def measure_one(config: Config, p2p: str = "partitioned", runner: Callable | None = None):
-    """One configuration measured (the runner's stage-to-stage mode ``p2p`` when p > 1) beside the closed forms of
-    the matching pattern: ``(result, compare_rows frame)``; the tokens must equal the reference."""
-    from ..derive.patterns import engine_for
-
-    if runner is None:
-        from ..measure.launch import measure as runner
-    model = load_model(config.model)
-    res = runner(model, config.layout, config.workload, options={"p2p": p2p} if config.p > 1 else None)
+def measure_one(config: Config, runner: Callable | None = None):
+    """One configuration measured beside the closed forms of its deployment's pattern: ``(result, compare_rows
+    frame)``; the tokens must equal the reference."""
+    (_, model, res), = measure_configs([config], runner)
     assert res.tokens == res.reference_tokens, f"{config.label}: tokens differ from the single-process reference"
     return res, compare_rows(res.rows, predicted_like(model, config.layout, config.workload, res,
-                                                      engine_for("deepspeed", p2p)))
+                                                      config.deployment.pattern(model, config.layout)))

@@ -93,18 +93,40 @@ def validate_latency(cfgs: Iterable[Config], hw: Hardware, cores: int | None = N
     return latency_errors(pd.DataFrame(rows))
 
 
+def validate_time_runs(hw: Hardware, runs: int = 3, reps: int = 5, root=None, command: str | None = None,
+                       log=None) -> list[dict]:
+    """``llmcomm validate-time``: ``runs`` independent reruns of the latency sweep (:func:`validate_latency` of the
+    ``latency`` configurations, every point ``reps`` times), each written as ``latency_validation_run<k>.csv`` with
+    its sidecar (the load average before and after, the summary) under ``<root>/<machine>/`` (default ``data/``).
+    Returns one summary per rerun, as each is written (``log`` is told too)."""
+    from ..record import data_dir, load_average, provenance, write_frame, writable_dir
+    from .sweeps import configs
+
+    out = writable_dir(data_dir(root=root), "validation output folder")
+    summaries = []
+    for k in range(1, runs + 1):
+        load_before = load_average()
+        df, summary = validate_latency(configs("latency", "cpu"), hw, reps=reps)
+        prov = provenance(command or "llmcomm validate-time", run=k, reps=reps, load_avg_before=load_before,
+                          load_avg_after=load_average())
+        write_frame(out / f"latency_validation_run{k}.csv", df, prov, float_format="%.6g", summary=summary)
+        summaries.append(dict(run=k, **summary, load_avg=load_before))
+        if log:
+            log(summaries[-1])
+    return summaries
+
+
 def load_runs(machine: str = "cpu-local") -> dict:
     """The committed reruns of the validation (``llmcomm validate-time``): ``{k: (frame, {"provenance",
     "summary"})}`` for every ``latency_validation_run<k>``."""
-    import json
     import re
 
-    from ..record import data_dir
+    from ..record import data_dir, read_sidecar
 
     out = {}
     for path in sorted(data_dir(machine).glob("latency_validation_run*.csv")):
         k = int(re.search(r"run(\d+)", path.name).group(1))
-        out[k] = (pd.read_csv(path), json.loads(path.with_suffix(".json").read_text()))
+        out[k] = (pd.read_csv(path), read_sidecar(path))
     return out
 
 

@@ -1,4 +1,4 @@
-"""The one compiled evaluator: an engine's messages, lambdified once, evaluated for numbers or numpy grids.
+"""The one compiled evaluator: a message pattern, lambdified once, evaluated for numbers or numpy grids.
 
 Every numeric use of the patterns goes through :func:`compiled` — the predicted rows of ``llmcomm predict``
 (:func:`rows`, from the concrete calls of :func:`forward_calls`), the bytes of a grid of layouts
@@ -21,7 +21,7 @@ import sympy as sp
 
 from ..notation import C, E, L, L_moe, V, b, e, h, p, s, t, w
 from ..spec import Layout, ModelSpec, SpecError, Workload, stage_layers
-from .patterns import pattern
+from . import patterns
 from .phases import PHASES, forwards
 from .traffic import node_of_placement, rows_of_calls, summary
 
@@ -63,19 +63,19 @@ def _critical_calls(msg) -> sp.Expr:
 
 
 @lru_cache(maxsize=None)
-def compiled(engine: str) -> tuple[Compiled, ...]:
-    """The messages of one forward of ``engine``, each lambdified once (cached per engine)."""
+def compiled(pattern: str) -> tuple[Compiled, ...]:
+    """The messages of one forward of message pattern ``pattern``, each lambdified once (cached per pattern)."""
     fn = lambda e: sp.lambdify(ARGS, sp.sympify(e), "numpy")  # noqa: E731
     return tuple(Compiled(op=m.op, where=m.where, path=m.path, why=m.why, group=fn(m.group),
                           calls=fn(sp.piecewise_fold(m.calls)), critical=fn(_critical_calls(m)),
-                          size=fn(m.bytes_per_call)) for m in pattern(engine))
+                          size=fn(m.bytes_per_call)) for m in patterns.pattern(pattern))
 
 
 def _model_args(model: ModelSpec, t_, p_, b_, s_, w_, e_=1, C_=0) -> tuple:
     return (b_, s_, model.h, model.L, model.V, t_, p_, w_, model.L_moe, model.E, e_, C_)
 
 
-def messages(engine: str, model: ModelSpec, t_, p_, b_, s_, w_, e_=1, C_=0) -> list[dict]:
+def messages(pattern: str, model: ModelSpec, t_, p_, b_, s_, w_, e_=1, C_=0) -> list[dict]:
     """Every message kind of one forward over ``s_`` tokens, evaluated on broadcast arrays of t, p, b, s, w (and,
     for expert parallelism, e and the capacity C): ``{"op", "path", "where", "why", "n", "calls", "critical", "m"}`` (group
     size, calls, critical-path calls and bytes per call, each an array of the broadcast shape; ``"where"``: which
@@ -85,7 +85,7 @@ def messages(engine: str, model: ModelSpec, t_, p_, b_, s_, w_, e_=1, C_=0) -> l
     shape = arrs[0].shape
     args = _model_args(model, *arrs)
     out = []
-    for c in compiled(engine):
+    for c in compiled(pattern):
         calls = np.broadcast_to(np.asarray(c.calls(*args), dtype=float), shape)
         if not calls.any():
             continue
@@ -97,7 +97,7 @@ def messages(engine: str, model: ModelSpec, t_, p_, b_, s_, w_, e_=1, C_=0) -> l
     return out
 
 
-def phase_bytes(engine: str, model: ModelSpec, t_, p_, b_, S_, G_, w_) -> dict[str, np.ndarray]:
+def phase_bytes(pattern: str, model: ModelSpec, t_, p_, b_, S_, G_, w_) -> dict[str, np.ndarray]:
     """nccl-tests bytes of a whole generation over a broadcast grid: ``{"prefill", "decode", "total"}`` arrays."""
     arrs = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (t_, p_, b_, S_, G_, w_)))
     tt, pp, bb, SS, GG, ww = arrs
@@ -106,7 +106,7 @@ def phase_bytes(engine: str, model: ModelSpec, t_, p_, b_, S_, G_, w_) -> dict[s
         s_val = SS if phase == "prefill" else np.ones_like(SS)
         n_fwd = np.ones_like(GG) if phase == "prefill" else GG - 1
         tot = np.zeros(tt.shape)
-        for msg in messages(engine, model, tt, pp, bb, s_val, ww):
+        for msg in messages(pattern, model, tt, pp, bb, s_val, ww):
             tot = tot + msg["calls"] * msg["m"]
         out[phase] = tot * n_fwd
     out["total"] = out["prefill"] + out["decode"]
@@ -149,7 +149,7 @@ def _capacity(model: ModelSpec, layout: Layout, workload: Workload, tokens: int,
 
 
 def forward_calls(model: ModelSpec, layout: Layout, workload: Workload, phase: str,
-                  engine: str = "deepspeed", routing=None) -> list[tuple]:
+                  pattern: str = "deepspeed", routing=None) -> list[tuple]:
     """The concrete calls of ONE forward of ``phase``: ``(op, ranks, m, count, root)`` with the global ranks of the
     group each call runs on (for send_recv: (sender, receiver)), expanded from each message's ``where``
     (:data:`llmcomm.derive.patterns.WHERE`). The calls of a ``layers`` message are split over the stages by the layers
@@ -166,7 +166,7 @@ def forward_calls(model: ModelSpec, layout: Layout, workload: Workload, phase: s
     args = _model_args(model, t, p, workload.b, tokens, workload.w, layout.e, cap)
     group = lambda k: tuple(range(k * q, k * q + q))  # noqa: E731 - the TP (or EP) group of stage k
     out = []
-    for c in compiled(engine):
+    for c in compiled(pattern):
         calls = exact(c.calls(*args))
         if not calls:
             continue
@@ -200,18 +200,18 @@ def forward_calls(model: ModelSpec, layout: Layout, workload: Workload, phase: s
 
 
 def generation_calls(model: ModelSpec, layout: Layout, workload: Workload,
-                     engine: str = "deepspeed", routing=None) -> list[tuple]:
+                     pattern: str = "deepspeed", routing=None) -> list[tuple]:
     """Every call of a generation: ``(phase, op, ranks, m, count, root)`` (1 prefill + G−1 decode forwards)."""
     out = []
     for phase in PHASES:
         _, count = _tokens(phase, workload)
         if count:
             out += [(phase, op, ranks, m, count * k, root)
-                    for op, ranks, m, k, root in forward_calls(model, layout, workload, phase, engine, routing)]
+                    for op, ranks, m, k, root in forward_calls(model, layout, workload, phase, pattern, routing)]
     return out
 
 
-def rows(model: ModelSpec, layout: Layout, workload: Workload, engine: str = "deepspeed",
+def rows(model: ModelSpec, layout: Layout, workload: Workload, pattern: str = "deepspeed",
          algorithm: str = "ring", gpus_per_node: int | None = None, routing=None) -> list[dict]:
     """Predicted rows of a generation (no setup rows), in the order and schema of a measurement's rows:
     ``{"phase", "op", "group_size", "calls", "bytes", "algorithm", "sent_bytes_per_rank", "link_bytes"}`` and, when
@@ -221,23 +221,23 @@ def rows(model: ModelSpec, layout: Layout, workload: Workload, engine: str = "de
     layout.validate(model)
     workload.validate(model)
     node_of = node_of_placement(gpus_per_node) if gpus_per_node is not None else None
-    return rows_of_calls(generation_calls(model, layout, workload, engine, routing), node_of, algorithm)
+    return rows_of_calls(generation_calls(model, layout, workload, pattern, routing), node_of, algorithm)
 
 
-def traffic_totals(model: ModelSpec, layout: Layout, workload: Workload, engine: str = "deepspeed",
+def traffic_totals(model: ModelSpec, layout: Layout, workload: Workload, pattern: str = "deepspeed",
                    algorithm: str = "ring", gpus_per_node: int | None = None, routing=None) -> dict:
     """The traffic of a whole generation (all phases, setup apart): ``{"algorithm", "bytes", "busiest_rank",
     "sent_bytes_busiest_rank", "link_bytes", "inter_node_bytes"}`` — the busiest rank over all ops together (not
     the sum of each row's busiest)."""
-    calls = generation_calls(model, layout.validate(model), workload.validate(model), engine, routing)
+    calls = generation_calls(model, layout.validate(model), workload.validate(model), pattern, routing)
     return summary(calls, node_of_placement(gpus_per_node) if gpus_per_node is not None else None, algorithm)
 
 
 def forward_messages(model: ModelSpec, layout: Layout, workload: Workload, phase: str,
-                     engine: str = "deepspeed", routing=None) -> list[dict]:
+                     pattern: str = "deepspeed", routing=None) -> list[dict]:
     """The messages of ONE forward of ``phase``: ``{"op", "group_size", "calls", "bytes_per_call", "why"}``."""
     tokens, _ = _tokens(phase, workload)
     cap = _capacity(model, layout, workload, tokens, routing)
     return [{"op": msg["op"], "group_size": exact(msg["n"]), "calls": exact(msg["calls"]),
              "bytes_per_call": _bytes(msg["m"], cap), "why": msg["why"]}
-            for msg in messages(engine, model, layout.t, layout.p, workload.b, tokens, workload.w, layout.e, cap)]
+            for msg in messages(pattern, model, layout.t, layout.p, workload.b, tokens, workload.w, layout.e, cap)]

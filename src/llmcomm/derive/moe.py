@@ -1,7 +1,7 @@
 """Mixtures of experts: the expert capacity, the all-to-all of expert parallelism, dropless routing — closed forms
 (sympy, in the notation of :mod:`llmcomm.notation`) and the numbers DeepSpeed computes.
 
-The messages themselves are engine patterns (:mod:`llmcomm.derive.patterns`: ``deepspeed-ep``,
+The messages themselves are message patterns (:mod:`llmcomm.derive.patterns`: ``deepspeed-ep``,
 ``deepspeed-ep-dropless``, ``deepspeed-moe-autotp``, ``tp-experts``), so closed forms per phase
 (:func:`llmcomm.derive.volumes.volumes`), rows and traffic (:mod:`llmcomm.derive.evaluate`) come from the one
 machinery. This module adds what a pattern leaves as the symbol C, the capacity:
@@ -23,7 +23,6 @@ m = E·C·h·w, of which each peer receives E/e·C·h·w and (e−1)/e·m leaves
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import lru_cache
 from itertools import combinations
 from typing import Sequence
@@ -31,15 +30,13 @@ from typing import Sequence
 import numpy as np
 import sympy as sp
 
+from ..deployment import ROUTING_MODES, Routing, pattern_of
 from ..notation import C, C_min, E, L_moe, b, e, gamma, h, k, s, w
 from ..spec import SpecError
 
 __all__ = ["ROUTING_MODES", "Routing", "T_RANK", "CAPACITY", "A2A_BYTES", "DROPLESS_BOUNDS", "capacity", "skew_capacity",
            "dropless_capacity", "dropless_bounds", "expected_max_count", "rank_batch", "forward_capacity",
-           "ep_engine", "ep_forms", "moe_summary"]
-
-#: Routing modes of DeepSpeed's MoE layer: ``capacity`` (``drop_tokens=True``, its default) and ``dropless``.
-ROUTING_MODES = ("capacity", "dropless")
+           "ep_forms", "moe_summary"]
 
 #: Tokens one EP rank routes in one forward: its b/e sequences × s tokens.
 T_RANK = b * s / e
@@ -50,37 +47,6 @@ A2A_BYTES = E * C * h * w
 #: Dropless C lies between the balanced count ⌈T·k/E⌉ (the mean over experts, rounded up) and T (a token goes to an
 #: expert at most once).
 DROPLESS_BOUNDS = (sp.ceiling(T_RANK * k / E), T_RANK)
-
-
-@dataclass(frozen=True)
-class Routing:
-    """How the MoE layers route, as DeepSpeed's ``MoE`` is configured: ``mode`` (:data:`ROUTING_MODES`);
-    ``capacity_factor`` γ (``eval_capacity_factor``, default 1.0) and ``min_capacity`` C_min (default 4), both
-    DeepSpeed's defaults (``deepspeed.moe.layer.MoE``) and ignored by dropless routing.
-
-    ``skew`` φ (dropless only; default None = uniform routing, the expectation): a skewed router whose busiest expert
-    receives a share φ of every EP rank's tokens in every MoE layer, so C = :func:`skew_capacity` — what a
-    prediction at a given skew prices (the all-to-all sizes and EP's compute on the e·C rows of the buffer)."""
-
-    mode: str = "capacity"
-    capacity_factor: float = 1.0
-    min_capacity: int = 4
-    skew: float | None = None
-
-    def __post_init__(self):
-        if self.skew is not None:
-            if self.mode != "dropless":
-                raise SpecError(f"a routing skew φ={self.skew!r} needs dropless routing (capacity routing caps C)")
-            if isinstance(self.skew, bool) or not isinstance(self.skew, (int, float)) or not 0 < self.skew <= 1:
-                raise SpecError(f"routing skew φ={self.skew!r} must be a share in (0, 1]")
-        if self.mode not in ROUTING_MODES:
-            raise SpecError(f"MoE routing {self.mode!r} is not one of {', '.join(ROUTING_MODES)}")
-        cf = self.capacity_factor
-        if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not (0 < cf < math.inf):
-            raise SpecError(f"capacity factor {cf!r} must be a positive, finite number")
-        mc = self.min_capacity
-        if isinstance(mc, bool) or not isinstance(mc, int) or mc < 0:
-            raise SpecError(f"min capacity {mc!r} must be a non-negative integer")
 
 
 def capacity(T: int, E: int, k: int, cf: float = 1.0, min_cap: int = 4) -> int:
@@ -200,14 +166,6 @@ def forward_capacity(routing: Routing, E_: int, k_: int, b_: int, s_: int, e_: i
     return expected_max_count(T, E_, k_, e_)[0]
 
 
-def ep_engine(routing: Routing | str = "capacity") -> str:
-    """The pattern of expert parallelism with data-parallel attention for a routing mode."""
-    mode = routing.mode if isinstance(routing, Routing) else routing
-    if mode not in ROUTING_MODES:
-        raise SpecError(f"MoE routing {mode!r} is not one of {', '.join(ROUTING_MODES)}")
-    return "deepspeed-ep" if mode == "capacity" else "deepspeed-ep-dropless"
-
-
 def ep_forms(mode: str = "capacity", counts: Sequence | None = None, per_layer: bool = False) -> dict:
     """Closed forms of one forward of expert parallelism: ``{(op, group): (calls, bytes)}`` of the pattern
     (:func:`llmcomm.derive.volumes.per_forward`), with C replaced by :data:`CAPACITY` (capacity routing) or, for
@@ -216,7 +174,7 @@ def ep_forms(mode: str = "capacity", counts: Sequence | None = None, per_layer: 
     forward's bytes are the sum of the per-layer forms over its MoE layers."""
     from .volumes import per_forward, tidy
 
-    forms = per_forward(ep_engine(mode))
+    forms = per_forward(pattern_of("ep", routing=mode))
     if per_layer:
         forms = {key: (calls.subs(L_moe, 1), nbytes.subs(L_moe, 1)) for key, (calls, nbytes) in forms.items()}
     if mode == "capacity":

@@ -1,6 +1,6 @@
-"""Each engine's messages, as data.
+"""Each framework's messages, as data: the message patterns.
 
-An *engine pattern* is a list of :class:`Msg`: each one kind of message an engine sends during **one forward** over
+A *message pattern* is a list of :class:`Msg`: each one kind of message a framework sends during **one forward** over
 ``s`` new tokens per sequence (``s = S`` in the prefill, ``s = 1`` in a decode step), symbolic in the notation of
 :mod:`llmcomm.notation`. Everything else — closed forms per phase, totals, numbers — is derived from these lists
 (:mod:`llmcomm.derive.volumes`, :mod:`llmcomm.derive.evaluate`); a pattern is never copied into another module.
@@ -18,10 +18,10 @@ import sympy as sp
 from ..notation import C, E, L, L_moe, V, b, e, h, p, s, t, w
 from ..spec import SpecError
 
-__all__ = ["Msg", "ENGINES", "P2P_MODES", "PATHS", "WHERE", "W_TOKEN", "W_COUNT", "pattern", "engine_for", "when_tp",
+__all__ = ["Msg", "PATTERNS", "PATHS", "WHERE", "W_TOKEN", "W_COUNT", "pattern", "when_tp",
            "when_pp", "when_ep"]
 
-#: Bytes of one token id as engines move it (torch.int64).
+#: Bytes of one token id as frameworks move it (torch.int64).
 W_TOKEN = 8
 #: Bytes of the expert capacity DeepSpeed's dropless routing all-reduces (an int64 scalar).
 W_COUNT = 8
@@ -86,7 +86,7 @@ class Msg:
 # --------------------------------------------------------------------------------------------------------------------
 def _deepspeed(p2p: str = "partitioned") -> list[Msg]:
     """DeepSpeed AutoTP, and the llmcomm pipeline runner on DeepSpeed's PipelineModule + p2p when p > 1. ``p2p``:
-    the runner's stage-to-stage mode (:data:`P2P_MODES`) — ``"partitioned"`` (its default: 1/t per TP rank, then an
+    the runner's stage-to-stage mode (:data:`llmcomm.deployment.P2P_MODES`) — ``"partitioned"`` (its default: 1/t per TP rank, then an
     all-gather) or ``"full"`` (every TP rank sends the whole [b, s, h]; no all-gather). With t = 1 the two are the
     same."""
     if p2p == "full":
@@ -163,7 +163,7 @@ def _moe_autotp() -> list[Msg]:
 
 
 def _tp_experts() -> list[Msg]:
-    """The serving engines' TP layout of a mixture of experts: every expert's FFN sharded t ways (gate/up by
+    """The serving frameworks' TP layout of a mixture of experts: every expert's FFN sharded t ways (gate/up by
     columns, down by rows), so the MoE block's output is a partial sum reduced once, like a dense MLP: DeepSpeed's
     dense pattern, two all-reduces per layer."""
     dense = _deepspeed()
@@ -197,48 +197,16 @@ def _ep(dropless: bool = False) -> list[Msg]:
     return msgs
 
 
-ENGINES: dict[str, Callable[[], list[Msg]]] = {"deepspeed": _deepspeed, "deepspeed-full": lambda: _deepspeed("full"),
-                                               "vllm": _vllm, "deepspeed-moe-autotp": _moe_autotp,
-                                               "tp-experts": _tp_experts, "deepspeed-ep": _ep,
-                                               "deepspeed-ep-dropless": lambda: _ep(dropless=True)}
-#: Stage-to-stage modes of the DeepSpeed pipeline runner (``llmcomm measure --p2p``) and the pattern of each. The one
-#: definition: the runner, the command line and the closed forms all read it.
-P2P_MODES = {"partitioned": "deepspeed", "full": "deepspeed-full"}
+#: The message patterns by name (which one a deployment sends: :func:`llmcomm.deployment.pattern_of`).
+PATTERNS: dict[str, Callable[[], list[Msg]]] = {"deepspeed": _deepspeed, "deepspeed-full": lambda: _deepspeed("full"),
+                                                "vllm": _vllm, "deepspeed-moe-autotp": _moe_autotp,
+                                                "tp-experts": _tp_experts, "deepspeed-ep": _ep,
+                                                "deepspeed-ep-dropless": lambda: _ep(dropless=True)}
 
 
-def engine_for(engine: str = "deepspeed", p2p: str = "partitioned", model=None, e_: int = 1,
-               routing: str = "capacity") -> str:
-    """The pattern name for ``engine`` with stage-to-stage mode ``p2p``: ``deepspeed`` + ``full`` →
-    ``deepspeed-full``; ``partitioned`` leaves any engine as it is (vLLM's pattern has its own pipeline rows).
-
-    For a mixture of experts (``model.is_moe``): expert parallelism (``e_`` > 1) is ``deepspeed-ep`` or
-    ``deepspeed-ep-dropless`` by ``routing``; else ``deepspeed`` means AutoTP as DeepSpeed does it
-    (``deepspeed-moe-autotp``, experts replicated) and ``tp-experts`` the serving engines' sharded experts."""
-    if p2p not in P2P_MODES:
-        raise SpecError(f"p2p mode {p2p!r} is not one of {', '.join(P2P_MODES)}")
-    moe = model is not None and model.is_moe
-    if engine == "tp-experts" and not moe:
-        raise SpecError("engine 'tp-experts' shards experts: it needs a mixture of experts")
-    if e_ > 1:
-        if engine != "deepspeed":
-            raise SpecError(f"expert parallelism is modelled for DeepSpeed's MoE layer, not engine {engine!r}")
-        from .moe import ep_engine
-
-        return ep_engine(routing)
-    if moe and engine == "deepspeed":
-        if p2p == "full":
-            raise SpecError("p2p mode 'full' is not modelled for a mixture of experts (use 'partitioned')")
-        return "deepspeed-moe-autotp"
-    if p2p == "partitioned":
-        return engine
-    if engine not in ("deepspeed", "deepspeed-full"):
-        raise SpecError(f"p2p mode {p2p!r} models the DeepSpeed pipeline runner; engine {engine!r} has its own")
-    return P2P_MODES[p2p]
-
-
-def pattern(engine: str) -> list[Msg]:
-    """The messages of one forward for ``engine`` (symbolic in b, s, h, L, V, t, p, w)."""
+def pattern(name: str) -> list[Msg]:
+    """The messages of one forward of pattern ``name`` (symbolic in b, s, h, L, V, t, p, w; MoE: L_moe, E, e, C)."""
     try:
-        return ENGINES[engine]()
+        return PATTERNS[name]()
     except KeyError:
-        raise SpecError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}") from None
+        raise SpecError(f"unknown message pattern {name!r}: choose one of {', '.join(PATTERNS)}") from None

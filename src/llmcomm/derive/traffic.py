@@ -17,14 +17,20 @@ all_to_all      every rank → every other: m/n          (n−1)/n·m           
 send_recv       sender → receiver: m                   m                     m
 ==============  =====================================  ====================  ====================
 
-``direct`` (one-shot: every rank sends its whole buffer to every other rank — DeepSpeed's CPU shared-memory
-all-reduce, NCCL's and vLLM's one-shot all-reduce) changes all_reduce to (n−1)·m per rank, n(n−1)·m in all; the
-other ops are the same as ring. A group of one rank moves nothing. A ring over ranks placed in order, g per node,
+``direct`` (one-shot: every rank sends its whole buffer to every other rank — NCCL's and vLLM's one-shot
+all-reduce) changes all_reduce to (n−1)·m per rank, n(n−1)·m in all; the other ops are the same as ring. ``shm``
+(DeepSpeed's CPU shared-memory all-reduce, :mod:`llmcomm.derive.conventions`) takes the one-shot path for the
+bytes of a last chunk below 1 MiB and the two-phase path for the rest (:func:`~llmcomm.derive.conventions.shm_split`):
+one-shot bytes move as ``direct``; two-phase bytes as a reduce-scatter then an all-gather between every pair of
+ranks, 2(n−1)/n per rank and 2(n−1) in all, as a ring (each rank's slice is m/n: DeepSpeed's slices are whole
+elements with the remainder on the last rank, equal when n divides the element count — every measured message).
+For n = 2 the two paths move the same bytes; from n = 3 on the one-shot path moves more. A group of one rank moves
+nothing. A ring over ranks placed in order, g per node,
 crosses nodes once per node boundary it spans (and once more to close the ring when it spans two nodes or more).
 
 Two uses, one source: :func:`flows` enumerates one call's transfers (rank to rank) — what the capture's measured
-rows and the predicted rows of a concrete layout are both counted from — and :func:`sent_factor` /
-:func:`link_factor` are the same numbers as formulas (sympy or numpy), for the closed forms.
+rows and the predicted rows of a concrete layout are both counted from — and :func:`sent_bytes` /
+:func:`link_bytes` are the same numbers as formulas (sympy or numpy), for the closed forms.
 """
 from __future__ import annotations
 
@@ -36,17 +42,15 @@ import numpy as np
 import sympy as sp
 
 from ..spec import SpecError
-from .conventions import canonical_op
+from .conventions import COLLECTIVES, TRAFFIC_ALGORITHMS, canonical_op, shm_split
 
-__all__ = ["ALGORITHMS", "sent_factor", "link_factor", "flows", "Traffic", "traffic_of", "node_of_placement",
-           "rows_of_calls", "number", "algorithm_name", "summary"]
-
-ALGORITHMS = ("ring", "direct")
+__all__ = ["sent_factor", "link_factor", "sent_bytes", "link_bytes", "flows", "Traffic", "traffic_of",
+           "node_of_placement", "rows_of_calls", "number", "algorithm_name", "summary"]
 
 
 def _check(op: str, algorithm: str) -> str:
-    if algorithm not in ALGORITHMS:
-        raise SpecError(f"traffic algorithm {algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+    if algorithm not in TRAFFIC_ALGORITHMS:
+        raise SpecError(f"traffic algorithm {algorithm!r} is not one of {', '.join(TRAFFIC_ALGORITHMS)}")
     return canonical_op(op)
 
 
@@ -62,8 +66,13 @@ def _out(x, n):
 
 
 def sent_factor(op: str, n, algorithm: str = "ring"):
-    """Bytes the busiest rank of one call sends, per byte of m (sympy for a symbolic ``n``, else numpy)."""
+    """Bytes the busiest rank of one call sends, per byte of m (sympy for a symbolic ``n``, else numpy), under
+    ``ring`` or ``direct`` (``shm`` depends on m: :func:`sent_bytes`)."""
     op = _check(op, algorithm)
+    if algorithm == "shm":
+        if op == "all_reduce":
+            raise SpecError("the shm all-reduce's bytes depend on the size: use sent_bytes(op, n, m, 'shm')")
+        algorithm = "ring"
     one, two = _ones(n)
     if not isinstance(n, sp.Basic):
         n = np.asarray(n, dtype=float)
@@ -81,8 +90,13 @@ def sent_factor(op: str, n, algorithm: str = "ring"):
 
 
 def link_factor(op: str, n, algorithm: str = "ring"):
-    """Bytes all links together carry for one call, per byte of m."""
+    """Bytes all links together carry for one call, per byte of m (``ring`` or ``direct``; ``shm``:
+    :func:`link_bytes`)."""
     op = _check(op, algorithm)
+    if algorithm == "shm":
+        if op == "all_reduce":
+            raise SpecError("the shm all-reduce's bytes depend on the size: use link_bytes(op, n, m, 'shm')")
+        algorithm = "ring"
     one, two = _ones(n)
     if not isinstance(n, sp.Basic):
         n = np.asarray(n, dtype=float)
@@ -95,6 +109,26 @@ def link_factor(op: str, n, algorithm: str = "ring"):
     else:                                           # send_recv
         f = one + 0 * n
     return _out(f, n)
+
+
+def _by_path(factor, op: str, n, m, algorithm: str):
+    """Bytes of one call of ``m`` bytes: ``factor(op, n, alg)·m``, the shm all-reduce's one-shot and two-phase parts
+    each at its own factor."""
+    op = _check(op, algorithm)
+    if algorithm == "shm" and op == "all_reduce":
+        one, two = shm_split(m)
+        return factor(op, n, "direct") * one + factor(op, n, "ring") * two
+    return factor(op, n, "ring" if algorithm == "shm" else algorithm) * m
+
+
+def sent_bytes(op: str, n, m, algorithm: str = "ring"):
+    """Bytes the busiest rank of one call of ``m`` bytes sends (sympy or numpy, every algorithm)."""
+    return _by_path(sent_factor, op, n, m, algorithm)
+
+
+def link_bytes(op: str, n, m, algorithm: str = "ring"):
+    """Bytes all links together carry for one call of ``m`` bytes (sympy or numpy, every algorithm)."""
+    return _by_path(link_factor, op, n, m, algorithm)
 
 
 def flows(op: str, ranks: tuple[int, ...], m, algorithm: str = "ring",
@@ -116,6 +150,9 @@ def flows(op: str, ranks: tuple[int, ...], m, algorithm: str = "ring",
     k = r.index(root) if root is not None and root in r else 0
     if op == "all_reduce" and algorithm == "direct":
         return [(a, c, m) for a in r for c in r if a != c]
+    if op == "all_reduce" and algorithm == "shm":       # one-shot part, then both phases of the two-phase part
+        one, two = (Fraction(x) for x in shm_split(m))
+        return [(a, c, one + 2 * two / n) for a in r for c in r if a != c]
     if op in ("all_reduce", "all_gather", "reduce_scatter"):
         per = (2 if op == "all_reduce" else 1) * Fraction(n - 1, n) * m
         return [(r[i], r[(i + 1) % n], per) for i in range(n)]
@@ -142,12 +179,13 @@ def node_of_placement(gpus_per_node: int) -> Callable[[int], int]:
 
 
 def algorithm_name(op: str, algorithm: str = "ring") -> str:
-    """How :func:`flows` moves ``op``'s bytes: the all-reduce's ``algorithm``; ring for all_gather and
-    reduce_scatter; a chain for broadcast and reduce; direct to or from the root for gather and scatter; pairwise for
-    all_to_all; p2p for send_recv."""
-    return {"all_reduce": algorithm, "all_gather": "ring", "reduce_scatter": "ring", "broadcast": "chain",
-            "reduce": "chain", "gather": "direct", "scatter": "direct", "all_to_all": "pairwise",
-            "send_recv": "p2p"}.get(op, "-")
+    """How :func:`flows` moves ``op``'s bytes: the all-reduce's ``algorithm``; the registry's ``flow`` for the others
+    (ring for all_gather and reduce_scatter; a chain for broadcast and reduce; direct to or from the root for gather
+    and scatter; pairwise for all_to_all; p2p for send_recv)."""
+    c = COLLECTIVES.get(op)
+    if c is None:
+        return "-"
+    return algorithm if op == "all_reduce" else c.flow
 
 
 def number(x: Fraction | int):

@@ -1,4 +1,4 @@
-"""Closed-form communication volumes, derived symbolically with sympy from the engine patterns.
+"""Closed-form communication volumes, derived symbolically with sympy from the message patterns.
 
 From the message list of one forward (:func:`llmcomm.derive.patterns.pattern`) and the phase convention
 (:mod:`llmcomm.derive.phases`):
@@ -22,8 +22,10 @@ from functools import lru_cache
 import sympy as sp
 
 from ..notation import G, L, S, V, b, g, h, p, s, t, w
-from .patterns import W_TOKEN, pattern
-from .traffic import link_factor, sent_factor
+from . import patterns
+from .patterns import W_TOKEN
+from . import traffic
+from .conventions import shm_split
 from .phases import PHASES, forwards
 
 __all__ = ["per_forward", "volumes", "total_bytes", "RANK_CLASSES", "stage_class_layers",
@@ -47,29 +49,29 @@ def tidy(expr: sp.Expr) -> sp.Expr:
     return _readable(expr)
 
 
-def per_forward(engine: str) -> dict[tuple[str, sp.Expr], tuple[sp.Expr, sp.Expr]]:
+def per_forward(pattern: str) -> dict[tuple[str, sp.Expr], tuple[sp.Expr, sp.Expr]]:
     """{(op, group): (calls, bytes)} of one forward over ``s`` tokens."""
     out: dict[tuple[str, sp.Expr], tuple[sp.Expr, sp.Expr]] = {}
-    for msg in pattern(engine):
+    for msg in patterns.pattern(pattern):
         calls, nbytes = out.get((msg.op, msg.group), (sp.Integer(0), sp.Integer(0)))
         out[(msg.op, msg.group)] = (calls + msg.calls, nbytes + msg.calls * msg.bytes_per_call)
     return {key: (tidy(c), tidy(nb)) for key, (c, nb) in out.items()}
 
 
 @lru_cache(maxsize=None)
-def volumes(engine: str = "deepspeed") -> dict[tuple[str, str, sp.Expr], tuple[sp.Expr, sp.Expr]]:
+def volumes(pattern: str = "deepspeed") -> dict[tuple[str, str, sp.Expr], tuple[sp.Expr, sp.Expr]]:
     """{(phase, op, group): (calls, bytes)} closed forms for a whole generation (1 prefill + G−1 decodes)."""
     out = {}
     for phase in PHASES:
         tokens, count = forwards(phase)
-        for (op, group), (calls, nbytes) in per_forward(engine).items():
+        for (op, group), (calls, nbytes) in per_forward(pattern).items():
             out[(phase, op, group)] = (tidy(count * calls), tidy(count * nbytes.subs(s, tokens)))
     return out
 
 
-def total_bytes(engine: str = "deepspeed", phase: str | None = None) -> sp.Expr:
+def total_bytes(pattern: str = "deepspeed", phase: str | None = None) -> sp.Expr:
     """Total bytes of a generation (or of one phase), all ops summed."""
-    terms = [nb for (ph, _, _), (_, nb) in volumes(engine).items() if phase in (None, ph)]
+    terms = [nb for (ph, _, _), (_, nb) in volumes(pattern).items() if phase in (None, ph)]
     return sp.piecewise_fold(sp.Add(*terms))
 
 
@@ -174,41 +176,42 @@ def even_split(expr: sp.Expr) -> sp.Expr:
                              .replace(sp.Mod, lambda *a: sp.Integer(0)))
 
 
-def _over_generation(engine: str, per_forward, phase: str | None = None, op: str | None = None) -> sp.Expr:
-    """Σ over the phases (or one ``phase``) and the messages of ``engine`` (or those of ``op``) of
+def _over_generation(pattern: str, per_forward, phase: str | None = None, op: str | None = None) -> sp.Expr:
+    """Σ over the phases (or one ``phase``) and the messages of ``pattern`` (or those of ``op``) of
     forwards × ``per_forward(msg)`` with s set to the phase's tokens: the one sum behind every traffic total."""
     total = sp.Integer(0)
     for ph in PHASES:
         if phase not in (None, ph):
             continue
         tokens, count = forwards(ph)
-        for msg in pattern(engine):
+        for msg in patterns.pattern(pattern):
             if op in (None, msg.op):
                 total += count * per_forward(msg).subs(s, tokens)
     return sp.piecewise_fold(total)
 
 
-def class_sent(engine: str, cls: str, phase: str | None = None, op: str | None = None,
+def class_sent(pattern: str, cls: str, phase: str | None = None, op: str | None = None,
                algorithm: str = "ring") -> sp.Expr:
     """Bytes one rank of class ``cls`` sends over a generation (or one ``phase``; only messages of ``op`` when
     given), under ``algorithm``."""
-    return _over_generation(engine, lambda msg: _class_calls(msg, cls) * sent_factor(
-        msg.op, sp.sympify(msg.group), algorithm) * msg.bytes_per_call, phase, op)
+    return _over_generation(pattern, lambda msg: _class_calls(msg, cls) * traffic.sent_bytes(
+        msg.op, sp.sympify(msg.group), msg.bytes_per_call, algorithm), phase, op)
 
 
-def busiest_sent(engine: str, phase: str | None = None, op: str | None = None, algorithm: str = "ring") -> sp.Expr:
+def busiest_sent(pattern: str, phase: str | None = None, op: str | None = None, algorithm: str = "ring") -> sp.Expr:
     """Bytes the busiest rank sends over a generation (or one phase / op): the largest over the rank classes."""
-    single = class_sent(engine, "single", phase, op, algorithm)
-    first, middle, last = (class_sent(engine, c, phase, op, algorithm) for c in ("first", "middle", "last"))
+    single = class_sent(pattern, "single", phase, op, algorithm)
+    first, middle, last = (class_sent(pattern, c, phase, op, algorithm) for c in ("first", "middle", "last"))
     return sp.Piecewise((single.subs(p, 1), sp.Eq(p, 1)), (sp.Max(first, last), sp.Eq(p, 2)),
                         (sp.Max(first, middle, last), True))
 
 
-def link_bytes(engine: str = "deepspeed", phase: str | None = None, op: str | None = None,
+def link_bytes(pattern: str = "deepspeed", phase: str | None = None, op: str | None = None,
                algorithm: str = "ring") -> sp.Expr:
-    """Bytes all links carry over a generation (or one phase / op): calls × link factor × m, summed."""
-    return _over_generation(engine, lambda msg: sp.piecewise_fold(msg.calls) * link_factor(
-        msg.op, sp.sympify(msg.group), algorithm) * msg.bytes_per_call, phase, op)
+    """Bytes all links carry over a generation (or one phase / op): calls × the bytes one call puts on the links
+    (:func:`llmcomm.derive.traffic.link_bytes`), summed."""
+    return _over_generation(pattern, lambda msg: sp.piecewise_fold(msg.calls) * traffic.link_bytes(
+        msg.op, sp.sympify(msg.group), msg.bytes_per_call, algorithm), phase, op)
 
 
 def _crossing_bytes_per_call(msg, algorithm: str, spans: bool) -> sp.Expr:
@@ -220,16 +223,19 @@ def _crossing_bytes_per_call(msg, algorithm: str, spans: bool) -> sp.Expr:
     if not spans:
         return sp.Integer(0)
     n = sp.sympify(msg.group)
-    if msg.op == "all_reduce" and algorithm == "direct":
-        return n * (n - g) * m                      # every rank to every rank of the other nodes
+    if msg.op == "all_reduce" and algorithm in ("direct", "shm"):     # every rank to every rank of the other nodes
+        if algorithm == "direct":
+            return n * (n - g) * m
+        one, two = shm_split(m)
+        return n * (n - g) * (one + 2 * two / n)
     if msg.op in ("all_reduce", "all_gather", "reduce_scatter"):
-        return (n / g) * sent_factor(msg.op, n, algorithm) * m      # the ring crosses once per node it spans
+        return (n / g) * traffic.sent_factor(msg.op, n, algorithm) * m      # the ring crosses once per node it spans
     if msg.op == "gather":
         return (n - g) / n * m                      # the ranks off the root's node send their shards across
     raise ValueError(f"no inter-node form for {msg.op} on a TP group")
 
 
-def inter_node_bytes(engine: str = "deepspeed", phase: str | None = None, algorithm: str = "ring") -> sp.Expr:
+def inter_node_bytes(pattern: str = "deepspeed", phase: str | None = None, algorithm: str = "ring") -> sp.Expr:
     """Bytes that cross nodes over a generation (or one phase), ranks placed in order, g per node: 0 on one node
     (t·p ≤ g), and in the two regular placements across nodes: TP groups inside nodes and whole stages per node
     (t | g and g | t·p), or every TP group spanning t/g whole nodes (g | t, t > g). ``nan`` elsewhere
@@ -245,6 +251,6 @@ def inter_node_bytes(engine: str = "deepspeed", phase: str | None = None, algori
             calls = calls * sp.Piecewise((1, sp.Gt(p * t, g)), (0, True))
         return calls * _crossing_bytes_per_call(msg, algorithm, case == "spans")
 
-    totals = {case: _over_generation(engine, lambda msg, c=case: crossing(msg, c), phase)
+    totals = {case: _over_generation(pattern, lambda msg, c=case: crossing(msg, c), phase)
               for case in ("inside", "spans")}
     return sp.Piecewise((0, sp.Le(p * t, g)), (totals["inside"], inside), (totals["spans"], spans), (sp.nan, True))

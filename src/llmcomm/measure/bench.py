@@ -18,14 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..derive.conventions import bus_factor, canonical_op
-from ..record import atomic_write_text, provenance, write_json
+from ..derive.conventions import COLLECTIVES, bus_factor, canonical_op
+from ..record import provenance, read_sidecar, write_frame, writable_dir
 from ..spec import DTYPE_BYTES, SpecError
-from .launch import gpu_ids, launch_ranks
+from .supervise import gpu_ids, launch_ranks
 
 __all__ = ["run_bench", "parse_size", "size_grid", "CSV_COLUMNS", "DEFAULT_OPS", "BACKENDS"]
 
-DEFAULT_OPS = ("all_reduce", "all_gather", "broadcast", "send_recv")
+#: the collectives the microbenchmark times (the registry's ``benched`` ops)
+DEFAULT_OPS = tuple(name for name, c in COLLECTIVES.items() if c.benched)
 BACKENDS = ("shm", "gloo", "nccl")
 CSV_COLUMNS = ["machine", "backend", "op", "group_size", "link", "dtype", "bytes", "count", "time_s", "time_p10_s",
                "time_p90_s", "algbw_GBps", "busbw_GBps", "reps", "inner"]
@@ -61,9 +62,10 @@ def size_grid(min_bytes: int = 4, max_bytes: int = 64 << 20, factor: int = 2) ->
 def run_bench(ops=DEFAULT_OPS, sizes=None, ranks=(2, 4), backends=None, out=None, machine=None, dtype="fp32",
               warmup=3, min_reps=5, max_reps=30, point_s=0.2, sample_s=0.02, timeout_s=900.0, append=False,
               progress=True, command=None):
-    """Run the microbenchmark; return the results as a pandas DataFrame (also written to ``out``, default
-    ``data/<machine>``). Bad arguments raise :class:`SpecError` before anything starts; a failed launch raises
-    :class:`~llmcomm.measure.launch.RunError`."""
+    """Run the microbenchmark; return ``(table, folder)``: the results as a pandas DataFrame, also written to
+    ``folder`` = ``out`` (default ``data/<machine>``) as ``collectives.csv`` and its sidecar. Bad arguments — an
+    unwritable ``out`` included — raise :class:`SpecError` before anything starts; a failed launch raises
+    :class:`~llmcomm.measure.supervise.RunError`."""
     import pandas as pd
 
     from ..record import data_dir, machine_id
@@ -94,7 +96,7 @@ def run_bench(ops=DEFAULT_OPS, sizes=None, ranks=(2, 4), backends=None, out=None
             raise SpecError(f"{name}={val!r} must be a positive number of seconds")
     sizes = sorted(set(sizes or size_grid(4, 64 << 20)))
     machine = machine or machine_id()
-    out = Path(out) if out else data_dir(machine)
+    out = writable_dir(Path(out) if out else data_dir(machine), "bench-collectives output folder")
     opts = {"ops": ops, "sizes": sizes, "backends": [be for be in backends if be != "nccl"] or ["nccl"],
             "dtype": dtype, "warmup": warmup, "min_reps": min_reps, "max_reps": max_reps, "point_s": point_s,
             "sample_s": sample_s}
@@ -121,27 +123,24 @@ def run_bench(ops=DEFAULT_OPS, sizes=None, ranks=(2, 4), backends=None, out=None
     df["busbw_GBps"] = df["algbw_GBps"] * [float(bus_factor(o, k)) for o, k in zip(df["op"], df["group_size"])]
     df = df[CSV_COLUMNS]
     csv_path = out / "collectives.csv"
+    earlier = []
     if append and csv_path.exists():
         old = pd.read_csv(csv_path)
         key = ["backend", "op", "group_size", "dtype", "bytes"]
         df = pd.concat([old, df]).drop_duplicates(subset=key, keep="last")
-    df = df.sort_values(["backend", "op", "group_size", "bytes"]).reset_index(drop=True)
-    atomic_write_text(csv_path, df.to_csv(index=False))
-    prov = provenance(command or "llmcomm bench-collectives (python API)", wall_s=round(wall, 1),
-                      config={x: opts[x] for x in ("ops", "backends", "dtype", "warmup", "min_reps", "max_reps",
-                                                   "point_s", "sample_s")},
-                      sizes=[min(sizes), max(sizes), len(sizes)], ranks=list(ranks), ranks_meta=metas,
-                      note="times are the slowest rank's; per sample = inner back-to-back calls / inner after a "
-                           "barrier")
-    prov_path = out / "collectives.json"
-    if append and prov_path.exists():                  # the CSV mixes runs: keep the earlier runs' provenance
-        try:
-            old_prov = json.loads(prov_path.read_text())
-            prov["earlier_runs"] = old_prov.pop("earlier_runs", []) + [old_prov]
-        except ValueError:
+        try:                                           # the CSV mixes runs: keep the earlier runs' provenance
+            side = read_sidecar(csv_path)
+            earlier = side.get("earlier_runs", []) + [side["provenance"]]
+        except (OSError, ValueError, KeyError):
             pass
-    write_json(prov_path, prov, indent=2)
-    return df
+    df = df.sort_values(["backend", "op", "group_size", "bytes"]).reset_index(drop=True)
+    prov = provenance(command or "llmcomm bench-collectives (python API)", wall_s=round(wall, 1))
+    write_frame(csv_path, df, prov, earlier_runs=earlier,
+                config={x: opts[x] for x in ("ops", "backends", "dtype", "warmup", "min_reps", "max_reps",
+                                             "point_s", "sample_s")},
+                sizes=[min(sizes), max(sizes), len(sizes)], ranks=list(ranks), ranks_meta=metas,
+                note="times are the slowest rank's; per sample = inner back-to-back calls / inner after a barrier")
+    return df, out
 
 
 def _launch(n: int, spec: dict, workdir: Path, timeout_s: float, show_progress: bool):
@@ -165,7 +164,8 @@ def _launch(n: int, spec: dict, workdir: Path, timeout_s: float, show_progress: 
             bar.refresh()
 
     try:
-        return launch_ranks("llmcomm.measure.runs.bench", spec, n, workdir, timeout_s=timeout_s, on_poll=poll)
+        return launch_ranks("llmcomm.measure.runs.bench", spec, n, workdir, progress_timeout_s=timeout_s,
+                            on_poll=poll)
     finally:
         if bar is not None:
             poll(workdir)

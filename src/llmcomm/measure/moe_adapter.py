@@ -42,7 +42,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ExpertFFN", "DeepSpeedMoEBlock", "adapt", "RoutingLog", "ShardedExpertsBlock", "shard_experts"]
+__all__ = ["ExpertFFN", "DeepSpeedMoEBlock", "adapt", "set_routing", "RoutingLog", "ShardedExpertsBlock",
+           "shard_experts"]
 
 
 class ExpertFFN(nn.Module):
@@ -104,6 +105,20 @@ def adapt(hf_model, ep_size: int, *, dropless: bool, capacity_factor: float = 1.
         if hasattr(layer.mlp, "experts"):
             layer.mlp = DeepSpeedMoEBlock(layer.mlp, ep_size, dropless, capacity_factor, min_capacity)
     return hf_model.eval()
+
+
+def set_routing(hf_model, *, dropless: bool, capacity_factor: float = 1.0, min_capacity: int = 4):
+    """Route every adapted MoE layer of ``hf_model`` this way from the next forward on: DeepSpeed's ``TopKGate``
+    reads ``drop_tokens``, ``eval_capacity_factor`` and ``min_capacity`` at every forward, so one launch measures
+    several routings (proof ``tools/proofs/per_config_options.py``: the same outputs and all-to-all sizes as a layer
+    built with that routing). Local: no collective."""
+    for layer in hf_model.model.layers:
+        if isinstance(layer.mlp, DeepSpeedMoEBlock):
+            gate = layer.mlp.moe.deepspeed_moe.gate
+            gate.drop_tokens = not dropless
+            gate.capacity_factor = gate.eval_capacity_factor = capacity_factor
+            gate.min_capacity = min_capacity
+    return hf_model
 
 
 class RoutingLog:

@@ -16,7 +16,7 @@ releases a flock when its holder dies, so a killed rank can never block the next
 flock's holder was left by a dead process, and is removed. The flock file holds the holder's pid and host, so a rank
 waiting on it can be explained (:func:`describe_wait`). Limit: a process outside llmcomm loading the same op from the
 same extensions folder at the same moment does not take the flock; llmcomm's default folder is the checkout's
-``.cache/torch_extensions`` (``llmcomm.measure.launch.default_env``), which only llmcomm uses.
+``.cache/torch_extensions`` (``llmcomm.measure.supervise.default_env``), which only llmcomm uses.
 
 Remove this module when the pinned torch includes the upstream fix (``torch.utils.file_baton`` using ``flock``).
 """

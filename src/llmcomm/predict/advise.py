@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..deployment import Deployment
 from ..derive.evaluate import forward_calls, traffic_totals
 from ..spec import DTYPE_BYTES, Layout, ModelSpec, SpecError, Workload
 from .hardware import GiB, Hardware, scale_links
@@ -99,7 +100,7 @@ def pareto_front(latency, nbytes, eligible=None, rel_tol: float = 0.0) -> np.nda
 
 
 def node_crossings(model: ModelSpec, layout: Layout, workload: Workload, g: int,
-                   engine: str = "deepspeed") -> tuple[int, int]:
+                   pattern: str = "deepspeed") -> tuple[int, int]:
     """(transfers on a decode forward's critical path that cross nodes — each stage boundary whose hop crosses, and
     the token hand-back —, collective calls per decode forward on TP groups that span nodes), ranks placed in order,
     ``g`` per node."""
@@ -107,7 +108,7 @@ def node_crossings(model: ModelSpec, layout: Layout, workload: Workload, g: int,
     stage = lambda r: r // (layout.t * layout.e)  # noqa: E731 - t TP or e EP ranks per stage
     hops, collectives = set(), 0
     for op, ranks, _, count, _ in forward_calls(model, layout, workload, "decode" if workload.G > 1 else "prefill",
-                                               engine):
+                                               pattern):
         if op == "send_recv":
             src, dst = ranks
             if node(src) != node(dst):
@@ -131,7 +132,7 @@ def check_request(objective: str, gpus, gpus_per_node, hw: Hardware) -> int:
 
 
 def advise(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware, S: int = 1024, G: int = 128,
-           b: int = 1, objective: str = "e2e", dtype: str = "bf16", engine: str = "deepspeed",
+           b: int = 1, objective: str = "e2e", dtype: str = "bf16", deployment: Deployment | None = None,
            include_infeasible: bool = True) -> list[dict]:
     """Ranked layouts (best first) as dicts ``{"tp", "pp", "ttft_s", "tpot_s", "e2e_s", "bytes",
     "sent_bytes_busiest_rank", "link_bytes", "inter_node_bytes", "fits", "pareto", …}``.
@@ -139,6 +140,8 @@ def advise(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware,
     Raises :class:`SpecError` when no layout exists or none fits the device memory (one sentence saying why)."""
     g = check_request(objective, gpus, gpus_per_node, hw)
     wl = Workload(b, S, G, dtype).validate(model)
+    deployment = (deployment or Deployment()).resolve(model)
+    pattern = deployment.pattern(model)
     cands = candidate_layouts(model, gpus)
     if not cands:
         raise SpecError(f"no layout of {model.name} on {gpus} GPUs: t must divide its {model.heads} heads and "
@@ -146,9 +149,9 @@ def advise(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware,
     t = np.array([c[0] for c in cands])
     p = np.array([c[1] for c in cands])
     w = wl.w
-    lat = predict_latency_grid(model, hw, t, p, b, S, G, w, gpus_per_node=g, engine=engine)
+    lat = predict_latency_grid(model, hw, t, p, b, S, G, w, gpus_per_node=g, deployment=deployment)
     mem = memory_per_rank(model, t, p, b, S, G, w)
-    traffic = [traffic_totals(model, Layout(int(ti), int(pi)), wl, engine, "ring", g) for ti, pi in zip(t, p)]
+    traffic = [traffic_totals(model, Layout(int(ti), int(pi)), wl, pattern, "ring", g) for ti, pi in zip(t, p)]
     metric = {k: np.array([float(x[k]) for x in traffic]) for k in ("bytes", "inter_node_bytes", "link_bytes",
                                                                     "sent_bytes_busiest_rank")}
     usable = hw.usable_memory_bytes
@@ -167,7 +170,7 @@ def advise(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware,
     f_tp, f_pp = placement_fractions(model.L, t, p, g)
     rows = []
     for i in range(len(cands)):
-        hops, spanning = node_crossings(model, Layout(int(t[i]), int(p[i])), wl, g, engine)
+        hops, spanning = node_crossings(model, Layout(int(t[i]), int(p[i])), wl, g, pattern)
         rows.append({
             "tp": int(t[i]), "pp": int(p[i]), "ttft_s": float(lat["ttft_s"][i]), "tpot_s": float(lat["tpot_s"][i]),
             "e2e_s": float(lat["e2e_s"][i]), "bytes": traffic[i]["bytes"],
@@ -206,30 +209,30 @@ def winner_under_error(rows: list[dict], rel_err: float, metric: str = "e2e_s") 
 
 def advise_report(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware, S: int = 1024,
                   G: int = 128, b: int = 1, objective: str = "e2e", dtype: str = "bf16",
-                  engine: str = "deepspeed", routing=None) -> dict:
-    """The JSON the CLI prints: ``{"model", "hardware", "gpus", "gpus_per_node", "workload", "objective",
-    "layouts": [...]}`` (layouts best first). A mixture of experts goes to
-    :func:`llmcomm.predict.moe_advice.advise_moe` (every scheme: AutoTP, sharded experts, expert parallelism under
-    ``routing``); its report adds ``routing`` and ``not_candidates`` (why a scheme has no layout)."""
+                  deployment: Deployment | None = None) -> dict:
+    """What ``llmcomm advise`` prints: ``{"model", "hardware", "gpus", "gpus_per_node", "engine", "workload",
+    "objective", "layouts": [...]}`` (layouts best first). A mixture of experts goes to
+    :func:`llmcomm.predict.moe_advice.advise_moe` (every expert layout: AutoTP, sharded experts, expert parallelism
+    under the deployment's routing); its report adds ``routing`` and ``not_candidates`` (why a scheme has no
+    layout)."""
+    deployment = deployment or Deployment()
     g = hw.gpus_per_node if gpus_per_node is None else gpus_per_node
-    head = {"model": model.name, "hardware": hw.name, "gpus": gpus, "gpus_per_node": g, "engine": engine,
+    head = {"model": model.name, "hardware": hw.name, "gpus": gpus, "gpus_per_node": g, "engine": deployment.engine,
             "workload": {"b": b, "S": S, "G": G, "dtype": dtype}, "objective": objective}
     if model.is_moe:
-        from ..derive.moe import Routing
         from .moe_advice import advise_moe
 
-        routing = routing or Routing()
-        layouts, why = advise_moe(model, gpus, g, hw, S, G, b, objective, dtype, engine, routing)
-        return {**head, "routing": {"mode": routing.mode, "capacity_factor": routing.capacity_factor,
-                                    "min_capacity": routing.min_capacity}, "not_candidates": why,
-                "layouts": layouts}
-    return {**head, "layouts": advise(model, gpus, g, hw, S, G, b, objective, dtype, engine)}
+        layouts, why = advise_moe(model, gpus, g, hw, S, G, b, objective, dtype, deployment)
+        r = deployment.routing
+        return {**head, "routing": {"mode": r.mode, "capacity_factor": r.capacity_factor,
+                                    "min_capacity": r.min_capacity}, "not_candidates": why, "layouts": layouts}
+    return {**head, "layouts": advise(model, gpus, g, hw, S, G, b, objective, dtype, deployment)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Maps and what-if levers (predictions, for the book's "Choosing a layout")
 # ---------------------------------------------------------------------------------------------------------------------
-def _layout_grid(model: ModelSpec, gpus: int, hw: Hardware, g, b, S, G, w, engine="deepspeed", comm_w=None,
+def _layout_grid(model: ModelSpec, gpus: int, hw: Hardware, g, b, S, G, w, deployment=None, comm_w=None,
                  overlap=False):
     """(t, p, latency dict, fits) for every candidate layout of ``gpus`` (axis 0) × the broadcast workload grid."""
     cands = candidate_layouts(model, gpus)
@@ -240,7 +243,7 @@ def _layout_grid(model: ModelSpec, gpus: int, hw: Hardware, g, b, S, G, w, engin
     b, S, G = (np.asarray(x) for x in (b, S, G))
     shape = np.broadcast_shapes(b.shape, S.shape, G.shape)
     ext = (slice(None),) + (None,) * len(shape)
-    lat = predict_latency_grid(model, hw, t[ext], p[ext], b, S, G, w, gpus_per_node=g, engine=engine,
+    lat = predict_latency_grid(model, hw, t[ext], p[ext], b, S, G, w, gpus_per_node=g, deployment=deployment,
                                comm_w=comm_w, overlap=overlap)
     mem = memory_per_rank(model, t[ext], p[ext], b, S, G, w)["total"]
     fits = mem <= hw.usable_memory_bytes
@@ -248,7 +251,8 @@ def _layout_grid(model: ModelSpec, gpus: int, hw: Hardware, g, b, S, G, w, engin
 
 
 def advice_map(model: ModelSpec, gpus: int, hw: Hardware, gpus_per_node: int | None = None, S=(128, 1024, 8192),
-               b=(1, 8, 32), G: int = 128, objective: str = "e2e", dtype: str = "bf16", engine: str = "deepspeed"):
+               b=(1, 8, 32), G: int = 128, objective: str = "e2e", dtype: str = "bf16",
+               deployment: Deployment | None = None):
     """Which layout wins where: one row per (b, S) with the best feasible layout for ``objective`` (ttft, tpot,
     e2e), its predicted value and the runner-up's (``margin`` = runner-up / best − 1). A prediction of the model."""
     import pandas as pd
@@ -258,7 +262,8 @@ def advice_map(model: ModelSpec, gpus: int, hw: Hardware, gpus_per_node: int | N
         raise SpecError(f"objective {objective!r} is not one of ttft, tpot, e2e")
     w = DTYPE_BYTES[dtype]
     bb, SS = np.meshgrid(np.asarray(b), np.asarray(S), indexing="ij")
-    t, p, lat, fits = _layout_grid(model, gpus, hw, g, bb, SS, G, w, engine)
+    deployment = deployment or Deployment()
+    t, p, lat, fits = _layout_grid(model, gpus, hw, g, bb, SS, G, w, deployment)
     val = np.where(fits, lat[f"{objective}_s"], np.inf)
     order = np.argsort(val, axis=0)
     rows = []
@@ -266,7 +271,7 @@ def advice_map(model: ModelSpec, gpus: int, hw: Hardware, gpus_per_node: int | N
         k0 = order[0, i, j]
         best = val[k0, i, j]
         second = val[order[1, i, j], i, j] if len(t) > 1 else np.inf
-        rows.append({"engine": engine, "model": model.name, "gpus": gpus, "b": int(bb[i, j]), "S": int(SS[i, j]), "G": G,
+        rows.append({"engine": deployment.engine, "model": model.name, "gpus": gpus, "b": int(bb[i, j]), "S": int(SS[i, j]), "G": G,
                      "best": f"t={t[k0]}×p={p[k0]}" if np.isfinite(best) else "none fits",
                      "tp": int(t[k0]), "pp": int(p[k0]), f"{objective}_s": float(best),
                      "margin": float(second / best - 1) if np.isfinite(second) and np.isfinite(best) else np.nan})
@@ -280,7 +285,8 @@ LEVERS = {"baseline": {}, "links ×2": {"link_factor": 2.0}, "inter-node ×4": {
 
 
 def what_if(model: ModelSpec, gpus: int, hw0: Hardware, gpus_per_node: int | None = None, S: int = 1024,
-            G: int = 128, b: int = 1, dtype: str = "bf16", levers: dict | None = None, engine: str = "deepspeed"):
+            G: int = 128, b: int = 1, dtype: str = "bf16", levers: dict | None = None,
+            deployment: Deployment | None = None):
     """Predicted E2E (and TTFT, TPOT) of every feasible layout under each lever of ``levers`` (default
     :data:`LEVERS`): faster links (β / factor), narrower communication (``comm_w`` bytes per element), perfect
     overlap of communication with compute (``max`` instead of sum: a lower bound). One row per (lever, layout)."""
@@ -293,7 +299,7 @@ def what_if(model: ModelSpec, gpus: int, hw0: Hardware, gpus_per_node: int | Non
         kw = dict(kw)
         hw = scale_links(hw0, kw.pop("link_factor"), kw.pop("levels", ("intra", "inter"))) \
             if "link_factor" in kw else hw0
-        t, p, lat, fits = _layout_grid(model, gpus, hw, g, b, S, G, w, engine, **kw)
+        t, p, lat, fits = _layout_grid(model, gpus, hw, g, b, S, G, w, deployment, **kw)
         for i in range(len(t)):
             if fits[i]:
                 rows.append({"lever": name, "layout": f"t={t[i]}×p={p[i]}", "tp": int(t[i]), "pp": int(p[i]),

@@ -20,19 +20,21 @@ all_to_all is the pairwise exchange (n−1 steps, each rank sends (n−1)/n of i
 all-to-all time is fitted here; GPU presets charge it on the link's α and β (:meth:`llmcomm.predict.hardware.Hardware.collective_time`).
 
 The bandwidth term of every row is ``m·β·f(n)`` (the bus factor): a fitted β is the inverse of the asymptotic busbw.
-``direct`` is the one-shot shared-memory form (DeepSpeed's CPU shm all-reduce, NCCL's one-shot NVLS): a single
-latency and the busbw term, ``α + f(n)·m·β``. Every function takes scalars or numpy arrays (broadcast together).
+``direct`` is the one-shot form (NCCL's one-shot NVLS, vLLM's custom all-reduce): a single latency and the busbw
+term, ``α + f(n)·m·β``. ``shm`` is DeepSpeed's CPU shared-memory all-reduce, which picks its path by size
+(:func:`llmcomm.derive.conventions.shm_split`): the one-shot bytes cost ``α₁ + f(n)·m₁·β₁`` and the two-phase bytes
+``k·α₂ + f(n)·m₂·β₂`` (k chunks of 32 MiB), each path with its own fitted α and β (:func:`shm_time`). The latency
+steps of every op and algorithm come from the registry (:func:`llmcomm.derive.conventions.latency_steps`). Every
+function takes scalars or numpy arrays (broadcast together).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..derive.conventions import bus_factor, canonical_op
+from ..derive.conventions import SHM_CHUNK, bus_factor, canonical_op, latency_steps, shm_split
 
-__all__ = ["ALGORITHMS", "algbw", "busbw", "latency_steps", "alpha_beta_time", "best_time", "nccl_ring_time",
+__all__ = ["algbw", "busbw", "alpha_beta_time", "best_time", "shm_time", "nccl_ring_time",
            "nccl_allreduce_switch_size", "nccl_sendrecv_time", "cross_node_allreduce_time"]
-
-ALGORITHMS = ("ring", "tree", "direct", "auto")
 
 
 def _out(x):
@@ -50,35 +52,16 @@ def busbw(op: str, n, size_bytes, seconds):
     return _out(algbw(size_bytes, seconds) * bus_factor(op, n))
 
 
-def _log2ceil(n):
-    return np.ceil(np.log2(np.maximum(np.asarray(n, dtype=float), 1.0)))
-
-
-def latency_steps(op: str, n, algorithm: str = "ring"):
-    """Number of sequential α terms of ``op`` on ``n`` ranks under ``algorithm`` (0 when n = 1)."""
-    op = canonical_op(op)
-    n = np.asarray(n, dtype=float)
-    if algorithm == "direct" or op == "send_recv":
-        steps = np.ones_like(n)
-    elif algorithm == "ring" or op == "all_to_all":
-        steps = 2.0 * (n - 1.0) if op == "all_reduce" else (n - 1.0)
-    elif algorithm == "tree":
-        steps = 2.0 * _log2ceil(n) if op == "all_reduce" else _log2ceil(n)
-    else:
-        raise ValueError(f"unknown algorithm {algorithm!r}; known: ring, tree, direct")
-    if op != "send_recv":
-        steps = np.where(n > 1, steps, 0.0)
-    return _out(steps)
-
-
 def alpha_beta_time(op: str, n, size_bytes, alpha, beta, algorithm: str = "ring"):
     """Seconds of ``op`` of size m = ``size_bytes`` on ``n`` ranks: ``steps(op, n)·α + f(op, n)·m·β``.
 
-    ``alpha`` in seconds per step, ``beta`` in seconds per byte (1/busbw); ``algorithm`` one of
-    :data:`ALGORITHMS` (``auto``: the faster of ring and tree). A group of one rank costs nothing (except send_recv,
-    which always moves its message)."""
+    ``alpha`` in seconds per step, ``beta`` in seconds per byte (1/busbw); ``algorithm`` one of ring, tree, direct,
+    ``auto`` (the faster of ring and tree; ``shm`` needs two parameter sets: :func:`shm_time`). A group of one rank
+    costs nothing (except send_recv, which always moves its message)."""
     if algorithm == "auto":
         return best_time(op, n, size_bytes, alpha, beta)
+    if algorithm == "shm":
+        raise ValueError("the shm all-reduce has a one-shot and a two-phase path: use shm_time")
     op = canonical_op(op)
     n_arr = np.asarray(n, dtype=float)
     f = np.asarray(bus_factor(op, n_arr), dtype=float)
@@ -92,6 +75,19 @@ def best_time(op, n, size_bytes, alpha, beta):
     """The faster of ring and tree for each point (what NCCL's tuner approximates)."""
     return np.minimum(alpha_beta_time(op, n, size_bytes, alpha, beta, "ring"),
                       alpha_beta_time(op, n, size_bytes, alpha, beta, "tree"))
+
+
+def shm_time(n, size_bytes, one_shot: tuple[float, float], two_phase: tuple[float, float]):
+    """Seconds of DeepSpeed's shm all-reduce of ``size_bytes`` on ``n`` ranks: the one-shot bytes m₁ at
+    ``one_shot`` = (α₁, β₁), the two-phase bytes m₂ at ``two_phase`` = (α₂, β₂), one α per chunk, each bandwidth term
+    f(n)·m·β (:func:`llmcomm.derive.conventions.shm_split`). A group of one rank costs nothing."""
+    n = np.asarray(n, dtype=float)
+    m = np.asarray(size_bytes, dtype=float)
+    one, two = (np.asarray(x, dtype=float) for x in shm_split(m))
+    f = np.asarray(bus_factor("all_reduce", n), dtype=float)
+    t = np.where(one > 0, one_shot[0] + f * one * one_shot[1], 0.0) + \
+        np.ceil(two / SHM_CHUNK) * two_phase[0] + f * two * two_phase[1]
+    return _out(np.where(n > 1, t, 0.0))
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
-"""Compute time of one forward: the sum of its kernels (:mod:`.kernels`) plus the engine's host overhead per layer.
+"""Compute time of one forward: the sum of its kernels (:mod:`.kernels`) plus the framework's host overhead per layer.
 
 Per rank, per decoder layer, one forward over ``s`` new tokens per sequence, ``ell`` tokens already cached, ``c``
 keys attended per query (mean), weights sharded 1/t: the layer's ops (:func:`llmcomm.predict.kernels.layer_ops`:
 four GEMMs, norms, rotary, SiLU·mul, residual adds, attention) each cost their kernel time on the device
-(:meth:`llmcomm.predict.hardware.Hardware.kernels`), and the layer adds the host overhead ``o`` of the engine
-profile (:mod:`.engines`: eager kernel launches, or none under CUDA graphs)::
+(:meth:`llmcomm.predict.hardware.Hardware.kernels`), and the layer adds the host overhead ``o`` of the host
+profile (:mod:`.profiles`: eager kernel launches, or none under CUDA graphs)::
 
     τ_l = Σ_ops τ_op(M = b·s, shapes / t) + o          CPU ranks (the ops run on the host itself)
     τ_l = max(Σ_ops τ_op, o)                            GPUs (the host enqueues while the device runs)
@@ -17,9 +17,9 @@ plus one overhead o. One batch crosses the p stages in sequence, so a forward co
 ``L·τ_l + τ_embed + τ_head``.
 
 A mixture of experts (``model.is_moe``): its L_moe MoE layers cost the MoE ops of
-:func:`llmcomm.predict.kernels.layer_ops` under the pattern's expert layout (:func:`expert_layout`: experts whole
-on every TP rank under ``deepspeed-moe-autotp``, sharded t ways under ``tp-experts``, E/e per rank on the e·C rows
-of the capacity buffer under ``deepspeed-ep*``), its L − L_moe dense layers the dense ops; a forward costs
+:func:`llmcomm.predict.kernels.layer_ops` under the deployment's expert layout (:func:`expert_layout`: experts whole
+on every TP rank under ``autotp``, sharded t ways under ``tp-experts``, E/e per rank on the e·C rows of the capacity
+buffer under ``ep``; :data:`llmcomm.deployment.EXPERT_LAYOUTS`), its L − L_moe dense layers the dense ops; a forward costs
 ``(L − L_moe)·τ_dense + L_moe·τ_moe + τ_embed + τ_head``. Under expert parallelism every rank runs attention,
 embedding and head on its own b/e sequences (data-parallel attention).
 
@@ -30,34 +30,30 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..deployment import EXPERT_LAYOUTS, Routing
 from ..spec import ModelSpec, SpecError
 from .hardware import Hardware
 from .kernels import ExpertLayout, gemm_time, layer_ops, memop_time, op_times
 
-__all__ = ["layer_cost", "phase_context", "forward_compute", "layer_op_times", "MOE_PATTERNS", "expert_layout"]
-
-#: the MoE patterns (:mod:`llmcomm.derive.patterns`) and how each lays out the experts: whole on every TP rank
-#: (AutoTP), sharded t ways, or expert-parallel
-MOE_PATTERNS = {"deepspeed-moe-autotp": "replicated", "tp-experts": "sharded", "deepspeed-ep": "ep",
-                "deepspeed-ep-dropless": "ep"}
+__all__ = ["layer_cost", "phase_context", "forward_compute", "layer_op_times", "expert_layout"]
 
 
-def expert_layout(model: ModelSpec, engine: str, t, e: int, b, s, routing=None) -> ExpertLayout | None:
+def expert_layout(model: ModelSpec, experts: str | None, t, e: int, b, s, routing=None) -> ExpertLayout | None:
     """The :class:`~llmcomm.predict.kernels.ExpertLayout` of one forward over ``s`` tokens per sequence of ``b``
-    under the MoE pattern ``engine`` (None for a dense model). Expert parallelism takes the capacity C of the forward
-    from ``routing`` (:func:`llmcomm.derive.moe.forward_capacity`, default DeepSpeed's capacity routing), point by
-    point over broadcast ``b`` and ``s``."""
+    under the expert layout ``experts`` (:data:`llmcomm.deployment.EXPERT_LAYOUTS`; None for a dense model; a
+    mixture of experts without one: ``autotp``, or ``ep`` when e > 1). Expert parallelism takes the capacity C of the
+    forward from ``routing`` (:func:`llmcomm.derive.moe.forward_capacity`, default DeepSpeed's capacity routing),
+    point by point over broadcast ``b`` and ``s``."""
     if not model.is_moe:
         return None
-    kind = MOE_PATTERNS.get(engine)
-    if kind is None:
-        raise SpecError(f"pattern {engine!r} has no expert layout for the mixture of experts {model.name}: use one of "
-                        f"{', '.join(MOE_PATTERNS)}")
+    kind = experts or ("ep" if int(e) > 1 else "autotp")
+    if kind not in EXPERT_LAYOUTS:
+        raise SpecError(f"expert layout {kind!r} is not one of {', '.join(EXPERT_LAYOUTS)}")
     if (kind == "ep") != (int(e) > 1):
-        raise SpecError(f"pattern {engine!r} with e={int(e)}: expert-parallel patterns need e > 1, the others e = 1")
+        raise SpecError(f"expert layout {kind!r} with e={int(e)}: expert parallelism needs e > 1, the others e = 1")
     if kind != "ep":
-        return ExpertLayout(t_exp=t if kind == "sharded" else 1)
-    from ..derive.moe import Routing, forward_capacity
+        return ExpertLayout(t_exp=t if kind == "tp-experts" else 1)
+    from ..derive.moe import forward_capacity
 
     routing = routing or Routing()
     cap = np.vectorize(lambda bb, ss: forward_capacity(routing, model.E, model.moe.top_k, int(bb), int(ss), int(e)),
@@ -102,15 +98,15 @@ def layer_op_times(model: ModelSpec, hw: Hardware, t, b, s, kv_len, ctx, w,
 
 
 def forward_compute(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str, inv_t=None,
-                    overhead_s=None, host_overlaps: bool = False, engine: str | None = None, e: int = 1,
+                    overhead_s=None, host_overlaps: bool = False, experts: str | None = None, e: int = 1,
                     routing=None) -> dict:
     """Compute seconds of one forward of ``phase`` summed over all stages (one batch crosses them in sequence):
     ``{"compute_s", "layer_s", "flops", "bytes", "compute_bound"}``. ``overhead_s``: host seconds per layer (the
-    engine profile's, :func:`llmcomm.predict.engines.EngineProfile.layer_overhead_s`; default the hardware
+    host profile's, :meth:`llmcomm.predict.profiles.HostProfile.layer_overhead_s`; default the hardware
     preset's calibrated ``layer_overhead_us``). ``host_overlaps``: the host enqueues kernels while the device runs
     (a GPU): a layer costs max(host, kernels); else (CPU ranks run their ops themselves) the sum.
 
-    A mixture of experts needs its MoE pattern ``engine`` (:data:`MOE_PATTERNS`), the EP degree ``e`` and, for
+    A mixture of experts takes its expert layout ``experts`` (:func:`expert_layout`), the EP degree ``e`` and, for
     expert parallelism, the ``routing``; ``layer_s`` is then the mean over the L layers, ``b`` the whole batch (each
     EP rank computes b/e sequences)."""
     s, kv_len, ctx = phase_context(phase, S, G)
@@ -121,14 +117,14 @@ def forward_compute(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str
     overhead = hw.layer_overhead_s if overhead_s is None else overhead_s
     join = np.maximum if host_overlaps else np.add
     if model.is_moe:
-        experts = expert_layout(model, engine, t, e, b, s, routing)
-        b = b / experts.e                                    # data-parallel attention: b/e sequences per EP rank
-        kinds = [(n, x) for n, x in ((model.L - model.L_moe, None), (model.L_moe, experts)) if n]
+        xl = expert_layout(model, experts, t, e, b, s, routing)
+        b = b / xl.e                                    # data-parallel attention: b/e sequences per EP rank
+        kinds = [(n, x) for n, x in ((model.L - model.L_moe, None), (model.L_moe, xl)) if n]
     else:
         kinds = [(model.L, None)]
     layers_s, flops, nbytes = 0.0, 0.0, 0.0
-    for n, experts in kinds:
-        ops = layer_ops(model, t, b, s, kv_len, ctx, w, experts)
+    for n, xl in kinds:
+        ops = layer_ops(model, t, b, s, kv_len, ctx, w, xl)
         one_s = join(sum(op_times(ops, kern, w).values()), overhead)
         layers_s = layers_s + n * one_s
         flops = flops + n * sum(op.get("flops", 0.0) * op.get("count", 1) for op in ops.values())

@@ -9,31 +9,41 @@
   tokens each computes), the shared expert's when it has one.
 * :func:`collective_costs`: one collective of m bytes (nccl-tests size) on n ranks placed g per node, with its
   algorithm and bus bandwidth.
+* :func:`cost_report`: what ``llmcomm cost`` prints (``{head…, "ops": rows}``), one or the other.
 
-Nothing is modelled here: both call the functions the latency model calls.
+Keys: ``message_bytes`` is m, the nccl-tests size of one call; ``memory_bytes`` what an op reads and writes in
+memory; ``flops`` its floating-point operations; ``seconds`` its time. Nothing is modelled here: the functions
+call what the latency model calls.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..derive.conventions import bus_factor, canonical_op
+from ..derive.conventions import COLLECTIVES, bus_factor, canonical_op
 from ..spec import DTYPE_BYTES, Layout, ModelSpec, SpecError
 from .hardware import Hardware
 from .compute import expert_layout
 from .kernels import gemm_time, layer_ops, memop_time, op_times
 
-__all__ = ["compute_costs", "collective_costs", "COLLECTIVE_OPS"]
+__all__ = ["compute_costs", "collective_costs", "cost_report", "COLLECTIVE_OPS"]
 
-COLLECTIVE_OPS = ("all_reduce", "all_gather", "broadcast", "send_recv", "all_to_all")
+#: the collectives ``cost`` prices (those the time model has a form for: the registry's ``timed`` ops)
+COLLECTIVE_OPS = tuple(name for name, c in COLLECTIVES.items() if c.timed)
 
 
 def compute_costs(model: ModelSpec, hw: Hardware, t: int, tokens, context: int | None = None,
-                  dtype: str = "bf16", engine: str = "deepspeed-moe-autotp") -> list[dict]:
-    """Rows ``{"op", "tokens", "seconds", "flops", "bytes"}`` for every op and every token count (one sequence of
-    ``tokens`` new tokens; ``context`` cached tokens adds the attention row). A mixture of experts: the ops of one
-    MoE layer under the TP pattern ``engine`` (``deepspeed-moe-autotp``: experts whole on every rank;
-    ``tp-experts``: sharded t ways); its expert rows add ``calls`` and ``M``. Ignored for a dense model."""
+                  dtype: str = "bf16", experts: str | None = None) -> list[dict]:
+    """Rows ``{"op", "tokens", "seconds", "flops", "memory_bytes"}`` for every op and every token count (one
+    sequence of ``tokens`` new tokens; ``context`` cached tokens adds the attention row). A mixture of experts: the
+    ops of one MoE layer under the TP expert layout ``experts`` (``autotp``, the default: experts whole on every rank;
+    ``tp-experts``: sharded t ways); its expert rows add ``calls`` and ``M``. A dense model has none."""
     Layout(t).validate(model)
+    if experts is not None and not model.is_moe:
+        raise SpecError(f"expert layout {experts!r} needs a mixture of experts; {model.name} is dense")
+    if experts not in (None, "autotp", "tp-experts"):
+        raise SpecError(f"cost prices one TP rank: expert layout {experts!r} is not autotp or tp-experts")
+    if context is not None and context < 0:
+        raise SpecError(f"context={context} must be at least 0 tokens")
     if dtype not in DTYPE_BYTES:
         raise SpecError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
     w = DTYPE_BYTES[dtype]
@@ -43,29 +53,29 @@ def compute_costs(model: ModelSpec, hw: Hardware, t: int, tokens, context: int |
         if int(n) < 1:
             raise SpecError(f"tokens={n} must be at least 1")
         ctx = 0 if context is None else int(context)
-        ops = layer_ops(model, t, 1, n, ctx, ctx + (n + 1) / 2, w, expert_layout(model, engine, t, 1, 1, n))
+        ops = layer_ops(model, t, 1, n, ctx, ctx + (n + 1) / 2, w, expert_layout(model, experts, t, 1, 1, n))
         if context is None:
             ops.pop("attention")
         times = op_times(ops, kern, w)
         for name, op in ops.items():
             count = float(op.get("count", 1))
             row = {"op": name, "tokens": int(n), "seconds": float(times[name]),
-                   "flops": float(op.get("flops", 0.0)) * count, "bytes": float(op["bytes"]) * count}
+                   "flops": float(op.get("flops", 0.0)) * count, "memory_bytes": float(op["bytes"]) * count}
             if name.startswith("expert_"):
                 row.update(calls=count, M=float(op["M"]) if "M" in op else float(op["bytes"] / op["row_bytes"]))
             rows.append(row)
         h, V = model.h, model.V
         rows.append({"op": "final_norm", "tokens": int(n),
                      "seconds": float(memop_time(2 * w * n * h, 2 * w * h, kern["memops"]["rmsnorm"])),
-                     "flops": 0.0, "bytes": float(2 * w * n * h)})
+                     "flops": 0.0, "memory_bytes": float(2 * w * n * h)})
         rows.append({"op": "lm_head", "tokens": int(n), "seconds": float(gemm_time(n, V, h / t, w, kern["gemm"])),
-                     "flops": float(2 * n * h * V / t), "bytes": float(w * (n * h / t + h * V / t + n * V))})
+                     "flops": float(2 * n * h * V / t), "memory_bytes": float(w * (n * h / t + h * V / t + n * V))})
     return rows
 
 
 def collective_costs(hw: Hardware, op: str, ranks: int, sizes, gpus_per_node: int | None = None,
                      floor: bool = True) -> list[dict]:
-    """Rows ``{"op", "ranks", "gpus_per_node", "bytes", "seconds", "algbw_GBps", "busbw_GBps"}`` of ``op`` on
+    """Rows ``{"op", "ranks", "gpus_per_node", "message_bytes", "seconds", "algbw_GBps", "busbw_GBps"}`` of ``op`` on
     ``ranks`` ranks placed ``gpus_per_node`` per node (default: as many as fit on one node of ``hw``), for each
     size (nccl-tests convention). ``floor``: the eager launch floor of a fitted NCCL model."""
     op = canonical_op(op)
@@ -81,9 +91,31 @@ def collective_costs(hw: Hardware, op: str, ranks: int, sizes, gpus_per_node: in
     rows = []
     for m in sizes:
         if int(m) < 1:
-            raise SpecError(f"bytes={m} must be at least 1")
+            raise SpecError(f"message size m={m} must be at least 1 byte")
         sec = float(np.asarray(hw.collective_time(op, ranks, float(m), level, g=g, floor=floor)))
         alg = float(m) / sec
-        rows.append({"op": op, "ranks": ranks, "gpus_per_node": g, "bytes": int(m), "seconds": sec,
+        rows.append({"op": op, "ranks": ranks, "gpus_per_node": g, "message_bytes": int(m), "seconds": sec,
                      "algbw_GBps": alg / 1e9, "busbw_GBps": alg * float(bus_factor(op, ranks)) / 1e9})
     return rows
+
+
+def cost_report(hw: Hardware, *, model: ModelSpec | None = None, t: int = 1, tokens=None, context: int | None = None,
+                dtype: str = "bf16", experts: str | None = None, collective: str | None = None,
+                ranks: int | None = None, sizes=None, gpus_per_node: int | None = None) -> dict:
+    """What ``llmcomm cost`` prints: ``{head…, "ops": rows}`` — a layer's ops (``model``, ``t``, ``tokens``:
+    :func:`compute_costs`) or one collective (``collective``, ``ranks``, ``sizes``: :func:`collective_costs`)."""
+    if (model is None) == (collective is None):
+        raise SpecError("cost: give either a model (with tp and tokens) or a collective (with ranks and sizes)")
+    if model is not None:
+        if not tokens:
+            raise SpecError("cost of a model needs tokens N [N ...] (the GEMM M dimension: tokens in one forward)")
+        rows = compute_costs(model, hw, t, tokens, context, dtype, experts)
+        head = {"hardware": hw.name, "model": model.name, "tp": t, "dtype": dtype, "context": context}
+        if model.is_moe:
+            head["experts"] = experts or "autotp"
+        return dict(head, ops=rows)
+    if ranks is None or not sizes:
+        raise SpecError("cost of a collective needs ranks n and sizes m [m ...]")
+    rows = collective_costs(hw, collective, ranks, sizes, gpus_per_node)
+    return {"hardware": hw.name, "collective": canonical_op(collective), "ranks": ranks,
+            "gpus_per_node": rows[0]["gpus_per_node"], "ops": rows}

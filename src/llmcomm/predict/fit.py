@@ -8,22 +8,24 @@ in the op's algorithm form (:mod:`llmcomm.predict.collectives`: ``k_α`` sequent
 by 1/time so that every size counts by its relative error (the 4 B points fix α, the 64 MiB points fix β). α and β are
 constrained to be ≥ 0. Reported: ``alpha_us`` (per step), ``busbw_GBps`` = 1/β (the asymptotic bus bandwidth),
 ``beta_ns_per_B``, ``r2`` (on log time) and ``median_rel_err``. A pooled fit over all measured n (``group_size`` =
-"any") gives the parameters used for group sizes that were not measured. The ``cpu-local`` preset is written from
+"any") gives the parameters used for group sizes that were not measured. DeepSpeed's shm all-reduce (backend
+``shm``) takes one path below 1 MiB and another above (:func:`llmcomm.derive.conventions.shm_split`): its table is
+cut there and each side fitted on its own (``path`` ``one-shot`` / ``two-phase``, one α per call each), which the
+``shm`` entries of the preset combine (:func:`llmcomm.predict.collectives.shm_time`). The ``cpu-local`` preset is written from
 these fits by :func:`llmcomm.compare.calibration.calibrate_cpu_local` (``llmcomm calibrate``).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..derive.conventions import bus_factor, canonical_op
-from .collectives import latency_steps
+from ..derive.conventions import SHM_ONE_SHOT_BELOW, bus_factor, canonical_op, latency_steps
 
 __all__ = ["fit_alpha_beta", "fit_table", "ALGORITHM_OF_BACKEND", "GEMM_VARIANTS", "fit_gemm", "fit_memop",
            "fit_nccl_allreduce", "fit_nccl_sendrecv"]
 
-#: algorithm form each backend's α is expressed in: DeepSpeed's shm all-reduce is one-shot (every rank reads every
-#: other rank's buffer), gloo and NCCL rings.
-ALGORITHM_OF_BACKEND = {"shm": "direct", "gloo": "ring", "nccl": "ring"}
+#: algorithm form each backend's α is expressed in: DeepSpeed's shm all-reduce by size (one step per call on either
+#: path), gloo and NCCL rings.
+ALGORITHM_OF_BACKEND = {"shm": "shm", "gloo": "ring", "nccl": "ring"}
 
 
 def fit_alpha_beta(op: str, n, size_bytes, seconds, algorithm: str = "ring") -> dict:
@@ -70,12 +72,22 @@ def fit_table(df, pooled: bool = True):
     keys = ["backend", "op", "link"]
     for (be, op, link), g in df.groupby(keys):
         alg = ALGORITHM_OF_BACKEND.get(be, "ring")
-        for n, gn in g.groupby("group_size"):
-            r = fit_alpha_beta(op, n, gn["bytes"], gn["time_s"], alg)
-            rows.append({"backend": be, "op": op, "group_size": str(int(n)), "link": link, **r})
-        if pooled and g["group_size"].nunique() > 1:
-            r = fit_alpha_beta(op, g["group_size"], g["bytes"], g["time_s"], alg)
-            rows.append({"backend": be, "op": op, "group_size": "any", "link": link, **r})
+        if alg == "shm" and canonical_op(op) == "all_reduce":
+            parts = [("one-shot", g[g["bytes"] < SHM_ONE_SHOT_BELOW]), ("two-phase", g[g["bytes"] >= SHM_ONE_SHOT_BELOW])]
+        else:
+            parts = [("", g)]
+        for path, gp in parts:
+            if gp.empty:
+                continue
+            form = "direct" if path else alg             # either shm path: one step per call
+            for n, gn in gp.groupby("group_size"):
+                r = fit_alpha_beta(op, n, gn["bytes"], gn["time_s"], form)
+                rows.append({"backend": be, "op": op, "group_size": str(int(n)), "link": link, **r,
+                             "algorithm": alg if path else r["algorithm"], "path": path})
+            if pooled and gp["group_size"].nunique() > 1:
+                r = fit_alpha_beta(op, gp["group_size"], gp["bytes"], gp["time_s"], form)
+                rows.append({"backend": be, "op": op, "group_size": "any", "link": link, **r,
+                             "algorithm": alg if path else r["algorithm"], "path": path})
     return pd.DataFrame(rows)
 
 

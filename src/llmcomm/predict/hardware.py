@@ -13,7 +13,15 @@ A preset is a JSON file in ``llmcomm/presets/hardware`` (or any path / dict with
                                                               # without it: the roofline of peak·efficiency
      "nccl": {"all_reduce": FITTED, "send_recv": {"intra": .., "inter": ..}, "net": {"alpha_net", "B_nic", "rails"}},
                                                               # optional: fitted NCCL model (llmcomm.predict.collectives)
-     "source": {field: where the number comes from}}          # every number is labelled (published or ASSUMPTION)
+     "source": {field: where the number comes from},          # every number is labelled (published or ASSUMPTION)
+     "calibrated_in": "data/calibration/<name>.json"}         # optional: fitted sections kept with the data
+
+A preset whose numbers are fitted to measurements names the file that holds them (``calibrated_in``, relative to the
+repository; :func:`calibration_path`): ``cpu-local`` (this machine's microbenchmarks and compute timing, ``llmcomm
+calibrate``), ``h100-sxm`` and ``a100-sxm-80gb`` (``kernels`` and ``nccl`` fitted to the public Vidur measurements,
+``llmcomm calibrate --public-gpu``). The file is ``{"provenance", "preset", "overlay": {key: value}}`` and its
+``overlay`` replaces the preset's keys on load; calibrations are results, so they live under ``data/``, never in the
+package (:mod:`llmcomm.compare.calibration` writes them).
 
     LINK = {"name", "bw_GBps", "efficiency", "alpha_us", "algorithm": "ring"|"tree"|"direct"|"auto"}
     FIT  = {"alpha_us", "busbw_GBps", "algorithm", "backend", ...}
@@ -39,15 +47,46 @@ import json
 import numpy as np
 
 from ..derive.conventions import bus_factor, canonical_op
-from ..spec import SpecError, cpu_threads_per_rank, preset_names, read_preset_or_file
-from .collectives import (alpha_beta_time, cross_node_allreduce_time, latency_steps, nccl_ring_time,
-                          nccl_sendrecv_time)
+from ..record import repo_root
+from ..spec import SpecError, cpu_threads_per_rank, preset_names, read_json_file, read_preset_or_file, resolve
+from ..derive.conventions import latency_steps
+from .collectives import cross_node_allreduce_time, nccl_ring_time, nccl_sendrecv_time, shm_time
 from .kernels import roofline_device
 
-__all__ = ["Hardware", "Link", "hardware_names", "load_hardware", "LEVELS", "for_ranks", "for_layout", "scale_links"]
+__all__ = ["Hardware", "Link", "hardware_names", "load_hardware", "for_ranks", "for_layout", "scale_links",
+           "calibration_path", "CALIBRATION_ENV"]
 
-LEVELS = ("intra", "inter")
 GiB = 1 << 30
+#: environment variable naming another folder of calibration files (default ``<repo>/data/calibration``)
+CALIBRATION_ENV = "LLMCOMM_CALIBRATION"
+
+
+def calibration_path(preset: str) -> Path:
+    """Where the fitted sections of hardware preset ``preset`` live: ``$LLMCOMM_CALIBRATION/<preset>.json``, else
+    ``<repo>/data/calibration/<preset>.json``."""
+    import os
+
+    root = os.environ.get(CALIBRATION_ENV)
+    return (Path(root) if root else repo_root() / "data" / "calibration") / f"{preset}.json"
+
+
+def _calibrated(d: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """``d`` with its calibration file's overlay (module docs), when the preset names one."""
+    if "calibrated_in" not in d:
+        return d
+    path = calibration_path(Path(str(d["calibrated_in"])).stem)
+    if not path.exists():
+        raise SpecError(f"hardware {name!r} is fitted to measurements kept in {path}, which is missing (make data "
+                        f"writes cpu-local's, make gpu-fits the GPU presets')")
+    cal = read_json_file(path, "calibration")
+    try:
+        overlay = cal["overlay"]
+    except (KeyError, TypeError):
+        raise SpecError(f"calibration file {path} has no 'overlay' object") from None
+    out = {k: v for k, v in d.items() if k != "calibrated_in"}
+    out.update(overlay)
+    out["source"] = dict(d.get("source", {}), **overlay.get("source", {}))
+    return out
 
 
 def hardware_names() -> list[str]:
@@ -94,6 +133,7 @@ class Hardware:
     def from_dict(cls, d: Mapping[str, Any], name: str = "custom") -> "Hardware":
         if not isinstance(d, Mapping):
             raise SpecError(f"hardware {name!r} is not a JSON object")
+        d = _calibrated(d, name)
         if "derive_from" in d:
             d = _derive(d, name)
         name = str(d.get("name", name))
@@ -131,17 +171,21 @@ class Hardware:
         """Achievable memory bandwidth (B/s)."""
         return self.mem_bw * self.eff_mem
 
-    def coll_params(self, op: str, n: int, level: str = "intra", subgroup: bool = False) -> tuple[float, float, str]:
-        """(α s/step, β s/B, algorithm) of ``op`` on ``n`` ranks at ``level``; ``subgroup``: the group is a proper
-        sub-group of the world (``subgroup_collectives`` fits first, when the preset has them)."""
-        op = canonical_op(op)
+    def _fit(self, op: str, n: int, level: str, subgroup: bool) -> Mapping[str, Any] | None:
+        """The fitted entry for (level, op, n) — ``subgroup_collectives`` first for a proper sub-group — or for
+        (level, op, "any"); None when the preset has none."""
         if level not in self.links:
             raise SpecError(f"hardware {self.name!r} has no {level!r} link")
-        fits = {}
-        if subgroup:
-            fits = self.subgroup_collectives.get(level, {}).get(op, {})
+        fits = self.subgroup_collectives.get(level, {}).get(op, {}) if subgroup else {}
         fits = fits or self.collectives.get(level, {}).get(op, {})
-        fit = fits.get(str(int(n))) or fits.get("any")
+        return fits.get(str(int(n))) or fits.get("any") or None
+
+    def coll_params(self, op: str, n: int, level: str = "intra", subgroup: bool = False) -> tuple[float, float, str]:
+        """(α s/step, β s/B, algorithm) of ``op`` on ``n`` ranks at ``level``; ``subgroup``: the group is a proper
+        sub-group of the world (``subgroup_collectives`` fits first, when the preset has them). For an ``shm`` fit
+        these are its one-shot path's (:meth:`collective_time` adds the two-phase one)."""
+        op = canonical_op(op)
+        fit = self._fit(op, n, level, subgroup)
         if fit:
             return (float(fit["alpha_us"]) * 1e-6, 1.0 / (float(fit["busbw_GBps"]) * 1e9),
                     str(fit.get("algorithm", "ring")))
@@ -151,12 +195,22 @@ class Hardware:
     def collective_coeffs(self, op: str, n: int, level: str = "intra", subgroup: bool = False) -> tuple[float, float]:
         """(fixed, per_byte) with seconds = fixed + per_byte·m for ``op`` on ``n`` ranks: fixed = steps·α (``auto``:
         the fewer steps of ring and tree, whose bandwidth terms are equal), per_byte = f(n)·β (0 for a group of
-        one, except send_recv)."""
+        one, except send_recv). Not for an ``shm`` fit (two paths: :meth:`collective_time`)."""
         alpha, beta, alg = self.coll_params(op, int(n), level, subgroup)
         steps = min(float(latency_steps(op, n, "ring")), float(latency_steps(op, n, "tree"))) if alg == "auto" \
             else float(latency_steps(op, n, alg))
         f = float(bus_factor(op, n)) if (n > 1 or canonical_op(op) == "send_recv") else 0.0
         return steps * alpha, f * beta
+
+    def _alpha_beta_time(self, op: str, n: int, size, level: str, subgroup: bool):
+        """Seconds of ``op`` on a group of ``n`` ranks (one n, sizes an array) under the α-β fits or the link."""
+        fit = self._fit(canonical_op(op), n, level, subgroup)
+        if fit and fit.get("algorithm") == "shm":
+            two = fit["two_phase"]
+            return shm_time(n, size, (float(fit["alpha_us"]) * 1e-6, 1.0 / (float(fit["busbw_GBps"]) * 1e9)),
+                            (float(two["alpha_us"]) * 1e-6, 1.0 / (float(two["busbw_GBps"]) * 1e9)))
+        fixed, per_byte = self.collective_coeffs(op, n, level, subgroup)
+        return fixed + per_byte * size
 
     def kernels(self, w) -> dict:
         """Kernel parameters for elements of ``w`` bytes (:mod:`llmcomm.predict.kernels`): the preset's fitted
@@ -194,44 +248,28 @@ class Hardware:
     def collective_time(self, op: str, n, size_bytes, level: str = "intra", subgroup: bool = False,
                         g: int | None = None, floor: bool = True):
         """Seconds of one ``op`` of size m = ``size_bytes`` on ``n`` ranks at ``level``; ``n`` and ``size_bytes``
-        may be numpy arrays (coefficients tabulated per distinct n, then gathered: two lookups and a multiply-add).
+        may be numpy arrays (evaluated once per distinct n, over all sizes at once). An ``shm`` fit (DeepSpeed's CPU
+        all-reduce) prices its one-shot and two-phase paths by size (:func:`~llmcomm.predict.collectives.shm_time`).
         With a fitted NCCL model: ``g`` GPUs per node (for groups that span nodes; default the preset's) and
         ``floor`` (apply its eager launch floor; an engine that replays CUDA graphs does not pay it).
 
         ``all_to_all`` (expert parallelism's dispatch and combine) always takes the α-β form: (n−1)·α + (n−1)/n·m·β,
-        n−1 pairwise exchange steps (:func:`~llmcomm.predict.collectives.latency_steps`), on the link of ``level``
+        n−1 pairwise exchange steps (:func:`~llmcomm.derive.conventions.latency_steps`), on the link of ``level``
         (``inter`` for a group that spans nodes, as every α-β op). ASSUMPTION: no public all-to-all measurement is
         fitted, so the link's α and β (or a preset's fitted ``collectives`` entry for all_to_all) stand for NCCL's
         all-to-all; the fitted NCCL launch floor is not applied to it."""
         n_arr = np.asarray(n)
         size = np.asarray(size_bytes, dtype=float)
-        if self.nccl:
-            # per group size: the NCCL model where it has one for (op, n), else the α-β coefficients of that n — chosen
-            # element by element, so that a point's time never depends on the other points of a grid
-            shape = np.broadcast(n_arr, size).shape
-            out = np.zeros(shape)
-            for x in (int(v) for v in np.unique(n_arr)):
-                sec = self._nccl_time(op, x, size, level, g, floor)
-                if sec is None:
-                    fixed, per_byte = self.collective_coeffs(op, x, level, subgroup)
-                    sec = fixed + per_byte * size
-                out = np.where(n_arr == x, sec, out) if n_arr.ndim else sec + out
-            return out
-        if n_arr.ndim == 0:
-            alpha, beta, alg = self.coll_params(op, int(n_arr), level, subgroup)
-            return alpha_beta_time(op, n_arr, size, alpha, beta, alg)
-        n_arr = n_arr.astype(np.int64, copy=False)
-        lo, hi = int(n_arr.min()), int(n_arr.max())
-        if lo == hi:
-            fixed, per_byte = self.collective_coeffs(op, lo, level, subgroup)
-            return fixed + per_byte * size + np.zeros(n_arr.shape)
-        present = np.flatnonzero(np.bincount(n_arr.ravel() - lo)) + lo
-        fixed_tab = np.zeros(hi - lo + 1)
-        per_byte_tab = np.zeros(hi - lo + 1)
-        for ranks in present:
-            fixed_tab[ranks - lo], per_byte_tab[ranks - lo] = self.collective_coeffs(op, int(ranks), level, subgroup)
-        idx = n_arr - lo
-        return fixed_tab[idx] + per_byte_tab[idx] * size
+        # per group size: the NCCL model where it has one for (op, n), else the α-β fits or link of that n — chosen
+        # element by element, so that a point's time never depends on the other points of a grid
+        shape = np.broadcast(n_arr, size).shape
+        out = np.zeros(shape)
+        for x in (int(v) for v in np.unique(n_arr)):
+            sec = self._nccl_time(op, x, size, level, g, floor) if self.nccl else None
+            if sec is None:
+                sec = self._alpha_beta_time(op, x, size, level, subgroup)
+            out = np.where(n_arr == x, sec, out) if n_arr.ndim else sec + out
+        return out
 
 
 def _derive(d: Mapping[str, Any], name: str) -> dict:
@@ -258,13 +296,8 @@ def _derive(d: Mapping[str, Any], name: str) -> dict:
 
 
 def load_hardware(hw: "str | Path | Mapping[str, Any] | Hardware") -> Hardware:
-    """A :class:`Hardware` from a preset name, a JSON path or a dict."""
-    if isinstance(hw, Hardware):
-        return hw
-    if isinstance(hw, Mapping):
-        return Hardware.from_dict(hw)
-    data, name = read_preset_or_file("hardware", str(hw), "hardware")
-    return Hardware.from_dict(data, name=name)
+    """A :class:`Hardware` from a preset name, a JSON path or a dict (a preset's calibration overlaid)."""
+    return resolve("hardware", hw, Hardware, "hardware")
 
 
 def for_ranks(hardware: Hardware, ranks: int, cores: int | None = None) -> Hardware:
@@ -289,7 +322,8 @@ def for_ranks(hardware: Hardware, ranks: int, cores: int | None = None) -> Hardw
 def for_layout(hardware: Hardware, t: int, p: int, cores: int | None = None) -> Hardware:
     """``hardware`` as calibrated inside runs of layout t×p (the ``cpu-local`` preset's ``in_run`` entries, written
     by ``llmcomm calibrate --in-run``: :mod:`llmcomm.compare.inrun`): that layout's fitted compute rate, per-layer
-    overhead and in-run all-reduce fits replace the preset's. Without an entry for the layout: :func:`for_ranks`."""
+    overhead and in-run all-reduce fits replace the preset's (an in-run fit of DeepSpeed's shm all-reduce replaces
+    its one-shot path, on which the runs' calls were measured; the two-phase path keeps the microbenchmark's fit). Without an entry for the layout: :func:`for_ranks`."""
     entry = (hardware.raw.get("in_run") or {}).get(f"t{int(t)}p{int(p)}")
     if not entry:
         return for_ranks(hardware, int(t) * int(p), cores)
@@ -302,7 +336,13 @@ def for_layout(hardware: Hardware, t: int, p: int, cores: int | None = None) -> 
     for op, fits in (entry.get("collectives") or {}).items():
         key = "subgroup_collectives" if int(p) > 1 else "collectives"
         for level in ("intra", "inter"):
-            d.setdefault(key, {}).setdefault(level, {}).setdefault(op, {}).update(fits)
+            have = d.setdefault(key, {}).setdefault(level, {}).setdefault(op, {})
+            for n, fit in fits.items():
+                base = have.get(n, {})
+                if base.get("algorithm") == "shm" and fit.get("algorithm") == "direct":
+                    # measured in the runs on the one-shot path: it replaces that path, the two-phase one stays
+                    fit = dict(base, alpha_us=fit["alpha_us"], busbw_GBps=fit["busbw_GBps"], source=fit.get("source"))
+                have[n] = fit
     d["calibrated_layout"] = f"t{int(t)}p{int(p)}"
     return Hardware.from_dict(d, name=hardware.name)
 

@@ -1,13 +1,14 @@
 """Latency model: TTFT, TPOT and E2E of one batch of requests, from the compute roofline (:mod:`.compute`) and α-β
 collectives (:mod:`.collectives`, parameters from :mod:`.hardware`).
 
-Communication per forward: the engine's messages (:func:`llmcomm.derive.evaluate.messages`: op, group size n,
+Communication per forward: the deployment's messages (:func:`llmcomm.derive.evaluate.messages`: op, group size n,
 calls, bytes per call m), each call charged the α-β time of its op on its group at the right **link level**
 (:mod:`.placement`: ranks placed in order, g per node). Calls on one request's critical path are sequential (the t
 concurrent sends of a stage boundary, one per TP rank, are charged once).
 
-A mixture of experts runs under its MoE pattern (:data:`llmcomm.predict.compute.MOE_PATTERNS`; the dense
-``deepspeed`` engine name maps to AutoTP's ``deepspeed-moe-autotp``, or with e > 1 to expert parallelism): the
+What runs is a :class:`~llmcomm.deployment.Deployment` (framework, expert layout, routing, p2p mode, host profile),
+resolved at the edge; its message pattern is :meth:`~llmcomm.deployment.Deployment.pattern`. A mixture of experts runs
+under its expert layout (AutoTP as it is by default, or with e > 1 expert parallelism): the
 compute counts the experts a rank computes (:func:`llmcomm.predict.compute.forward_compute`) and the messages take
 the EP degree e and the capacity C of each phase, so the dispatch and combine all-to-alls are charged
 (:meth:`llmcomm.predict.hardware.Hardware.collective_time`: α-β on the link). The EP group of a stage is its e
@@ -16,8 +17,8 @@ consecutive ranks, placed g per node like a TP group: its messages cross the int
 
 Phases: ``TTFT = prefill forward``; ``TPOT = one decode forward`` at the mean KV length; ``E2E = TTFT + (G−1)·TPOT``.
 
-Host overheads come from the engine profile (:mod:`.engines`, default :func:`~llmcomm.predict.engines.default_profile`
-of the pattern and the hardware): per layer and per forward, per phase; under CUDA graphs collectives do not pay the
+Host overheads come from the host profile (:mod:`.profiles`, :func:`~llmcomm.predict.profiles.profile_for` the
+deployment and the hardware): per layer and per forward, per phase; under CUDA graphs collectives do not pay the
 eager launch floor of the fitted NCCL model, and vLLM's custom all-reduce (when the profile has it on) replaces NCCL
 for the sizes it takes.
 
@@ -33,20 +34,21 @@ from typing import Any
 
 import numpy as np
 
+from ..deployment import Deployment
 from ..derive.evaluate import messages
 from ..spec import Layout, ModelSpec, SpecError, Workload
-from .compute import MOE_PATTERNS, expert_layout, forward_compute, phase_context
-from .engines import EngineProfile, default_profile, load_engine
+from .compute import expert_layout, forward_compute, phase_context
 from .hardware import Hardware
 from .placement import placement_fractions, wrap_inter_fraction
+from .profiles import HostProfile, profile_for
 
-__all__ = ["forward_comm", "predict_latency", "predict_latency_grid", "moe_engine", "METRICS"]
+__all__ = ["forward_comm", "predict_latency", "predict_latency_grid", "METRICS"]
 
 #: the latency metrics, in the order tables show them
 METRICS = ("ttft_s", "tpot_s", "e2e_s")
 
 
-def _custom_allreduce(prof: EngineProfile, op, n, m, seconds):
+def _custom_allreduce(prof: HostProfile, op, n, m, seconds):
     """vLLM's one-shot custom all-reduce for the sizes it takes (intra-node, m ≤ max_bytes): α + f(n)·m/busbw."""
     ca = prof.custom_allreduce
     if not ca or op != "all_reduce":
@@ -57,31 +59,21 @@ def _custom_allreduce(prof: EngineProfile, op, n, m, seconds):
     return np.where(m <= float(ca["max_bytes"]), one_shot, seconds)
 
 
-def moe_engine(model: ModelSpec, engine: str, e: int = 1, routing=None) -> str:
-    """The message pattern of ``engine`` for ``model``: itself for a dense model or a MoE pattern already; for a
-    mixture of experts, :func:`llmcomm.derive.patterns.engine_for` (``deepspeed`` → AutoTP, or with e > 1 the
-    expert-parallel pattern of the routing)."""
-    if not model.is_moe or engine in MOE_PATTERNS:
-        return engine
-    from ..derive.patterns import engine_for
-
-    return engine_for(engine, "partitioned", model, int(e), routing.mode if routing is not None else "capacity")
-
-
-def forward_comm(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str, g, engine: str = "deepspeed",
-                 detail: bool = False, fractions=None, comm_w=None, profile=None, e: int = 1, routing=None):
+def forward_comm(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str, g, deployment: Deployment | None = None,
+                 detail: bool = False, fractions=None, comm_w=None, e: int = 1):
     """Communication seconds of one forward of ``phase`` (the sum of its messages' α-β times at their link levels).
 
     ``comm_w``: bytes per element on the wire when it differs from the compute width ``w`` (what-if: fp8 or bf16
     communication of an fp32/bf16 model); token ids keep their own width. TP collectives of a hybrid (p > 1: the TP
     group is a proper sub-group of the world) use the preset's ``subgroup_collectives`` fits when it has them.
-    ``profile``: the engine profile (default :func:`~llmcomm.predict.engines.default_profile`). ``e``, ``routing``:
-    expert parallelism of a mixture of experts (the capacity C of the phase, :func:`~.compute.expert_layout`)."""
-    engine = moe_engine(model, engine, e, routing)
-    prof = default_profile(engine, hw) if profile is None else load_engine(profile)
+    ``deployment`` (default DeepSpeed as it is): its pattern, host profile and routing. ``e``: the expert-parallel
+    degree of a mixture of experts (the capacity C of the phase, :func:`~.compute.expert_layout`)."""
+    d = (deployment or Deployment()).resolve(model, Layout(1, 1, int(e)))
+    pattern = d.pattern(model, Layout(1, 1, int(e)))
+    prof = profile_for(d, hw)
     floor = prof.launch_floor(phase)
     s, _, _ = phase_context(phase, S, G)
-    xl = expert_layout(model, engine, t, e, b, s, routing)
+    xl = expert_layout(model, d.experts, t, e, b, s, d.routing)
     cap = 0 if xl is None else xl.C
     if comm_w is not None:
         w = comm_w
@@ -94,7 +86,7 @@ def forward_comm(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str, g
     sub = bool(hw.subgroup_collectives) and bool((p > 1).any())
     total = np.zeros(t.shape)
     parts = []
-    for msg in messages(engine, model, t, p, b, s, w, e, cap):
+    for msg in messages(pattern, model, t, p, b, s, w, e, cap):
         op, n, m = msg["op"], msg["n"], msg["m"]
         sub_here = sub and msg["path"] == "tp"
 
@@ -116,23 +108,23 @@ def forward_comm(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str, g
 
 
 def predict_latency_grid(model: ModelSpec, hw: Hardware, t, p, b, S, G, w=2, gpus_per_node=None,
-                         engine: str = "deepspeed", comm_w=None, overlap: bool = False, profile=None,
-                         e: int = 1, routing=None) -> dict:
+                         deployment: Deployment | None = None, comm_w=None, overlap: bool = False,
+                         e: int = 1) -> dict:
     """TTFT/TPOT/E2E (s) over a broadcast grid of layouts (t, p) × workloads (b, S, G, w). Returns arrays:
     ``ttft_s, tpot_s, e2e_s, prefill_compute_s, prefill_comm_s, decode_compute_s, decode_comm_s``.
 
     What-if levers: ``comm_w`` bytes per element on the wire (e.g. 1 = fp8 communication); ``overlap=True`` charges
     each forward ``max(compute, comm)`` instead of ``compute + comm`` (perfect overlap of communication with
-    compute: a lower bound, not a schedule any engine here runs).
+    compute: a lower bound, not a schedule any framework here runs).
 
-    A mixture of experts: ``e`` (one EP degree for the whole grid; e > 1 needs t = 1 and e dividing b) and
-    ``routing`` (:class:`llmcomm.derive.moe.Routing`) of expert parallelism; ``engine`` as :func:`moe_engine` maps it.
+    ``deployment``: what runs (default DeepSpeed as it is). A mixture of experts: ``e`` (one EP degree for the whole
+    grid; e > 1 needs t = 1 and e dividing b), the routing of expert parallelism in the deployment.
 
     No validation here (the grid is the caller's): t must divide the heads, p ≤ L (see
     :func:`llmcomm.predict.advise.candidate_layouts`)."""
-    engine = moe_engine(model, engine, e, routing)
+    d = (deployment or Deployment()).resolve(model, Layout(1, 1, int(e)))
     g = hw.gpus_per_node if gpus_per_node is None else gpus_per_node
-    prof = default_profile(engine, hw) if profile is None else load_engine(profile)
+    prof = profile_for(d, hw)
     t, p, b, S, G, w, g = np.broadcast_arrays(*(np.asarray(x) for x in (t, p, b, S, G, w, g)))
     inv_t = 1.0 / t.astype(float)
     w_compute = float(w.flat[0]) if w.size and (w == w.flat[0]).all() else w       # one dtype: keep w a scalar
@@ -141,10 +133,10 @@ def predict_latency_grid(model: ModelSpec, hw: Hardware, t, p, b, S, G, w=2, gpu
     for phase in ("prefill", "decode"):
         out[f"{phase}_compute_s"] = forward_compute(
             model, hw, t, p, b, S, G, w_compute, phase, inv_t,
-            overhead_s=prof.layer_overhead_s(phase, hw), host_overlaps=prof.host_overlaps(phase), engine=engine,
-            e=e, routing=routing)["compute_s"] + prof.forward_overhead_s(phase)
-        out[f"{phase}_comm_s"] = forward_comm(model, hw, t, p, b, S, G, w, phase, g, engine,
-                                              fractions=fractions, comm_w=comm_w, profile=prof, e=e, routing=routing)
+            overhead_s=prof.layer_overhead_s(phase, hw), host_overlaps=prof.host_overlaps(phase), experts=d.experts,
+            e=e, routing=d.routing)["compute_s"] + prof.forward_overhead_s(phase)
+        out[f"{phase}_comm_s"] = forward_comm(model, hw, t, p, b, S, G, w, phase, g, d,
+                                              fractions=fractions, comm_w=comm_w, e=e)
     join = np.maximum if overlap else np.add
     out["ttft_s"] = join(out["prefill_compute_s"], out["prefill_comm_s"])
     out["tpot_s"] = join(out["decode_compute_s"], out["decode_comm_s"])
@@ -160,12 +152,12 @@ def _plain(x):
 
 
 def predict_latency(model: ModelSpec, layout: Layout, workload: Workload, hw: Hardware,
-                    gpus_per_node: int | None = None, engine: str = "deepspeed", comm_w=None,
-                    overlap: bool = False, profile=None, routing=None) -> dict:
+                    deployment: Deployment | None = None, gpus_per_node: int | None = None, comm_w=None,
+                    overlap: bool = False) -> dict:
     """One point: ``{"ttft_s", "tpot_s", "e2e_s", "breakdown": {"prefill": {...}, "decode": {...}}, ...}``.
 
-    A mixture of experts: ``layout.e`` and ``routing`` (:class:`llmcomm.derive.moe.Routing`, default DeepSpeed's
-    capacity routing) of expert parallelism; ``engine`` as :func:`moe_engine` maps it (the result's ``pattern``).
+    ``deployment``: what runs (default DeepSpeed as it is; its pattern is the result's ``pattern`` for a mixture of
+    experts, whose expert parallelism is ``layout.e`` under the deployment's routing).
 
     ``breakdown[phase]`` has ``compute_s`` and ``comm_s`` of one forward, its flops and bytes moved per rank summed
     over stages, whether a decoder layer is compute-bound, and ``messages``: each message kind with its α-β time.
@@ -176,23 +168,24 @@ def predict_latency(model: ModelSpec, layout: Layout, workload: Workload, hw: Ha
     if g < 1:
         raise SpecError(f"gpus_per_node={g} must be at least 1")
     args = (layout.t, layout.p, workload.b, workload.S, workload.G, workload.w)
-    pattern = moe_engine(model, engine, layout.e, routing)
+    d = (deployment or Deployment()).resolve(model, layout)
+    pattern = d.pattern(model, layout)
     if model.is_moe and layout.e > 1:
         from ..derive.moe import rank_batch
 
         rank_batch(workload.b, layout.e)                         # e must divide b: one line, not a traceback
-    moe = {"e": layout.e, "routing": routing} if model.is_moe else {}
-    prof = default_profile(pattern, hw) if profile is None else load_engine(profile)
-    res: dict[str, Any] = {"model": model.name, "hardware": hw.name, "gpus_per_node": g, "engine": engine,
-                           "engine_profile": prof.name, "tp": layout.t, "pp": layout.p, "breakdown": {}}
+    prof = profile_for(d, hw)
+    res: dict[str, Any] = {"model": model.name, "hardware": hw.name, "gpus_per_node": g, "engine": d.engine,
+                           "pattern": pattern, "engine_profile": prof.name, "tp": layout.t, "pp": layout.p,
+                           "breakdown": {}}
     if model.is_moe:
-        res.update(ep=layout.e, pattern=pattern)
+        res["ep"] = layout.e
     for phase in ("prefill", "decode"):
         comp = forward_compute(model, hw, *args, phase, overhead_s=prof.layer_overhead_s(phase, hw),
-                               host_overlaps=prof.host_overlaps(phase), engine=pattern, **moe)
+                               host_overlaps=prof.host_overlaps(phase), experts=d.experts, e=layout.e,
+                               routing=d.routing)
         host = prof.forward_overhead_s(phase)
-        comm, parts = forward_comm(model, hw, *args, phase, g, pattern, detail=True, comm_w=comm_w, profile=prof,
-                                   **moe)
+        comm, parts = forward_comm(model, hw, *args, phase, g, d, detail=True, comm_w=comm_w, e=layout.e)
         res["breakdown"][phase] = {
             "compute_s": _plain(comp["compute_s"] + host), "comm_s": _plain(comm), "host_forward_s": host,
             "flops": _plain(comp["flops"]),

@@ -1,11 +1,12 @@
-"""Layout advice for a mixture of experts: every (scheme, t, e, p) of N GPUs, its memory per GPU, predicted
+"""Layout advice for a mixture of experts: every (expert layout, t, e, p) of N GPUs, its memory per GPU, predicted
 latency per phase and bytes, ranked — the MoE counterpart of :func:`llmcomm.predict.advise.advise`.
 
-Three schemes, one per MoE message pattern (:mod:`llmcomm.derive.patterns`), all under the same engine profile:
+Three expert layouts (:data:`llmcomm.deployment.EXPERT_LAYOUTS`; the rows' ``scheme``), one MoE message pattern
+each, all under the deployment's host profile:
 
 * ``autotp`` — DeepSpeed AutoTP as it is (``deepspeed-moe-autotp``): t×p ranks, attention sharded t ways, the fused
   expert tensors left whole on every TP rank (what a DeepSpeed user gets today: measured exact on CPU);
-* ``tp-experts`` — t×p ranks, every expert's FFN sharded t ways as serving engines shard it (closed forms only);
+* ``tp-experts`` — t×p ranks, every expert's FFN sharded t ways as serving frameworks shard it (closed forms only);
 * ``ep`` — expert parallelism with data-parallel attention (``deepspeed-ep`` or ``deepspeed-ep-dropless`` by the
   routing): e·p = N ranks, t = 1, E/e experts per rank, each rank running attention on b/e sequences, optionally
   in p pipeline stages of e ranks each. A candidate when e > 1 divides the E experts and the batch b (each EP rank
@@ -34,29 +35,18 @@ Latency: :func:`llmcomm.predict.latency.predict_latency_grid` with the scheme's 
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
+from ..deployment import EXPERT_LAYOUTS, Deployment
 from ..derive.evaluate import traffic_totals
-from ..derive.moe import Routing
 from ..spec import DTYPE_BYTES, Layout, ModelSpec, SpecError, Workload, stage_layers
 from .advise import PARETO_REL_TOL, candidate_layouts, check_request, node_crossings, pareto_front
-from .engines import load_engine
 from .hardware import GiB, Hardware
 from .latency import predict_latency_grid
 
-__all__ = ["SCHEMES", "scheme_pattern", "moe_profile", "candidate_moe_layouts", "moe_memory_per_rank", "advise_moe"]
-
-#: the schemes of MoE advice and their message patterns (EP's depends on the routing: :func:`scheme_pattern`)
-SCHEMES = {"autotp": "deepspeed-moe-autotp", "tp-experts": "tp-experts", "ep": "deepspeed-ep"}
-
-
-def scheme_pattern(scheme: str, routing: Routing | None = None) -> str:
-    """The message pattern of ``scheme`` (``ep`` under dropless routing: ``deepspeed-ep-dropless``)."""
-    if scheme not in SCHEMES:
-        raise SpecError(f"MoE scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
-    if scheme == "ep" and routing is not None and routing.mode == "dropless":
-        return "deepspeed-ep-dropless"
-    return SCHEMES[scheme]
+__all__ = ["candidate_moe_layouts", "moe_memory_per_rank", "advise_moe"]
 
 
 def candidate_moe_layouts(model: ModelSpec, gpus: int, b: int) -> tuple[list[tuple[str, int, int, int]], list[str]]:
@@ -106,8 +96,8 @@ def _layer_elements(model: ModelSpec, scheme: str, t: int, e: int) -> list[float
 def moe_memory_per_rank(model: ModelSpec, scheme: str, t: int, p: int, e: int, b: int, S: int, G: int,
                         w: float) -> dict:
     """Bytes per GPU of the fullest pipeline stage of a MoE layout: ``weights``, ``kv``, ``act``, ``total``."""
-    if scheme not in SCHEMES:
-        raise SpecError(f"MoE scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
+    if scheme not in EXPERT_LAYOUTS:
+        raise SpecError(f"expert layout {scheme!r} is not one of {', '.join(EXPERT_LAYOUTS)}")
     moe, h, hd, V = model.moe, model.h, model.head_dim, model.V
     ep = scheme == "ep"
     tq = 1 if ep else t
@@ -134,27 +124,19 @@ def moe_memory_per_rank(model: ModelSpec, scheme: str, t: int, p: int, e: int, b
     return {"weights": best["weights"], "kv": best["kv"], "act": act, "total": best["weights"] + best["kv"] + act}
 
 
-def moe_profile(engine: str):
-    """The engine profile of MoE advice: None (the pattern's default: DeepSpeed eager on a GPU) or vLLM V0's."""
-    if engine == "deepspeed":
-        return None
-    if engine == "vllm":
-        return load_engine("vllm-v0")
-    raise SpecError(f"engine {engine!r}: MoE advice prices DeepSpeed's patterns under the deepspeed or vllm host "
-                    f"profile")
-
-
 def advise_moe(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware, S: int = 1024, G: int = 128,
-               b: int = 1, objective: str = "e2e", dtype: str = "bf16", engine: str = "deepspeed",
-               routing: Routing | None = None, include_infeasible: bool = True) -> tuple[list[dict], list[str]]:
+               b: int = 1, objective: str = "e2e", dtype: str = "bf16", deployment: Deployment | None = None,
+               include_infeasible: bool = True) -> tuple[list[dict], list[str]]:
     """(ranked rows, best first; reasons a scheme has no candidate). Each row: ``scheme``, ``pattern``, ``tp``,
     ``pp``, ``ep``, the latencies and their per-phase compute and communication, the traffic metrics of the whole
     generation, memory, ``fits`` and ``pareto`` (as :func:`llmcomm.predict.advise.advise`).
 
     Raises :class:`SpecError` when no candidate exists or none fits the device memory (one sentence saying why)."""
     g = check_request(objective, gpus, gpus_per_node, hw)
-    routing = routing or Routing()
-    profile = moe_profile(engine)
+    deployment = deployment or Deployment()
+    if deployment.experts is not None:
+        raise SpecError("MoE advice ranks every expert layout; leave the deployment's expert layout unset")
+    routing = deployment.routing
     wl = Workload(b, S, G, dtype).validate(model)
     cands, why = candidate_moe_layouts(model, gpus, b)
     if not cands:
@@ -163,10 +145,10 @@ def advise_moe(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardw
     usable = hw.usable_memory_bytes
     rows = []
     for scheme, t, p, e in cands:
-        pattern = scheme_pattern(scheme, routing)
         layout = Layout(t, p, e)
-        lat = predict_latency_grid(model, hw, t, p, b, S, G, w, gpus_per_node=g, engine=pattern, profile=profile,
-                                   e=e, routing=routing)
+        d = replace(deployment, experts=scheme)
+        pattern = d.pattern(model, layout)
+        lat = predict_latency_grid(model, hw, t, p, b, S, G, w, gpus_per_node=g, deployment=d, e=e)
         mem = moe_memory_per_rank(model, scheme, t, p, e, b, S, G, w)
         traffic = traffic_totals(model, layout, wl, pattern, "ring", g, routing)
         hops, spanning = node_crossings(model, layout, wl, g, pattern)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import sympy as sp
 
+from ..deployment import Deployment, pattern_of
 from ..derive.evaluate import generation_calls, rows as predict_rows, traffic_totals
 from ..derive.patterns import pattern
 from ..derive.phases import PHASES
@@ -38,10 +39,11 @@ def markdown(df: pd.DataFrame):
     return Markdown(df.to_markdown(index=False))
 
 
-def pattern_frame(engine: str = "deepspeed") -> pd.DataFrame:
-    """One forward's messages as a table: op, group, calls, bytes per call, when (else none), why."""
+def pattern_frame(name: str = "deepspeed") -> pd.DataFrame:
+    """One forward's messages of message pattern ``name`` as a table: op, group, calls, bytes per call, when (else
+    none), why."""
     rows = []
-    for msg in pattern(engine):
+    for msg in pattern(name):
         calls, cond = branch(tidy(msg.calls))
         rows.append({"op": msg.op, "group": latex(msg.group), "calls per forward": latex(calls),
                      "bytes per call": latex(msg.bytes_per_call), "when": latex(cond) if cond is not None else "always",
@@ -58,13 +60,14 @@ def _traffic_cols(summary: dict, scale: float = 1e6) -> dict:
 
 
 def model_bytes_frame(models: Iterable[ModelSpec], layout: Layout, workload: Workload,
-                      engines=("deepspeed", "vllm"), traffic: bool = False) -> pd.DataFrame:
-    """Bytes per phase for real models (one row per model × engine): the nccl-tests sizes summed (MB), and with
+                      patterns=("deepspeed", "vllm"), traffic: bool = False) -> pd.DataFrame:
+    """Bytes per phase for real models (one row per model × message pattern, column ``engine``: the ``--engine``
+    that sends it): the nccl-tests sizes summed (MB), and with
     ``traffic`` what moves over the generation (:func:`llmcomm.derive.evaluate.traffic_totals`, ring all-reduce):
     the busiest rank's sent MB and all links' MB."""
     rows = []
     for model in models:
-        for engine in engines:
+        for engine in patterns:
             r = predict_rows(model, layout, workload, engine)
             pre = sum(x["bytes"] for x in r if x["phase"] == "prefill")
             dec = sum(x["bytes"] for x in r if x["phase"] == "decode")
@@ -81,8 +84,8 @@ def layout_kind(t: int, p: int) -> str:
 
 
 def layouts_frame(models: Iterable[ModelSpec], layouts: Iterable[Layout], workloads: Iterable[Workload],
-                  engines=("deepspeed",), gpus_per_node: int | None = None) -> pd.DataFrame:
-    """Tidy bytes of every model × layout × workload × engine: one row per phase (prefill, decode, total) with the
+                  patterns=("deepspeed",), gpus_per_node: int | None = None) -> pd.DataFrame:
+    """Tidy bytes of every model × layout × workload × message pattern (column ``engine``): one row per phase (prefill, decode, total) with the
     nccl-tests sizes summed (``bytes``) and the traffic (ring all-reduce): ``sent_bytes_busiest_rank`` (the rank
     that sends the most in that phase), ``link_bytes`` and, with ``gpus_per_node``, ``inter_node_bytes``. Layouts a
     model cannot take are skipped. Columns: model, engine, layout ("t×p"), t, p, N, kind, b, S, G, dtype, phase,
@@ -97,7 +100,7 @@ def layouts_frame(models: Iterable[ModelSpec], layouts: Iterable[Layout], worklo
             except SpecError:
                 continue
             for wl in workloads:
-                for engine in engines:
+                for engine in patterns:
                     calls = generation_calls(model, lay, wl, engine)
                     base = {"model": model.name, "engine": engine, "layout": f"{lay.t}×{lay.p}", "t": lay.t,
                             "p": lay.p, "N": lay.ranks, "kind": layout_kind(lay.t, lay.p), "b": wl.b, "S": wl.S,
@@ -236,7 +239,7 @@ def collective_fits(fits: pd.DataFrame) -> pd.DataFrame:
 
 def sources_frame(hw) -> pd.DataFrame:
     """Where each number of a hardware preset comes from (its ``source`` labels), one row per field; the fitted
-    ``kernels`` and ``nccl`` sections with their sources, and the fields they (or, on GPUs, the engine profiles)
+    ``kernels`` and ``nccl`` sections with their sources, and the fields they (or, on GPUs, the host profiles)
     replace marked as not used."""
     src = dict(hw.raw["source"])
     for section in ("kernels", "nccl"):
@@ -245,7 +248,7 @@ def sources_frame(hw) -> pd.DataFrame:
     if hw.raw.get("kernels") and "efficiency" in src:
         src["efficiency"] = "NOT USED (the fitted kernels replace it): " + src["efficiency"]
     if hw.raw.get("device") != "cpu" and "layer_overhead_us" in src:
-        src["layer_overhead_us"] = "NOT USED on GPUs (the engine profile's host time replaces it): " \
+        src["layer_overhead_us"] = "NOT USED on GPUs (the host profile's host time replaces it): " \
                                    + src["layer_overhead_us"]
     return pd.DataFrame(sorted(src.items()), columns=["field", "source"])
 
@@ -266,7 +269,7 @@ def advice_rows(by_gpus_per_node: dict) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def tp_over_pp(models: Iterable[ModelSpec], gpus: Iterable[int], workload: Workload, engine: str = "deepspeed",
+def tp_over_pp(models: Iterable[ModelSpec], gpus: Iterable[int], workload: Workload, pattern: str = "deepspeed",
                gpus_per_node: int | None = None) -> pd.DataFrame:
     """TP (N×1) against PP (1×N) on the same N GPUs, one row per model and N: the ratio of what the busiest rank
     sends, of what all links carry, (placed g per node) of what crosses nodes, and — labelled as such — of the
@@ -274,8 +277,8 @@ def tp_over_pp(models: Iterable[ModelSpec], gpus: Iterable[int], workload: Workl
     rows = []
     for model in models:
         for N in gpus:
-            tp = traffic_totals(model, Layout(N, 1), workload, engine, gpus_per_node=gpus_per_node)
-            pp = traffic_totals(model, Layout(1, N), workload, engine, gpus_per_node=gpus_per_node)
+            tp = traffic_totals(model, Layout(N, 1), workload, pattern, gpus_per_node=gpus_per_node)
+            pp = traffic_totals(model, Layout(1, N), workload, pattern, gpus_per_node=gpus_per_node)
             row = {"model": model.name, "N": N,
                    "busiest rank: TP / PP": tp["sent_bytes_busiest_rank"] / pp["sent_bytes_busiest_rank"],
                    "all links: TP / PP": tp["link_bytes"] / pp["link_bytes"]}
@@ -293,8 +296,8 @@ def hop_traffic(model: ModelSpec, layout: Layout, workload: Workload, gpus_per_n
     """The stage-to-stage traffic of a generation in the runner's two modes (partitioned, full): bytes over all links
     and across nodes of the hops (their sends and the all-gathers that rebuild them), the token hand-back apart."""
     rows = []
-    for mode, engine in (("partitioned", "deepspeed"), ("full", "deepspeed-full")):
-        calls = [c for c in generation_calls(model, layout, workload, engine)
+    for mode in ("partitioned", "full"):
+        calls = [c for c in generation_calls(model, layout, workload, pattern_of(None, p2p=mode))
                  if c[1] == "all_gather" or (c[1] == "send_recv" and c[2][1] // layout.t == c[2][0] // layout.t + 1)]
         tr = summary(calls, node_of_placement(gpus_per_node))
         rows.append({"mode": mode, "all links": tr["link_bytes"], "across nodes": tr["inter_node_bytes"],
@@ -304,7 +307,7 @@ def hop_traffic(model: ModelSpec, layout: Layout, workload: Workload, gpus_per_n
 
 def latency_parts(model: ModelSpec, hw, layouts: Iterable[Layout], xs: Iterable[int], x: str = "S",
                   b: int = 1, S: int = 1024, G: int = 128, dtype: str = "bf16", gpus_per_node: int | None = None,
-                  engine: str = "deepspeed") -> pd.DataFrame:
+                  framework: str = "deepspeed") -> pd.DataFrame:
     """Predicted TTFT and TPOT split into compute and communication (ms) for each layout as ``x`` ("S" or "b")
     varies: columns layout, ``x``, metric, compute_ms, comm_ms (for :func:`llmcomm.report.plots.latency_stack`)."""
     from ..predict.latency import predict_latency_grid
@@ -316,7 +319,8 @@ def latency_parts(model: ModelSpec, hw, layouts: Iterable[Layout], xs: Iterable[
     for lay in layouts:
         bb = np.array(xs) if x == "b" else b
         SS = np.array(xs) if x == "S" else S
-        lat = predict_latency_grid(model, hw, lay.t, lay.p, bb, SS, G, w, gpus_per_node=gpus_per_node, engine=engine)
+        lat = predict_latency_grid(model, hw, lay.t, lay.p, bb, SS, G, w, gpus_per_node=gpus_per_node,
+                                   deployment=Deployment(framework))
         for i, xv in enumerate(xs):
             for metric, phase in (("TTFT", "prefill"), ("TPOT", "decode")):
                 rows.append({"layout": f"{lay.t}×{lay.p}", x: xv, "metric": metric,
@@ -326,13 +330,13 @@ def latency_parts(model: ModelSpec, hw, layouts: Iterable[Layout], xs: Iterable[
 
 
 def decode_allreduce_facts(model: ModelSpec, hw, t: int, workload: Workload, gpus_per_node: int | None = None,
-                           engine: str = "deepspeed") -> dict:
-    """What the time model charges a TP decode step's all-reduces on ``t`` GPUs of one node under ``engine``'s
-    pattern and default profile: the size of one call, its predicted seconds, the calls per step, and their share of
-    the predicted TPOT; plus the predicted prefill compute and communication."""
+                           framework: str = "deepspeed") -> dict:
+    """What the time model charges a TP decode step's all-reduces on ``t`` GPUs of one node under ``framework``'s
+    pattern and default host profile: the size of one call, its predicted seconds, the calls per step, and their
+    share of the predicted TPOT; plus the predicted prefill compute and communication."""
     from ..predict.latency import predict_latency
 
-    res = predict_latency(model, Layout(t, 1), workload, hw, gpus_per_node=gpus_per_node, engine=engine)
+    res = predict_latency(model, Layout(t, 1), workload, hw, Deployment(framework), gpus_per_node=gpus_per_node)
     dec, pre = res["breakdown"]["decode"], res["breakdown"]["prefill"]
     layer_ar = max((m for m in dec["messages"] if m["op"] == "all_reduce"), key=lambda m: m["calls"])
     per_call = layer_ar["time_s"] / layer_ar["calls"]
@@ -342,14 +346,14 @@ def decode_allreduce_facts(model: ModelSpec, hw, t: int, workload: Workload, gpu
             "prefill_compute_s": pre["compute_s"], "prefill_comm_s": pre["comm_s"]}
 
 
-def host_bound_facts(model: ModelSpec, hw, t: int, workload: Workload, engine: str = "deepspeed") -> dict:
+def host_bound_facts(model: ModelSpec, hw, t: int, workload: Workload, framework: str = "deepspeed") -> dict:
     """One decoder layer of a decode step (the mean step) on one of ``t`` TP ranks: the seconds of its kernels on
-    the device (:func:`llmcomm.predict.compute.layer_op_times`) beside the host seconds the engine profile charges
+    the device (:func:`llmcomm.predict.compute.layer_op_times`) beside the host seconds the host profile charges
     per layer; ``host_bound`` when the host is the slower (on a GPU the layer then costs the host's time)."""
     from ..predict.compute import layer_op_times, phase_context
-    from ..predict.engines import default_profile
+    from ..predict.profiles import profile_for
 
-    prof = default_profile(engine, hw)
+    prof = profile_for(Deployment(framework), hw)
     s, ell, c = phase_context("decode", workload.S, workload.G)
     kernels = float(sum(layer_op_times(model, hw, t, workload.b, s, ell, c, workload.w).values()))
     host = prof.layer_overhead_s("decode", hw)

@@ -98,6 +98,7 @@ def run(ctx: RankContext) -> dict:
     progress = ctx.out_dir / "progress.json"
     rows = []
     for i, (be, op, size) in enumerate(todo):
+        ctx.beat()                                           # progress for the launcher's watchdog
         per, nbytes = elements(op, size, n, itemsize)
         fn = make(be, op, per)
         for _ in range(opts["warmup"]):

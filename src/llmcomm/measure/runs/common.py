@@ -95,12 +95,13 @@ def cache_kwarg(fn) -> str:
 
 @torch.no_grad()
 def generate(forward: Callable, hf_model, input_ids: torch.Tensor, G: int,
-             phase: Callable[[str], ContextManager] | None = None) -> Generation:
+             phase: Callable[[str], ContextManager] | None = None, beat: Callable[[], None] | None = None) -> Generation:
     """Greedy generation of G tokens: 1 prefill forward (``logits_to_keep=1``) + G−1 one-token decode forwards.
 
     ``forward`` is what is called (the HF model, or a DeepSpeed ``InferenceEngine`` wrapping it); ``hf_model`` is the
     HF model itself (for its config and forward signature). ``phase(name)`` (e.g. ``Capture.phase``) is entered around
-    the prefill and around the decode steps.
+    the prefill and around the decode steps; ``beat()`` (the rank's heartbeat) is called after every forward,
+    outside its timing.
     """
     from transformers import DynamicCache
 
@@ -116,6 +117,8 @@ def generate(forward: Callable, hf_model, input_ids: torch.Tensor, G: int,
         tok = logits[:, -1, :].argmax(dim=-1)
         synchronize(device)
         t1 = time.perf_counter()
+    if beat is not None:
+        beat()
     out_tokens.append(tok)
     steps = []
     with phase("decode"):
@@ -126,6 +129,8 @@ def generate(forward: Callable, hf_model, input_ids: torch.Tensor, G: int,
             synchronize(device)
             steps.append(time.perf_counter() - s0)
             out_tokens.append(tok)
+            if beat is not None:
+                beat()
     tokens = torch.stack(out_tokens, dim=1).cpu().tolist()
     ttft = t1 - t0
     return Generation(tokens=tokens, ttft_s=ttft, tpot_s=sum(steps) / len(steps) if steps else 0.0,
@@ -142,29 +147,30 @@ def reference_generations(forward: Callable, prompts: list, workloads: list, on:
             for ids, w in zip(prompts, workloads)]
 
 
-def moe_options(options: dict) -> dict:
-    """The keyword arguments of :func:`llmcomm.measure.moe_adapter.adapt` from a run's ``options["routing"]`` (the
-    fields of :class:`llmcomm.derive.moe.Routing`)."""
-    from llmcomm.derive.moe import Routing
-
-    routing = Routing(**options.get("routing", {}))
+def moe_options(routing) -> dict:
+    """The keyword arguments of :func:`llmcomm.measure.moe_adapter.adapt` and
+    :func:`~llmcomm.measure.moe_adapter.set_routing` for a :class:`llmcomm.deployment.Routing`."""
     return {"dropless": routing.mode == "dropless", "capacity_factor": routing.capacity_factor,
             "min_capacity": routing.min_capacity}
 
 
-def ep_share(hf, prompts: list, workloads: list, j: int, e: int, opts: dict, reference: bool = True):
+def ep_share(hf, prompts: list, workloads: list, j: int, e: int, routings: list, reference: bool = True):
     """What EP rank ``j`` of ``e`` runs: ``(shares, prompts, references)`` — sequences ``[j·b/e, (j+1)·b/e)`` of each
-    configuration, their prompts, and the single-process reference of that share: the same weights adapted with
-    ``ep_size = 1`` (every expert local, no collective in the forward; capacity routing drops by the rank's own token
-    count). Collective: every rank of the world must call it (the adaptation creates the ep_size_1 groups)."""
+    configuration, their prompts, and the single-process reference of that share under the configuration's routing
+    (``routings``, one :class:`llmcomm.deployment.Routing` each): the same weights adapted with ``ep_size = 1`` (every
+    expert local, no collective in the forward; capacity routing drops by the rank's own token count). Collective:
+    every rank of the world must call it (the adaptation creates the ep_size_1 groups)."""
     import copy
 
-    from llmcomm.measure.moe_adapter import adapt
+    from llmcomm.measure.moe_adapter import adapt, set_routing
 
     shares = [(j * w.b // e, (j + 1) * w.b // e) for w in workloads]
     prompts = [ids[lo:hi] for ids, (lo, hi) in zip(prompts, shares)]
-    single = adapt(copy.deepcopy(hf), 1, **opts)
-    references = reference_generations(single, prompts, workloads, on=reference)
+    single = adapt(copy.deepcopy(hf), 1, **moe_options(routings[0]))
+    references = []
+    for ids, w, routing in zip(prompts, workloads, routings):
+        set_routing(single, **moe_options(routing))
+        references += reference_generations(single, [ids], [w], on=reference)
     return shares, prompts, references
 
 

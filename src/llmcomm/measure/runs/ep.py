@@ -1,7 +1,8 @@
 """Rank-side entry of an expert-parallel measurement: ``python -m llmcomm.measure.runs.ep --spec RUN/spec.json --out RUN``.
 
-Expert parallelism with data-parallel attention on e = world-size ranks (a MoE model; ``spec["options"]["routing"]``:
-the fields of :class:`llmcomm.derive.moe.Routing`). Every rank
+Expert parallelism with data-parallel attention on e = world-size ranks (a MoE model; each configuration's routing:
+its options' ``routing``, the fields of :class:`llmcomm.deployment.Routing` — set on the gates before it runs,
+:func:`llmcomm.measure.moe_adapter.set_routing`). Every rank
 
 1. builds the seeded model once and takes its share of each configuration's batch: sequences
    ``[r·b/e, (r+1)·b/e)`` (attention, norms, embedding and head run on the rank's own sequences, replicated weights);
@@ -24,23 +25,24 @@ from llmcomm.measure.runs.rankio import RankContext, rank_main
 def run(ctx: RankContext):
     """The EP experiment on this rank: yields, per configuration, this rank's share of the tokens, its reference,
     timings and routing log."""
-    from llmcomm.measure.moe_adapter import RoutingLog, adapt
+    from llmcomm.measure.moe_adapter import RoutingLog, adapt, set_routing
     from llmcomm.measure.runs.common import build_model, ep_share, generate, moe_options, prompt_ids, warm_up
 
     model, e, r = ctx.model, ctx.world_size, ctx.rank
-    opts = moe_options(ctx.options)
+    routings = [ctx.deployment(i).routing for i in range(len(ctx.workloads))]
     hf = build_model(model, ctx.dtype, ctx.device, seed=ctx.seed)
     prompts = [prompt_ids(w, model.V, seed=ctx.seed, device=ctx.device) for w in ctx.workloads]
-    shares, prompts, references = ep_share(hf, prompts, ctx.workloads, r, e, opts, ctx.reference)
+    shares, prompts, references = ep_share(hf, prompts, ctx.workloads, r, e, routings, ctx.reference)
 
     with ctx.setup_capture() as cap, cap.phase("setup"):
-        ep_model = adapt(hf, e, **opts)
+        ep_model = adapt(hf, e, **moe_options(routings[0]))
     log = RoutingLog(ep_model)
     warm_up(ep_model, ep_model, prompts[0], ctx.workloads[0])
     for i, w in ctx.sweep():
+        set_routing(ep_model, **moe_options(routings[i]))
         log.take()
         with ctx.capture() as cap:
-            gen = generate(ep_model, ep_model, prompts[i], w.G, phase=ctx.phase_hook(cap))
+            gen = generate(ep_model, ep_model, prompts[i], w.G, phase=ctx.phase_hook(cap), beat=ctx.beat)
         yield {"tokens": gen.tokens, "reference_tokens": references[i] and references[i].tokens,
                "timings": gen.timings, "share": list(shares[i]), "routing": log.take()}
 

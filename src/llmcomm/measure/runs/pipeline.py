@@ -35,7 +35,8 @@ Token hand-back: after each forward the last stage takes the argmax and every on
 (int64 ``[b, 1]``) to its peer on stage 0 (``p2p.send(tok, 0)``: DeepSpeed's p2p allows the last→first wrap-around).
 One hand-back per forward, the last one included, so stage 0 — where requests come in — ends holding all G tokens.
 
-Stage-to-stage mode (``options.p2p``): ``"partitioned"`` (default when t > 1, what DeepSpeed's pipe engine does with
+Stage-to-stage mode (each configuration's ``p2p`` option: it may change from one configuration to the next, as the
+hops are this runner's own sends): ``"partitioned"`` (default when t > 1, what DeepSpeed's pipe engine does with
 ``pipe_partitioned``) or ``"full"`` (every TP rank sends the whole ``[b, s, h]`` to its peer). With t = 1 both are the
 plain send of the whole tensor.
 
@@ -59,7 +60,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from llmcomm.derive.patterns import P2P_MODES
+from llmcomm.deployment import P2P_MODES
 from llmcomm.measure.runs.rankio import RankContext, rank_main
 from llmcomm.spec import Layout, ModelSpec, SpecError, stage_layers
 
@@ -125,7 +126,7 @@ class Stage:
     placeholder (their ``input_ids`` are only read for their shape).
     """
 
-    def __init__(self, ctx: RankContext, hf, p2p_mode: str):
+    def __init__(self, ctx: RankContext, hf, p2p_mode: str, routing=None):
         import torch
         import deepspeed
         import deepspeed.comm as dist
@@ -190,14 +191,19 @@ class Stage:
             ranks = list(groups._EXPERT_PARALLEL_GROUP_RANKS[f"ep_size_{e}"])
             if ranks != list(range(self.stage * e, self.stage * e + e)):
                 raise SpecError(f"DeepSpeed put rank {ctx.rank} in EP group {ranks}, not its stage's ranks")
-            self.hf = adapt(self.hf, e, **moe_options(ctx.options))
+            self.hf = adapt(self.hf, e, **moe_options(routing))
         for k, layer in enumerate(self.hf.model.layers):     # run what AutoTP left in the model, whatever it replaced
             self.pipe.forward_funcs[k].layer = layer
         self.first_layer = self.start                         # global index of this stage's first layer (its cache)
         self.cache_kw = cache_kwarg(next(iter(self.hf.model.layers)))
-        self.partitioned = p2p_mode == "partitioned" and t > 1
-        self.p2p_mode = p2p_mode if t > 1 else "full"
+        self.t = t
+        self.set_p2p(p2p_mode)
         self.step_logits: list = []                           # last stage: logits of the last position per forward
+
+    def set_p2p(self, mode: str) -> None:
+        """The stage-to-stage mode from the next forward on (every rank of the launch switches together)."""
+        self.partitioned = mode == "partitioned" and self.t > 1
+        self.p2p_mode = mode if self.t > 1 else "full"
 
     # ------------------------------------------------------------------------------------------------ messages
     def _send_hidden(self, hidden) -> None:
@@ -275,14 +281,13 @@ def run(ctx: RankContext):
     from llmcomm.measure.runs.common import build_model, generate, prompt_ids, reference_generations, warm_up
 
     model, layout = ctx.model, ctx.layout
-    p2p_mode = ctx.options.get("p2p", "partitioned")
-    check_layout(model, layout, ctx.world_size, p2p_mode)   # before any collective: one clear error on every rank
+    deps = [ctx.deployment(i) for i in range(len(ctx.workloads))]
+    for d in deps:                                          # before any collective: one clear error on every rank
+        check_layout(model, layout, ctx.world_size, d.p2p)
     hf = build_model(model, ctx.dtype, ctx.device, seed=ctx.seed)
     prompts = [prompt_ids(w, model.V, seed=ctx.seed, device=ctx.device) for w in ctx.workloads]
     if layout.e > 1:
-        from llmcomm.measure.runs.common import moe_options
-
-        yield from _run_ep(ctx, hf, prompts, p2p_mode, moe_options(ctx.options))
+        yield from _run_ep(ctx, hf, prompts, [d.routing for d in deps])
         return
     last_stage_rank0 = (layout.p - 1) * layout.t
     # Same weights, not yet cut or sharded: the single-process answers. Rank 0 reports their tokens; the first rank
@@ -301,16 +306,17 @@ def run(ctx: RankContext):
         references += reference_generations(recorder, [ids], [w], on=on, hf_model=hf)
 
     with ctx.setup_capture() as cap, cap.phase("setup"):
-        stage = Stage(ctx, hf, p2p_mode)
+        stage = Stage(ctx, hf, deps[0].p2p)
     warm_up(stage, stage.hf, prompts[0], ctx.workloads[0])
     cdb_level = getattr(__import__("deepspeed").comm.comm.cdb, "shm_vector_kernel_level", 0)
     comm = {"backend": torch.distributed.get_backend(),
             "allreduce_path": "shm" if (layout.t > 1 and cdb_level > 0 and
                                         hasattr(torch.ops.deepspeed, "inference_all_reduce_")) else "process_group"}
     for i, w in ctx.sweep():
+        stage.set_p2p(deps[i].p2p)
         stage.step_logits = []
         with ctx.capture() as cap:
-            gen = generate(stage, stage.hf, prompts[i], w.G, phase=ctx.phase_hook(cap))
+            gen = generate(stage, stage.hf, prompts[i], w.G, phase=ctx.phase_hook(cap), beat=ctx.beat)
         diff = None
         if on and ref_logits[i] and stage.last:
             diff = max((a - r).abs().max().item() for a, r in zip(stage.step_logits, ref_logits[i]))
@@ -323,23 +329,25 @@ def run(ctx: RankContext):
                             "logits_max_abs_diff": diff}}
 
 
-def _run_ep(ctx: RankContext, hf, prompts, p2p_mode: str, opts: dict):
+def _run_ep(ctx: RankContext, hf, prompts, routings: list):
     """EP×PP (see the module docs): this rank's share of each batch through the stages, its routing log, and the
-    single-process reference of the share (the same weights, ``ep_size = 1``) on every rank of stage 0."""
-    from llmcomm.measure.moe_adapter import RoutingLog
-    from llmcomm.measure.runs.common import ep_share, generate, warm_up
+    single-process reference of the share (the same weights, ``ep_size = 1``) on every rank of stage 0; each
+    configuration under its own routing."""
+    from llmcomm.measure.moe_adapter import RoutingLog, set_routing
+    from llmcomm.measure.runs.common import ep_share, generate, moe_options, warm_up
 
     e = ctx.layout.e
     j = ctx.rank % e                                        # EP rank: which b/e sequences this rank runs
-    shares, prompts, references = ep_share(hf, prompts, ctx.workloads, j, e, opts, ctx.reference and ctx.rank < e)
+    shares, prompts, references = ep_share(hf, prompts, ctx.workloads, j, e, routings, ctx.reference and ctx.rank < e)
     with ctx.setup_capture() as cap, cap.phase("setup"):
-        stage = Stage(ctx, hf, p2p_mode)
+        stage = Stage(ctx, hf, "full", routings[0])
     log = RoutingLog(stage.hf, first_layer=stage.start)
     warm_up(stage, stage.hf, prompts[0], ctx.workloads[0])
     for i, w in ctx.sweep():
+        set_routing(stage.hf, **moe_options(routings[i]))
         log.take()
         with ctx.capture() as cap:
-            gen = generate(stage, stage.hf, prompts[i], w.G, phase=ctx.phase_hook(cap))
+            gen = generate(stage, stage.hf, prompts[i], w.G, phase=ctx.phase_hook(cap), beat=ctx.beat)
         first = stage.first
         yield {"tokens": gen.tokens if first else None,
                "reference_tokens": references[i].tokens if first and references[i] else None,

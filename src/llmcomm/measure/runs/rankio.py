@@ -16,9 +16,10 @@ not a user command)::
     {"model": {"name": str, "hf_config": {...}} | null,   # ModelSpec.from_hf_config(hf_config, name)
      "layout": {"t": int, "p": int} | null,
      "workload": {"b": int, "S": int, "G": int, "dtype": "fp32"|"bf16"|"fp16"} | null,
-     "workloads": [{"b", "S", "G", "dtype"}, ...] | absent,  # a sweep: one configuration each, one dtype
+     "workloads": [{"b", "S", "G", "dtype",                # a sweep: one configuration each, one dtype,
+                    "options": {...}}, ...] | absent,        #   each with its own options (routing, p2p mode)
      "seed": int, "backend": null|"gloo"|"nccl", "reference": bool, "sync": bool, "capture": bool,
-     "options": {...}}                                       # runner-specific extras (e.g. the benchmark's)
+     "options": {...}}                                       # the launch's: a benchmark's extras
 
 Per-rank result ``RUN/rank{r}.json`` (format ``llmcomm.rank/1``; written to a temporary name and renamed, so a file
 that exists is complete). A sweep runner writes ``RUN/rank{r}.c{i}.json`` in this format for configuration i as soon
@@ -38,6 +39,9 @@ own), and at the end ``RUN/rank{r}.json`` without events and with ``"configs": n
      "timings": {"ttft_s", "tpot_s", "e2e_s", "decode_steps_s"},
      "versions": {"python", "torch", "deepspeed", "transformers", "cuda"},
      ...}                                                  # plus whatever else the runner returned
+
+Heartbeat: ``RUN/rank{r}.beat`` is touched at the start of every configuration, phase and forward
+(:meth:`RankContext.beat`); the launcher's progress watchdog reads its time (:mod:`llmcomm.measure.supervise`).
 
 On an exception the rank writes ``RUN/rank{r}.error.json`` (``{"rank", "error", "traceback"}``) and exits 1; on
 SIGUSR1 it dumps its Python stack to ``RUN/rank{r}.stack`` (the launcher does so on a timeout to tell a hung rank from
@@ -92,6 +96,7 @@ class RankContext:
     dtype: str = "fp32"
     options: dict = field(default_factory=dict)
     workloads: list = field(default_factory=list)    # every configuration of the launch, in order
+    config_options: list = field(default_factory=list)   # each configuration's own options (routing, p2p mode)
     config: int | None = None           # the configuration being captured (sweep runners), for the fault hook
     last_capture: Any = None            # the capture made by capture(); rank_main saves its events
     setup_cap: Any = None               # the capture made by setup_capture(): shared by every configuration
@@ -112,11 +117,24 @@ class RankContext:
         self.setup_cap, self.last_capture = cap, None
         return cap
 
+    def beat(self) -> None:
+        """Tell the launcher this rank makes progress (its progress watchdog; module docs)."""
+        with open(self.out_dir / f"rank{self.rank}.beat", "w") as f:
+            f.write(f"{self.config} {time.time():.3f}")
+
+    def deployment(self, i: int | None = None):
+        """The :class:`~llmcomm.deployment.Deployment` of configuration ``i`` (default: the current one): its routing,
+        stage-to-stage mode and expert layout."""
+        from llmcomm.deployment import Deployment
+
+        i = self.config if i is None else i
+        return Deployment.from_options(self.config_options[i] if i is not None and i < len(self.config_options)
+                                       else {})
+
     def phase_hook(self, cap) -> Callable[[str], Any]:
-        """``cap.phase`` plus the test fault hook (see module docstring)."""
+        """``cap.phase`` with a heartbeat on entering each phase, plus the test fault hook (see module docstring)."""
         kill_rank = os.environ.get("LLMCOMM_TEST_KILL_RANK")
-        if kill_rank is None or int(kill_rank) != self.rank:
-            return cap.phase
+        kill = kill_rank is not None and int(kill_rank) == self.rank
         kill_phase = os.environ.get("LLMCOMM_TEST_KILL_PHASE", "decode")
         kill_config = os.environ.get("LLMCOMM_TEST_KILL_CONFIG")
         mode = os.environ.get("LLMCOMM_TEST_KILL_MODE", "exit")
@@ -124,7 +142,8 @@ class RankContext:
         @contextlib.contextmanager
         def hooked(name):
             with cap.phase(name):
-                if name == kill_phase and (kill_config is None or int(kill_config) == self.config):
+                self.beat()
+                if kill and name == kill_phase and (kill_config is None or int(kill_config) == self.config):
                     _test_fault(mode)
                 yield
 
@@ -134,6 +153,7 @@ class RankContext:
         """``(i, workload)`` for every configuration of the launch, ``self.config`` set to i meanwhile."""
         for i, w in enumerate(self.workloads):
             self.config = i
+            self.beat()
             yield i, w
         self.config = None
 
@@ -240,8 +260,8 @@ def rank_main(run: Callable[[RankContext], Any], entry: str, argv=None) -> int:
             os.environ.pop("LOCAL_SIZE", None)
         from llmcomm.measure.runs.common import pick_device, versions
 
-        workloads = [Workload(**w) for w in spec.get("workloads") or ([spec["workload"]] if spec.get("workload")
-                                                                       else [])]
+        entries = spec.get("workloads") or ([spec["workload"]] if spec.get("workload") else [])
+        workloads = [Workload(**{k: v for k, v in w.items() if k != "options"}) for w in entries]
         workload = workloads[0] if workloads else None
         model = ModelSpec.from_hf_config(spec["model"]["hf_config"], name=spec["model"]["name"]) \
             if spec.get("model") else None
@@ -251,6 +271,7 @@ def rank_main(run: Callable[[RankContext], Any], entry: str, argv=None) -> int:
         ctx = RankContext(rank=rank, local_rank=local_rank, world_size=int(os.environ.get("WORLD_SIZE", "1")),
                           model=model, layout=Layout(**spec["layout"]) if spec.get("layout") else None,
                           workload=workload, workloads=workloads, seed=int(spec.get("seed", 0)),
+                          config_options=[dict(w.get("options") or {}) for w in entries],
                           backend=spec.get("backend"), reference=bool(spec.get("reference", True)),
                           sync=bool(spec.get("sync", False)), capture_enabled=bool(spec.get("capture", True)),
                           out_dir=out, options=options, dtype=dtype, device=pick_device(dtype, local_rank))

@@ -7,12 +7,14 @@ Started on every rank by :func:`llmcomm.measure.launch.measure_many` (through th
 2. builds the seeded model once; rank 0 first runs the single-process reference generation of every configuration
    on it (before any sharding);
 3. under a capture of its own (phase ``setup``): ``deepspeed.init_inference(tp_size=t,
-   replace_with_kernel_inject=False)`` (AutoTP), once; with ``options["experts"] == "sharded"`` a mixture of experts
-   then has every expert sharded t ways (:func:`llmcomm.measure.moe_adapter.shard_experts`);
+   replace_with_kernel_inject=False)`` (AutoTP), once;
 4. one uncaptured, untimed warm-up generation (the first configuration's shape, at most 2 tokens), so that no
    configuration's timings depend on its place in the sweep (the first forward of a process pays one-time costs);
 5. for every configuration of ``spec["workloads"]``, under a fresh capture: the generation (phases ``prefill``,
    ``decode``) with a fresh KV cache, then ``rank{r}.c{i}.json`` (format in :mod:`llmcomm.measure.runs.rankio`).
+   Before the first configuration whose expert layout is ``tp-experts`` a mixture of experts has every expert
+   sharded t ways (:func:`llmcomm.measure.moe_adapter.shard_experts`: local, it sends nothing), and stays so: the
+   launcher runs those configurations last.
 """
 from __future__ import annotations
 
@@ -38,14 +40,17 @@ def run(ctx: RankContext):
     with ctx.setup_capture() as cap, cap.phase("setup"):
         engine = deepspeed.init_inference(hf, tensor_parallel={"tp_size": layout.t}, dtype=TORCH_DTYPES[ctx.dtype],
                                           replace_with_kernel_inject=False)
-        if ctx.options.get("experts") == "sharded":           # tp-experts: every expert's FFN sharded t ways
+    warm_up(engine, engine.module, prompts[0], ctx.workloads[0])
+    sharded = False
+    for i, w in ctx.sweep():
+        if ctx.deployment().experts == "tp-experts" and not sharded:    # every expert's FFN sharded t ways
             from llmcomm.measure.moe_adapter import shard_experts
 
             shard_experts(engine.module, engine.mp_group)
-    warm_up(engine, engine.module, prompts[0], ctx.workloads[0])
-    for i, w in ctx.sweep():
+            warm_up(engine, engine.module, prompts[i], w)
+            sharded = True
         with ctx.capture() as cap:
-            gen = generate(engine, engine.module, prompts[i], w.G, phase=ctx.phase_hook(cap))
+            gen = generate(engine, engine.module, prompts[i], w.G, phase=ctx.phase_hook(cap), beat=ctx.beat)
         yield {"tokens": gen.tokens, "reference_tokens": references[i] and references[i].tokens,
                "timings": gen.timings}
 

@@ -1,8 +1,8 @@
-"""Engine profiles: what an inference engine adds on the host, per phase, beyond the kernels it launches.
+"""Host profiles: what a framework adds on the host, per phase, beyond the kernels it launches.
 
-A profile is a JSON file in ``llmcomm/presets/engines`` (or a path / dict of the same form)::
+A profile is a JSON file in ``llmcomm/presets/profiles`` (or a path / dict of the same form)::
 
-    {"name", "description", "pattern": "deepspeed" | "vllm",      # the message pattern (llmcomm.derive.patterns)
+    {"name", "description", "framework": "deepspeed" | "vllm",    # whose host behaviour (llmcomm.deployment)
      "prefill": PHASE, "decode": PHASE,
      "custom_allreduce": {"max_bytes", "alpha_us", "busbw_GBps"} | null,   # vLLM's one-shot kernel, when on
      "source": {field: where the number comes from}}
@@ -15,7 +15,8 @@ A profile is a JSON file in ``llmcomm/presets/engines`` (or a path / dict of the
                                             #   input preparation, the graph launch itself)
              "host_overlaps_device": bool}  # the host enqueues while the device runs: max(host, kernels)
 
-:func:`default_profile` picks the profile of an engine on a device: DeepSpeed on a CPU preset → ``deepspeed-cpu``
+:func:`profile_for` picks the profile of a deployment on a device: its ``profile`` when it names one, else DeepSpeed on
+a CPU preset → ``deepspeed-cpu``
 (overheads measured by ``llmcomm calibrate``), DeepSpeed on a GPU → ``deepspeed-eager`` (AutoTP refuses CUDA graphs
 with TP > 1), vLLM → ``vllm-v0`` (as the seed paper ran it: V0 engine, decode in CUDA graphs, custom all-reduce off).
 """
@@ -25,43 +26,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..spec import SpecError, preset_names, read_preset_or_file
+from ..deployment import FRAMEWORKS, Deployment
+from ..spec import SpecError, resolve
 
-__all__ = ["EngineProfile", "load_engine", "engine_names", "default_profile", "PHASES"]
+__all__ = ["HostProfile", "load_profile", "profile_for", "PHASES"]
 
 PHASES = ("prefill", "decode")
 
 
-def engine_names() -> list[str]:
-    """Names of the engine profiles shipped in ``llmcomm/presets/engines``."""
-    return preset_names("engines")
-
-
 @dataclass(frozen=True)
-class EngineProfile:
+class HostProfile:
     name: str
-    pattern: str
+    framework: str
     phases: Mapping[str, Mapping[str, Any]]
     custom_allreduce: Mapping[str, Any] | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], name: str = "custom") -> "EngineProfile":
+    def from_dict(cls, d: Mapping[str, Any], name: str = "custom") -> "HostProfile":
         if not isinstance(d, Mapping):
-            raise SpecError(f"engine profile {name!r} is not a JSON object")
+            raise SpecError(f"host profile {name!r} is not a JSON object")
         name = str(d.get("name", name))
         try:
-            pattern = str(d["pattern"])
+            framework = str(d["framework"])
             phases = {ph: dict(d[ph]) for ph in PHASES}
             for ph, v in phases.items():
                 lo = v.get("layer_overhead_us", 0.0)
                 if lo != "calibrated" and float(lo) < 0 or float(v.get("forward_overhead_us", 0.0)) < 0:
                     raise ValueError(f"{ph}: overheads must be ≥ 0")
         except (KeyError, TypeError, ValueError) as e:
-            raise SpecError(f"engine profile {name!r} is malformed: {e}") from None
-        if pattern not in ("deepspeed", "vllm"):
-            raise SpecError(f"engine profile {name!r}: pattern {pattern!r} is not deepspeed or vllm")
-        return cls(name=name, pattern=pattern, phases=phases, custom_allreduce=d.get("custom_allreduce"), raw=dict(d))
+            raise SpecError(f"host profile {name!r} is malformed: {e}") from None
+        if framework not in FRAMEWORKS:
+            raise SpecError(f"host profile {name!r}: framework {framework!r} is not one of {', '.join(FRAMEWORKS)}")
+        return cls(name=name, framework=framework, phases=phases, custom_allreduce=d.get("custom_allreduce"),
+                   raw=dict(d))
 
     def cuda_graphs(self, phase: str) -> bool:
         return bool(self.phases[phase].get("cuda_graphs", False))
@@ -83,19 +81,18 @@ class EngineProfile:
         return not self.cuda_graphs(phase)
 
 
-def load_engine(profile: "str | Path | Mapping[str, Any] | EngineProfile") -> EngineProfile:
-    """An :class:`EngineProfile` from a preset name, a JSON path or a dict."""
-    if isinstance(profile, EngineProfile):
-        return profile
-    if isinstance(profile, Mapping):
-        return EngineProfile.from_dict(profile)
-    data, name = read_preset_or_file("engines", str(profile), "engine profile")
-    return EngineProfile.from_dict(data, name=name)
+def load_profile(profile: "str | Path | Mapping[str, Any] | HostProfile") -> HostProfile:
+    """A :class:`HostProfile` from a preset name, a JSON path or a dict."""
+    return resolve("profiles", profile, HostProfile, "host profile")
 
 
-def default_profile(engine: str, hw) -> EngineProfile:
-    """The profile of message pattern ``engine`` (``deepspeed``, ``deepspeed-full``, ``vllm``) on ``hw``."""
-    if engine.startswith("vllm"):
-        return load_engine("vllm-v0")
-    cpu = hw.raw.get("device") == "cpu"
-    return load_engine("deepspeed-cpu" if cpu else "deepspeed-eager")
+def profile_for(deployment: Deployment | None, hw) -> HostProfile:
+    """The host profile of ``deployment`` on ``hw``: the one it names, else its framework's default — vLLM →
+    ``vllm-v0`` (as the seed paper ran it), DeepSpeed → ``deepspeed-cpu`` on a CPU preset, ``deepspeed-eager`` on a
+    GPU (AutoTP refuses CUDA graphs with TP > 1)."""
+    d = deployment or Deployment()
+    if d.profile is not None:
+        return load_profile(d.profile)
+    if d.framework == "vllm":
+        return load_profile("vllm-v0")
+    return load_profile("deepspeed-cpu" if hw.raw.get("device") == "cpu" else "deepspeed-eager")

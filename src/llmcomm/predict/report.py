@@ -1,0 +1,67 @@
+"""What ``llmcomm predict`` answers, as data: one dict per configuration, the same JSON the command prints.
+
+:func:`predict_report` is the library's answer; the command line only renders it (``--json``: the dict;
+otherwise :func:`llmcomm.report.text.render_rows`), and a chapter calls the same function. The dict is the
+``predict``/``measure`` JSON contract: the configuration (:func:`llmcomm.deployment.config_header`), ``ops`` (the
+predicted rows, :func:`llmcomm.derive.evaluate.rows`), ``traffic`` (the whole generation), ``moe`` (what a mixture
+of experts' rows rest on: :func:`llmcomm.derive.moe.moe_summary` and its pattern), and with a hardware preset
+``latency`` (:func:`llmcomm.predict.latency.predict_latency`) and ``memory`` (per rank: needed, usable, fits).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from ..deployment import Deployment, config_header
+from ..derive.evaluate import rows as predict_rows, traffic_totals
+from ..derive.moe import moe_summary
+from ..spec import Layout, ModelSpec, SpecError, Workload
+from .hardware import GiB, Hardware
+
+__all__ = ["predict_report", "memory_needed"]
+
+
+def memory_needed(model: ModelSpec, layout: Layout, workload: Workload, deployment: Deployment) -> float:
+    """Bytes per rank of the fullest stage (:func:`llmcomm.predict.advise.memory_per_rank`; a mixture of experts by
+    its expert layout, :func:`llmcomm.predict.moe_advice.moe_memory_per_rank`)."""
+    w = workload
+    if model.is_moe:
+        from .moe_advice import moe_memory_per_rank
+
+        d = deployment.resolve(model, layout)
+        return float(moe_memory_per_rank(model, d.experts, layout.t, layout.p, layout.e, w.b, w.S, w.G, w.w)["total"])
+    from .advise import memory_per_rank
+
+    return float(memory_per_rank(model, layout.t, layout.p, w.b, w.S, w.G, w.w)["total"])
+
+
+def predict_report(model: ModelSpec, layout: Layout, workloads: Sequence[Workload], deployment: Deployment | None = None,
+                   hardware: Hardware | None = None, gpus_per_node: int | None = None,
+                   algorithm: str = "ring") -> list[dict]:
+    """One dict per workload (see the module docs). ``algorithm``: how all-reduces move bytes, for the traffic
+    fields (:mod:`llmcomm.derive.traffic`); ``gpus_per_node`` places the ranks (adds ``inter_node_bytes``; the
+    latency takes the hardware preset's when it is None). A host profile needs ``hardware`` (it changes the latency,
+    not the bytes)."""
+    deployment = (deployment or Deployment()).resolve(model, layout.validate(model))
+    if deployment.profile is not None and hardware is None:
+        raise SpecError("a host profile (--engine-profile) needs a hardware preset (it changes the latency, not the "
+                        "bytes)")
+    pattern = deployment.pattern(model, layout)
+    out = []
+    for workload in workloads:
+        workload.validate(model)
+        obj = dict(config_header(model, layout, workload, deployment),
+                   ops=predict_rows(model, layout, workload, pattern, algorithm, gpus_per_node, deployment.routing),
+                   traffic=traffic_totals(model, layout, workload, pattern, algorithm, gpus_per_node,
+                                          deployment.routing))
+        summary = moe_summary(model, layout, workload, deployment.routing)
+        if summary is not None:
+            obj["moe"] = dict(summary, pattern=pattern, experts=deployment.experts)
+        if hardware is not None:
+            from .latency import predict_latency
+
+            obj["latency"] = predict_latency(model, layout, workload, hardware, deployment, gpus_per_node)
+            need = memory_needed(model, layout, workload, deployment)
+            obj["memory"] = {"fits": need <= hardware.usable_memory_bytes, "needed_gib_per_rank": need / GiB,
+                             "usable_gib_per_rank": hardware.usable_memory_bytes / GiB}
+        out.append(obj)
+    return out
