@@ -14,7 +14,9 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from llmcomm.measure.launch import launch_ranks, provenance, rank_spec
+from llmcomm.measure.launch import rank_spec
+from llmcomm.measure.results import provenance
+from llmcomm.measure.supervise import launch_ranks
 from llmcomm.measure.runs.overhead import MODES
 from llmcomm.record import write_json
 from llmcomm.spec import Layout, Workload, load_model
@@ -60,7 +62,7 @@ def main(argv=None) -> dict:
     started = datetime.now(timezone.utc)
     with tempfile.TemporaryDirectory(prefix="llmcomm-overhead-") as tmp:
         records, facts = launch_ranks("llmcomm.measure.runs.overhead", spec, layout.ranks, Path(tmp),
-                                      timeout_s=a.timeout)
+                                      startup_timeout_s=a.timeout, progress_timeout_s=a.timeout)
     r0 = records[0]
     result = {
         "what": "end-to-end generation time under each way of observing the communication, median over reps; "

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from llmcomm import record
-from llmcomm.measure import launch
-from llmcomm.measure.launch import launcher_cmd, read_hostfile
+from llmcomm.measure import launch, supervise
+from llmcomm.measure.supervise import launcher_cmd, read_hostfile
 from llmcomm.measure.runs import common, rankio
 from llmcomm.spec import Layout, SpecError, Workload, load_model
 
@@ -113,22 +113,22 @@ def test_init_distributed_gloo_forced_only_when_asked(monkeypatch):
 # ------------------------------------------------------------------------------------------------ launcher side
 def test_default_env_gpu_node_leaves_ds_accelerator_unset(monkeypatch):
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
-    monkeypatch.setattr(launch, "has_cuda", lambda: True)
-    env = launch.default_env(8)
+    monkeypatch.setattr(supervise, "has_cuda", lambda: True)
+    env = supervise.default_env(8)
     assert "DS_ACCELERATOR" not in env
     assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 8))
-    monkeypatch.setattr(launch, "has_cuda", lambda: False)
-    assert launch.default_env(2)["DS_ACCELERATOR"] == "cpu"
-    assert launch.default_env(2, {"DS_ACCELERATOR": "cuda"})["DS_ACCELERATOR"] == "cuda"   # the caller wins
+    monkeypatch.setattr(supervise, "has_cuda", lambda: False)
+    assert supervise.default_env(2)["DS_ACCELERATOR"] == "cpu"
+    assert supervise.default_env(2, {"DS_ACCELERATOR": "cuda"})["DS_ACCELERATOR"] == "cuda"   # the caller wins
 
 
 def test_gpu_ids_honour_cuda_visible_devices(monkeypatch):
-    monkeypatch.setattr(launch, "has_cuda", lambda: True)
-    assert launch.gpu_ids({"CUDA_VISIBLE_DEVICES": "4,5, 6"}) == ["4", "5", "6"]
-    assert launch.gpu_ids({"CUDA_VISIBLE_DEVICES": ""}) == []
-    assert launch.gpu_ids({"CUDA_VISIBLE_DEVICES": "-1"}) == []
-    monkeypatch.setattr(launch, "has_cuda", lambda: False)
-    assert launch.gpu_ids({}) == []
+    monkeypatch.setattr(supervise, "has_cuda", lambda: True)
+    assert supervise.gpu_ids({"CUDA_VISIBLE_DEVICES": "4,5, 6"}) == ["4", "5", "6"]
+    assert supervise.gpu_ids({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert supervise.gpu_ids({"CUDA_VISIBLE_DEVICES": "-1"}) == []
+    monkeypatch.setattr(supervise, "has_cuda", lambda: False)
+    assert supervise.gpu_ids({}) == []
 
 
 def _world_info(cmd):
@@ -141,7 +141,7 @@ def test_launcher_cmd_one_node():
                        local_ids=["2", "3", "5", "7"])
     assert cmd[1:5] == ["-u", "-m", "deepspeed.launcher.launch", cmd[4]]
     assert _world_info(cmd) == {"localhost": ["2", "3", "5", "7"]}
-    assert cmd[5:] == ["--master_addr=127.0.0.1", "--master_port=29500", "--module", "llmcomm.measure.launch",
+    assert cmd[5:] == ["--master_addr=127.0.0.1", "--master_port=29500", "--module", "llmcomm.measure.supervise",
                        "--entry", "llmcomm.measure.runs.tp", "--spec", "R/spec.json", "--out", "R"]
     assert _world_info(launcher_cmd("e", Path("s"), Path("o"), 2, 1)) == {"localhost": [0, 1]}
 
@@ -149,7 +149,7 @@ def test_launcher_cmd_one_node():
 def test_launcher_cmd_hostfile_uses_the_runner(tmp_path):
     cmd = launcher_cmd("llmcomm.measure.runs.tp", Path("R/spec.json"), Path("R"), 16, 29501, hostfile="hosts")
     assert cmd[1:] == ["-u", "-m", "deepspeed.launcher.runner", "--hostfile", "hosts", "--master_port=29501",
-                       "--module", "llmcomm.measure.launch", "--entry", "llmcomm.measure.runs.tp", "--spec",
+                       "--module", "llmcomm.measure.supervise", "--entry", "llmcomm.measure.runs.tp", "--spec",
                        "R/spec.json", "--out", "R"]
 
 
@@ -177,10 +177,10 @@ def test_measure_hostfile_checks_slots_and_shared_out(tmp_path):
 
 def test_launch_refuses_more_ranks_than_gpus(monkeypatch, tmp_path):
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
-    monkeypatch.setattr(launch, "has_cuda", lambda: True)
+    monkeypatch.setattr(supervise, "has_cuda", lambda: True)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     with pytest.raises(SpecError, match="2 ranks need 2 GPUs .* this node shows 1"):
-        launch.launch_ranks("llmcomm.measure.runs.tp", {}, 2, tmp_path, timeout_s=5)
+        supervise.launch_ranks("llmcomm.measure.runs.tp", {}, 2, tmp_path, progress_timeout_s=5)
     assert not list(tmp_path.glob("rank*"))                 # nothing was started
 
 
@@ -253,9 +253,9 @@ def test_single_gpu_dry_run_layers(tmp_path, monkeypatch):
     assert list(df.columns) == mod.LAYER_COLUMNS
     assert sorted(df.phase) == ["decode", "prefill"]
     assert set(df.kv_len) == {0, 8} and (df.median_s > 0).all() and (df.flops > 0).all()
-    prov = json.loads((folder / "layer_times.json").read_text())
-    assert prov["mode"].startswith("dry-run") and prov["columns"] == mod.LAYER_COLUMNS
-    assert {"torch", "transformers", "deepspeed"} <= set(prov["versions"])
+    side = json.loads((folder / "layer_times.json").read_text())
+    assert side["mode"].startswith("dry-run") and side["columns"] == mod.LAYER_COLUMNS
+    assert {"torch", "transformers", "deepspeed"} <= set(side["provenance"]["versions"])
 
 
 @pytest.mark.slow

@@ -1,8 +1,6 @@
-"""Sweeps in one launch: many configurations per set of ranks, each captured on its own, JSON Lines out, results kept
-when a sweep fails part-way, ``--resume``; and the JIT op-load lock that keeps a killed run from hanging the next.
-
-Fast tests check the pieces (grid order, file names, the CLI's JSON Lines, the configuration collector, the lock,
-the hang messages); the slow ones start real DeepSpeed ranks on CPU."""
+"""Sweeps in one launch: many configurations per set of ranks, JSON Lines out, the results folder and ``--resume``,
+the run cache, the watchdogs; and the JIT op-load lock that keeps a killed run from hanging the next. No rank is
+started here (the pieces, each on its own); ``tests/test_launch.py`` starts real ones."""
 from __future__ import annotations
 
 import contextlib
@@ -16,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from llmcomm.cli import main, result_name
-from llmcomm.compare.sweeps import Config, measure_configs, predicted_like
-from llmcomm.measure import launch, oplock
-from llmcomm.measure.launch import RunError, measure_many
+from llmcomm.cli import main
+from llmcomm.compare.sweeps import Config, measure_configs
+from llmcomm.deployment import Deployment, Routing
+from llmcomm.measure import diagnose, launch, oplock, supervise
+from llmcomm.measure.cache import RunCache
+from llmcomm.measure.launch import measure_many
+from llmcomm.measure.results import MeasureResult, ResultsFolder
 from llmcomm.spec import Layout, SpecError, Workload, load_model, workload_grid
-from support import core, measured
 
 TINY = load_model("tiny-llama")
 
@@ -59,30 +59,99 @@ def test_predict_lists_print_one_json_line_per_configuration_equal_to_single_run
         assert (obj["batch"], obj["prompt"], obj["generate"]) == (w.b, w.S, w.G)
 
 
-def test_result_name_and_resume_needs_out():
-    assert result_name(TINY, Layout(2, 2), Workload(3, 8, 2), "full") == "tiny-llama_t2_p2_b3_S8_G2_fp32_full.json"
-    assert result_name(TINY, Layout(2, 1), Workload(1, 8, 4), "full") == "tiny-llama_t2_p1_b1_S8_G4_fp32.json"
+def test_result_names_and_resume_needs_out(tmp_path):
+    folder = ResultsFolder(tmp_path, TINY, Layout(2, 2))
+    assert folder.name(Workload(3, 8, 2), Deployment(p2p="full")) == "tiny-llama_t2_p2_b3_S8_G2_fp32_full.json"
+    assert ResultsFolder(tmp_path, TINY, Layout(2, 1)).name(Workload(1, 8, 4), Deployment(p2p="full")) == \
+        "tiny-llama_t2_p1_b1_S8_G4_fp32.json"
+    mix = ResultsFolder(tmp_path, load_model("tiny-mixtral"), Layout(1, 1, 2))
+    assert mix.name(Workload(4, 7, 3), Deployment(routing=Routing("dropless"))) == \
+        "tiny-mixtral_t1_p1_e2_dropless_b4_S7_G3_fp32.json"
     status, _, err = _cli(["measure", "--model", "tiny-llama", "--tp", "2", "--resume"])
     assert status == 2 and "--resume needs --out" in err
 
 
-def test_measure_many_refuses_mixed_dtypes_and_empty_sweeps():
+def test_stored_results_are_found_only_for_the_same_configuration_and_backend(tmp_path):
+    folder, w, d = ResultsFolder(tmp_path, TINY, Layout(2)), Workload(1, 8, 4), Deployment()
+    head = {"model": "tiny-llama", "tp": 2, "batch": 1}
+    assert folder.stored(w, d, head, None) is None                          # nothing there
+    folder.write(w, d, dict(head, ops=[], provenance={"backend_requested": None}))
+    assert folder.stored(w, d, head, None)["ops"] == []
+    assert folder.stored(w, d, head, "gloo") is None                        # another backend
+    assert folder.stored(w, d, dict(head, batch=2), None) is None           # another configuration
+    folder.path(w, d).write_text("{half")                                   # not a complete result
+    assert folder.stored(w, d, head, None) is None
+
+
+def test_run_cache_keys_and_round_trip(tmp_path):
+    res = MeasureResult(rows=[{"phase": "prefill"}], tokens=[[1, 2]], reference_tokens=[[1, 2]], ttft_s=0.1,
+                        tpot_s=0.01, e2e_s=0.2, events=[], provenance={"git": "x"}, ranks=[{"rank": 0}],
+                        traffic={"bytes": 4})
+    cache = RunCache(tmp_path)
+    a = RunCache.key({"model": "tiny-llama", "workload": {"b": 1}})
+    assert a == RunCache.key({"workload": {"b": 1}, "model": "tiny-llama"})            # order-free
+    assert a != RunCache.key({"model": "tiny-llama", "workload": {"b": 2}})
+    assert cache.get(a) is None
+    cache.put(a, res)
+    assert cache.get(a) == res
+
+
+def test_the_cache_is_bypassed_where_a_run_must_really_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMCOMM_RUN_CACHE", str(tmp_path))
+    monkeypatch.delenv("LLMCOMM_TEST_KILL_RANK", raising=False)
+    assert launch._cache_for(None, None, None).root == tmp_path
+    assert launch._cache_for({"X": "1"}, None, None) is None                 # an explicit environment
+    assert launch._cache_for(None, tmp_path, None) is None                   # a kept run folder
+    monkeypatch.setenv("LLMCOMM_TEST_KILL_RANK", "1")
+    assert launch._cache_for(None, None, None) is None                       # a fault injected
+    monkeypatch.delenv("LLMCOMM_RUN_CACHE")
+    monkeypatch.delenv("LLMCOMM_TEST_KILL_RANK")
+    assert launch._cache_for(None, None, None) is None                       # no cache asked for
+
+
+def test_cached_configurations_are_handed_over_without_a_launch(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMCOMM_RUN_CACHE", str(tmp_path))
+    ws = [Workload(1, 8, 4), Workload(2, 5, 3)]
+    started = []
+    monkeypatch.setattr(launch, "launch_ranks", lambda *a, **k: started.append(a) or ([], {}))
+    fake = MeasureResult([], [[1]], [[1]], 0.1, 0.0, 0.1, [], {}, [], {})
+    calls = []
+    monkeypatch.setattr(RunCache, "get", lambda self, key: fake)
+    got = measure_many(TINY, Layout(2), ws, on_result=lambda i, r: calls.append(i))
+    assert got == [fake, fake] and calls == [0, 1] and started == []
+
+
+def test_measure_many_refuses_before_any_rank_starts():
     with pytest.raises(SpecError, match="one dtype"):
         measure_many(TINY, Layout(2), [Workload(1, 8, 2, "fp32"), Workload(1, 8, 2, "bf16")])
     with pytest.raises(SpecError, match="no workload"):
         measure_many(TINY, Layout(2), [])
+    mix = load_model("tiny-mixtral")
+    with pytest.raises(SpecError, match="tp-experts configurations come last"):
+        measure_many(mix, Layout(2), [Workload(4, 7, 3)] * 2,
+                     deployment=[Deployment(experts="tp-experts"), Deployment(experts="autotp")])
+    with pytest.raises(SpecError, match="one Deployment per workload"):
+        measure_many(mix, Layout(2), [Workload(4, 7, 3)] * 2, deployment=[Deployment()])
+    with pytest.raises(SpecError, match="vllm is predicted only"):
+        measure_many(TINY, Layout(2), [Workload(1, 8, 2)], deployment=Deployment("vllm"))
+    with pytest.raises(SpecError, match="stage would hold no layer"):
+        measure_many(TINY, Layout(1, 5), [Workload(1, 4, 2)])
+    with pytest.raises(SpecError, match="progress_timeout_s"):
+        supervise.launch_ranks("llmcomm.measure.runs.tp", {}, 2, Path("/nonexistent"), progress_timeout_s=0)
 
 
-def test_rank_spec_lists_every_workload():
+def test_rank_spec_lists_every_workload_with_its_options():
     ws = [Workload(1, 8, 4), Workload(2, 1, 1)]
-    spec = launch.rank_spec(TINY, Layout(2), ws)
-    assert spec["workloads"] == [w.as_dict() for w in ws] and spec["workload"] == ws[0].as_dict()
+    spec = launch.rank_spec(TINY, Layout(2, 2), ws, deployments=[Deployment(), Deployment(p2p="full")])
+    assert spec["workloads"] == [dict(ws[0].as_dict(), options={"p2p": "partitioned"}),
+                                 dict(ws[1].as_dict(), options={"p2p": "full"})]
+    assert spec["workload"] == ws[0].as_dict()
     assert "workloads" not in launch.rank_spec(TINY, Layout(2), ws[0])
 
 
 def test_configs_are_handed_over_in_order_once_when_every_rank_has_them(tmp_path):
     got = []
-    c = launch._Configs(tmp_path, 2, 3, lambda i, recs, facts: got.append((i, [r["rank"] for r in recs])), {})
+    c = supervise._Configs(tmp_path, 2, 3, lambda i, recs, facts: got.append((i, [r["rank"] for r in recs])), {})
     (tmp_path / "rank0.c0.json").write_text('{"rank": 0}')
     (tmp_path / "rank0.c1.json").write_text('{"rank": 0}')
     assert not c.collect() and got == []                  # rank 1 has not finished configuration 0
@@ -96,7 +165,7 @@ def test_configs_are_handed_over_in_order_once_when_every_rank_has_them(tmp_path
 def test_measure_configs_groups_by_model_and_layout_in_one_launch_each():
     calls = []
 
-    def runner(model, layout, workloads, on_result=None, **kw):
+    def runner(model, layout, workloads, on_result=None, deployment=None, **kw):
         calls.append((model.name, layout.t, layout.p, [w.label for w in workloads]))
         res = [f"{model.name} {layout.t}x{layout.p} {w.label}" for w in workloads]
         for i, r in enumerate(res):
@@ -110,6 +179,33 @@ def test_measure_configs_groups_by_model_and_layout_in_one_launch_each():
                      ("tiny-llama", 1, 2, ["b=1 S=8 G=4 fp32"]), ("tiny-llama-tied", 2, 1, ["b=1 S=8 G=4 fp32"])]
     assert [c for c, _, _ in out] == cfgs                  # results in the order of the configurations
     assert [r for _, _, r in out] == [f"{c.model} {c.t}x{c.p} {c.workload.label}" for c in cfgs]
+    # inside a launch the tp-experts configurations run last (sharding cannot be undone), handed back in order
+    calls.clear()
+    mix = [Config("tiny-mixtral", 2, 1, 4, 7, 3, experts="tp-experts"), Config("tiny-mixtral", 2, 1, 2, 5, 3)]
+    out = measure_configs(mix, runner, progress=False)
+    assert calls == [("tiny-mixtral", 2, 1, ["b=2 S=5 G=3 fp32", "b=4 S=7 G=3 fp32"])]
+    assert [c for c, _, _ in out] == mix and out[0][2].endswith("b=4 S=7 G=3 fp32")
+
+
+def test_watchdog_start_up_then_progress(tmp_path, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(supervise.time, "monotonic", lambda: clock[0])
+    dog = supervise._Watchdog(tmp_path, 2, startup_s=100, progress_s=5)
+    clock[0] = 50
+    assert dog.expired() is None                                   # still starting
+    (tmp_path / "rank0.beat").write_text("0")
+    clock[0] = 101
+    assert "start-up timeout; 1 of 2 ranks" in dog.expired()
+    dog = supervise._Watchdog(tmp_path, 2, startup_s=100, progress_s=5)
+    (tmp_path / "rank1.beat").write_text("0")
+    clock[0] = 102
+    assert dog.expired() is None and dog.started                   # both beat once: progress watch from now
+    clock[0] = 106
+    assert dog.expired() is None
+    clock[0] = 108
+    assert "no progress for 5 s (progress timeout)" in dog.expired()
+    os.utime(tmp_path / "rank1.beat", ns=(10 ** 9, 10 ** 9))       # a new beat
+    assert dog.expired() is None
 
 
 def test_progress_is_off_under_ci_and_when_asked(monkeypatch):
@@ -126,10 +222,18 @@ def test_progress_is_off_under_ci_and_when_asked(monkeypatch):
 
 
 def test_hang_message_is_never_empty(tmp_path):
-    _, what = launch._diagnose_hang(tmp_path, [])
+    _, what = diagnose.diagnose_hang(tmp_path, [])
     assert what == "every rank had written its result, but the launcher had not exited"
-    culprits, what = launch._diagnose_hang(tmp_path, [0, 1])
+    culprits, what = diagnose.diagnose_hang(tmp_path, [0, 1])
     assert culprits == [0, 1] and what.startswith("rank 0: no stack")
+
+
+def test_first_failure_names_the_rank_that_went_first(tmp_path):
+    (tmp_path / "rank1.exit.json").write_text(json.dumps({"rank": 1, "returncode": 3, "t": 5.0}))
+    (tmp_path / "rank0.exit.json").write_text(json.dumps({"rank": 0, "returncode": -9, "t": 4.0}))
+    assert diagnose.first_failure(tmp_path, 2, 1) == (1, "rank 1 exited with status 3 before writing its result")
+    (tmp_path / "rank0.error.json").write_text(json.dumps({"rank": 0, "error": "SpecError: no"}))
+    assert diagnose.first_failure(tmp_path, 2, 1) == (0, "rank 0 failed: SpecError: no")
 
 
 # -------------------------------------------------------------------------------------------- the op-load lock
@@ -181,101 +285,3 @@ def test_describe_wait_names_torch_baton(tmp_path):
     what = oplock.describe_wait(frames, _env(tmp_path))
     assert str(tmp_path / "deepspeed_shm_comm" / "lock") in what and "189245" in what
     assert oplock.describe_wait([("/x/torch.py", "51", "all_reduce")], _env(tmp_path)) is None
-
-
-# ------------------------------------------------------------------------------------------ slow: real ranks
-from test_tp_exact import SWEEP          # noqa: E402  (the same launch as the TP exactness tests: support.measured)
-
-
-@pytest.fixture(scope="module")
-def tp_sweep():
-    return measured("tiny-llama", Layout(2), SWEEP, backend=None, timeout_s=240)
-
-
-@pytest.mark.slow
-def test_tp_sweep_is_exact_per_configuration_in_one_launch(tp_sweep):
-    assert len(tp_sweep) == len(SWEEP)
-    ports = {r.provenance["master_port"] for r in tp_sweep}
-    assert len(ports) == 1                                               # one launch
-    assert [r.provenance["launch"]["index"] for r in tp_sweep] == [0, 1, 2, 3]
-    for w, res in zip(SWEEP, tp_sweep):
-        measured = [r for r in res.rows if r["phase"] != "setup"]
-        assert measured == predicted_like(TINY, Layout(2), w, res)      # calls, bytes and traffic, counted alike
-        assert res.tokens == res.reference_tokens and len(res.tokens) == w.b and len(res.tokens[0]) == w.G
-
-
-@pytest.mark.slow
-def test_nothing_leaks_from_one_configuration_into_the_next(tp_sweep):
-    first, again = tp_sweep[0], tp_sweep[3]                              # the same workload, before and after
-    assert first.rows == again.rows and first.tokens == again.tokens and first.traffic == again.traffic
-    setups = [core([r for r in res.rows if r["phase"] == "setup"]) for res in tp_sweep]
-    assert setups == [[{"phase": "setup", "op": "broadcast", "group_size": 2, "calls": 1, "bytes": 5056}]] * 4
-    # G = 1 (configuration 1): no decode row at all; S = 1 prefill is one token per sequence
-    assert {r["phase"] for r in tp_sweep[1].rows} == {"setup", "prefill"}
-    # the KV cache starts empty in every configuration: per-configuration events are exactly this config's calls
-    assert sum(r["calls"] for r in tp_sweep[1].rows if r["phase"] == "prefill") == 2 * TINY.L + 1
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("layout,workloads", [
-    (Layout(1, 2), [Workload(2, 8, 4), Workload(1, 1, 1), Workload(3, 3, 2)]),
-    (Layout(2, 2), [Workload(1, 6, 3), Workload(3, 4, 2)]),
-], ids=["pp2", "tp2xpp2"])
-def test_pipeline_sweeps_are_exact_per_configuration(layout, workloads):
-    results = measure_many(TINY, layout, workloads, timeout_s=300, options={"p2p": "partitioned"})
-    assert len({r.provenance["master_port"] for r in results}) == 1
-    for w, res in zip(workloads, results):
-        assert [r for r in res.rows if r["phase"] != "setup"] == predicted_like(TINY, layout, w, res)
-        assert res.tokens == res.reference_tokens
-        diffs = [r["pipeline"]["logits_max_abs_diff"] for r in res.ranks if r["pipeline"]["logits_max_abs_diff"]
-                 is not None]
-        assert diffs and max(diffs) < 1e-4
-
-
-@pytest.mark.slow
-def test_killed_rank_mid_sweep_keeps_earlier_results_and_resume_finishes(tmp_path):
-    out = tmp_path / "out"
-    argv = ["measure", "--model", "tiny-llama", "--tp", "2", "--batch", "1", "2", "3", "--prompt", "8",
-            "--generate", "3", "--json", "--out", str(out), "--timeout", "120"]
-    kill = {"LLMCOMM_TEST_KILL_RANK": "1", "LLMCOMM_TEST_KILL_CONFIG": "1", "LLMCOMM_TEST_KILL_PHASE": "decode"}
-    status, stdout, stderr = _cli(argv, env=kill)
-    assert status == 1
-    assert "rank 1" in stderr and "configuration 2 of 3 (b=2 S=8 G=3 fp32; 1 finished before it)" in stderr
-    assert "1 of 3 configurations to run finished before the failure" in stderr
-    names = [result_name(TINY, Layout(2), Workload(b, 8, 3), "partitioned") for b in (1, 2, 3)]
-    assert sorted(p.name for p in out.glob("*.json")) == [names[0]]      # the finished one, complete
-    kept = json.loads((out / names[0]).read_text())
-    assert json.loads(stdout.splitlines()[0]) == kept and kept["tokens"] and len(stdout.splitlines()) == 1
-    # the same sweep again, with --resume: configuration 1 is not measured again, the others are, in one launch
-    status, stdout, stderr = _cli(argv + ["--resume"], env={})
-    assert status == 0, stderr
-    lines = [json.loads(ln) for ln in stdout.splitlines()]
-    assert [o["batch"] for o in lines] == [1, 2, 3] and lines[0] == kept
-    assert [o["provenance"]["launch"] for o in lines[1:]] == [
-        dict(lines[1]["provenance"]["launch"], index=0, configs=2), dict(lines[2]["provenance"]["launch"], index=1,
-                                                                        configs=2)]
-    assert all(json.loads((out / n).read_text()) == o for n, o in zip(names, lines))
-    # the natural check: predict with the same lists prints the same rows (setup apart; CPU: one-shot shm
-    # all-reduce, both ranks on one host)
-    st, pred, _ = _cli(["predict", *argv[1:argv.index("--out")], "--algorithm", "direct", "--gpus-per-node", "2"])
-    assert st == 0
-    assert [json.loads(ln)["ops"] for ln in pred.splitlines()] == [
-        [r for r in o["ops"] if r["phase"] != "setup"] for o in lines]
-
-
-@pytest.mark.slow
-def test_rank_killed_inside_the_op_load_does_not_hang_the_next_run():
-    """pytorch/pytorch#189245: a rank killed inside torch's JIT load leaves torch's baton behind, and without the
-    lock every later run waited on it forever. Here rank 0 dies right after torch took the baton (the real one);
-    the next run must succeed."""
-    env = {"LLMCOMM_TEST_KILL_RANK": "0", "LLMCOMM_TEST_KILL_MODE": "in_op_load"}
-    with pytest.raises(RunError, match="rank 0 exited with status 3") as err:
-        measure_many(TINY, Layout(2), [Workload(1, 4, 2)], timeout_s=60, env=env)
-    assert err.value.rank == 0
-    # torch's baton is left behind, unless rank 1 took the lock after rank 0 died (then it removed it): put it back,
-    # the state a killed load leaves, for the next run to meet.
-    _, baton = oplock.lock_paths(env=launch.default_env(2))
-    baton.parent.mkdir(parents=True, exist_ok=True)
-    baton.touch()
-    res = measure_many(TINY, Layout(2), [Workload(1, 4, 2)], timeout_s=120)[0]
-    assert res.tokens == res.reference_tokens and not baton.exists()

@@ -1,15 +1,12 @@
-"""The ``llmcomm`` command: every subcommand, and the only module that parses a user's arguments.
-
-It parses, calls the library, renders: ``predict`` → :func:`llmcomm.predict.report.predict_report`; ``measure`` →
-:func:`llmcomm.measure.launch.measure_sweep`; ``cost`` → :func:`llmcomm.predict.cost.cost_report`; ``advise`` →
-:func:`llmcomm.predict.advise.advise_report`; ``bench-collectives`` → :func:`llmcomm.measure.bench.run_bench`;
-``calibrate`` → :mod:`llmcomm.compare.calibration`; ``validate-time`` →
-:func:`llmcomm.compare.validate.validate_time_runs`. ``--json`` prints the library's dict (one JSON object per
-configuration, JSON Lines for several), otherwise :mod:`llmcomm.report.text` renders the same dict.
-
-Inputs are resolved here, once — model, hardware, the :class:`~llmcomm.deployment.Deployment` — and passed inward as
-objects; paths a command will write are checked before anything runs. Exit status: 0 success; 2 bad input (one line
-on stderr, no traceback); 1 a failed run (one line naming the rank, then the tail of its log).
+"""The ``llmcomm`` command: every subcommand, and the only module that parses a user's arguments. It parses, calls
+the library (``predict`` → :func:`llmcomm.predict.report.predict_report`, ``measure`` →
+:func:`llmcomm.measure.launch.measure_sweep`, ``cost`` → :func:`llmcomm.predict.cost.cost_report`, ``advise`` →
+:func:`llmcomm.predict.advise.advise_report`, ``bench-collectives`` → :func:`llmcomm.measure.bench.run_bench`,
+``calibrate`` → :mod:`llmcomm.compare.calibration`, ``validate-time`` →
+:func:`llmcomm.compare.validate.validate_time_runs`) and renders: ``--json`` the library's dict (JSON Lines for
+several configurations), else :mod:`llmcomm.report.text` of the same dict. Inputs — model, hardware, the
+:class:`~llmcomm.deployment.Deployment` — are resolved here once; what a command will write is checked before
+anything runs. Exit status: 0 success; 2 bad input (one line on stderr); 1 a failed run (one line naming the rank).
 """
 from __future__ import annotations
 
@@ -76,29 +73,22 @@ def _hardware(name):
 
 def cmd_predict(args) -> int:
     from .predict.report import predict_report
-    from .report.text import render_rows
+    from .report.text import render_memory_warning, render_rows
 
     model, layout, workloads, deployment = _specs(args)
-    hw = _hardware(args.hardware)
-    for obj in predict_report(model, layout, workloads, deployment, hw, args.gpus_per_node, args.algorithm):
-        mem = obj.get("memory")
-        if mem and not mem["fits"]:
-            print(f"llmcomm: warning: {model.name} t={layout.t} p={layout.p} b={obj['batch']} S={obj['prompt']} "
-                  f"G={obj['generate']} {obj['dtype']} needs {mem['needed_gib_per_rank']:.1f} GiB per rank; "
-                  f"{hw.name} has {mem['usable_gib_per_rank']:.1f} GiB usable: it does not fit (numbers printed "
-                  f"anyway)", file=sys.stderr)
+    for obj in predict_report(model, layout, workloads, deployment, _hardware(args.hardware), args.gpus_per_node,
+                              args.algorithm):
+        if render_memory_warning(obj):
+            print(render_memory_warning(obj), file=sys.stderr)
         _emit(obj, args.json, render_rows(obj), len(workloads) > 1)
     return 0
 
 
 def cmd_measure(args) -> int:
     from .measure.launch import measure_sweep
-    from .record import writable_dir
     from .report.text import render_rows
 
     model, layout, workloads, deployment = _specs(args)
-    if args.out:
-        writable_dir(args.out, "--out")
     measure_sweep(model, layout, workloads, deployment, out=args.out, resume=args.resume,
                   backend=None if args.backend == "auto" else args.backend, hostfile=args.hostfile,
                   progress_timeout_s=args.timeout, startup_timeout_s=args.startup_timeout,
@@ -142,38 +132,34 @@ def cmd_bench(args) -> int:
                         machine=args.machine, dtype=args.dtype, warmup=args.warmup, min_reps=args.min_reps,
                         max_reps=args.max_reps, point_s=args.point_seconds, sample_s=args.sample_seconds,
                         timeout_s=args.timeout, append=args.append, progress=not args.no_progress,
-                        command="llmcomm " + shlex.join(args.argv))
+                        command=args.command)
     print(render_bench(df, out))
     return 0
 
 
 def cmd_calibrate(args) -> int:
+    from pathlib import Path
+
     from .compare import calibration
     from .record import writable_dir
-    from .report.text import render_fits, render_in_run
+    from .report.text import render_fits, render_gpu_fits, render_in_run
 
-    command = "llmcomm " + shlex.join(args.argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    if args.write:
-        from pathlib import Path
-
-        writable_dir(Path(args.write).parent, "--write folder")
-    write = args.write if args.write else None              # "" (a bare --write): the default file
+    write = args.write or None                               # "" (a bare --write): the default file
+    if write:
+        writable_dir(Path(write).parent, "--write folder")
     if args.public_gpu:
-        tables = calibration.calibrate_public_gpu(command, log)
-        print(tables["kernels"][tables["kernels"].validation == "lomo"].to_string(index=False))
-        print(tables["collectives"][tables["collectives"].validation == "logo"].to_string(index=False))
-        return 0
-    if args.in_run:
+        print(render_gpu_fits(calibration.calibrate_public_gpu(args.command, log)))
+    elif args.in_run:
         if args.write is None:
             raise SpecError("calibrate --in-run writes the calibration's in_run section: give --write [PATH]")
-        print(render_in_run(calibration.calibrate_in_run(args.reps, command, write, log)))
-        return 0
-    _, fits = calibration.read_bench_table(args.csv)
-    print(fits.to_json(orient="records") if args.json else render_fits(fits))
-    if args.write is not None:
-        calibration.calibrate_cpu_local(args.csv, write, compute=args.compute, threads=args.threads, command=command)
-        print(f"wrote the cpu-local calibration ({write or 'data/calibration/cpu-local.json'})")
+        print(render_in_run(calibration.calibrate_in_run(args.reps, args.command, write, log)))
+    else:
+        _, fits = calibration.read_bench_table(args.csv)
+        print(fits.to_json(orient="records") if args.json else render_fits(fits))
+        if args.write is not None:
+            calibration.calibrate_cpu_local(args.csv, write, args.compute, args.threads, args.command)
+            print(f"wrote the cpu-local calibration ({write or 'data/calibration/cpu-local.json'})")
     return 0
 
 
@@ -181,44 +167,42 @@ def cmd_validate_time(args) -> int:
     from .compare.validate import validate_time_runs
     from .report.text import render_validation
 
-    validate_time_runs(_hardware(args.hardware), args.runs, args.reps, args.out, "llmcomm " + shlex.join(args.argv),
+    validate_time_runs(_hardware(args.hardware), args.runs, args.reps, args.out, args.command,
                        log=lambda s: print(render_validation([s]), flush=True))
     return 0
 
 
 # ----------------------------------------------------------------------------------------------------------- parser
 def _add_spec_args(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--model", required=True, help="preset name or path to an HF config.json")
-    sp.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree t")
-    sp.add_argument("--pp", type=positive_int, default=1, help="pipeline-parallel degree p")
-    sp.add_argument("--batch", type=positive_int, nargs="+", default=[1], metavar="B", help="batch size b")
-    sp.add_argument("--prompt", type=positive_int, nargs="+", default=[16], metavar="S", help="prompt length S")
-    sp.add_argument("--generate", type=positive_int, nargs="+", default=[4], metavar="G", help="generated tokens G")
-    sp.add_argument("--dtype", choices=list(DTYPE_BYTES), nargs="+", default=["fp32"],
-                    help="several values of --batch/--prompt/--generate/--dtype: the cross product, one result each "
-                         "(order: dtype, batch, prompt, generate; --json prints JSON Lines)")
-    sp.add_argument("--p2p", choices=list(P2P_MODES), default="partitioned",
-                    help="stage-to-stage mode of the DeepSpeed pipeline runner when --pp > 1: " +
-                         "; ".join(f"'{k}': {v}" for k, v in P2P_MODES.items()))
-    sp.add_argument("--json", action="store_true", help="print one JSON object per configuration (one line each)")
+    """What predict and measure share: model, layout, the workload lists, the stage-to-stage mode, --json."""
+    add = sp.add_argument
+    add("--model", required=True, help="preset name or path to an HF config.json")
+    add("--tp", type=positive_int, default=1, help="tensor-parallel degree t")
+    add("--pp", type=positive_int, default=1, help="pipeline-parallel degree p")
+    add("--batch", type=positive_int, nargs="+", default=[1], metavar="b", help="batch size b")
+    add("--prompt", type=positive_int, nargs="+", default=[16], metavar="S", help="prompt length S")
+    add("--generate", type=positive_int, nargs="+", default=[4], metavar="G", help="generated tokens G")
+    add("--dtype", choices=list(DTYPE_BYTES), nargs="+", default=["fp32"],
+        help="several values of --batch/--prompt/--generate/--dtype: their cross product, one result each (JSON Lines)")
+    add("--p2p", choices=list(P2P_MODES), default="partitioned",
+        help="stage-to-stage mode of the DeepSpeed pipeline runner when --pp > 1: "
+             + "; ".join(f"{k}: {v}" for k, v in P2P_MODES.items()))
+    add("--json", action="store_true", help="print one JSON object per configuration (one line each)")
 
 
 def _add_moe_args(sp, ep: bool = True) -> None:
-    """The mixture-of-experts options ``predict`` and ``measure`` share (``advise`` all but ``--ep``)."""
+    """The mixture-of-experts options (``advise`` all but ``--ep``: it enumerates e itself)."""
     if ep:
         sp.add_argument("--ep", type=positive_int, default=1,
-                        help="expert-parallel degree e of a mixture of experts (DeepSpeed's MoE layer, data-parallel "
-                             "attention: each of the e ranks runs b/e sequences; default 1)")
+                        help="expert-parallel degree e (DeepSpeed's MoE layer; each of the e ranks runs b/e sequences)")
     sp.add_argument("--moe-routing", choices=list(ROUTING_MODES), default="capacity",
-                    help="with --ep: DeepSpeed's capacity routing (drop_tokens=True, its default) or dropless")
-    sp.add_argument("--capacity-factor", type=positive_float, default=1.0,
-                    help="capacity factor of capacity routing (DeepSpeed's eval_capacity_factor; default 1.0)")
-    sp.add_argument("--min-capacity", type=non_negative_int, default=4,
-                    help="minimum capacity per expert of capacity routing (DeepSpeed's min_capacity; default 4)")
+                    help="routing of expert parallelism: DeepSpeed's capacity routing (its default) or dropless")
+    sp.add_argument("--capacity-factor", type=positive_float, default=1.0, help="capacity factor γ (default 1.0)")
+    sp.add_argument("--min-capacity", type=non_negative_int, default=4, help="minimum capacity C_min (default 4)")
 
 
 _ENGINE_HELP = "deepspeed (AutoTP as it is: a mixture of experts keeps its experts whole on every rank), " \
-               "tp-experts (a mixture of experts with every expert sharded t ways)"
+               "tp-experts (every expert sharded t ways)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,17 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(pr)
     pr.add_argument("--engine", choices=list(ENGINE_FLAGS), default="deepspeed", help=_ENGINE_HELP + ", or vllm")
     _add_moe_args(pr)
-    pr.add_argument("--hardware", help="hardware preset or JSON file: adds TTFT/TPOT/E2E predictions")
+    pr.add_argument("--hardware", help="hardware preset or JSON file: adds TTFT/TPOT/E2E and the memory check")
     pr.add_argument("--gpus-per-node", type=positive_int, default=None,
-                    help="GPUs per node g: ranks placed in order, g per node; adds inter_node_bytes (default: the "
-                         "hardware preset's for the latency, no placement for the traffic)")
+                    help="GPUs per node g, ranks in order: adds inter_node_bytes (latency default: the preset's)")
     pr.add_argument("--engine-profile", default=None,
-                    help="host profile (llmcomm/presets/profiles: deepspeed-eager, deepspeed-cpu, vllm-v0, "
-                         "vllm-v0-custom-ar, or a JSON file); default: the framework's on this hardware")
+                    help="host profile (presets/profiles or a JSON file; default: the framework's on the hardware)")
     pr.add_argument("--algorithm", choices=list(TRAFFIC_ALGORITHMS), default="ring",
-                    help="how all-reduces move bytes, for the traffic fields: ring (default; NCCL's), direct "
-                         "(one-shot: every rank sends its buffer to every other) or shm (DeepSpeed's CPU shared-memory "
-                         "all-reduce: one-shot below 1 MiB, two-phase above)")
+                    help="how all-reduces move bytes, for the traffic fields: ring (NCCL), direct (one-shot) or shm "
+                         "(DeepSpeed's CPU all-reduce: one-shot below 1 MiB, two-phase above)")
     pr.set_defaults(func=cmd_predict)
 
     me = sub.add_parser("measure", help="run DeepSpeed ranks and capture every collective")
@@ -250,54 +231,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_moe_args(me)
     me.add_argument("--engine", choices=["deepspeed", "tp-experts"], default="deepspeed", help=_ENGINE_HELP)
     me.add_argument("--timeout", type=positive_float, default=300.0,
-                    help="seconds the ranks may go without progress (a configuration, phase or forward) once "
-                         "started, before they are stopped as hung")
+                    help="seconds the ranks may go without progress once started before they are stopped as hung")
     me.add_argument("--startup-timeout", type=positive_float, default=600.0,
                     help="seconds until every rank has started (imports, JIT op load, model setup)")
-    me.add_argument("--out", help="folder for the results, one JSON file per configuration (written atomically as "
-                                  "each finishes), and the ranks' files and logs (ranks-<dtype>/)")
-    me.add_argument("--resume", action="store_true",
-                    help="with --out: skip the configurations whose results are already there")
+    me.add_argument("--out", help="folder for the results (one JSON file per configuration, written as each "
+                                  "finishes) and the ranks' files (ranks-<dtype>/)")
+    me.add_argument("--resume", action="store_true", help="with --out: skip the configurations already there")
     me.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
-    me.add_argument("--hostfile", help="DeepSpeed hostfile ('HOST slots=N' lines, slots summing to t*p): run across "
-                    "nodes; --out must then be a folder every node shares")
+    me.add_argument("--hostfile", help="DeepSpeed hostfile ('HOST slots=N', slots summing to t*p): run across nodes "
+                                       "(--out on a folder every node shares)")
     me.set_defaults(func=cmd_measure)
 
     co = sub.add_parser("cost", help="what one op costs on one device: a layer's ops, or one collective")
     co.add_argument("--hardware", required=True, help="hardware preset or JSON file")
     co.add_argument("--model", help="preset name or path to an HF config.json (compute costs)")
     co.add_argument("--tp", type=positive_int, default=1, help="TP degree t: shapes as one TP rank holds them")
-    co.add_argument("--tokens", type=positive_int, nargs="+", help="tokens in one forward on one rank (GEMM M)")
-    co.add_argument("--context", type=non_negative_int, default=None,
-                    help="tokens already cached: adds the attention row (unvalidated roofline)")
+    co.add_argument("--tokens", type=positive_int, nargs="+", help="tokens in one forward on one rank (GEMM rows)")
+    co.add_argument("--context", type=non_negative_int, default=None, help="tokens cached: adds the attention row")
     co.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bf16")
     co.add_argument("--engine", choices=["deepspeed", "tp-experts"], default="deepspeed", help=_ENGINE_HELP)
     co.add_argument("--collective", choices=[n for n, c in COLLECTIVES.items() if c.timed],
                     help="collective costs (nccl-tests size convention)")
     co.add_argument("--ranks", type=positive_int, help="ranks n of the collective")
-    co.add_argument("--gpus-per-node", type=positive_int, default=None,
-                    help="ranks placed g per node (default: as many as fit on one node of the hardware)")
+    co.add_argument("--gpus-per-node", type=positive_int, default=None, help="ranks placed g per node")
     co.add_argument("--bytes", nargs="+", metavar="m", help="message sizes m (4 64K 1M …)")
     co.add_argument("--json", action="store_true", help="print one JSON object")
     co.set_defaults(func=cmd_cost)
 
-    ad = sub.add_parser("advise", help="rank every t×p layout of N GPUs (a mixture of experts: every t×p and e, "
-                                       "three expert layouts) by predicted latency or bytes")
+    ad = sub.add_parser("advise", help="rank every layout of N GPUs by predicted latency or bytes")
     ad.add_argument("--model", required=True, help="preset name or path to an HF config.json")
-    ad.add_argument("--gpus", type=positive_int, required=True, help="number of GPUs N (layouts with t·p = N)")
-    ad.add_argument("--gpus-per-node", type=positive_int, default=None,
-                    help="GPUs per node g (default: the hardware preset's)")
+    ad.add_argument("--gpus", type=positive_int, required=True, help="number of GPUs N")
+    ad.add_argument("--gpus-per-node", type=positive_int, default=None, help="GPUs per node g (default: the preset's)")
     ad.add_argument("--hardware", default="h100-sxm", help="hardware preset or JSON file (default h100-sxm)")
     ad.add_argument("--prompt", type=positive_int, default=1024, help="prompt length S")
     ad.add_argument("--generate", type=positive_int, default=128, help="generated tokens G")
     ad.add_argument("--batch", type=positive_int, default=1, help="batch size b")
     ad.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bf16")
-    ad.add_argument("--objective", choices=["ttft", "tpot", "e2e", "inter_node_bytes", "sent_bytes_busiest_rank",
-                                            "link_bytes"], default="e2e",
-                    help="rank by a latency or by a traffic metric of the whole generation (default e2e)")
-    ad.add_argument("--engine", choices=["deepspeed", "vllm"], default="deepspeed",
-                    help="whose pattern and host profile; a mixture of experts: DeepSpeed's MoE patterns under the "
-                         "deepspeed (eager) or vllm (CUDA graphs) host profile")
+    ad.add_argument("--objective", default="e2e", choices=["ttft", "tpot", "e2e", "inter_node_bytes",
+                                                           "sent_bytes_busiest_rank", "link_bytes"],
+                    help="rank by a latency or by a traffic metric of the whole generation")
+    ad.add_argument("--engine", choices=["deepspeed", "vllm"], default="deepspeed", help="whose host profile")
     _add_moe_args(ad, ep=False)
     ad.add_argument("--json", action="store_true", help="print one JSON object")
     ad.set_defaults(func=cmd_advise)
@@ -305,8 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench-collectives", help="microbenchmark collectives, nccl-tests style")
     benched = [n for n, c in COLLECTIVES.items() if c.benched]
     be.add_argument("--ops", nargs="+", default=benched, help=f"collectives (default: {' '.join(benched)})")
-    be.add_argument("--sizes", nargs="+", default=None,
-                    help="explicit sizes (4 64K 1M …); default: powers of two from --min-bytes to --max-bytes")
+    be.add_argument("--sizes", nargs="+", default=None, help="sizes m (4 64K 1M …); default --min-bytes..--max-bytes")
     be.add_argument("--min-bytes", default="4", help="smallest size (default 4)")
     be.add_argument("--max-bytes", default="64M", help="largest size (default 64M)")
     be.add_argument("--ranks", nargs="+", type=positive_int, default=[2, 4], help="group sizes n (default: 2 4)")
@@ -319,10 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--min-reps", type=positive_int, default=5)
     be.add_argument("--max-reps", type=positive_int, default=30)
     be.add_argument("--point-seconds", type=positive_float, default=0.2, help="time budget per (op, size) point")
-    be.add_argument("--sample-seconds", type=positive_float, default=0.02,
-                    help="back-to-back calls per sample last about this long (amortises barrier exit skew)")
-    be.add_argument("--timeout", type=positive_float, default=900.0,
-                    help="seconds a launch may go without finishing a point before it is stopped")
+    be.add_argument("--sample-seconds", type=positive_float, default=0.02, help="back-to-back calls per sample")
+    be.add_argument("--timeout", type=positive_float, default=900.0, help="seconds without a finished point")
     be.add_argument("--append", action="store_true", help="merge into an existing CSV (same keys replaced)")
     be.add_argument("--no-progress", action="store_true")
     be.set_defaults(func=cmd_bench)
@@ -330,25 +300,22 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("calibrate", help="α-β fits of a bench-collectives table; the cpu-local calibration")
     ca.add_argument("--csv", default="data/cpu-local/collectives.csv", help="a bench-collectives collectives.csv")
     ca.add_argument("--write", nargs="?", const="", default=None, metavar="PATH",
-                    help="write the cpu-local calibration (to data/calibration/cpu-local.json, or to PATH)")
+                    help="write the cpu-local calibration (data/calibration/cpu-local.json, or PATH)")
     ca.add_argument("--compute", action="store_true", help="also time compute (matmul, bandwidth, a decoder layer)")
     ca.add_argument("--threads", type=positive_int, nargs="+", default=None,
-                    help="torch threads of the compute timing (default: cores // ranks for 2 and 4 ranks)")
+                    help="threads of the compute timing (default: cores // ranks for 2 and 4 ranks)")
     ca.add_argument("--json", action="store_true", help="print the fits as JSON records")
     ca.add_argument("--in-run", action="store_true",
-                    help="instead: calibrate compute and all-reduces inside DeepSpeed runs of calib-llama in each "
-                         "validated CPU layout (TP2, PP2, 2x2); the calibration's in_run section (minutes)")
-    ca.add_argument("--reps", type=positive_int, default=5,
-                    help="--in-run: repetitions of each calibration workload (medians; default 5)")
+                    help="instead: compute and all-reduces inside runs of calib-llama (TP2, PP2, 2x2; minutes)")
+    ca.add_argument("--reps", type=positive_int, default=5, help="--in-run: repetitions of each workload")
     ca.add_argument("--public-gpu", action="store_true",
-                    help="instead: fit the GPU kernel and NCCL models to data/external/vidur into the h100-sxm and "
-                         "a100-sxm-80gb calibrations and their out-of-sample errors into data/validation/ (minutes)")
+                    help="instead: fit the GPU kernel and NCCL models to data/external/vidur (minutes)")
     ca.set_defaults(func=cmd_calibrate)
 
     va = sub.add_parser("validate-time", help="the CPU validation of the time model: reruns of the latency sweep")
     va.add_argument("--hardware", default="cpu-local", help="hardware preset (default cpu-local)")
-    va.add_argument("--runs", type=positive_int, default=3, help="independent reruns of the whole sweep (default 3)")
-    va.add_argument("--reps", type=positive_int, default=5, help="repetitions of each point (median, IQR; default 5)")
+    va.add_argument("--runs", type=positive_int, default=3, help="independent reruns of the whole sweep")
+    va.add_argument("--reps", type=positive_int, default=5, help="repetitions of each point (median, IQR)")
     va.add_argument("--out", default=None, help="data root (default data/); files go to <root>/<machine>/")
     va.set_defaults(func=cmd_validate_time)
     return ap
@@ -361,7 +328,7 @@ def main(argv=None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
-        args.argv = argv
+        args.command = "llmcomm " + shlex.join(argv)
         return args.func(args)
     except SystemExit as e:                      # --help, --version
         return e.code if isinstance(e.code, int) else 0

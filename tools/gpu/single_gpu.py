@@ -222,8 +222,8 @@ def run_generate(plan: dict, budget: Budget, per_run_s: float, reserve_s: float,
             continue
         log(f"generate {g['model']} b={b} S={S} G={G} through llmcomm.measure.launch.measure (timeout {left:.0f} s)")
         try:
-            res = measure(load_model(g["model"]), Layout(1, 1), Workload(b, S, G, plan["dtype"]), timeout_s=left,
-                          out_dir=work / f"run-b{b}-S{S}-G{G}")
+            res = measure(load_model(g["model"]), Layout(1, 1), Workload(b, S, G, plan["dtype"]),
+                          startup_timeout_s=left, progress_timeout_s=left, out_dir=work / f"run-b{b}-S{S}-G{G}")
         except RunError as e:
             log(f"generate b={b} S={S} G={G} FAILED: {e}")
             continue

@@ -128,6 +128,9 @@ _SWEEPS = {
     ("moe-qwen3-ep", "cpu"): [Config("tiny-qwen3-moe", 1, 1, 4, 5, 3, e=2, routing=r) for r in _ROUTINGS],
     ("moe-qwen3-ep-pp", "cpu"): [Config("tiny-qwen3-moe", 1, 2, 4, 5, 3, e=2, routing=r) for r in _ROUTINGS],
     ("moe-qwen3-tp", "cpu"): [Config("tiny-qwen3-moe", 2, 1, 4, 5, 3, experts=x) for x in ("autotp", "tp-experts")],
+    # measured by the tests alone (tests/test_measured.py): AutoTP × PP on a mixture of experts, the MoE pattern's
+    # pipeline rows with TP all-reduces inside the stages
+    ("moe-autotp-pp", "cpu"): [Config("tiny-mixtral", 2, 2, *_MOE_WORKLOADS[0])],
 }
 #: kinds measured with tiny models at every scale (their chapter says why)
 _TINY_AT_EVERY_SCALE = ("moe-",)

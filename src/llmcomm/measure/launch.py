@@ -284,6 +284,10 @@ def measure_sweep(model: ModelSpec, layout: Layout, workloads: Sequence[Workload
     if resume and out is None:
         raise SpecError("--resume needs --out (the folder whose finished configurations are skipped)")
     deployment = check_run(model, layout, list(workloads), [deployment] * len(workloads), backend)[0]
+    if out is not None:
+        from llmcomm.record import writable_dir
+
+        writable_dir(out, "results folder (--out)")
     folder = ResultsFolder(out, model, layout) if out is not None else None
     heads = [config_header(model, layout, w, deployment) for w in workloads]
     ready: dict[int, tuple[dict, str | None]] = {}

@@ -9,8 +9,9 @@ How a launch goes (:func:`launch_ranks`)
   which is what enables DeepSpeed's shared-memory all-reduce on CPU. Several nodes: DeepSpeed's runner
   (``deepspeed --hostfile``, :func:`launcher_cmd`).
 * Each rank runs under a tiny supervisor (this module run as ``__main__``): it starts the real rank process with its
-  output in ``RUN/rank{r}.log``, records its pid (``rank{r}.pid``) and, when it ends, its exit status
-  (``rank{r}.exit.json``). DeepSpeed's launcher only says "a process died" and then kills the rest; the exit files
+  output in ``RUN/rank{r}.log`` — a fresh ``python -m <entry>``, or forked by the fork server when
+  ``$LLMCOMM_FORK_SERVER`` names one (:mod:`llmcomm.measure.forkserver`; the launcher too) —, records its pid
+  (``rank{r}.pid``) and, when it ends, its exit status (``rank{r}.exit.json``). DeepSpeed's launcher only says "a process died" and then kills the rest; the exit files
   tell which rank died first and how (:func:`llmcomm.measure.diagnose.first_failure`).
 * Two watchdogs. **Start-up** (``startup_timeout_s``, default 600 s): until every rank has reported progress once —
   imports, the JIT load of DeepSpeed's op (~30 s the first time), the model built and sharded. **Progress**
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from llmcomm.measure.diagnose import diagnose_hang, first_failure, read_json, tail
+from llmcomm.measure.forkserver import spawn
 from llmcomm.record import atomic_write_text, repo_root, write_json
 from llmcomm.spec import SpecError, cpu_threads_per_rank
 
@@ -275,11 +277,30 @@ class _Watchdog:
         return None
 
 
-def _start_launcher(cmd: list[str], out: Path, env: Mapping[str, str]) -> subprocess.Popen:
-    """The one place a launcher process starts (its own session: killing the group stops every rank)."""
+def _start_launcher(cmd: list[str], out: Path, env: Mapping[str, str]):
+    """The one place a launcher process starts, in its own session (killing the group stops every rank): forked by
+    the fork server when there is one (:mod:`llmcomm.measure.forkserver`), else a fresh process."""
+    if cmd[1:3] == ["-u", "-m"]:
+        forked = spawn(cmd[3], cmd[4:], env, out, out / "launcher.log", out / "launcher.exit.json", setsid=True)
+        if forked is not None:
+            return forked
     with open(out / "launcher.log", "w") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(env), start_new_session=True,
                                 cwd=str(out))
+
+
+def _kill_forked_ranks(out: Path, nranks: int) -> None:
+    """Ranks the fork server started are not in the launcher's process group: stop those still running."""
+    for r in range(nranks):
+        if (out / f"rank{r}.forked").exists() and not (out / f"rank{r}.zexit.json").exists():
+            try:
+                os.kill(int((out / f"rank{r}.pid").read_text()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any((out / f"rank{r}.forked").exists() and not
+                                              (out / f"rank{r}.zexit.json").exists() for r in range(nranks)):
+        time.sleep(0.02)
 
 
 def launch_ranks(entry: str, spec: Mapping[str, Any], nranks: int, out: Path, *,
@@ -304,7 +325,7 @@ def launch_ranks(entry: str, spec: Mapping[str, Any], nranks: int, out: Path, *,
             raise SpecError(f"{name}={val!r} must be a positive number of seconds")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.glob("rank*.*")) + list(out.glob(".rank*")):     # a previous run in the same folder
+    for stale in [*out.glob("rank*.*"), *out.glob(".rank*"), *out.glob("launcher.*")]:   # a previous run here
         stale.unlink()
     spec_path = write_json(out / "spec.json", spec, indent=1)
     port = _free_port()
@@ -348,6 +369,7 @@ def launch_ranks(entry: str, spec: Mapping[str, Any], nranks: int, out: Path, *,
             time.sleep(0.1)
     finally:
         _kill_session(proc)
+        _kill_forked_ranks(out, nranks)
         removed = remove_shm(port)
         wall = time.monotonic() - t0
     configs.collect()                              # what finished just before the end is kept
@@ -381,8 +403,13 @@ def _supervise(argv: list[str]) -> int:
         print("usage: python -m llmcomm.measure.supervise --entry MODULE --spec FILE --out DIR", file=sys.stderr)
         return 2
     rank = int(os.environ.get("RANK", "0"))
-    with open(out / f"rank{rank}.log", "w") as log:
-        child = subprocess.Popen([sys.executable, "-u", "-m", entry, *rest], stdout=log, stderr=subprocess.STDOUT)
+    child = spawn(entry, rest, os.environ, os.getcwd(), out / f"rank{rank}.log", out / f"rank{rank}.zexit.json")
+    if child is None:
+        with open(out / f"rank{rank}.log", "w") as log:
+            child = subprocess.Popen([sys.executable, "-u", "-m", entry, *rest], stdout=log,
+                                     stderr=subprocess.STDOUT)
+    else:
+        atomic_write_text(out / f"rank{rank}.forked", "")
     atomic_write_text(out / f"rank{rank}.host", socket.gethostname())
     atomic_write_text(out / f"rank{rank}.pid", str(child.pid))
 

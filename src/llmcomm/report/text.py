@@ -11,8 +11,8 @@ frame) the library returned — the same dict ``--json`` prints, so text and JSO
 """
 from __future__ import annotations
 
-__all__ = ["render_rows", "render_advice", "render_cost", "render_bench", "render_fits", "render_in_run",
-           "render_validation", "table"]
+__all__ = ["render_rows", "render_memory_warning", "render_advice", "render_cost", "render_bench", "render_fits",
+           "render_gpu_fits", "render_in_run", "render_validation", "table"]
 
 _COLUMNS = {"phase": "phase", "op": "op", "group_size": "n", "calls": "calls", "bytes": "bytes (m)",
             "algorithm": "algorithm", "sent_bytes_per_rank": "busiest sends", "link_bytes": "all links",
@@ -86,6 +86,17 @@ def render_rows(obj: dict, stored: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def render_memory_warning(obj: dict) -> str | None:
+    """The warning a ``predict`` result with a hardware preset deserves when the layout does not fit, else None."""
+    mem, lat = obj.get("memory"), obj.get("latency") or {}
+    if not mem or mem["fits"]:
+        return None
+    return (f"llmcomm: warning: {obj['model']} t={obj['tp']} p={obj['pp']} b={obj['batch']} S={obj['prompt']} "
+            f"G={obj['generate']} {obj['dtype']} needs {mem['needed_gib_per_rank']:.1f} GiB per rank; "
+            f"{lat.get('hardware')} has {mem['usable_gib_per_rank']:.1f} GiB usable: it does not fit (numbers "
+            f"printed anyway)")
+
+
 def render_advice(rep: dict) -> str:
     """``advise`` as text: the request, then one line per layout (best first) and the legend."""
     w, moe = rep["workload"], "routing" in rep
@@ -139,6 +150,14 @@ def render_fits(fits) -> str:
     cols = [c for c in ("backend", "op", "group_size", "path", "algorithm", "alpha_us", "busbw_GBps", "r2",
                         "median_rel_err", "n_points") if c in fits]
     return fits[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}")
+
+
+def render_gpu_fits(tables: dict) -> str:
+    """The out-of-sample errors of the GPU fits (``calibrate --public-gpu``): kernels leave-one-model-out,
+    collectives leave-one-group-out."""
+    kern, coll = tables["kernels"], tables["collectives"]
+    return "\n".join([kern[kern.validation == "lomo"].to_string(index=False),
+                      coll[coll.validation == "logo"].to_string(index=False)])
 
 
 def render_in_run(entries: dict) -> str:
