@@ -30,23 +30,24 @@ def _cli(argv):
 
 # ---------------------------------------------------------------------------------------------------------- kernels
 def test_roofline_gemm_is_the_plain_max():
-    p = {"F": 1e12, "B": 1e11, "t0": 2e-6}
-    # M=1: memory-bound: w(MK + KN + MN)/B; M=4096: compute-bound: 2MNK/F
+    p = {"flops_per_s": 1e12, "bytes_per_s": 1e11, "t0": 2e-6}
+    # M_g=1: memory-bound: w(M_g·K_g + K_g·N_g + M_g·N_g)/bytes_per_s
+    # M_g=4096: compute-bound: 2·M_g·N_g·K_g/flops_per_s
     assert K.gemm_time(1, 4096, 4096, 2, p) == pytest.approx(2e-6 + 2 * (4096 + 4096 * 4096 + 4096) / 1e11)
     assert K.gemm_time(4096, 4096, 4096, 2, p) == pytest.approx(2e-6 + 2 * 4096 ** 3 / 1e12)
 
 
 def test_tiled_gemm_pads_tiles_and_quantises_waves():
-    p = {"F": 132e12, "B": 1e18, "t0": 0.0, "p": math.inf, "sm": 132, "tm": 128, "tn": 128, "tm_small": 64,
-         "m_small": 64, "splits": [1], "wave_quant": True, "K0": 0.0}
-    one_tile = 2 * 128 * 128 * 1024 / 1e12                 # one CTA's tile at F/SM = 1 TFLOP/s
+    p = {"flops_per_s": 132e12, "bytes_per_s": 1e18, "t0": 0.0, "norm_order": math.inf, "sm": 132, "tm": 128,
+         "tn": 128, "tm_small": 64, "m_small": 64, "splits": [1], "wave_quant": True, "K0": 0.0}
+    one_tile = 2 * 128 * 128 * 1024 / 1e12                 # one CTA's tile at flops_per_s/SM = 1 TFLOP/s
     assert K.gemm_time(128, 128 * 132, 1024, 2, p) == pytest.approx(one_tile)       # 132 tiles: one wave
     assert K.gemm_time(129, 128 * 132, 1024, 2, p) == pytest.approx(2 * one_tile)   # 264 tiles: two waves
     assert K.gemm_time(10, 128, 1024, 2, p) == pytest.approx(one_tile / 2)          # M ≤ 64: a 64-row tile
 
 
 def test_memop_time_stops_falling_with_tokens():
-    p = {"t0": 1e-6, "B": 1e12, "b_row": 1e9}
+    p = {"t0": 1e-6, "bytes_per_s": 1e12, "b_row": 1e9}
     row = 8192
     big = K.memop_time(1e6 * row, row, p)
     assert big == pytest.approx(1e-6 + 1e6 * row / 1e12, rel=1e-3)                  # bandwidth-bound
@@ -82,11 +83,12 @@ def test_fitted_gemm_rate_scales_with_dtype_peak():
     hw = load_hardware("h100-sxm")
     if not hw.raw.get("kernels"):
         pytest.skip("h100-sxm has no fitted kernels yet (llmcomm calibrate --public-gpu)")
-    assert hw.kernels(4)["gemm"]["F"] == pytest.approx(hw.kernels(2)["gemm"]["F"] * 67 / 989)
+    assert hw.kernels(4)["gemm"]["flops_per_s"] == pytest.approx(hw.kernels(2)["gemm"]["flops_per_s"] * 67 / 989)
 
 
 # ------------------------------------------------------------------------------------------------------ collectives
-NC = {"F": 30e-6, "c": 10e-6, "alpha": 2e-6, "B": 200e9, "gamma": 0.0, "c_ll": 5e-6, "alpha_ll": 1e-6, "e_ll": 0.5}
+NC = {"floor_s": 30e-6, "latency_s": 10e-6, "step_s": 2e-6, "bytes_per_s": 200e9, "bw_growth": 0.0,
+      "latency_ll_s": 5e-6, "step_ll_s": 1e-6, "ll_efficiency": 0.5}
 
 
 def test_nccl_model_is_min_of_protocols_above_the_floor():
@@ -105,7 +107,7 @@ def test_nccl_model_is_min_of_protocols_above_the_floor():
 
 
 def test_cross_node_allreduce_is_limited_by_nics_and_network_steps():
-    net = {"alpha_net": 15e-6, "B_nic": 47e9}
+    net = {"step_net_s": 15e-6, "nic_bytes_per_s": 47e9}
     S = 2 ** 30
     t = C.cross_node_allreduce_time(S, 16, 2, NC, net, rails=8, algorithm="ring", floor=False)
     assert t == pytest.approx(10e-6 + 30 * 15e-6 + 2 * 15 / 16 * S / min(200e9, 8 * 47e9))

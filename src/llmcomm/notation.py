@@ -6,7 +6,10 @@ table is generated from :data:`NOTATION` (:func:`llmcomm.report.tables.notation_
 Modules that derive formulas take their sympy symbols from here (``from llmcomm.notation import b, S, G, …``).
 
 Words, not letters, for what has no symbol: FLOPs are "flops", bytes moved by compute are "bytes", the nccl-tests
-bus-bandwidth factor is the function :func:`llmcomm.derive.conventions.bus_factor`.
+bus-bandwidth factor is the function :func:`llmcomm.derive.conventions.bus_factor`, and the fitted parameters of the
+kernel and NCCL models are keyed by what they are (``flops_per_s``, ``bytes_per_s``, ``latency_s``, ``step_s``,
+``floor_s`` …: :mod:`llmcomm.predict.kernels`, :mod:`llmcomm.predict.collectives`). ``tests/test_notation.py`` fails
+when ``predict/`` or ``compare/`` binds a notation name to anything else.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ class Notation:
 
 
 #: groups in the order the book's table shows them
-GROUPS = ("workload", "model", "layout", "forward", "message", "time")
+GROUPS = ("workload", "model", "layout", "forward", "gemm", "message", "time")
 
 _ENTRIES = (
     # workload
@@ -79,8 +82,8 @@ _ENTRIES = (
     # one forward
     Notation("s", "s", "tokens one forward carries per sequence (S in the prefill, 1 in a decode step)", "forward",
              "s"),
-    Notation("T", "T", "tokens one rank computes in one forward, T = b·s (a GEMM's M dimension)", "forward",
-             "tokens"),
+    Notation("T", "T", "tokens one rank computes in one forward, T = b·s (the rows M_g of its linear layers' GEMMs)",
+             "forward", "tokens"),
     Notation("ell", r"\ell", "tokens already in the KV cache before a forward", "forward", "kv_len"),
     Notation("c", "c", "keys one query attends to (mean over a forward)", "forward", "ctx", "", "", "",
              integer=False),
@@ -94,8 +97,17 @@ _ENTRIES = (
              "forward", "counts"),
     Notation("phi", r"\varphi", "routing skew: the share of an EP rank's tokens its busiest expert receives (dropless)",
              "forward", "Routing.skew", "", "phi", integer=False),
+    # one GEMM [M_g, K_g]×[K_g, N_g] (llmcomm.predict.kernels); the GEMM literature's M, N, K, which name the columns
+    # of the GEMM op records and of the public kernel tables (N alone would be the GPUs of a layout)
+    Notation("M_g", r"M_{\mathrm{g}}", "GEMM rows: the tokens it computes (T for a layer's linear layers, the rows one "
+             "expert computes in a MoE layer)", "gemm", "M_g", "", "M"),
+    Notation("N_g", r"N_{\mathrm{g}}", "GEMM columns: the output features of one rank's weight shard", "gemm", "N_g",
+             "", "N"),
+    Notation("K_g", r"K_{\mathrm{g}}", "GEMM inner (reduction) dimension: the input features of the shard", "gemm",
+             "K_g", "", "K"),
     # messages
-    Notation("m", "m", "message size in bytes, as nccl-tests defines it for the op", "message", "bytes", "", "bytes"),
+    Notation("m", "m", "message size in bytes, as nccl-tests defines it for the op", "message", "size_bytes", "",
+             "message_bytes"),
     Notation("n", "n", "ranks in the group a collective runs on", "message", "group_size", "--ranks",
              "group_size"),
     # time
@@ -127,6 +139,7 @@ h, L, V, a, a_kv, d, F = (symbol(x) for x in ("h", "L", "V", "a", "a_kv", "d", "
 E, k, F_ex, F_sh, L_moe = (symbol(x) for x in ("E", "k", "F_ex", "F_sh", "L_moe"))
 t, p, e, N, g = (symbol(x) for x in ("t", "p", "e", "N", "g"))
 s, T, ell, c = (symbol(x) for x in ("s", "T", "ell", "c"))
+M_g, N_g, K_g = (symbol(x) for x in ("M_g", "N_g", "K_g"))
 gamma, C_min, C, kappa = (symbol(x) for x in ("gamma", "C_min", "C", "kappa"))
 m, n = symbol("m"), symbol("n")
 alpha, beta, tau = symbol("alpha"), symbol("beta"), symbol("tau")

@@ -44,7 +44,7 @@ def write_calibration(preset: str, overlay: dict, command: str, path: str | Path
     path = Path(path) if path is not None else calibration_path(preset)
     old = read_json_file(path, "calibration") if path.exists() else {"overlay": {}}
     merged = dict(old.get("overlay") or {})
-    merged.update({k: v for k, v in overlay.items() if k != "source"})
+    merged.update({key: v for key, v in overlay.items() if key != "source"})
     merged["source"] = dict(merged.get("source", {}), **overlay.get("source", {}))
     return write_json(path, {"provenance": provenance(command), "preset": preset, "overlay": merged}, indent=1)
 
@@ -71,8 +71,8 @@ def _entries(rows, backend: str) -> dict:
     """``{n: FIT}`` of one (backend, op) of a fit table; DeepSpeed's shm all-reduce: the one-shot path's α and
     busbw, its two-phase path's under ``two_phase`` (:func:`llmcomm.predict.collectives.shm_time`)."""
     out = {}
-    for n, g in rows.groupby("group_size"):
-        paths = {r["path"]: r for _, r in g.iterrows()}
+    for n, grp in rows.groupby("group_size"):
+        paths = {r["path"]: r for _, r in grp.iterrows()}
         if "one-shot" in paths or "two-phase" in paths:
             one = paths.get("one-shot", paths.get("two-phase"))
             two = paths.get("two-phase", one)
@@ -201,9 +201,9 @@ def calibrate_cpu_local(csv_path, out_path=None, compute: bool = True, threads=N
     prov = provenance(command or "llmcomm calibrate", collectives_csv=str(csv_path))
     bench = Path(csv_path).with_name("collectives.json")
     if bench.exists():
-        b = json.loads(bench.read_text())
-        b = b.get("provenance", b)
-        prov["bench"] = {x: b.get(x) for x in ("cpu", "cpu_model", "date", "command", "wall_s", "git") if x in b}
+        doc = json.loads(bench.read_text())
+        doc = doc.get("provenance", doc)
+        prov["bench"] = {x: doc.get(x) for x in ("cpu", "cpu_model", "date", "command", "wall_s", "git") if x in doc}
     preset["calibration"] = prov
     write_calibration("cpu-local", preset, command or "llmcomm calibrate", target)
     return preset
@@ -248,7 +248,7 @@ def calibrate_public_gpu(command: str | None = None, log=None) -> dict:
     oos = oos[(oos.part == "collective") | ((oos.part == "gemm") & (oos.gpu == "h100"))]
     keep = ["part", "validation", "gpu", "model", "tp", "op", "M", "N", "K", "T", "system", "collective",
             "num_workers", "devices_per_node", "m", "seconds", "predicted_s", "rel_err"]
-    tables["out_of_sample"] = oos[[c for c in keep if c in oos]]
+    tables["out_of_sample"] = oos[[col for col in keep if col in oos]]
     root = data_dir("validation").parent
     for name, df in tables.items():
         save_frame(df, f"gpu_{name}", command, machine="validation", root=root, float_format="%.5g",

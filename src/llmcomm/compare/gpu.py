@@ -25,8 +25,8 @@ SHAPES = [(t, b, S) for t in (1, 2, 4, 8) for b in (1, 8) for S in (128, 512, 20
 def gpu_machines(name: str = "layer_times") -> list[str]:
     """Machine folders under ``data/`` holding ``<name>.csv`` from a GPU (not ``cpu-local``, not a dry run)."""
     root = data_dir("x").parent
-    return sorted(p.parent.name for p in root.glob(f"*/{name}.csv")
-                  if p.parent.name != "cpu-local" and not p.parent.name.startswith("dry-run"))
+    return sorted(path.parent.name for path in root.glob(f"*/{name}.csv")
+                  if path.parent.name != "cpu-local" and not path.parent.name.startswith("dry-run"))
 
 
 def preset_for_machine(machine: str) -> Hardware:
@@ -46,11 +46,12 @@ def predicted_layers(hw: Hardware, models: list[ModelSpec], shapes=SHAPES, profi
         for t, b, S in shapes:
             for phase in ("prefill", "decode"):
                 kern = forward_compute(model, hw, t, 1, b, S, 2, 2, phase, overhead_s=0.0, host_overlaps=True)
-                c = forward_compute(model, hw, t, 1, b, S, 2, 2, phase, overhead_s=prof.layer_overhead_s(phase, hw),
-                                    host_overlaps=prof.host_overlaps(phase))
+                eager = forward_compute(model, hw, t, 1, b, S, 2, 2, phase,
+                                        overhead_s=prof.layer_overhead_s(phase, hw),
+                                        host_overlaps=prof.host_overlaps(phase))
                 rows.append({"hardware": hw.name, "model": model.name, "t": t, "b": b, "S": S, "phase": phase,
-                             "kernels_us": float(kern["layer_s"]) * 1e6, "predicted_us": float(c["layer_s"]) * 1e6,
-                             "compute_bound": bool(c["compute_bound"])})
+                             "kernels_us": float(kern["layer_s"]) * 1e6, "predicted_us": float(eager["layer_s"]) * 1e6,
+                             "compute_bound": bool(eager["compute_bound"])})
     return pd.DataFrame(rows)
 
 
@@ -61,11 +62,11 @@ def layer_comparison(models: list[ModelSpec]) -> pd.DataFrame | None:
     for machine in gpu_machines():
         df, _ = load_frame("layer_times", machine)
         pred = predicted_layers(preset_for_machine(machine), models)
-        m = df[["model", "t", "b", "S", "phase", "median_s"]].merge(pred, on=["model", "t", "b", "S", "phase"])
-        m["machine"] = machine
-        m["measured_us"] = m.median_s * 1e6
-        m["error_%"] = 100 * (m.predicted_us - m.measured_us) / m.measured_us
-        parts.append(m[["machine", "hardware", "model", "t", "b", "S", "phase", "measured_us", "predicted_us",
+        both = df[["model", "t", "b", "S", "phase", "median_s"]].merge(pred, on=["model", "t", "b", "S", "phase"])
+        both["machine"] = machine
+        both["measured_us"] = both.median_s * 1e6
+        both["error_%"] = 100 * (both.predicted_us - both.measured_us) / both.measured_us
+        parts.append(both[["machine", "hardware", "model", "t", "b", "S", "phase", "measured_us", "predicted_us",
                         "error_%"]])
     return pd.concat(parts, ignore_index=True) if parts else None
 
@@ -86,13 +87,13 @@ def generation_comparison(model: ModelSpec, workloads: list[Workload]) -> pd.Dat
     no GPU generation has been measured."""
     parts = []
     for machine in gpu_machines("generate"):
-        g, _ = load_frame("generate", machine)
+        measured, _ = load_frame("generate", machine)
         hw = preset_for_machine(machine)
-        m = g.merge(predicted_generation(model, [hw], workloads), on=["b", "S", "G"])
-        m["machine"] = machine
-        m["measured_ttft_ms"], m["measured_tpot_ms"] = m.ttft_s * 1e3, m.tpot_s * 1e3
-        m["ttft_error_%"] = 100 * (m.predicted_ttft_ms - m.measured_ttft_ms) / m.measured_ttft_ms
-        m["tpot_error_%"] = 100 * (m.predicted_tpot_ms - m.measured_tpot_ms) / m.measured_tpot_ms
-        parts.append(m[["machine", "b", "S", "G", "measured_ttft_ms", "predicted_ttft_ms", "ttft_error_%",
+        both = measured.merge(predicted_generation(model, [hw], workloads), on=["b", "S", "G"])
+        both["machine"] = machine
+        both["measured_ttft_ms"], both["measured_tpot_ms"] = both.ttft_s * 1e3, both.tpot_s * 1e3
+        both["ttft_error_%"] = 100 * (both.predicted_ttft_ms - both.measured_ttft_ms) / both.measured_ttft_ms
+        both["tpot_error_%"] = 100 * (both.predicted_tpot_ms - both.measured_tpot_ms) / both.measured_tpot_ms
+        parts.append(both[["machine", "b", "S", "G", "measured_ttft_ms", "predicted_ttft_ms", "ttft_error_%",
                         "measured_tpot_ms", "predicted_tpot_ms", "tpot_error_%"]])
     return pd.concat(parts, ignore_index=True).round(3) if parts else None

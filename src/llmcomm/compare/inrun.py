@@ -9,7 +9,8 @@ L = 6, 6 heads, FFN 1024 — neither small-llama nor tiny-llama):
 * **compute on the critical path** of each measured forward (:func:`path_compute`): for each pipeline stage, its first
   rank's phase time minus the time that rank spent inside captured collectives and sends/receives (receives include
   waiting for the previous stage, so only compute remains), summed over the stages;
-* the per-layout roofline (F, B, per-layer overhead o; started from the microbenchmarks' rates) fitted so that
+* the per-layout roofline (FLOP rate, memory bandwidth, per-layer overhead o; started from the microbenchmarks'
+  rates) fitted so that
   :func:`llmcomm.predict.compute.forward_compute` reproduces those compute times (:func:`fit_compute`);
 * **communication in the run** (:func:`in_run_calls`): every captured call's duration on its group's lowest rank,
   per (op, group size), beside what the microbenchmark fit predicts for its size; all-reduces are refitted from the
@@ -43,8 +44,8 @@ def layout_key(t: int, p: int) -> str:
 
 
 def _comm_s(events, rank: int, phase: str) -> float:
-    return sum(max(float(e["t_end"]) - float(e["t_start"]), 0.0) for e in events
-               if e["rank"] == rank and e["phase"] == phase)
+    return sum(max(float(ev["t_end"]) - float(ev["t_start"]), 0.0) for ev in events
+               if ev["rank"] == rank and ev["phase"] == phase)
 
 
 def path_compute(res, layout: Layout, phase: str, G: int) -> float:
@@ -69,32 +70,33 @@ def compute_points(results, layout: Layout) -> pd.DataFrame:
     workload (a 2-core machine's runs vary by 2× from one repetition to the next) — and ``iqr_s``, ``reps``
     (decode only when G > 1)."""
     rows = []
-    for w, res in results:
+    for wl, res in results:
         for phase in ("prefill", "decode"):
-            if phase == "decode" and w.G < 2:
+            if phase == "decode" and wl.G < 2:
                 continue
-            rows.append({"b": w.b, "S": w.S, "G": w.G, "phase": phase,
-                         "compute_s": path_compute(res, layout, phase, w.G)})
+            rows.append({"b": wl.b, "S": wl.S, "G": wl.G, "phase": phase,
+                         "compute_s": path_compute(res, layout, phase, wl.G)})
     raw = pd.DataFrame(rows)
-    g = raw.groupby(["b", "S", "G", "phase"], sort=False).compute_s
-    return pd.DataFrame({"compute_s": g.median(), "iqr_s": g.quantile(0.75) - g.quantile(0.25),
-                         "reps": g.size()}).reset_index()
+    by = raw.groupby(["b", "S", "G", "phase"], sort=False).compute_s
+    return pd.DataFrame({"compute_s": by.median(), "iqr_s": by.quantile(0.75) - by.quantile(0.25),
+                         "reps": by.size()}).reset_index()
 
 
 def _with_compute(hw: Hardware, flops_per_s: float, overhead_s: float, bytes_per_s: float | None = None) -> Hardware:
-    d = dict(hw.raw)
-    d.update(peak_tflops={k: flops_per_s / 1e12 for k in ("fp32", "bf16", "fp16")}, efficiency={"flops": 1.0,
-             "mem_bw": 1.0}, mem_bw_GBps=(bytes_per_s or hw.bandwidth()) / 1e9, layer_overhead_us=overhead_s * 1e6)
-    d.pop("compute_by_threads", None)
-    d.pop("in_run", None)
-    return Hardware.from_dict(d, name=hw.name)
+    preset = dict(hw.raw)
+    preset.update(peak_tflops={dtype: flops_per_s / 1e12 for dtype in ("fp32", "bf16", "fp16")},
+                  efficiency={"flops": 1.0, "mem_bw": 1.0}, mem_bw_GBps=(bytes_per_s or hw.bandwidth()) / 1e9,
+                  layer_overhead_us=overhead_s * 1e6)
+    preset.pop("compute_by_threads", None)
+    preset.pop("in_run", None)
+    return Hardware.from_dict(preset, name=hw.name)
 
 
 def fit_compute(model: ModelSpec, layout: Layout, points: pd.DataFrame, hw: Hardware, w: int = 4) -> dict:
-    """F (FLOP/s), B (B/s) and per-layer overhead o with which ``forward_compute`` (CPU: the sum of the ops'
-    rooflines + o per layer) reproduces the measured critical-path compute of ``points``. Robust fit on log times
-    from the microbenchmark's rates; returns ``{"flops_per_s", "mem_bw_GBps", "overhead_us", "median_rel_err",
-    "points"}``."""
+    """The FLOP rate (FLOP/s), memory bandwidth (B/s) and per-layer overhead o with which ``forward_compute`` (CPU:
+    the sum of the ops' rooflines + o per layer) reproduces the measured critical-path compute of ``points``. Robust
+    fit on log times from the microbenchmark's rates; returns ``{"flops_per_s", "mem_bw_GBps", "overhead_us",
+    "median_rel_err", "points"}``."""
     from scipy.optimize import least_squares
 
     def predict(theta):
@@ -113,21 +115,22 @@ def fit_compute(model: ModelSpec, layout: Layout, points: pd.DataFrame, hw: Hard
 
 def in_run_calls(results, hw: Hardware, layout: Layout) -> pd.DataFrame:
     """Every captured call of the prefill and decode phases (on its group's lowest rank; a send on its sender):
-    ``op, n, bytes, seconds`` and ``fit_s``, what the preset's microbenchmark fit predicts for it."""
+    ``op, n, message_bytes`` (m), ``seconds`` and ``fit_s``, what the preset's microbenchmark fit predicts for it."""
     rows = []
     sub = layout.p > 1
     for _, res in results:
-        for e in res.events:
-            if e["phase"] not in ("prefill", "decode") or e["op"] == "recv":
+        for ev in res.events:
+            if ev["phase"] not in ("prefill", "decode") or ev["op"] == "recv":
                 continue
-            group = e["group"] if e["op"] != "send" else [e["rank"], e["peer"]]
-            if e["op"] != "send" and e["rank"] != min(group):
+            group = ev["group"] if ev["op"] != "send" else [ev["rank"], ev["peer"]]
+            if ev["op"] != "send" and ev["rank"] != min(group):
                 continue
-            op = "send_recv" if e["op"] == "send" else e["op"]
+            op = "send_recv" if ev["op"] == "send" else ev["op"]
             n = len(group)
-            fit_s = float(hw.collective_time(op, n, float(e["bytes"]), "intra", subgroup=sub and op != "send_recv"))
-            rows.append({"op": op, "n": n, "bytes": int(e["bytes"]), "phase": e["phase"],
-                         "seconds": max(float(e["t_end"]) - float(e["t_start"]), 1e-9), "fit_s": fit_s})
+            m = float(ev["bytes"])
+            fit_s = float(hw.collective_time(op, n, m, "intra", subgroup=sub and op != "send_recv"))
+            rows.append({"op": op, "n": n, "message_bytes": int(m), "phase": ev["phase"],
+                         "seconds": max(float(ev["t_end"]) - float(ev["t_start"]), 1e-9), "fit_s": fit_s})
     return pd.DataFrame(rows)
 
 
@@ -139,27 +142,27 @@ def calibrate_layout(layout: Layout, hw: Hardware, reps: int = 3, runner=None, c
 
     model = load_model(CALIBRATION_MODEL)
     workloads = [Workload(b, S, G) for b, S, G in IN_RUN_WORKLOADS for _ in range(reps)]
-    runner = runner or (lambda *a, **k: measure_many(*a, env={"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""},
-                                                      **k))
+    runner = runner or (lambda *args, **kwargs: measure_many(*args, env={"DS_ACCELERATOR": "cpu",
+                                                                         "CUDA_VISIBLE_DEVICES": ""}, **kwargs))
     results = list(zip(workloads, runner(model, layout, workloads)))
     points = compute_points(results, layout)
     compute = fit_compute(model, layout, points, hw)
     calls = in_run_calls(results, hw, layout)
     collectives, summary = {}, []
-    for (op, n), g in calls.groupby(["op", "n"]):
-        ratio = float(np.median(g.seconds / g.fit_s))
-        row = {"op": op, "n": int(n), "calls": int(len(g)), "median_in_run_us": float(g.seconds.median() * 1e6),
-               "median_fit_us": float(g.fit_s.median() * 1e6), "in_run_over_fit": ratio}
+    for (op, n), of_n in calls.groupby(["op", "n"]):
+        ratio = float(np.median(of_n.seconds / of_n.fit_s))
+        row = {"op": op, "n": int(n), "calls": int(len(of_n)), "median_in_run_us": float(of_n.seconds.median() * 1e6),
+               "median_fit_us": float(of_n.fit_s.median() * 1e6), "in_run_over_fit": ratio}
         if op == "all_reduce":
             # DeepSpeed's shm all-reduce (TP alone): one step per call, as its one-shot path is fitted (every
             # in-run call of the calibration model is below its 1 MiB threshold); gloo (hybrids): a ring
             shm = layout.p == 1 and hw.collectives.get("intra", {}).get("all_reduce", {}).get(str(n), {}).get(
                 "backend") == "shm"
-            f = fit_alpha_beta(op, n, g.bytes.to_numpy(dtype=float), g.seconds.to_numpy(dtype=float),
-                               "direct" if shm else "ring")
+            ab = fit_alpha_beta(op, n, of_n.message_bytes.to_numpy(dtype=float), of_n.seconds.to_numpy(dtype=float),
+                                "direct" if shm else "ring")
             collectives.setdefault(op, {})[str(int(n))] = {
-                "alpha_us": round(f["alpha_us"], 3), "busbw_GBps": round(f["busbw_GBps"], 4),
-                "algorithm": f["algorithm"], "source": "in-run: captured call durations of the calibration runs"}
+                "alpha_us": round(ab["alpha_us"], 3), "busbw_GBps": round(ab["busbw_GBps"], 4),
+                "algorithm": ab["algorithm"], "source": "in-run: captured call durations of the calibration runs"}
             row["refit"] = True
         else:
             row["refit"] = False

@@ -32,14 +32,14 @@ def _records(result) -> list[dict]:
 
 def routing_frame(result) -> pd.DataFrame:
     """Every rank's routing log: rank, forward, phase (forward 0 is the prefill), layer, tokens T, capacity C and the
-    per-expert counts κ (one column per expert, ``k0 … k{E−1}``)."""
+    per-expert counts κ (one column per expert, ``kappa0 … kappa{E−1}``)."""
     rows = []
     for rec in _records(result):
         for x in rec.get("routing") or []:
             rows.append({"rank": rec["rank"], "forward": x["forward"],
                          "phase": "prefill" if x["forward"] == 0 else "decode", "layer": x["layer"],
                          "tokens": x["tokens"], "capacity": x["capacity"],
-                         **{f"k{j}": c for j, c in enumerate(x["counts"])}})
+                         **{f"kappa{j}": count for j, count in enumerate(x["counts"])}})
     return pd.DataFrame(rows)
 
 
@@ -53,7 +53,7 @@ def a2a_exactness(result, model: ModelSpec, layout: Layout, workload: Workload,
     routing = routing or Routing()
     k = model.moe.top_k
     logs = routing_frame(result)
-    experts = [f"k{j}" for j in range(model.E)]
+    experts = [f"kappa{j}" for j in range(model.E)]
     size = A2A_BYTES.subs({E: model.E, h: model.h, w: workload.w})
     base = min(r["rank"] for r in result.ranks)
     rows = []
@@ -83,9 +83,9 @@ def a2a_exactness(result, model: ModelSpec, layout: Layout, workload: Workload,
 
 def phase_totals(exact: pd.DataFrame) -> pd.DataFrame:
     """:func:`a2a_exactness` summed per phase: calls, predicted and measured bytes, and whether every call matched."""
-    g = exact.groupby("phase", sort=False)
-    return pd.DataFrame({"calls": g.size(), "bytes_predicted": g.bytes_predicted.sum(),
-                         "bytes_measured": g.bytes_measured.sum(), "all_equal": g.equal.all()}).reset_index()
+    by = exact.groupby("phase", sort=False)
+    return pd.DataFrame({"calls": by.size(), "bytes_predicted": by.bytes_predicted.sum(),
+                         "bytes_measured": by.bytes_measured.sum(), "all_equal": by.equal.all()}).reset_index()
 
 
 def count_distribution(result, model: ModelSpec, layout: Layout) -> pd.DataFrame:
@@ -93,7 +93,7 @@ def count_distribution(result, model: ModelSpec, layout: Layout) -> pd.DataFrame
     beside its expectation under uniform routing (:func:`llmcomm.derive.moe.expected_max_count`, with the method
     it used) — how far the router of these random weights is from uniform."""
     logs = routing_frame(result)
-    experts = [f"k{j}" for j in range(model.E)]
+    experts = [f"kappa{j}" for j in range(model.E)]
     rows = []
     for (phase, fwd, layer), same in logs.groupby(["phase", "forward", "layer"], sort=False):
         T = int(same.tokens.iloc[0])
@@ -104,26 +104,26 @@ def count_distribution(result, model: ModelSpec, layout: Layout) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def _three_layouts(n: int, routing: Routing) -> list[tuple[str, Layout, Deployment]]:
-    """The three ways to lay a mixture of experts on ``n`` ranks of one node that the chapter compares."""
-    return [("TP, experts replicated (AutoTP)", Layout(n, 1), Deployment(experts="autotp")),
-            ("TP, experts sharded", Layout(n, 1), Deployment(experts="tp-experts")),
-            (f"EP ({routing.mode})", Layout(1, 1, n), Deployment(experts="ep", routing=routing))]
+def _three_layouts(gpus: int, routing: Routing) -> list[tuple[str, Layout, Deployment]]:
+    """The three ways to lay a mixture of experts on N = ``gpus`` ranks of one node that the chapter compares."""
+    return [("TP, experts replicated (AutoTP)", Layout(gpus, 1), Deployment(experts="autotp")),
+            ("TP, experts sharded", Layout(gpus, 1), Deployment(experts="tp-experts")),
+            (f"EP ({routing.mode})", Layout(1, 1, gpus), Deployment(experts="ep", routing=routing))]
 
 
-def layouts_traffic(model: ModelSpec, n: int, workloads, routing: Routing | None = None) -> pd.DataFrame:
-    """The bytes of a whole generation of ``model`` on ``n`` ranks of one node, three ways (closed forms): TP as
-    DeepSpeed's AutoTP leaves a mixture of experts (t = n, experts replicated: ``deepspeed-moe-autotp``), TP with every
-    expert sharded t ways as serving frameworks do (``tp-experts``) and expert parallelism with data-parallel
-    attention (e = n, ``routing``; dropless: the uniform-routing expectation). One row per (workload, layout): the
+def layouts_traffic(model: ModelSpec, gpus: int, workloads, routing: Routing | None = None) -> pd.DataFrame:
+    """The bytes of a whole generation of ``model`` on N = ``gpus`` ranks of one node, three ways (closed forms): TP
+    as DeepSpeed's AutoTP leaves a mixture of experts (t = N, experts replicated: ``deepspeed-moe-autotp``), TP with
+    every expert sharded t ways as serving frameworks do (``tp-experts``) and expert parallelism with data-parallel
+    attention (e = N, ``routing``; dropless: the uniform-routing expectation). One row per (workload, layout): the
     bytes the busiest rank sends and what all links carry."""
     from ..derive.evaluate import traffic_totals
 
     routing = routing or Routing()
     rows = []
     for wl in workloads:
-        for name, layout, d in _three_layouts(n, routing):
-            tr = traffic_totals(model, layout, wl, d.pattern(model, layout), routing=routing)
+        for name, layout, dep in _three_layouts(gpus, routing):
+            tr = traffic_totals(model, layout, wl, dep.pattern(model, layout), routing=routing)
             rows.append({"model": model.name, "b": wl.b, "S": wl.S, "G": wl.G, "layout": name,
                          "busiest rank sends (B)": float(tr["sent_bytes_busiest_rank"]),
                          "all links (B)": float(tr["link_bytes"])})
@@ -133,10 +133,10 @@ def layouts_traffic(model: ModelSpec, n: int, workloads, routing: Routing | None
 def models_frame(models) -> pd.DataFrame:
     """The mixture-of-experts presets as the closed forms see them: E, k, F_ex, MoE layers, parameters in total and
     active per token (billions)."""
-    return pd.DataFrame([{"model": m.name, "family": m.moe.family, "h": m.h, "L": m.L, "L_moe": m.L_moe,
-                          "E": m.E, "k": m.moe.top_k, "F_ex": m.moe.expert_ffn, "a_kv": m.kv_heads,
-                          "params (B)": round(m.params / 1e9, 2), "active (B)": round(m.active_params / 1e9, 2)}
-                         for m in models])
+    return pd.DataFrame([{"model": spec.name, "family": spec.moe.family, "h": spec.h, "L": spec.L,
+                          "L_moe": spec.L_moe, "E": spec.E, "k": spec.moe.top_k, "F_ex": spec.moe.expert_ffn,
+                          "a_kv": spec.kv_heads, "params (B)": round(spec.params / 1e9, 2),
+                          "active (B)": round(spec.active_params / 1e9, 2)} for spec in models])
 
 
 def _measured(kind: str, runner=None):
@@ -145,9 +145,9 @@ def _measured(kind: str, runner=None):
     from .sweeps import configs, measure_configs
 
     out = measure_configs(configs(kind), runner)
-    for c, _, res in out:
+    for cfg, _, res in out:
         if res.tokens != res.reference_tokens:
-            raise ValueError(f"{c.label}: tokens differ from the single-process reference")
+            raise ValueError(f"{cfg.label}: tokens differ from the single-process reference")
     return out
 
 
@@ -164,29 +164,30 @@ def run_ep(kind: str = "moe-ep", command: str = "", runner=None, name: str | Non
     name = name or kind.replace("-", "_")
     exact, totals, counts, rows = [], [], [], []
     done = _measured(kind, runner)
-    for c, model, res in done:
-        layout, wl, routing = c.layout, c.workload, c.deployment.routing
-        tag = {"routing": c.routing, "b": wl.b, "S": wl.S, "G": wl.G}
+    for cfg, model, res in done:
+        layout, wl, routing = cfg.layout, cfg.workload, cfg.deployment.routing
+        tag = {"routing": cfg.routing, "b": wl.b, "S": wl.S, "G": wl.G}
         ex = a2a_exactness(res, model, layout, wl, routing)
         exact.append(ex.assign(**tag))
         totals.append(phase_totals(ex).assign(**tag))
         counts.append(count_distribution(res, model, layout).assign(**tag))
         meas = [r for r in res.rows if r["phase"] != "setup"]
-        pred = predict_rows(model, layout, wl, c.deployment.pattern(model, layout), routing=routing)
-        if c.routing == "dropless":
+        pred = predict_rows(model, layout, wl, cfg.deployment.pattern(model, layout), routing=routing)
+        if cfg.routing == "dropless":
             # the all-to-all sizes are the closed form on the measured counts (above), summed per phase; the
             # capacity all-reduce's 8 B do not depend on them. Compared: calls and bytes.
             keys = ("phase", "op", "group_size", "calls", "bytes")
             per_phase = phase_totals(ex).set_index("phase").bytes_predicted
-            pred = [{k: (int(per_phase[r["phase"]]) if k == "bytes" and r["op"] == "all_to_all" else r[k])
-                     for k in keys} for r in pred]
-            meas = [{k: r[k] for k in keys} for r in meas]
+            pred = [{key: (int(per_phase[r["phase"]]) if key == "bytes" and r["op"] == "all_to_all" else r[key])
+                     for key in keys} for r in pred]
+            meas = [{key: r[key] for key in keys} for r in meas]
         rows.append(compare_rows(meas, pred).assign(**tag))
     out = {"exact": pd.concat(exact, ignore_index=True), "totals": pd.concat(totals, ignore_index=True),
            "counts": pd.concat(counts, ignore_index=True), "rows": pd.concat(rows, ignore_index=True)}
-    c0 = done[0][0]
-    save(out["exact"].drop(columns=["split_measured"]), f"{name}_calls", command, model=c0.model, e=c0.e, p=c0.p)
-    save(out["rows"], f"{name}_rows", command, model=c0.model, e=c0.e, p=c0.p)
+    cfg0 = done[0][0]
+    save(out["exact"].drop(columns=["split_measured"]), f"{name}_calls", command, model=cfg0.model, e=cfg0.e,
+         p=cfg0.p)
+    save(out["rows"], f"{name}_rows", command, model=cfg0.model, e=cfg0.e, p=cfg0.p)
     return out
 
 
@@ -200,10 +201,10 @@ def run_autotp(kind: str = "moe-autotp", command: str = "", runner=None, name: s
 
     parts = []
     done = _measured(kind, runner)
-    for c, model, res in done:
-        pred = predicted_like(model, c.layout, c.workload, res, c.deployment.pattern(model, c.layout))
+    for cfg, model, res in done:
+        pred = predicted_like(model, cfg.layout, cfg.workload, res, cfg.deployment.pattern(model, cfg.layout))
         parts.append(compare_rows([r for r in res.rows if r["phase"] != "setup"], pred)
-                     .assign(t=c.t, b=c.b, S=c.S, G=c.G, experts=c.experts))
+                     .assign(t=cfg.t, b=cfg.b, S=cfg.S, G=cfg.G, experts=cfg.experts))
     out = pd.concat(parts, ignore_index=True)
     save(out, name or kind.replace("-", "_") + "_rows", command, model=done[0][0].model, t=done[0][0].t)
     return out
@@ -211,7 +212,7 @@ def run_autotp(kind: str = "moe-autotp", command: str = "", runner=None, name: s
 
 def skew_frame(model: ModelSpec, e_: int, workload: Workload, phis) -> pd.DataFrame:
     """Per phase and share φ (:func:`skew_capacity`): the tokens per EP rank T, the dropless C, the size m of one
-    all-to-all (E·C·h·w) and m relative to balanced routing (C = ⌈T·k/E⌉)."""
+    all-to-all (E·C·h·w, column ``message_bytes``) and m relative to balanced routing (C = ⌈T·k/E⌉)."""
     from ..derive.phases import PHASES, forwards
     from ..derive.moe import rank_batch
 
@@ -226,7 +227,7 @@ def skew_frame(model: ModelSpec, e_: int, workload: Workload, phis) -> pd.DataFr
         for phi in phis:
             c_ = skew_capacity(T, model.E, k_, phi)
             m = int(size.subs(C, c_))
-            rows.append({"phase": phase, "phi": float(phi), "tokens_per_rank": T, "C": c_, "bytes": m,
+            rows.append({"phase": phase, "phi": float(phi), "tokens_per_rank": T, "C": c_, "message_bytes": m,
                          "relative": m / base})
     return pd.DataFrame(rows)
 
@@ -256,14 +257,15 @@ def ep_crossover(traffic: pd.DataFrame, against: str, y: str = "busiest rank sen
     """Per model of :func:`layouts_traffic`: the smallest batch b at which expert parallelism sends fewer bytes
     (``y``) than the layout named ``against``, or None when it never does in the frame."""
     piv = traffic.pivot_table(index=["model", "b"], columns="layout", values=y)
-    ep_col = next(c for c in piv.columns if c.startswith("EP"))
+    ep_col = next(col for col in piv.columns if col.startswith("EP"))
     wins = piv[ep_col] < piv[against]
-    return {m: (int(wins[m][wins[m]].index.min()) if wins[m].any() else None) for m in piv.index.levels[0]}
+    return {name: (int(wins[name][wins[name]].index.min()) if wins[name].any() else None)
+            for name in piv.index.levels[0]}
 
 
-def layouts_latency(model: ModelSpec, n: int, workloads, hw, routing: Routing | None = None,
+def layouts_latency(model: ModelSpec, gpus: int, workloads, hw, routing: Routing | None = None,
                     framework: str = "deepspeed") -> pd.DataFrame:
-    """The time model on the three layouts of :func:`layouts_traffic` (``n`` GPUs of one node of ``hw``;
+    """The time model on the three layouts of :func:`layouts_traffic` (N = ``gpus`` GPUs of one node of ``hw``;
     ``framework`` ``deepspeed`` = its eager host profile, ``vllm`` = CUDA graphs): TTFT, TPOT, E2E and the decode
     step's compute and communication. A prediction resting on the labelled assumptions of
     :mod:`llmcomm.predict.kernels` (uniform routing) and of the α-β all-to-all (no public measurement fitted)."""
@@ -276,11 +278,11 @@ def layouts_latency(model: ModelSpec, n: int, workloads, hw, routing: Routing | 
     routing = routing or Routing()
     rows = []
     for wl in workloads:
-        for name, layout, d in _three_layouts(n, routing):
-            d = replace(d, framework=framework)
-            r = predict_latency(model, layout, wl, hw, d, gpus_per_node=n)
+        for name, layout, dep in _three_layouts(gpus, routing):
+            dep = replace(dep, framework=framework)
+            r = predict_latency(model, layout, wl, hw, dep, gpus_per_node=gpus)
             dec = r["breakdown"]["decode"]
-            mem = moe_memory_per_rank(model, d.experts, layout.t, layout.p, layout.e, wl.b, wl.S, wl.G,
+            mem = moe_memory_per_rank(model, dep.experts, layout.t, layout.p, layout.e, wl.b, wl.S, wl.G,
                                       wl.w)["total"]
             rows.append({"model": model.name, "b": wl.b, "S": wl.S, "G": wl.G, "layout": name,
                          "TTFT ms": 1e3 * r["ttft_s"], "TPOT ms": 1e3 * r["tpot_s"], "E2E s": r["e2e_s"],

@@ -54,15 +54,15 @@ class Config:
 
     @property
     def label(self) -> str:
-        extra = "".join(f" {k}={v}" for k, v in (("e", self.e), ("experts", self.experts), ("p2p", self.p2p),
-                                                  ("routing", self.routing))
-                        if v != Config.__dataclass_fields__[k].default)
+        extra = "".join(f" {key}={v}" for key, v in (("e", self.e), ("experts", self.experts), ("p2p", self.p2p),
+                                                      ("routing", self.routing))
+                        if v != Config.__dataclass_fields__[key].default)
         return f"{self.model} t={self.t} p={self.p} b={self.b} S={self.S} G={self.G} {self.dtype}{extra}"
 
     @property
     def columns(self) -> dict:
         """The configuration as a frame's columns (:data:`CONFIG_COLUMNS`)."""
-        return {k: getattr(self, k) for k in CONFIG_COLUMNS}
+        return {key: getattr(self, key) for key in CONFIG_COLUMNS}
 
 
 def scale() -> str:
@@ -95,7 +95,7 @@ _SWEEPS = {
                     Config("tiny-llama", 2, 1, 4, 32, 8), Config("tiny-llama-tied", 2, 1, 2, 12, 5),
                     Config("tiny-llama-tied", 4, 1, 1, 8, 4), Config("tiny-llama-tied", 4, 1, 2, 24, 3),
                     Config("tiny-llama-tied", 4, 1, 16, 384, 2)],
-    ("tp", "gpu"): [Config(m, t, 1, b, S, 32, "bf16") for m in ("llama-3.2-3b", "llama-3.1-8b")
+    ("tp", "gpu"): [Config(name, t, 1, b, S, 32, "bf16") for name in ("llama-3.2-3b", "llama-3.1-8b")
                     for t in (2, 4, 8) for b, S in ((1, 128), (8, 1024))],
     # Pipelines and hybrids (llmcomm.measure.runs.pipeline, default partitioned stage-to-stage mode). tiny-llama: L=4,
     # KV heads 2 (t ≤ 2); tiny-llama-tied: L=5 (uneven split p=2 → [3, 2]), KV heads 4. Five layouts, one launch each.
@@ -108,7 +108,7 @@ _SWEEPS = {
     # the last hybrid with every TP rank sending the whole hidden state (p2p 'full'): in the same launch
     ("pipeline-full", "cpu"): [Config("tiny-llama-tied", 2, 2, 3, 6, 2, p2p="full")],
     # Real shapes in bf16; needs a node with t·p ≤ 8 GPUs (NCCL puts one rank on each GPU).
-    ("pipeline", "gpu"): [Config(m, t, p, b, S, 32, "bf16") for m in ("llama-3.2-3b", "llama-3.1-8b")
+    ("pipeline", "gpu"): [Config(name, t, p, b, S, 32, "bf16") for name in ("llama-3.2-3b", "llama-3.1-8b")
                           for t, p in ((1, 2), (1, 4), (2, 2), (1, 8), (2, 4), (4, 2)) for b, S in ((1, 128), (8, 1024))],
     ("pipeline-full", "gpu"): [Config("llama-3.1-8b", 2, 2, 8, 1024, 32, "bf16", p2p="full")],
     # Time model validation (book: "Time: microbenchmarks and the α-β model"): TP (shm all-reduce), PP (gloo sends,
@@ -142,7 +142,7 @@ CHAPTER_KINDS = ("tp", "pipeline", "pipeline-full", "moe-ep", "moe-autotp", "moe
 def kinds(which: str | None = None) -> list[str]:
     """The sweep kinds defined at the current (or given) scale."""
     which = which or scale()
-    return sorted({k for k, sc in _SWEEPS if sc == which or k.startswith(_TINY_AT_EVERY_SCALE)})
+    return sorted({kind for kind, sc in _SWEEPS if sc == which or kind.startswith(_TINY_AT_EVERY_SCALE)})
 
 
 def configs(kind: str, which: str | None = None) -> list[Config]:
@@ -160,7 +160,7 @@ CONFIG_COLUMNS = ["model", "t", "p", "b", "S", "G", "dtype"]
 
 def configs_frame(cfgs: Iterable[Config]) -> pd.DataFrame:
     """The configurations as a table (one row each)."""
-    return pd.DataFrame([c.columns for c in cfgs], columns=CONFIG_COLUMNS)
+    return pd.DataFrame([cfg.columns for cfg in cfgs], columns=CONFIG_COLUMNS)
 
 
 #: the quantities a row carries and a comparison checks, measured against predicted
@@ -176,17 +176,17 @@ def compare_rows(measured: Iterable[dict], predicted: Iterable[dict]) -> pd.Data
     values = [v for v in ROW_VALUES if all(v in r for r in measured + predicted if r["phase"] != "setup")]
     meas = pd.DataFrame(measured, columns=key + values)
     pred = pd.DataFrame(predicted, columns=key + values)
-    d = meas.merge(pred, on=key, how="outer", suffixes=("_measured", "_predicted"))
-    match = pd.Series(True, index=d.index)
+    both = meas.merge(pred, on=key, how="outer", suffixes=("_measured", "_predicted"))
+    match = pd.Series(True, index=both.index)
     for v in values:
         for side in ("measured", "predicted"):
-            d[f"{v}_{side}"] = d[f"{v}_{side}"].fillna(0)
-            if (d[f"{v}_{side}"] % 1 == 0).all():
-                d[f"{v}_{side}"] = d[f"{v}_{side}"].astype("int64")
-        match &= d[f"{v}_measured"] == d[f"{v}_predicted"]
-    d["match"] = match
-    d["_o"] = [phase_order(x) for x in d.phase]
-    return d.sort_values(["_o", "op", "group_size"]).drop(columns="_o").reset_index(drop=True)
+            both[f"{v}_{side}"] = both[f"{v}_{side}"].fillna(0)
+            if (both[f"{v}_{side}"] % 1 == 0).all():
+                both[f"{v}_{side}"] = both[f"{v}_{side}"].astype("int64")
+        match &= both[f"{v}_measured"] == both[f"{v}_predicted"]
+    both["match"] = match
+    both["_o"] = [phase_order(x) for x in both.phase]
+    return both.sort_values(["_o", "op", "group_size"]).drop(columns="_o").reset_index(drop=True)
 
 
 def predicted_like(model, config_layout, workload, res, pattern: str = "deepspeed", routing=None) -> list[dict]:
@@ -200,10 +200,10 @@ def predicted_like(model, config_layout, workload, res, pattern: str = "deepspee
                         gpus_per_node=per_host, routing=routing)
 
 
-def _launch_key(c: Config) -> tuple:
+def _launch_key(cfg: Config) -> tuple:
     """What the configurations of one launch share: model, layout, dtype (routing, p2p mode and expert layout may
     change from one configuration to the next: :meth:`llmcomm.deployment.Deployment.config_options`)."""
-    return c.model, c.t, c.p, c.e, c.dtype
+    return cfg.model, cfg.t, cfg.p, cfg.e, cfg.dtype
 
 
 def measure_configs(cfgs: Iterable[Config], runner: Callable | None = None, progress: bool | None = None,
@@ -220,8 +220,8 @@ def measure_configs(cfgs: Iterable[Config], runner: Callable | None = None, prog
         from ..measure.launch import measure_many as runner
     cfgs = list(cfgs)
     groups: dict[tuple, list[int]] = {}
-    for i, c in enumerate(cfgs):
-        groups.setdefault(_launch_key(c), []).append(i)
+    for i, cfg in enumerate(cfgs):
+        groups.setdefault(_launch_key(cfg), []).append(i)
     out: list = [None] * len(cfgs)
     bar = progress_bar(len(cfgs), "configurations", enabled=progress)
     try:
@@ -248,13 +248,13 @@ def sweep(cfgs: Iterable[Config], runner: Callable | None = None, progress: bool
     ``rows`` one line per config × (phase, op, group) with measured and predicted calls, bytes and traffic; ``runs``
     one line per config with TTFT/TPOT/E2E and whether tokens matched."""
     rows, runs = [], []
-    for c, model, res in measure_configs(cfgs, runner, progress):
-        pattern = c.deployment.pattern(model, c.layout)
-        d = compare_rows(res.rows, predicted_like(model, c.layout, c.workload, res, pattern))
-        for k, v in c.columns.items():
-            d.insert(0, k, v) if k == "model" else d.insert(len(d.columns), k, v)
-        rows.append(d)
-        runs.append(dict(c.columns, ttft_s=res.ttft_s, tpot_s=res.tpot_s, e2e_s=res.e2e_s,
+    for cfg, model, res in measure_configs(cfgs, runner, progress):
+        pattern = cfg.deployment.pattern(model, cfg.layout)
+        cmp = compare_rows(res.rows, predicted_like(model, cfg.layout, cfg.workload, res, pattern))
+        for key, v in cfg.columns.items():
+            cmp.insert(0, key, v) if key == "model" else cmp.insert(len(cmp.columns), key, v)
+        rows.append(cmp)
+        runs.append(dict(cfg.columns, ttft_s=res.ttft_s, tpot_s=res.tpot_s, e2e_s=res.e2e_s,
                          tokens_match=bool(getattr(res, "tokens_match", True))))
     return pd.concat(rows, ignore_index=True), pd.DataFrame(runs)
 
@@ -277,13 +277,13 @@ ROW_COLUMNS = ["model", "t", "p", "b", "S", "G", "phase", "op", "group_size", "c
 
 def row_columns(df: pd.DataFrame) -> list[str]:
     """:data:`ROW_COLUMNS`, without ``p`` when every row has p = 1 (a TP-only sweep)."""
-    return [c for c in ROW_COLUMNS if not (c == "p" and (df["p"] == 1).all())]
+    return [col for col in ROW_COLUMNS if not (col == "p" and (df["p"] == 1).all())]
 
 
 def setup_rows(rows: pd.DataFrame) -> pd.DataFrame:
     """The distinct setup rows of a sweep (what start-up sends, reported apart from the phases), per model and
     layout."""
-    keep = [c for c in ("model", "t", "p") if not (c == "p" and (rows["p"] == 1).all())] + \
+    keep = [col for col in ("model", "t", "p") if not (col == "p" and (rows["p"] == 1).all())] + \
         ["op", "group_size", "calls_measured", "bytes_measured"]
     return rows[rows.phase == "setup"][keep].drop_duplicates(keep).reset_index(drop=True)
 

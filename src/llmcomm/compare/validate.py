@@ -37,7 +37,7 @@ def latency_errors(df: pd.DataFrame):
             err = err.where(df["G"] > 1)
         df[f"err_{metric[:-2]}"] = err
         errs.append(err.dropna().abs())
-    summary = {f"median_abs_err_{metric[:-2]}": float(e.median()) for metric, e in zip(METRICS, errs)}
+    summary = {f"median_abs_err_{metric[:-2]}": float(err.median()) for metric, err in zip(METRICS, errs)}
     summary["median_abs_err"] = float(pd.concat(errs).median())
     return df, summary
 
@@ -45,8 +45,8 @@ def latency_errors(df: pd.DataFrame):
 def measured_comm_s(res, phase: str, rank: int = 0) -> float:
     """Seconds rank ``rank`` spent inside collectives and sends/receives during ``phase`` of a measurement (from its
     captured events: each call's start and end; waiting for a slower peer included)."""
-    return sum(max(float(e.get("t_end", 0.0)) - float(e.get("t_start", 0.0)), 0.0)
-               for e in res.events if e.get("rank") == rank and e.get("phase") == phase)
+    return sum(max(float(ev.get("t_end", 0.0)) - float(ev.get("t_start", 0.0)), 0.0)
+               for ev in res.events if ev.get("rank") == rank and ev.get("phase") == phase)
 
 
 def validate_latency(cfgs: Iterable[Config], hw: Hardware, cores: int | None = None, runner: Callable | None = None,
@@ -68,17 +68,18 @@ def validate_latency(cfgs: Iterable[Config], hw: Hardware, cores: int | None = N
     cores = int(cores or os.cpu_count() or 1)
     cfgs = list(cfgs)
     runs: dict[Config, list] = {}
-    for c, model, res in measure_configs([c for c in cfgs for _ in range(reps)], runner, progress):
-        runs.setdefault(c, []).append((model, res))
+    for cfg, model, res in measure_configs([cfg for cfg in cfgs for _ in range(reps)], runner, progress):
+        runs.setdefault(cfg, []).append((model, res))
     rows = []
-    for c in dict.fromkeys(cfgs):
-        model = runs[c][0][0]
-        results = [r for _, r in runs[c]]
-        ranks = c.t * c.p
-        pred = predict_latency(model, c.layout, c.workload, for_layout(hw, c.t, c.p, cores), gpus_per_node=cores)
+    for cfg in dict.fromkeys(cfgs):
+        model = runs[cfg][0][0]
+        results = [r for _, r in runs[cfg]]
+        ranks = cfg.t * cfg.p
+        pred = predict_latency(model, cfg.layout, cfg.workload, for_layout(hw, cfg.t, cfg.p, cores),
+                               gpus_per_node=cores)
         pre, dec = pred["breakdown"]["prefill"], pred["breakdown"]["decode"]
-        row = dict(asdict(c), ranks=ranks, threads=cpu_threads_per_rank(ranks, cores), reps=len(results),
-                   allreduce=("shm" if c.p == 1 else "gloo") if c.t > 1 else "-")
+        row = dict(asdict(cfg), ranks=ranks, threads=cpu_threads_per_rank(ranks, cores), reps=len(results),
+                   allreduce=("shm" if cfg.p == 1 else "gloo") if cfg.t > 1 else "-")
         for metric in METRICS:
             vals = np.array([float(getattr(r, metric)) for r in results])
             row[f"{metric}_measured"] = float(np.median(vals))
@@ -88,7 +89,7 @@ def validate_latency(cfgs: Iterable[Config], hw: Hardware, cores: int | None = N
                    decode_compute_pred_s=dec["compute_s"], decode_comm_pred_s=dec["comm_s"],
                    prefill_comm_meas_s=float(np.median([measured_comm_s(r, "prefill") for r in results])),
                    decode_comm_meas_s=float(np.median([measured_comm_s(r, "decode") for r in results]))
-                   / max(c.G - 1, 1))
+                   / max(cfg.G - 1, 1))
         rows.append(row)
     return latency_errors(pd.DataFrame(rows))
 
@@ -104,13 +105,13 @@ def validate_time_runs(hw: Hardware, runs: int = 3, reps: int = 5, root=None, co
 
     out = writable_dir(data_dir(root=root), "validation output folder")
     summaries = []
-    for k in range(1, runs + 1):
+    for run in range(1, runs + 1):
         load_before = load_average()
         df, summary = validate_latency(configs("latency", "cpu"), hw, reps=reps)
-        prov = provenance(command or "llmcomm validate-time", run=k, reps=reps, load_avg_before=load_before,
+        prov = provenance(command or "llmcomm validate-time", run=run, reps=reps, load_avg_before=load_before,
                           load_avg_after=load_average())
-        write_frame(out / f"latency_validation_run{k}.csv", df, prov, float_format="%.6g", summary=summary)
-        summaries.append(dict(run=k, **summary, load_avg=load_before))
+        write_frame(out / f"latency_validation_run{run}.csv", df, prov, float_format="%.6g", summary=summary)
+        summaries.append(dict(run=run, **summary, load_avg=load_before))
         if log:
             log(summaries[-1])
     return summaries
@@ -125,8 +126,8 @@ def load_runs(machine: str = "cpu-local") -> dict:
 
     out = {}
     for path in sorted(data_dir(machine).glob("latency_validation_run*.csv")):
-        k = int(re.search(r"run(\d+)", path.name).group(1))
-        out[k] = (pd.read_csv(path), read_sidecar(path))
+        run = int(re.search(r"run(\d+)", path.name).group(1))
+        out[run] = (pd.read_csv(path), read_sidecar(path))
     return out
 
 
@@ -136,19 +137,21 @@ def explain(val: pd.DataFrame) -> str:
     communication, the rest beside the predicted compute (for p > 1 a receive also waits for the previous stage, so
     there only the totals compare)."""
     lines = []
-    for (t, p), g in val.groupby(["t", "p"]):
-        ttft, tpot = g.err_ttft.median(), g.err_tpot.dropna().median()
-        parts = [f"**t = {t} × p = {p}** ({len(g)} points): TTFT {ttft:+.0%}, "
+    for (t, p), of_layout in val.groupby(["t", "p"]):
+        ttft, tpot = of_layout.err_ttft.median(), of_layout.err_tpot.dropna().median()
+        parts = [f"**t = {t} × p = {p}** ({len(of_layout)} points): TTFT {ttft:+.0%}, "
                  + (f"TPOT {tpot:+.0%}" if pd.notna(tpot) else "no decode")]
         if p == 1 and t > 1:
-            comm = (g.decode_comm_pred_s / g.decode_comm_meas_s).median()
-            rest = (g.decode_compute_pred_s / (g.tpot_s_measured - g.decode_comm_meas_s)).median()
+            comm = (of_layout.decode_comm_pred_s / of_layout.decode_comm_meas_s).median()
+            rest = (of_layout.decode_compute_pred_s
+                    / (of_layout.tpot_s_measured - of_layout.decode_comm_meas_s)).median()
             parts.append(f"per decode step the model's communication is {comm:.2f}× and its compute {rest:.2f}× "
                          "what the run spent in and outside its calls")
         elif p > 1:
             parts.append("a stage's receive includes the upstream stage's compute, so only the totals compare")
         lines.append("; ".join(parts) + ".")
-    worst = val.assign(e=val[["err_ttft", "err_tpot", "err_e2e"]].abs().max(axis=1)).sort_values("e").iloc[-1]
+    worst = val.assign(worst_err=val[["err_ttft", "err_tpot", "err_e2e"]].abs().max(axis=1)).sort_values(
+        "worst_err").iloc[-1]
     lines.append(f"The largest miss is {worst.model} t = {worst.t} × p = {worst.p}, b = {worst.b}, S = {worst.S}, "
                  f"G = {worst.G}: TTFT {worst.err_ttft:+.0%}, TPOT "
                  + (f"{worst.err_tpot:+.0%}" if pd.notna(worst.err_tpot) else "—") + f", E2E {worst.err_e2e:+.0%}.")

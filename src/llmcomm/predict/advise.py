@@ -146,13 +146,13 @@ def advise(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware,
     if not cands:
         raise SpecError(f"no layout of {model.name} on {gpus} GPUs: t must divide its {model.heads} heads and "
                         f"{model.kv_heads} KV heads, and p = {gpus}/t must not exceed its {model.L} layers")
-    t = np.array([c[0] for c in cands])
-    p = np.array([c[1] for c in cands])
+    t = np.array([lay[0] for lay in cands])
+    p = np.array([lay[1] for lay in cands])
     w = wl.w
     lat = predict_latency_grid(model, hw, t, p, b, S, G, w, gpus_per_node=g, deployment=deployment)
     mem = memory_per_rank(model, t, p, b, S, G, w)
     traffic = [traffic_totals(model, Layout(int(ti), int(pi)), wl, pattern, "ring", g) for ti, pi in zip(t, p)]
-    metric = {k: np.array([float(x[k]) for x in traffic]) for k in ("bytes", "inter_node_bytes", "link_bytes",
+    metric = {key: np.array([float(x[key]) for x in traffic]) for key in ("bytes", "inter_node_bytes", "link_bytes",
                                                                     "sent_bytes_busiest_rank")}
     usable = hw.usable_memory_bytes
     fits = mem["total"] <= usable
@@ -185,8 +185,8 @@ def advise(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware,
             "tp_inter_fraction": float(f_tp[i]), "pp_inter_fraction": float(f_pp[i]), "nodes": nodes,
             "objective": objective, "score": float(score[i])})
     rows.sort(key=lambda r: (not r["fits"], r["score"], r["inter_node_bytes"], r["tp"]))
-    for k, r in enumerate(rows, 1):
-        r["rank"] = k
+    for place, r in enumerate(rows, 1):
+        r["rank"] = place
     return rows if include_infeasible else [r for r in rows if r["fits"]]
 
 
@@ -238,8 +238,8 @@ def _layout_grid(model: ModelSpec, gpus: int, hw: Hardware, g, b, S, G, w, deplo
     cands = candidate_layouts(model, gpus)
     if not cands:
         raise SpecError(f"no layout of {model.name} on {gpus} GPUs")
-    t = np.array([c[0] for c in cands])
-    p = np.array([c[1] for c in cands])
+    t = np.array([lay[0] for lay in cands])
+    p = np.array([lay[1] for lay in cands])
     b, S, G = (np.asarray(x) for x in (b, S, G))
     shape = np.broadcast_shapes(b.shape, S.shape, G.shape)
     ext = (slice(None),) + (None,) * len(shape)

@@ -23,9 +23,10 @@ The bandwidth term of every row is ``m·β·f(n)`` (the bus factor): a fitted β
 ``direct`` is the one-shot form (NCCL's one-shot NVLS, vLLM's custom all-reduce): a single latency and the busbw
 term, ``α + f(n)·m·β``. ``shm`` is DeepSpeed's CPU shared-memory all-reduce, which picks its path by size
 (:func:`llmcomm.derive.conventions.shm_split`): the one-shot bytes cost ``α₁ + f(n)·m₁·β₁`` and the two-phase bytes
-``k·α₂ + f(n)·m₂·β₂`` (k chunks of 32 MiB), each path with its own fitted α and β (:func:`shm_time`). The latency
-steps of every op and algorithm come from the registry (:func:`llmcomm.derive.conventions.latency_steps`). Every
-function takes scalars or numpy arrays (broadcast together).
+``⌈m₂/32 MiB⌉·α₂ + f(n)·m₂·β₂`` (one α₂ per 32 MiB chunk), each path with its own fitted α and β
+(:func:`shm_time`). The latency steps of every op and algorithm come from the registry
+(:func:`llmcomm.derive.conventions.latency_steps`). Every function takes scalars or numpy arrays (broadcast
+together).
 """
 from __future__ import annotations
 
@@ -85,9 +86,9 @@ def shm_time(n, size_bytes, one_shot: tuple[float, float], two_phase: tuple[floa
     m = np.asarray(size_bytes, dtype=float)
     one, two = (np.asarray(x, dtype=float) for x in shm_split(m))
     f = np.asarray(bus_factor("all_reduce", n), dtype=float)
-    t = np.where(one > 0, one_shot[0] + f * one * one_shot[1], 0.0) + \
+    tau = np.where(one > 0, one_shot[0] + f * one * one_shot[1], 0.0) + \
         np.ceil(two / SHM_CHUNK) * two_phase[0] + f * two * two_phase[1]
-    return _out(np.where(n > 1, t, 0.0))
+    return _out(np.where(n > 1, tau, 0.0))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -95,76 +96,84 @@ def shm_time(n, size_bytes, one_shot: tuple[float, float], two_phase: tuple[floa
 #
 # On NVSwitch/NVLink nodes NCCL's ring all-reduce switches protocol with size (LL/LL128 for low latency, Simple for
 # bandwidth) and its bus bandwidth grows with n (more channels; NVLS on H100 n = 8), which one α-β line cannot follow.
-# The fitted form (parameters per system, :mod:`llmcomm.compare.vidur` fits them to public kernel times)::
+# The fitted form (parameters per system, keyed by what they are; :mod:`llmcomm.compare.vidur` fits them to public
+# kernel times), for a message of m bytes on n ranks::
 #
-#     f(n) = 2(n−1)/n,  steps = 2(n−1),  B(n) = B·(n/2)^γ
-#     T_simple = c    + steps·α    + f·S/B(n)
-#     T_ll     = c_ll + steps·α_ll + f·S/(e_ll·B(n))
-#     t        = max(F, min(T_simple, T_ll))       F: the launch-bound floor of eager, back-to-back launches
+#     f(n) = 2(n−1)/n,  steps = 2(n−1),  bw(n) = bytes_per_s·(n/2)^bw_growth
+#     τ_simple = latency_s    + steps·step_s    + f·m/bw(n)
+#     τ_ll     = latency_ll_s + steps·step_ll_s + f·m/(ll_efficiency·bw(n))
+#     τ        = max(floor_s, min(τ_simple, τ_ll))     floor_s: the launch-bound floor of eager, back-to-back launches
 #
-# send_recv: t = max(F, c + S/B + (⌈S/1 MiB⌉ − 1)·δ). Other ring collectives (all_gather, reduce_scatter, gather,
-# broadcast) are *derived* from the all-reduce parameters (n−1 steps, their own bus factor): no public data checks
-# them. Across nodes (k nodes of g GPUs, one NIC per GPU): every ring enters and leaves each node once and the rings
-# spread over the rails, so busbw = min(B(g), rails·B_nic) and each ring step waits for the network hop (α_net); NCCL's
-# tree for small sizes: 2(⌈log2 k⌉·α_net + (g−1)·α). A PREDICTION: the public data hold no cross-node all-reduce.
+# send_recv: τ = max(floor_s, latency_s + m/bytes_per_s + (⌈m/chunk_bytes⌉ − 1)·chunk_s), chunk_bytes = 1 MiB. Other
+# ring collectives (all_gather, reduce_scatter, gather, broadcast) are *derived* from the all-reduce parameters (n−1
+# steps, their own bus factor): no public data checks them. Across nodes (``nodes`` nodes of g GPUs, one NIC per
+# GPU): every ring enters and leaves each node once and the rings spread over the rails, so busbw =
+# min(bw(g), rails·nic_bytes_per_s) and each ring step waits for the network hop (step_net_s); NCCL's tree for small
+# sizes: 2(⌈log2 nodes⌉·step_net_s + (g−1)·step_s). A PREDICTION: the public data hold no cross-node all-reduce.
 # ------------------------------------------------------------------------------------------------------------------
-def _bw_n(p, n):
-    return float(p["B"]) * (np.asarray(n, dtype=float) / 2.0) ** float(p.get("gamma", 0.0))
+def _bw_n(params, n):
+    return float(params["bytes_per_s"]) * (np.asarray(n, dtype=float) / 2.0) ** float(params.get("bw_growth", 0.0))
 
 
-def nccl_ring_time(op: str, n, size_bytes, p, floor: bool = True):
-    """Seconds of ``op`` on ``n`` ranks of one node under the fitted NCCL model ``p`` (all_reduce as fitted; the
-    other ring ops derived with their step count and bus factor). ``floor``: apply the eager launch floor F."""
+def nccl_ring_time(op: str, n, size_bytes, params, floor: bool = True):
+    """Seconds of ``op`` on ``n`` ranks of one node under the fitted NCCL model ``params`` (all_reduce as fitted; the
+    other ring ops derived with their step count and bus factor). ``floor``: apply the eager launch floor
+    ``floor_s``."""
     op = canonical_op(op)
-    S, n = np.asarray(size_bytes, dtype=float), np.asarray(n, dtype=float)
+    m, n = np.asarray(size_bytes, dtype=float), np.asarray(n, dtype=float)
     f = np.asarray(bus_factor(op, n), dtype=float)
     steps = 2.0 * (n - 1.0) if op == "all_reduce" else (n - 1.0)
-    bw = _bw_n(p, n)
-    t = p["c"] + steps * p["alpha"] + f * S / bw
-    if "c_ll" in p:
-        t = np.minimum(t, p["c_ll"] + steps * p["alpha_ll"] + f * S / (p["e_ll"] * bw))
+    bw = _bw_n(params, n)
+    tau = params["latency_s"] + steps * params["step_s"] + f * m / bw
+    if "latency_ll_s" in params:
+        tau = np.minimum(tau, params["latency_ll_s"] + steps * params["step_ll_s"]
+                         + f * m / (params["ll_efficiency"] * bw))
     if floor:
-        t = np.maximum(float(p.get("F", 0.0)), t)
-    return _out(np.where(n > 1, t, 0.0))
+        tau = np.maximum(float(params.get("floor_s", 0.0)), tau)
+    return _out(np.where(n > 1, tau, 0.0))
 
 
-def nccl_allreduce_switch_size(n, p):
+def nccl_allreduce_switch_size(n, params):
     """Size (bytes) where the fitted all-reduce switches from the LL branch to Simple (nan if never)."""
-    if "c_ll" not in p:
+    if "latency_ll_s" not in params:
         return np.nan
     n = np.asarray(n, dtype=float)
-    f, steps, bw = 2 * (n - 1) / n, 2 * (n - 1), _bw_n(p, n)
-    dlat = (p["c"] + steps * p["alpha"]) - (p["c_ll"] + steps * p["alpha_ll"])
-    dbw = f / bw * (1.0 / p["e_ll"] - 1.0)
+    f, steps, bw = 2 * (n - 1) / n, 2 * (n - 1), _bw_n(params, n)
+    dlat = (params["latency_s"] + steps * params["step_s"]) - (params["latency_ll_s"] + steps * params["step_ll_s"])
+    dbw = f / bw * (1.0 / params["ll_efficiency"] - 1.0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        s = dlat / dbw
-    return _out(np.where(s > 0, s, np.nan))
+        size = dlat / dbw
+    return _out(np.where(size > 0, size, np.nan))
 
 
-def nccl_sendrecv_time(size_bytes, p, floor: bool = True):
-    """Seconds of one send/recv of ``size_bytes`` under the fitted model ``p``: max(F, c + S/B + (⌈S/C⌉−1)·δ)."""
-    S = np.asarray(size_bytes, dtype=float)
-    C = float(p.get("chunk", 2 ** 20))
-    t = p["c"] + S / p["B"] + np.maximum(np.ceil(S / C) - 1.0, 0.0) * p.get("delta", 0.0)
-    return _out(np.maximum(float(p.get("F", 0.0)), t) if floor else t)
+def nccl_sendrecv_time(size_bytes, params, floor: bool = True):
+    """Seconds of one send/recv of m = ``size_bytes`` under the fitted model ``params``:
+    max(floor_s, latency_s + m/bytes_per_s + (⌈m/chunk_bytes⌉−1)·chunk_s)."""
+    m = np.asarray(size_bytes, dtype=float)
+    chunk = float(params.get("chunk_bytes", 2 ** 20))
+    tau = params["latency_s"] + m / params["bytes_per_s"] \
+        + np.maximum(np.ceil(m / chunk) - 1.0, 0.0) * params.get("chunk_s", 0.0)
+    return _out(np.maximum(float(params.get("floor_s", 0.0)), tau) if floor else tau)
 
 
-def cross_node_allreduce_time(size_bytes, n, k, intra, net, rails=None, algorithm: str = "auto", floor: bool = True):
-    """PREDICTED all-reduce seconds of ``n`` ranks over ``k`` nodes (n/k GPUs each), from the single-node fit
-    ``intra`` and the network link ``net`` = ``{"alpha_net", "B_nic"}`` (s per step, B/s per NIC); ``rails``: NICs
-    per node (default one per GPU). Not fitted to any cross-node all-reduce: the public data have none."""
-    S = np.asarray(size_bytes, dtype=float)
-    n, k = float(n), int(k)
-    g = n / k
-    if k < 1 or g != int(g):
-        raise ValueError(f"n={n:g} ranks cannot be spread evenly over k={k} nodes")
-    if k == 1:
-        return nccl_ring_time("all_reduce", n, S, intra, floor)
+def cross_node_allreduce_time(size_bytes, n, nodes, intra, net, rails=None, algorithm: str = "auto",
+                              floor: bool = True):
+    """PREDICTED all-reduce seconds of ``n`` ranks over ``nodes`` nodes (g = n/nodes GPUs each), from the
+    single-node fit ``intra`` and the network link ``net`` = ``{"step_net_s", "nic_bytes_per_s"}`` (s per step, B/s
+    per NIC); ``rails``: NICs per node (default one per GPU). Not fitted to any cross-node all-reduce: the public
+    data have none."""
+    m = np.asarray(size_bytes, dtype=float)
+    n, nodes = float(n), int(nodes)
+    g = n / nodes
+    if nodes < 1 or g != int(g):
+        raise ValueError(f"n={n:g} ranks cannot be spread evenly over {nodes} nodes")
+    if nodes == 1:
+        return nccl_ring_time("all_reduce", n, m, intra, floor)
     rails = g if rails is None else float(rails)
     f = 2 * (n - 1) / n
-    bw = min(float(_bw_n(intra, g)) if g > 1 else np.inf, rails * float(net["B_nic"]))
-    t_ring = intra["c"] + 2 * (n - 1) * float(net["alpha_net"]) + f * S / bw
-    t_tree = intra["c"] + 2 * (np.ceil(np.log2(k)) * float(net["alpha_net"]) + (g - 1) * float(intra["alpha"])) \
-        + f * S / bw
-    t = {"ring": t_ring, "tree": t_tree, "auto": np.minimum(t_ring, t_tree)}[algorithm]
-    return _out(np.maximum(float(intra.get("F", 0.0)), t) if floor else t)
+    bw = min(float(_bw_n(intra, g)) if g > 1 else np.inf, rails * float(net["nic_bytes_per_s"]))
+    tau_ring = intra["latency_s"] + 2 * (n - 1) * float(net["step_net_s"]) + f * m / bw
+    tau_tree = intra["latency_s"] + 2 * (np.ceil(np.log2(nodes)) * float(net["step_net_s"])
+                                         + (g - 1) * float(intra["step_s"])) + f * m / bw
+    tau = {"ring": tau_ring, "tree": tau_tree, "auto": np.minimum(tau_ring, tau_tree)}[algorithm]
+    return _out(np.maximum(float(intra.get("floor_s", 0.0)), tau) if floor else tau)

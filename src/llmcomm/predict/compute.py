@@ -6,7 +6,7 @@ four GEMMs, norms, rotary, SiLU·mul, residual adds, attention) each cost their 
 (:meth:`llmcomm.predict.hardware.Hardware.kernels`), and the layer adds the host overhead ``o`` of the host
 profile (:mod:`.profiles`: eager kernel launches, or none under CUDA graphs)::
 
-    τ_l = Σ_ops τ_op(M = b·s, shapes / t) + o          CPU ranks (the ops run on the host itself)
+    τ_l = Σ_ops τ_op(T = b·s, shapes / t) + o          CPU ranks (the ops run on the host itself)
     τ_l = max(Σ_ops τ_op, o)                            GPUs (the host enqueues while the device runs)
 
 Prefill: s = S, ell = 0, c = (S+1)/2 (causal). Decode, the mean of the G−1 steps: s = 1, ell = S + G/2 − 1,
@@ -119,27 +119,27 @@ def forward_compute(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str
     if model.is_moe:
         xl = expert_layout(model, experts, t, e, b, s, routing)
         b = b / xl.e                                    # data-parallel attention: b/e sequences per EP rank
-        kinds = [(n, x) for n, x in ((model.L - model.L_moe, None), (model.L_moe, xl)) if n]
+        kinds = [(layers, x) for layers, x in ((model.L - model.L_moe, None), (model.L_moe, xl)) if layers]
     else:
         kinds = [(model.L, None)]
     layers_s, flops, nbytes = 0.0, 0.0, 0.0
-    for n, xl in kinds:
+    for layers, xl in kinds:
         ops = layer_ops(model, t, b, s, kv_len, ctx, w, xl)
         one_s = join(sum(op_times(ops, kern, w).values()), overhead)
-        layers_s = layers_s + n * one_s
-        flops = flops + n * sum(op.get("flops", 0.0) * op.get("count", 1) for op in ops.values())
-        nbytes = nbytes + n * sum(op["bytes"] * op.get("count", 1) for op in ops.values())
+        layers_s = layers_s + layers * one_s
+        flops = flops + layers * sum(op.get("flops", 0.0) * op.get("count", 1) for op in ops.values())
+        nbytes = nbytes + layers * sum(op["bytes"] * op.get("count", 1) for op in ops.values())
     layer_s = one_s if len(kinds) == 1 else layers_s / model.L
     h, V = model.h, model.V
-    M = b * s
-    emb_s = memop_time(2 * w * M * h, 2 * w * h, kern["memops"].get("emb") or kern["memops"]["add"])
+    T = b * s
+    emb_s = memop_time(2 * w * T * h, 2 * w * h, kern["memops"].get("emb") or kern["memops"]["add"])
     head_norm_s = memop_time(2 * w * b * h, 2 * w * h, kern["memops"]["rmsnorm"])
     head_gemm_s = gemm_time(b, V, h / t, w, kern["gemm"])
     head_s = join(head_norm_s + head_gemm_s, overhead)
     head_flops = 2 * b * h * V / t
     head_bytes = w * (b * h / t + h * V / t + b * V) + 2 * w * b * h
-    emb_bytes = 2 * w * M * h
+    emb_bytes = 2 * w * T * h
     total = layers_s + emb_s + head_s
-    F, B = float(kern["gemm"]["F"]), float(kern["gemm"]["B"])
+    flops_per_s, bytes_per_s = float(kern["gemm"]["flops_per_s"]), float(kern["gemm"]["bytes_per_s"])
     return {"compute_s": total, "layer_s": layer_s, "flops": flops + head_flops,
-            "bytes": nbytes + emb_bytes + head_bytes, "compute_bound": flops / F >= nbytes / B}
+            "bytes": nbytes + emb_bytes + head_bytes, "compute_bound": flops / flops_per_s >= nbytes / bytes_per_s}

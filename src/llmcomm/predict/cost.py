@@ -28,7 +28,7 @@ from .kernels import gemm_time, layer_ops, memop_time, op_times
 __all__ = ["compute_costs", "collective_costs", "cost_report", "COLLECTIVE_OPS"]
 
 #: the collectives ``cost`` prices (those the time model has a form for: the registry's ``timed`` ops)
-COLLECTIVE_OPS = tuple(name for name, c in COLLECTIVES.items() if c.timed)
+COLLECTIVE_OPS = tuple(name for name, coll in COLLECTIVES.items() if coll.timed)
 
 
 def compute_costs(model: ModelSpec, hw: Hardware, t: int, tokens, context: int | None = None,
@@ -49,27 +49,27 @@ def compute_costs(model: ModelSpec, hw: Hardware, t: int, tokens, context: int |
     w = DTYPE_BYTES[dtype]
     kern = hw.kernels(w)
     rows = []
-    for n in tokens:
-        if int(n) < 1:
-            raise SpecError(f"tokens={n} must be at least 1")
+    for T in tokens:
+        if int(T) < 1:
+            raise SpecError(f"tokens={T} must be at least 1")
         ctx = 0 if context is None else int(context)
-        ops = layer_ops(model, t, 1, n, ctx, ctx + (n + 1) / 2, w, expert_layout(model, experts, t, 1, 1, n))
+        ops = layer_ops(model, t, 1, T, ctx, ctx + (T + 1) / 2, w, expert_layout(model, experts, t, 1, 1, T))
         if context is None:
             ops.pop("attention")
         times = op_times(ops, kern, w)
         for name, op in ops.items():
             count = float(op.get("count", 1))
-            row = {"op": name, "tokens": int(n), "seconds": float(times[name]),
+            row = {"op": name, "tokens": int(T), "seconds": float(times[name]),
                    "flops": float(op.get("flops", 0.0)) * count, "memory_bytes": float(op["bytes"]) * count}
             if name.startswith("expert_"):
                 row.update(calls=count, M=float(op["M"]) if "M" in op else float(op["bytes"] / op["row_bytes"]))
             rows.append(row)
         h, V = model.h, model.V
-        rows.append({"op": "final_norm", "tokens": int(n),
-                     "seconds": float(memop_time(2 * w * n * h, 2 * w * h, kern["memops"]["rmsnorm"])),
-                     "flops": 0.0, "memory_bytes": float(2 * w * n * h)})
-        rows.append({"op": "lm_head", "tokens": int(n), "seconds": float(gemm_time(n, V, h / t, w, kern["gemm"])),
-                     "flops": float(2 * n * h * V / t), "memory_bytes": float(w * (n * h / t + h * V / t + n * V))})
+        rows.append({"op": "final_norm", "tokens": int(T),
+                     "seconds": float(memop_time(2 * w * T * h, 2 * w * h, kern["memops"]["rmsnorm"])),
+                     "flops": 0.0, "memory_bytes": float(2 * w * T * h)})
+        rows.append({"op": "lm_head", "tokens": int(T), "seconds": float(gemm_time(T, V, h / t, w, kern["gemm"])),
+                     "flops": float(2 * T * h * V / t), "memory_bytes": float(w * (T * h / t + h * V / t + T * V))})
     return rows
 
 

@@ -2,17 +2,17 @@
 
 For each (backend, op, group size n, link level) the fit is a least-squares solution of
 
-    τ = k_α(op, n) · α  +  f(op, n) · m · β
+    τ = steps(op, n) · α  +  f(op, n) · m · β
 
-in the op's algorithm form (:mod:`llmcomm.predict.collectives`: ``k_α`` sequential steps, ``f`` the busbw factor), weighted
-by 1/time so that every size counts by its relative error (the 4 B points fix α, the 64 MiB points fix β). α and β are
-constrained to be ≥ 0. Reported: ``alpha_us`` (per step), ``busbw_GBps`` = 1/β (the asymptotic bus bandwidth),
-``beta_ns_per_B``, ``r2`` (on log time) and ``median_rel_err``. A pooled fit over all measured n (``group_size`` =
-"any") gives the parameters used for group sizes that were not measured. DeepSpeed's shm all-reduce (backend
-``shm``) takes one path below 1 MiB and another above (:func:`llmcomm.derive.conventions.shm_split`): its table is
-cut there and each side fitted on its own (``path`` ``one-shot`` / ``two-phase``, one α per call each), which the
-``shm`` entries of the preset combine (:func:`llmcomm.predict.collectives.shm_time`). The ``cpu-local`` preset is written from
-these fits by :func:`llmcomm.compare.calibration.calibrate_cpu_local` (``llmcomm calibrate``).
+in the op's algorithm form (:mod:`llmcomm.predict.collectives`: ``steps`` sequential latency steps, ``f`` the busbw
+factor), weighted by 1/time so that every size counts by its relative error (the 4 B points fix α, the 64 MiB points
+fix β). α and β are constrained to be ≥ 0. Reported: ``alpha_us`` (per step), ``busbw_GBps`` = 1/β (the asymptotic bus
+bandwidth), ``beta_ns_per_B``, ``r2`` (on log time) and ``median_rel_err``. A pooled fit over all measured n
+(``group_size`` = "any") gives the parameters used for group sizes that were not measured. DeepSpeed's shm all-reduce
+(backend ``shm``) takes one path below 1 MiB and another above (:func:`llmcomm.derive.conventions.shm_split`): its
+table is cut there and each side fitted on its own (``path`` ``one-shot`` / ``two-phase``, one α per call each), which
+the ``shm`` entries of the preset combine (:func:`llmcomm.predict.collectives.shm_time`). The ``cpu-local`` preset is
+written from these fits by :func:`llmcomm.compare.calibration.calibrate_cpu_local` (``llmcomm calibrate``).
 """
 from __future__ import annotations
 
@@ -29,15 +29,15 @@ ALGORITHM_OF_BACKEND = {"shm": "shm", "gloo": "ring", "nccl": "ring"}
 
 
 def fit_alpha_beta(op: str, n, size_bytes, seconds, algorithm: str = "ring") -> dict:
-    """Fit α (s per step), β (s per busbw byte) of ``τ = k_α·α + f(n)·m·β`` over points that may mix group sizes."""
+    """Fit α (s per step), β (s per busbw byte) of ``τ = steps·α + f(n)·m·β`` over points that may mix group sizes."""
     op = canonical_op(op)
     n = np.asarray(n, dtype=float)
     m = np.asarray(size_bytes, dtype=float)
     tau = np.asarray(seconds, dtype=float)
     n, m, tau = np.broadcast_arrays(n, m, tau)
-    ka = np.asarray(latency_steps(op, n, algorithm), dtype=float) * np.ones_like(tau)
+    steps = np.asarray(latency_steps(op, n, algorithm), dtype=float) * np.ones_like(tau)
     fb = np.asarray(bus_factor(op, n), dtype=float) * m
-    X = np.stack([ka, fb], axis=1) / tau[:, None]         # relative weighting
+    X = np.stack([steps, fb], axis=1) / tau[:, None]     # relative weighting
     y = np.ones_like(tau)
     coef, *_ = np.linalg.lstsq(X, y, rcond=None)
     alpha, beta = coef
@@ -50,7 +50,7 @@ def fit_alpha_beta(op: str, n, size_bytes, seconds, algorithm: str = "ring") -> 
         if alpha >= 0 and beta > 0:
             cands.append((alpha, beta))
         alpha, beta = min(cands, key=lambda ab: float(np.sum((X @ np.array(ab) - y) ** 2)))
-    pred = ka * alpha + fb * beta
+    pred = steps * alpha + fb * beta
     with np.errstate(divide="ignore"):
         lt, lp = np.log(tau), np.log(np.maximum(pred, 1e-30))
     ss_res = float(np.sum((lt - lp) ** 2))
@@ -70,12 +70,13 @@ def fit_table(df, pooled: bool = True):
         df = df.assign(link="intra")
     rows = []
     keys = ["backend", "op", "link"]
-    for (be, op, link), g in df.groupby(keys):
+    for (be, op, link), grp in df.groupby(keys):
         alg = ALGORITHM_OF_BACKEND.get(be, "ring")
         if alg == "shm" and canonical_op(op) == "all_reduce":
-            parts = [("one-shot", g[g["bytes"] < SHM_ONE_SHOT_BELOW]), ("two-phase", g[g["bytes"] >= SHM_ONE_SHOT_BELOW])]
+            parts = [("one-shot", grp[grp["bytes"] < SHM_ONE_SHOT_BELOW]),
+                     ("two-phase", grp[grp["bytes"] >= SHM_ONE_SHOT_BELOW])]
         else:
-            parts = [("", g)]
+            parts = [("", grp)]
         for path, gp in parts:
             if gp.empty:
                 continue
@@ -96,7 +97,7 @@ def fit_table(df, pooled: bool = True):
 # Every fit minimises Σ ρ(log(predicted/measured)) with scipy's soft-L1 loss ρ at a 5 % scale: errors count
 # relatively, and a single odd kernel choice (a cuBLAS heuristic, an NCCL launch straggler) does not drag the
 # physical parameters. Positive parameters are fitted in log space, from several starting points (the GEMM model is
-# piecewise in M; a local minimum is likely from one start).
+# piecewise in M_g; a local minimum is likely from one start).
 # ------------------------------------------------------------------------------------------------------------------
 #: structural variants of the GEMM model tried per device; the one with the lowest training loss is kept (chosen
 #: inside each validation fold, like the continuous parameters)
@@ -140,87 +141,94 @@ def _log_residuals(model, measured):
 
 
 def _gemm_params(theta, base):
-    p = dict(base)
-    p.update(F=float(np.exp(theta[0])), B=float(np.exp(theta[1])), t0=float(np.exp(theta[2])),
-             p=float(1.0 + np.exp(np.clip(theta[3], -10, 5))), K0=float(np.exp(np.clip(theta[4], -20, 10))))
+    params = dict(base)
+    params.update(flops_per_s=float(np.exp(theta[0])), bytes_per_s=float(np.exp(theta[1])),
+                  t0=float(np.exp(theta[2])), norm_order=float(1.0 + np.exp(np.clip(theta[3], -10, 5))),
+                  K0=float(np.exp(np.clip(theta[4], -20, 10))))
     if len(theta) > 5:
         eff = float(1.0 / (1.0 + np.exp(-theta[5])))
-        p["alt_tiles"] = [[a, b, eff] for a, b, _ in base["alt_tiles"]]
-    return p
+        params["alt_tiles"] = [[tm, tn, eff] for tm, tn, _ in base["alt_tiles"]]
+    return params
 
 
-def fit_gemm(M, N, K, seconds, sm: int, w: int = 2, variants=None) -> dict:
-    """Fit the GEMM model (F, B, t0, p, K0, the alternative tile's efficiency) of a device with ``sm`` SMs to kernel
-    times, for every structural variant; returns the best variant's parameters (``"variant"`` names it)."""
+def fit_gemm(M_g, N_g, K_g, seconds, sm: int, w: int = 2, variants=None) -> dict:
+    """Fit the GEMM model (flops_per_s, bytes_per_s, t0, norm_order, K0, the alternative tile's efficiency) of a
+    device with ``sm`` SMs to kernel times of GEMMs [M_g, K_g]×[K_g, N_g], for every structural variant; returns
+    the best variant's parameters (``"variant"`` names it)."""
     from .kernels import DEFAULT_SPLITS, gemm_time
 
-    M, N, K, seconds = (np.asarray(x, dtype=float) for x in (M, N, K, seconds))
+    M_g, N_g, K_g, seconds = (np.asarray(x, dtype=float) for x in (M_g, N_g, K_g, seconds))
     best = None
     for name, v in (variants or GEMM_VARIANTS).items():
         base = dict(sm=sm, tm_small=64, m_small=64, kmin=128, splits=list(DEFAULT_SPLITS), **v)
-        res = _log_residuals(lambda th, base=base: gemm_time(M, N, K, w, _gemm_params(th, base)), seconds)
-        starts = [np.r_[np.log(s), 1.4] for s in ((700e12, 2e12, 4e-6, 1.0, 64.0), (300e12, 1.5e12, 4e-6, 3.0, 256.0),
-                                                   (900e12, 3e12, 3e-6, 0.5, 16.0))]
+        res = _log_residuals(lambda th, base=base: gemm_time(M_g, N_g, K_g, w, _gemm_params(th, base)), seconds)
+        starts = [np.r_[np.log(x0), 1.4] for x0 in ((700e12, 2e12, 4e-6, 1.0, 64.0),
+                                                     (300e12, 1.5e12, 4e-6, 3.0, 256.0),
+                                                     (900e12, 3e12, 3e-6, 0.5, 16.0))]
         theta, cost = _robust_fit(res, starts)
         if best is None or cost < best[1]:
             best = (_gemm_params(theta, base), cost, name)
-    p, _, name = best
-    return dict(p, variant=name)
+    params, _, name = best
+    return dict(params, variant=name)
 
 
 def fit_memop(nbytes, row_bytes, seconds) -> dict:
-    """Fit t0, B, b_row of :func:`llmcomm.predict.kernels.memop_time` to kernel times of one kernel kind."""
+    """Fit t0, bytes_per_s, b_row of :func:`llmcomm.predict.kernels.memop_time` to kernel times of one kernel
+    kind."""
     from .kernels import memop_time
 
-    b, r = np.asarray(nbytes, dtype=float), np.asarray(row_bytes, dtype=float)
+    nbytes, row_bytes = np.asarray(nbytes, dtype=float), np.asarray(row_bytes, dtype=float)
 
     def params(th):
-        return dict(t0=float(np.exp(th[0])), B=float(np.exp(th[1])), b_row=float(np.exp(min(th[2], np.log(1e15)))))
+        return dict(t0=float(np.exp(th[0])), bytes_per_s=float(np.exp(th[1])),
+                    b_row=float(np.exp(min(th[2], np.log(1e15)))))
 
-    theta, _ = _robust_fit(_log_residuals(lambda th: memop_time(b, r, params(th)), seconds),
+    theta, _ = _robust_fit(_log_residuals(lambda th: memop_time(nbytes, row_bytes, params(th)), seconds),
                            [np.log([3e-6, 1e12, 1e10]), np.log([1e-6, 2e12, 3e9])])
     return params(theta)
 
 
-def _allreduce_params(theta, with_ll: bool, gamma: bool) -> dict:
-    """θ = log[F, c_ll, α_ll, B_ll, Δc, Δα, ΔB], γ: the Simple branch is the LL branch plus positive latency and
-    bandwidth increments, so the branches cannot swap roles."""
-    F, c_ll, a_ll, B_ll, dc, da, dB = np.exp(np.clip(theta[:7], -60, 60))
-    p = dict(F=float(F), gamma=float(theta[7]) if gamma else 0.0)
+def _allreduce_params(theta, with_ll: bool, bw_growth: bool) -> dict:
+    """θ = log[floor_s, latency_ll_s, step_ll_s, bw_ll, Δlatency, Δstep, Δbw], bw_growth: the Simple branch is the
+    LL branch plus positive latency and bandwidth increments, so the branches cannot swap roles."""
+    floor, lat_ll, step_ll, bw_ll, dlat, dstep, dbw = np.exp(np.clip(theta[:7], -60, 60))
+    params = dict(floor_s=float(floor), bw_growth=float(theta[7]) if bw_growth else 0.0)
     if with_ll:
-        p.update(c=float(c_ll + dc), alpha=float(a_ll + da), B=float(B_ll + dB), c_ll=float(c_ll),
-                 alpha_ll=float(a_ll), e_ll=float(B_ll / (B_ll + dB)))
+        params.update(latency_s=float(lat_ll + dlat), step_s=float(step_ll + dstep), bytes_per_s=float(bw_ll + dbw),
+                      latency_ll_s=float(lat_ll), step_ll_s=float(step_ll), ll_efficiency=float(bw_ll / (bw_ll + dbw)))
     else:
-        p.update(c=float(c_ll), alpha=float(a_ll), B=float(B_ll))
-    return p
+        params.update(latency_s=float(lat_ll), step_s=float(step_ll), bytes_per_s=float(bw_ll))
+    return params
 
 
-def fit_nccl_allreduce(size_bytes, n, seconds, with_ll: bool = True, gamma: bool = True) -> dict:
+def fit_nccl_allreduce(size_bytes, n, seconds, with_ll: bool = True, bw_growth: bool = True) -> dict:
     """Fit the NCCL all-reduce model (:func:`llmcomm.predict.collectives.nccl_ring_time`) to kernel times of one
-    system; rows may mix group sizes (that separates α from c and fixes γ)."""
+    system; rows may mix group sizes (that separates the per-step latency from the fixed one and fixes the bandwidth
+    growth with n, ``bw_growth``; ``bw_growth=False`` holds it at 0)."""
     from .collectives import nccl_ring_time
 
-    S, n = np.asarray(size_bytes, dtype=float), np.asarray(n, dtype=float)
-    res = _log_residuals(lambda th: nccl_ring_time("all_reduce", n, S, _allreduce_params(th, with_ll, gamma)),
+    m, n = np.asarray(size_bytes, dtype=float), np.asarray(n, dtype=float)
+    res = _log_residuals(lambda th: nccl_ring_time("all_reduce", n, m, _allreduce_params(th, with_ll, bw_growth)),
                          seconds)
-    starts = [np.r_[np.log(s[:7]), s[7]] for s in (
+    starts = [np.r_[np.log(x0[:7]), x0[7]] for x0 in (
         (40e-6, 15e-6, 1e-6, 100e9, 20e-6, 3e-6, 100e9, 0.2), (40e-6, 10e-6, 0.5e-6, 50e9, 30e-6, 5e-6, 150e9, 0.2),
         (30e-6, 20e-6, 2e-6, 200e9, 10e-6, 1e-6, 100e9, 0.1), (50e-6, 5e-6, 1e-6, 20e9, 5e-6, 1e-6, 10e9, 0.0))]
     theta, _ = _robust_fit(res, starts)
-    return _allreduce_params(theta, with_ll, gamma)
+    return _allreduce_params(theta, with_ll, bw_growth)
 
 
 def fit_nccl_sendrecv(size_bytes, seconds, chunk: int = 2 ** 20) -> dict:
-    """Fit F, c, B, δ of :func:`llmcomm.predict.collectives.nccl_sendrecv_time` (chunk fixed at 1 MiB)."""
+    """Fit floor_s, latency_s, bytes_per_s, chunk_s of :func:`llmcomm.predict.collectives.nccl_sendrecv_time`
+    (chunk_bytes fixed at ``chunk`` = 1 MiB)."""
     from .collectives import nccl_sendrecv_time
 
-    S = np.asarray(size_bytes, dtype=float)
+    m = np.asarray(size_bytes, dtype=float)
 
     def params(th):
-        return dict(F=float(np.exp(th[0])), c=float(np.exp(th[1])), B=float(np.exp(th[2])),
-                    delta=float(np.exp(th[3])), chunk=float(chunk))
+        return dict(floor_s=float(np.exp(th[0])), latency_s=float(np.exp(th[1])), bytes_per_s=float(np.exp(th[2])),
+                    chunk_s=float(np.exp(th[3])), chunk_bytes=float(chunk))
 
-    theta, _ = _robust_fit(_log_residuals(lambda th: nccl_sendrecv_time(S, params(th)), seconds),
-                           [np.log(s) for s in ((10e-6, 8e-6, 200e9, 1e-6), (20e-6, 20e-6, 30e9, 0.1e-6),
-                                                (5e-6, 5e-6, 300e9, 2e-6), (15e-6, 25e-6, 5e9, 1e-6))])
+    theta, _ = _robust_fit(_log_residuals(lambda th: nccl_sendrecv_time(m, params(th)), seconds),
+                           [np.log(x0) for x0 in ((10e-6, 8e-6, 200e9, 1e-6), (20e-6, 20e-6, 30e9, 0.1e-6),
+                                                  (5e-6, 5e-6, 300e9, 2e-6), (15e-6, 25e-6, 5e9, 1e-6))])
     return params(theta)

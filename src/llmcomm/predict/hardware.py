@@ -11,7 +11,8 @@ A preset is a JSON file in ``llmcomm/presets/hardware`` (or any path / dict with
                                                               # (cpu-local; for_ranks picks one)
      "kernels": {"gemm": {...}, "memops": {kind: {...}}},    # optional: fitted kernel model (llmcomm.predict.kernels);
                                                               # without it: the roofline of peak·efficiency
-     "nccl": {"all_reduce": FITTED, "send_recv": {"intra": .., "inter": ..}, "net": {"alpha_net", "B_nic", "rails"}},
+     "nccl": {"all_reduce": FITTED, "send_recv": {"intra": .., "inter": ..},
+              "net": {"step_net_s", "nic_bytes_per_s", "rails"}},
                                                               # optional: fitted NCCL model (llmcomm.predict.collectives)
      "source": {field: where the number comes from},          # every number is labelled (published or ASSUMPTION)
      "calibrated_in": "data/calibration/<name>.json"}         # optional: fitted sections kept with the data
@@ -70,11 +71,11 @@ def calibration_path(preset: str) -> Path:
     return (Path(root) if root else repo_root() / "data" / "calibration") / f"{preset}.json"
 
 
-def _calibrated(d: Mapping[str, Any], name: str) -> Mapping[str, Any]:
-    """``d`` with its calibration file's overlay (module docs), when the preset names one."""
-    if "calibrated_in" not in d:
-        return d
-    path = calibration_path(Path(str(d["calibrated_in"])).stem)
+def _calibrated(preset: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    """``preset`` with its calibration file's overlay (module docs), when the preset names one."""
+    if "calibrated_in" not in preset:
+        return preset
+    path = calibration_path(Path(str(preset["calibrated_in"])).stem)
     if not path.exists():
         raise SpecError(f"hardware {name!r} is fitted to measurements kept in {path}, which is missing (make data "
                         f"writes cpu-local's, make gpu-fits the GPU presets')")
@@ -83,9 +84,9 @@ def _calibrated(d: Mapping[str, Any], name: str) -> Mapping[str, Any]:
         overlay = cal["overlay"]
     except (KeyError, TypeError):
         raise SpecError(f"calibration file {path} has no 'overlay' object") from None
-    out = {k: v for k, v in d.items() if k != "calibrated_in"}
+    out = {key: v for key, v in preset.items() if key != "calibrated_in"}
     out.update(overlay)
-    out["source"] = dict(d.get("source", {}), **overlay.get("source", {}))
+    out["source"] = dict(preset.get("source", {}), **overlay.get("source", {}))
     return out
 
 
@@ -102,11 +103,11 @@ class Link:
     algorithm: str = "auto"
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str) -> "Link":
+    def from_dict(cls, link: Mapping[str, Any], where: str) -> "Link":
         try:
-            bw = float(d["bw_GBps"]) * float(d.get("efficiency", 1.0)) * 1e9
-            return cls(name=str(d.get("name", where)), alpha_s=float(d["alpha_us"]) * 1e-6, beta_s_per_B=1.0 / bw,
-                       algorithm=str(d.get("algorithm", "auto")))
+            bw = float(link["bw_GBps"]) * float(link.get("efficiency", 1.0)) * 1e9
+            return cls(name=str(link.get("name", where)), alpha_s=float(link["alpha_us"]) * 1e-6,
+                       beta_s_per_B=1.0 / bw, algorithm=str(link.get("algorithm", "auto")))
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
             raise SpecError(f"hardware link {where!r} needs bw_GBps > 0 and alpha_us ({e})") from None
 
@@ -130,27 +131,28 @@ class Hardware:
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], name: str = "custom") -> "Hardware":
-        if not isinstance(d, Mapping):
+    def from_dict(cls, preset: Mapping[str, Any], name: str = "custom") -> "Hardware":
+        if not isinstance(preset, Mapping):
             raise SpecError(f"hardware {name!r} is not a JSON object")
-        d = _calibrated(d, name)
-        if "derive_from" in d:
-            d = _derive(d, name)
-        name = str(d.get("name", name))
+        preset = _calibrated(preset, name)
+        if "derive_from" in preset:
+            preset = _derive(preset, name)
+        name = str(preset.get("name", name))
         try:
-            links = {lvl: Link.from_dict(d["links"][lvl], f"{name}.{lvl}") for lvl in d["links"]}
+            links = {lvl: Link.from_dict(preset["links"][lvl], f"{name}.{lvl}") for lvl in preset["links"]}
             if "intra" not in links:
                 raise KeyError("links.intra")
             links.setdefault("inter", links["intra"])
-            eff = d.get("efficiency", {})
-            hw = cls(name=name, memory_bytes=float(d["memory_gib"]) * GiB,
-                     reserve_fraction=float(d.get("reserve_fraction", 0.0)), mem_bw=float(d["mem_bw_GBps"]) * 1e9,
-                     peak_flops={k: float(v) * 1e12 for k, v in d["peak_tflops"].items()},
+            eff = preset.get("efficiency", {})
+            hw = cls(name=name, memory_bytes=float(preset["memory_gib"]) * GiB,
+                     reserve_fraction=float(preset.get("reserve_fraction", 0.0)),
+                     mem_bw=float(preset["mem_bw_GBps"]) * 1e9,
+                     peak_flops={dtype: float(v) * 1e12 for dtype, v in preset["peak_tflops"].items()},
                      eff_flops=float(eff.get("flops", 1.0)), eff_mem=float(eff.get("mem_bw", 1.0)),
-                     layer_overhead_s=float(d.get("layer_overhead_us", 0.0)) * 1e-6,
-                     gpus_per_node=int(d.get("gpus_per_node", 8)), links=links,
-                     collectives=d.get("collectives", {}) or {},
-                     subgroup_collectives=d.get("subgroup_collectives", {}) or {}, raw=dict(d))
+                     layer_overhead_s=float(preset.get("layer_overhead_us", 0.0)) * 1e-6,
+                     gpus_per_node=int(preset.get("gpus_per_node", 8)), links=links,
+                     collectives=preset.get("collectives", {}) or {},
+                     subgroup_collectives=preset.get("subgroup_collectives", {}) or {}, raw=dict(preset))
         except KeyError as e:
             raise SpecError(f"hardware {name!r} lacks {e.args[0]}") from None
         except (TypeError, ValueError) as e:
@@ -214,14 +216,15 @@ class Hardware:
 
     def kernels(self, w) -> dict:
         """Kernel parameters for elements of ``w`` bytes (:mod:`llmcomm.predict.kernels`): the preset's fitted
-        ``kernels`` (GEMM rate F scaled by the dtype's peak when w = 4), else the roofline of peak × efficiency."""
+        ``kernels`` (GEMM rate ``flops_per_s`` scaled by the dtype's peak when w = 4), else the roofline of peak ×
+        efficiency."""
         dtype = "fp32" if float(w) >= 4 else "bf16"
         fitted = self.raw.get("kernels")
         if not fitted:
             return roofline_device(self.flops(dtype), self.bandwidth())
         gemm = dict(fitted["gemm"])
         if dtype == "fp32" and self.peak_flops.get("fp32") and self.peak_flops.get("bf16"):
-            gemm["F"] = float(gemm["F"]) * self.peak_flops["fp32"] / self.peak_flops["bf16"]
+            gemm["flops_per_s"] = float(gemm["flops_per_s"]) * self.peak_flops["fp32"] / self.peak_flops["bf16"]
         return {"gemm": gemm, "memops": fitted["memops"]}
 
     @property
@@ -272,25 +275,26 @@ class Hardware:
         return out
 
 
-def _derive(d: Mapping[str, Any], name: str) -> dict:
+def _derive(preset: Mapping[str, Any], name: str) -> dict:
     """A preset written as another plus changes (``"derive_from": {"preset", "kernel_bandwidth_scale"}``): the base
     preset's fields, replaced by this one's (``source`` merged), the fitted kernels' bandwidths (GEMM and
-    memory-bound B) scaled by the HBM ratio, and ``nccl`` entries replaced key by key (``nccl_changes``)."""
-    spec = d["derive_from"]
+    memory-bound ``bytes_per_s``) scaled by the HBM ratio, and ``nccl`` entries replaced key by key
+    (``nccl_changes``)."""
+    spec = preset["derive_from"]
     try:
         base, _ = read_preset_or_file("hardware", str(spec["preset"]), "hardware")
     except (KeyError, TypeError):
         raise SpecError(f"hardware {name!r}: derive_from needs a 'preset'") from None
     out = json.loads(json.dumps(base))
-    out.update({k: v for k, v in d.items() if k not in ("derive_from", "source", "nccl_changes")})
-    out["source"] = dict(base.get("source", {}), **d.get("source", {}))
+    out.update({key: v for key, v in preset.items() if key not in ("derive_from", "source", "nccl_changes")})
+    out["source"] = dict(base.get("source", {}), **preset.get("source", {}))
     scale = float(spec.get("kernel_bandwidth_scale", 1.0))
     if out.get("kernels"):
-        out["kernels"]["gemm"]["B"] = float(out["kernels"]["gemm"]["B"]) * scale
-        for p in out["kernels"]["memops"].values():
-            p["B"] = float(p["B"]) * scale
+        out["kernels"]["gemm"]["bytes_per_s"] = float(out["kernels"]["gemm"]["bytes_per_s"]) * scale
+        for params in out["kernels"]["memops"].values():
+            params["bytes_per_s"] = float(params["bytes_per_s"]) * scale
         out["kernels"]["derived"] = f"from {spec['preset']}: bandwidths x {scale:.4g} (ASSUMPTION: HBM ratio)"
-    for key, value in (d.get("nccl_changes") or {}).items():
+    for key, value in (preset.get("nccl_changes") or {}).items():
         out.setdefault("nccl", {})[key] = dict(out.get("nccl", {}).get(key, {}), **value)
     return out
 
@@ -312,11 +316,11 @@ def for_ranks(hardware: Hardware, ranks: int, cores: int | None = None) -> Hardw
         return hardware
     want = cpu_threads_per_rank(ranks, cores)
     key = min(by, key=lambda x: (abs(int(x) - want), int(x)))
-    d = dict(hardware.raw)
-    d.update({x: v for x, v in by[key].items() if x in ("peak_tflops", "mem_bw_GBps", "efficiency",
+    preset = dict(hardware.raw)
+    preset.update({x: v for x, v in by[key].items() if x in ("peak_tflops", "mem_bw_GBps", "efficiency",
                                                          "layer_overhead_us")})
-    d["threads"] = int(key)
-    return Hardware.from_dict(d, name=hardware.name)
+    preset["threads"] = int(key)
+    return Hardware.from_dict(preset, name=hardware.name)
 
 
 def for_layout(hardware: Hardware, t: int, p: int, cores: int | None = None) -> Hardware:
@@ -327,24 +331,24 @@ def for_layout(hardware: Hardware, t: int, p: int, cores: int | None = None) -> 
     entry = (hardware.raw.get("in_run") or {}).get(f"t{int(t)}p{int(p)}")
     if not entry:
         return for_ranks(hardware, int(t) * int(p), cores)
-    d = json.loads(json.dumps(dict(hardware.raw)))
-    c = entry["compute"]
-    rate = float(c["flops_per_s"]) / 1e12
-    d.update(peak_tflops={"fp32": rate, "bf16": rate, "fp16": rate}, efficiency={"flops": 1.0, "mem_bw": 1.0},
-             mem_bw_GBps=float(c["mem_bw_GBps"]), layer_overhead_us=float(c["overhead_us"]))
-    d.pop("compute_by_threads", None)
+    preset = json.loads(json.dumps(dict(hardware.raw)))
+    comp = entry["compute"]
+    rate = float(comp["flops_per_s"]) / 1e12
+    preset.update(peak_tflops={"fp32": rate, "bf16": rate, "fp16": rate}, efficiency={"flops": 1.0, "mem_bw": 1.0},
+             mem_bw_GBps=float(comp["mem_bw_GBps"]), layer_overhead_us=float(comp["overhead_us"]))
+    preset.pop("compute_by_threads", None)
     for op, fits in (entry.get("collectives") or {}).items():
         key = "subgroup_collectives" if int(p) > 1 else "collectives"
         for level in ("intra", "inter"):
-            have = d.setdefault(key, {}).setdefault(level, {}).setdefault(op, {})
+            have = preset.setdefault(key, {}).setdefault(level, {}).setdefault(op, {})
             for n, fit in fits.items():
                 base = have.get(n, {})
                 if base.get("algorithm") == "shm" and fit.get("algorithm") == "direct":
                     # measured in the runs on the one-shot path: it replaces that path, the two-phase one stays
                     fit = dict(base, alpha_us=fit["alpha_us"], busbw_GBps=fit["busbw_GBps"], source=fit.get("source"))
                 have[n] = fit
-    d["calibrated_layout"] = f"t{int(t)}p{int(p)}"
-    return Hardware.from_dict(d, name=hardware.name)
+    preset["calibrated_layout"] = f"t{int(t)}p{int(p)}"
+    return Hardware.from_dict(preset, name=hardware.name)
 
 
 def scale_links(hardware: Hardware, factor: float, levels=("intra", "inter")) -> Hardware:
@@ -354,13 +358,13 @@ def scale_links(hardware: Hardware, factor: float, levels=("intra", "inter")) ->
         raise SpecError(f"hardware {hardware.name!r} has no raw preset to scale")
     if factor <= 0:
         raise SpecError(f"link speed factor {factor!r} must be positive")
-    d = json.loads(json.dumps(dict(hardware.raw)))
+    preset = json.loads(json.dumps(dict(hardware.raw)))
     for lvl in levels:
-        if lvl in d.get("links", {}):
-            d["links"][lvl]["bw_GBps"] = float(d["links"][lvl]["bw_GBps"]) * factor
+        if lvl in preset.get("links", {}):
+            preset["links"][lvl]["bw_GBps"] = float(preset["links"][lvl]["bw_GBps"]) * factor
         for key in ("collectives", "subgroup_collectives"):
-            for fits in d.get(key, {}).get(lvl, {}).values():
+            for fits in preset.get(key, {}).get(lvl, {}).values():
                 for fit in fits.values():
                     fit["busbw_GBps"] = float(fit["busbw_GBps"]) * factor
-    d["name"] = f"{hardware.name} (links ×{factor:g})"
-    return Hardware.from_dict(d, name=d["name"])
+    preset["name"] = f"{hardware.name} (links ×{factor:g})"
+    return Hardware.from_dict(preset, name=preset["name"])

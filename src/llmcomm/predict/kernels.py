@@ -3,41 +3,46 @@
 One compute model for every caller: :func:`llmcomm.predict.compute.forward_compute` (the latency model, ``predict``,
 ``advise``) and ``llmcomm cost`` both sum :func:`op_times`. numpy throughout: scalars or arrays in, seconds out.
 
-GEMMs (:func:`gemm_time`), C[M,N] = A[M,K]·B[K,N], ``w`` bytes per element
----------------------------------------------------------------------------
-A tiled kernel gives each thread block (CTA) one tm×tn output tile and loops over K::
+GEMMs (:func:`gemm_time`): [M_g, K_g]×[K_g, N_g], ``w`` bytes per element
+-------------------------------------------------------------------------
+The GEMM dimensions are notation symbols of their own (:mod:`llmcomm.notation`, group "gemm"): M_g rows (the T tokens
+of a layer's linear op), N_g columns, K_g the inner dimension; an op record spells them ``"M"``, ``"N"``, ``"K"``.
+A tiled kernel gives each thread block (CTA) one tm×tn output tile and loops over K_g::
 
-    tm(M)      = tm_small if M <= m_small else tm          (small-M kernels use 64-row tiles)
-    tiles      = ceil(M/tm) · ceil(N/tn)                   (tile padding: a partial tile costs a full one)
-    split-K s  : pieces = tiles·s (s from ``splits``, ceil(K/s) >= kmin);
-                 waves_s = ceil(pieces/SM) with wave quantisation, else max(pieces/SM, 1)
-    t_comp     = min_s [ waves_s · 2·tm·tn·(ceil(K/s) + K0) / (F/SM) + [s>1]·8·M·N·s/B ]
+    tm(M_g)    = tm_small if M_g <= m_small else tm        (small-M_g kernels use 64-row tiles)
+    tiles      = ceil(M_g/tm) · ceil(N_g/tn)               (tile padding: a partial tile costs a full one)
+    split-K    : pieces = tiles·split (split from ``splits``, ceil(K_g/split) >= kmin);
+                 waves = ceil(pieces/SM) with wave quantisation, else max(pieces/SM, 1)
+    τ_comp     = min over split of [ waves · 2·tm·tn·(ceil(K_g/split) + K0) / (flops_per_s/SM)
+                                     + [split>1]·8·M_g·N_g·split/bytes_per_s ]
                  (K0: pipeline fill and epilogue in K-steps; fp32 partials of split-K written and read), also
                  minimised over ``alt_tiles`` (a smaller tile at efficiency ``eff`` < 1)
-    t_mem      = w·(M·K + K·N + M·N) / B                   (each operand streamed from HBM once)
-    t          = t0 + (t_mem^p + t_comp^p)^(1/p)           (smooth max; p → ∞ is the hard roofline)
+    τ_mem      = w·(M_g·K_g + K_g·N_g + M_g·N_g) / bytes_per_s      (each operand streamed from HBM once)
+    τ          = t0 + (τ_mem^q + τ_comp^q)^(1/q),  q = norm_order   (smooth max; q → ∞ is the hard roofline)
 
-Per device: F (achieved tensor FLOP/s at 2-byte elements), B (achieved HBM B/s), t0 (kernel floor), p, K0, the
-alternative tile's efficiency, and stated structure (SM count, tile shape, wave quantisation, split-K menu). Fitted
-to public kernel times (:mod:`llmcomm.compare.vidur`); a device without a tile structure (a CPU) is the plain
-roofline ``t0 + max(t_mem, t_comp)`` with t_comp = 2MNK/F.
+Per device (the keys of the ``kernels`` → ``gemm`` section): ``flops_per_s`` (achieved tensor FLOP/s at 2-byte
+elements), ``bytes_per_s`` (achieved HBM B/s), ``t0`` (kernel floor), ``norm_order``, ``K0``, the alternative tile's
+efficiency, and stated structure (SM count, tile shape, wave quantisation, split-K menu). Fitted to public kernel
+times (:mod:`llmcomm.compare.vidur`); a device without a tile structure (a CPU) is the plain roofline
+``t0 + max(τ_mem, τ_comp)`` with τ_comp = 2·M_g·N_g·K_g/flops_per_s.
 
 Memory-bound ops (:func:`memop_time`): one CTA per token row::
 
-    t = t0 + ((bytes/B)^4 + (row_bytes/b_row)^4)^(1/4)
+    τ = t0 + ((bytes/bytes_per_s)^4 + (row_bytes/b_row)^4)^(1/4)
 
 ``bytes`` are what the op reads and writes, ``row_bytes`` one token's row: at small T only T CTAs run, each streams
 its row at ``b_row``, so time stops falling with T. Parameters per (device, kernel kind).
 
 Mixture-of-experts layers (:func:`layer_ops` with an :class:`ExpertLayout`): the dense MLP is replaced by the
-router GEMM [T, h]×[h, E] and, per expert a rank computes, one gate_up GEMM [M, h]×[h, 2F_ex/t_exp] and one down GEMM
-[M, F_ex/t_exp]×[·, h] (and its SiLU·mul), plus the always-on shared expert (Qwen2-MoE) as a dense MLP of width F_sh.
-Without expert parallelism the rank computes the experts its T tokens touch (:func:`touched_experts`: an expectation
-under uniform routing), each on the T·k/touched tokens routed to it; with expert parallelism (e > 1) DeepSpeed's MoE
-layer runs each of its E/e experts on the whole capacity-padded buffer, M = e·C rows.
+router GEMM [T, h]×[h, E] and, per expert a rank computes, one gate_up GEMM [M_g, h]×[h, 2F_ex/t_exp] and one down
+GEMM [M_g, F_ex/t_exp]×[·, h] (and its SiLU·mul), plus the always-on shared expert (Qwen2-MoE) as a dense MLP of width
+F_sh. Without expert parallelism the rank computes the experts its T tokens touch (:func:`touched_experts`: an
+expectation under uniform routing), each on the M_g = T·k/touched tokens routed to it; with expert parallelism (e > 1)
+DeepSpeed's MoE layer runs each of its E/e experts on the whole capacity-padded buffer, M_g = e·C rows.
 
 Attention (:func:`attention_time`) — **not validated** (the public data have no attention kernel times): a roofline
-of its FLOPs 4·b·s·c·(a/t)·d at the GEMM rate F and its bytes (KV cache read, q/o read and written) at B, plus t0.
+of its FLOPs 4·b·s·c·(a/t)·d at the GEMM rate ``flops_per_s`` and its bytes (KV cache read, q/o read and written) at
+``bytes_per_s``, plus t0.
 """
 from __future__ import annotations
 
@@ -61,68 +66,69 @@ MOE_MEMORY_OPS = {"expert_act": "silu_mul", "shared_expert_act": "silu_mul"}
 DEFAULT_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
 
 
-def _tile_m(M, p):
-    return np.where(M <= p.get("m_small", 64), p.get("tm_small", 64), p["tm"])
+def _tile_m(M_g, params):
+    return np.where(M_g <= params.get("m_small", 64), params.get("tm_small", 64), params["tm"])
 
 
-def gemm_time_parts(M, N, K, w, p: Mapping[str, Any]):
-    """(t_mem, t_comp) in seconds, before the floor and the smooth max (module doc)."""
-    M, N, K = (np.asarray(x, dtype=float) for x in (M, N, K))
-    F, B = float(p["F"]), float(p["B"])
-    t_mem = np.asarray(w, dtype=float) * (M * K + K * N + M * N) / B
-    if "sm" not in p:                                        # no tile structure: the plain roofline
-        return t_mem, 2.0 * M * N * K / F
-    sm, K0, kmin = float(p["sm"]), float(p.get("K0", 0.0)), float(p.get("kmin", 128))
-    per_sm = F / sm
-    t_comp = np.full(np.broadcast(M, N, K).shape, np.inf)
-    shapes = [(_tile_m(M, p).astype(float), float(p["tn"]), 1.0)]
-    for tm_a, tn_a, eff in p.get("alt_tiles", []):
-        shapes.append((np.full_like(M, float(tm_a)), float(tn_a), float(eff)))
+def gemm_time_parts(M_g, N_g, K_g, w, params: Mapping[str, Any]):
+    """(τ_mem, τ_comp) in seconds, before the floor and the smooth max (module doc)."""
+    M_g, N_g, K_g = (np.asarray(x, dtype=float) for x in (M_g, N_g, K_g))
+    flops_per_s, bytes_per_s = float(params["flops_per_s"]), float(params["bytes_per_s"])
+    tau_mem = np.asarray(w, dtype=float) * (M_g * K_g + K_g * N_g + M_g * N_g) / bytes_per_s
+    if "sm" not in params:                                   # no tile structure: the plain roofline
+        return tau_mem, 2.0 * M_g * N_g * K_g / flops_per_s
+    sm, K0, kmin = float(params["sm"]), float(params.get("K0", 0.0)), float(params.get("kmin", 128))
+    per_sm = flops_per_s / sm
+    tau_comp = np.full(np.broadcast(M_g, N_g, K_g).shape, np.inf)
+    shapes = [(_tile_m(M_g, params).astype(float), float(params["tn"]), 1.0)]
+    for tm_a, tn_a, eff in params.get("alt_tiles", []):
+        shapes.append((np.full_like(M_g, float(tm_a)), float(tn_a), float(eff)))
     for tm, tn, eff in shapes:
-        tiles = np.ceil(M / tm) * np.ceil(N / tn)
-        for s in p.get("splits", DEFAULT_SPLITS):
-            ks = np.ceil(K / s)
-            pieces = tiles * s
-            waves = np.ceil(pieces / sm) if p.get("wave_quant", True) else np.maximum(pieces / sm, 1.0)
-            t = waves * 2.0 * tm * tn * (ks + K0) / (per_sm * eff)
-            if s > 1:
-                t = t + 8.0 * M * N * s / B
-            ok = (ks >= kmin) | (s == 1)
-            t_comp = np.where(ok, np.minimum(t_comp, t), t_comp)
-    return t_mem, t_comp
+        tiles = np.ceil(M_g / tm) * np.ceil(N_g / tn)
+        for split in params.get("splits", DEFAULT_SPLITS):
+            ks = np.ceil(K_g / split)
+            pieces = tiles * split
+            waves = np.ceil(pieces / sm) if params.get("wave_quant", True) else np.maximum(pieces / sm, 1.0)
+            tau = waves * 2.0 * tm * tn * (ks + K0) / (per_sm * eff)
+            if split > 1:
+                tau = tau + 8.0 * M_g * N_g * split / bytes_per_s
+            ok = (ks >= kmin) | (split == 1)
+            tau_comp = np.where(ok, np.minimum(tau_comp, tau), tau_comp)
+    return tau_mem, tau_comp
 
 
-def _smooth_max(a, b, q: float):
+def _smooth_max(x, y, q: float):
     if not np.isfinite(q):
-        return np.maximum(a, b)
-    hi = np.maximum(np.maximum(a, b), 1e-300)                # overflow-safe
-    return hi * ((a / hi) ** q + (b / hi) ** q) ** (1.0 / q)
+        return np.maximum(x, y)
+    hi = np.maximum(np.maximum(x, y), 1e-300)                # overflow-safe
+    return hi * ((x / hi) ** q + (y / hi) ** q) ** (1.0 / q)
 
 
-def gemm_time(M, N, K, w, p: Mapping[str, Any]):
-    """Kernel seconds of C[M,N] = A[M,K]·B[K,N] with ``w``-byte elements on the device ``p``."""
-    t_mem, t_comp = gemm_time_parts(M, N, K, w, p)
-    return float(p.get("t0", 0.0)) + _smooth_max(t_mem, t_comp, float(p.get("p", np.inf)))
+def gemm_time(M_g, N_g, K_g, w, params: Mapping[str, Any]):
+    """Kernel seconds of the GEMM [M_g, K_g]×[K_g, N_g] with ``w``-byte elements on the device ``params``."""
+    tau_mem, tau_comp = gemm_time_parts(M_g, N_g, K_g, w, params)
+    return float(params.get("t0", 0.0)) + _smooth_max(tau_mem, tau_comp, float(params.get("norm_order", np.inf)))
 
 
-def memop_time(nbytes, row_bytes, p: Mapping[str, Any]):
-    """Kernel seconds of a memory-bound op: t0 + 4-norm smooth max of (bytes/B, row_bytes/b_row)."""
-    a = np.asarray(nbytes, dtype=float) / float(p["B"])
-    b = np.asarray(row_bytes, dtype=float) / float(p.get("b_row", np.inf))
-    return float(p.get("t0", 0.0)) + _smooth_max(a, b, 4.0)
+def memop_time(nbytes, row_bytes, params: Mapping[str, Any]):
+    """Kernel seconds of a memory-bound op: t0 + 4-norm smooth max of (bytes/bytes_per_s, row_bytes/b_row)."""
+    by_bytes = np.asarray(nbytes, dtype=float) / float(params["bytes_per_s"])
+    by_row = np.asarray(row_bytes, dtype=float) / float(params.get("b_row", np.inf))
+    return float(params.get("t0", 0.0)) + _smooth_max(by_bytes, by_row, 4.0)
 
 
 def attention_time(flops, nbytes, gemm: Mapping[str, Any]):
-    """Attention seconds (unvalidated roofline): t0 + max(flops/F, bytes/B) with the device's GEMM rates."""
-    return float(gemm.get("t0", 0.0)) + np.maximum(np.asarray(flops, dtype=float) / float(gemm["F"]),
-                                                   np.asarray(nbytes, dtype=float) / float(gemm["B"]))
+    """Attention seconds (unvalidated roofline): t0 + max(flops/flops_per_s, bytes/bytes_per_s) with the device's
+    GEMM rates."""
+    return float(gemm.get("t0", 0.0)) + np.maximum(np.asarray(flops, dtype=float) / float(gemm["flops_per_s"]),
+                                                   np.asarray(nbytes, dtype=float) / float(gemm["bytes_per_s"]))
 
 
 def roofline_device(flops_per_s: float, bytes_per_s: float, t0: float = 0.0) -> dict:
     """Kernel parameters of a device described by two rates only (a CPU preset): every GEMM, memory-bound op and
-    attention is ``t0 + max(flops/F, bytes/B)``."""
-    gemm = {"F": float(flops_per_s), "B": float(bytes_per_s), "t0": float(t0)}
-    mem = {"B": float(bytes_per_s), "t0": float(t0)}
+    attention is ``t0 + max(flops/flops_per_s, bytes/bytes_per_s)``."""
+    gemm = {"flops_per_s": float(flops_per_s), "bytes_per_s": float(bytes_per_s), "t0": float(t0)}
+    mem = {"bytes_per_s": float(bytes_per_s), "t0": float(t0)}
     return {"gemm": gemm, "memops": {kind: mem for kind in set(MEMORY_OPS.values()) | {"emb"}}}
 
 
@@ -151,8 +157,9 @@ def touched_experts(E, k, T):
     return E * (1.0 - (1.0 - k / E) ** T)
 
 
-def _gemm(M, N, K, w, count=None) -> dict:
-    op = {"kind": "gemm", "M": M, "N": N, "K": K, "flops": 2 * M * N * K, "bytes": w * (M * K + K * N + M * N)}
+def _gemm(M_g, N_g, K_g, w, count=None) -> dict:
+    op = {"kind": "gemm", "M": M_g, "N": N_g, "K": K_g, "flops": 2 * M_g * N_g * K_g,
+          "bytes": w * (M_g * K_g + K_g * N_g + M_g * N_g)}
     if count is not None:
         op["count"] = count
     return op
@@ -160,33 +167,33 @@ def _gemm(M, N, K, w, count=None) -> dict:
 
 def _moe_mlp_ops(model: ModelSpec, T, w, xl: ExpertLayout) -> dict[str, dict]:
     """The MLP ops of one MoE layer on one rank that routes ``T`` tokens (module doc). ``count`` = the experts
-    computed (an expectation without EP); each GEMM's M = the rows one expert computes.
+    computed (an expectation without EP); each GEMM's M_g = the rows one expert computes.
 
     ASSUMPTION: the router ([T, h]×[h, E]) is whole on every rank (AutoTP leaves it unsharded: the measured bytes
     show no gather of router logits); the routing softmax/top-k and the token gather/scatter (DeepSpeed's dispatch
     einsum included) are not charged. ASSUMPTION: the shared expert (Qwen2-MoE) and its sigmoid gate are sharded like
     the routed experts (t_exp; unsharded under EP) and run on all T tokens."""
     moe, h = model.moe, model.h
-    E, k, F = moe.experts, moe.top_k, moe.expert_ffn
+    E, k, F_ex = moe.experts, moe.top_k, moe.expert_ffn
     t_exp = np.asarray(xl.t_exp, dtype=float)
     if xl.e > 1:
         count = np.asarray(E / xl.e, dtype=float) + 0 * T
-        M = xl.e * np.asarray(xl.C, dtype=float) + 0 * T
+        M_g = xl.e * np.asarray(xl.C, dtype=float) + 0 * T
     else:
         count = touched_experts(E, k, T)
-        M = T * k / count
+        M_g = T * k / count
     out = {"router": _gemm(T, E, h, w),
-           "expert_gate_up_proj": _gemm(M, 2 * F / t_exp, h, w, count),
-           "expert_down_proj": _gemm(M, h, F / t_exp, w, count)}
-    row = 3 * w * F / t_exp
-    out["expert_act"] = {"kind": MOE_MEMORY_OPS["expert_act"], "bytes": M * row, "row_bytes": row + 0 * M,
+           "expert_gate_up_proj": _gemm(M_g, 2 * F_ex / t_exp, h, w, count),
+           "expert_down_proj": _gemm(M_g, h, F_ex / t_exp, w, count)}
+    row = 3 * w * F_ex / t_exp
+    out["expert_act"] = {"kind": MOE_MEMORY_OPS["expert_act"], "bytes": M_g * row, "row_bytes": row + 0 * M_g,
                          "count": count}
     if moe.shared_ffn:
-        Fs = moe.shared_ffn
-        out["shared_expert_gate_up_proj"] = _gemm(T, 2 * Fs / t_exp, h, w)
-        out["shared_expert_down_proj"] = _gemm(T, h, Fs / t_exp, w)
+        F_sh = moe.shared_ffn
+        out["shared_expert_gate_up_proj"] = _gemm(T, 2 * F_sh / t_exp, h, w)
+        out["shared_expert_down_proj"] = _gemm(T, h, F_sh / t_exp, w)
         out["shared_expert_gate"] = _gemm(T, 1 + 0 * T, h, w)
-        row = 3 * w * Fs / t_exp
+        row = 3 * w * F_sh / t_exp
         out["shared_expert_act"] = {"kind": MOE_MEMORY_OPS["shared_expert_act"], "bytes": T * row,
                                     "row_bytes": row + 0 * T}
     return out
@@ -196,10 +203,11 @@ def layer_ops(model: ModelSpec, t, b, s, kv_len, ctx, w, experts: ExpertLayout |
     """The ops of one decoder layer forward on one TP rank (``s`` new tokens per sequence of ``b``, ``kv_len``
     cached before, ``ctx`` mean keys attended per query), as a TP rank holds them under AutoTP or vLLM:
 
-    * linear: ``{"kind": "gemm", "M", "N", "K", "flops", "bytes"}`` with M = b·s tokens — qkv_proj [M,h]×[h,(a+2a_kv)d/t],
-      attn_out_proj [M,a·d/t]×[·,h], mlp_gate_up_proj [M,h]×[h,2F/t], mlp_down_proj [M,F/t]×[·,h];
+    * linear: ``{"kind": "gemm", "M", "N", "K", "flops", "bytes"}`` (the GEMM's M_g, N_g, K_g) with M_g = T = b·s
+      tokens — qkv_proj [T,h]×[h,(a+2a_kv)d/t], attn_out_proj [T,a·d/t]×[·,h], mlp_gate_up_proj [T,h]×[h,2F/t],
+      mlp_down_proj [T,F/t]×[·,h];
     * memory-bound: ``{"kind": <kernel kind>, "bytes", "row_bytes", "count"}`` (bytes of one call) — two RMSNorms
-      over h, rotary on the local q and k heads, SiLU·mul over 2F/t → F/t, residual add of [M, h] (count 2);
+      over h, rotary on the local q and k heads, SiLU·mul over 2F/t → F/t, residual add of [T, h] (count 2);
     * attention: ``{"kind": "attention", "flops", "bytes"}`` — QKᵀ and AV over ``ctx`` keys, KV cache read and the
       new keys/values written.
 
@@ -212,7 +220,7 @@ def layer_ops(model: ModelSpec, t, b, s, kv_len, ctx, w, experts: ExpertLayout |
     All values broadcast over array arguments."""
     t, b, s, kv_len, ctx, w = (np.asarray(x, dtype=float) for x in (t, b, s, kv_len, ctx, w))
     h, d, a, akv, ffn = model.h, model.head_dim, model.heads, model.kv_heads, model.ffn
-    M = b * s
+    T = b * s
     moe = experts is not None
     if moe and not model.is_moe:
         raise SpecError(f"{model.name} is dense: it has no expert layout")
@@ -220,19 +228,19 @@ def layer_ops(model: ModelSpec, t, b, s, kv_len, ctx, w, experts: ExpertLayout |
     linear = (("qkv_proj", (a + 2 * akv) * d / t, h), ("attn_out_proj", h, a * d / t))
     if not moe:
         linear += (("mlp_gate_up_proj", 2 * ffn / t, h), ("mlp_down_proj", h, ffn / t))
-    for name, N, K in linear:
-        out[name] = _gemm(M, N, K, w)
+    for name, N_g, K_g in linear:
+        out[name] = _gemm(T, N_g, K_g, w)
     if moe:
-        out.update(_moe_mlp_ops(model, M, w, experts))
+        out.update(_moe_mlp_ops(model, T, w, experts))
     rows = {"input_norm": 2 * w * h, "post_attention_norm": 2 * w * h, "rope": 2 * w * (a + akv) / t * d,
             "mlp_act": 3 * w * ffn / t, "residual_add": 3 * w * h}
     if moe:
         del rows["mlp_act"]
     for name, row in rows.items():
-        out[name] = {"kind": MEMORY_OPS[name], "bytes": M * row, "row_bytes": row + 0 * M,
+        out[name] = {"kind": MEMORY_OPS[name], "bytes": T * row, "row_bytes": row + 0 * T,
                      "count": 2 if name == "residual_add" else 1}          # two residual adds per layer
-    out["attention"] = {"kind": "attention", "flops": 4 * M * ctx * (a / t) * d,
-                        "bytes": w * (b * (kv_len + s) * 2 * (akv / t) * d + 2 * M * (a / t) * d)}
+    out["attention"] = {"kind": "attention", "flops": 4 * T * ctx * (a / t) * d,
+                        "bytes": w * (b * (kv_len + s) * 2 * (akv / t) * d + 2 * T * (a / t) * d)}
     return out
 
 

@@ -68,12 +68,12 @@ def forward_comm(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str, g
     group is a proper sub-group of the world) use the preset's ``subgroup_collectives`` fits when it has them.
     ``deployment`` (default DeepSpeed as it is): its pattern, host profile and routing. ``e``: the expert-parallel
     degree of a mixture of experts (the capacity C of the phase, :func:`~.compute.expert_layout`)."""
-    d = (deployment or Deployment()).resolve(model, Layout(1, 1, int(e)))
-    pattern = d.pattern(model, Layout(1, 1, int(e)))
-    prof = profile_for(d, hw)
+    dep = (deployment or Deployment()).resolve(model, Layout(1, 1, int(e)))
+    pattern = dep.pattern(model, Layout(1, 1, int(e)))
+    prof = profile_for(dep, hw)
     floor = prof.launch_floor(phase)
     s, _, _ = phase_context(phase, S, G)
-    xl = expert_layout(model, d.experts, t, e, b, s, d.routing)
+    xl = expert_layout(model, dep.experts, t, e, b, s, dep.routing)
     cap = 0 if xl is None else xl.C
     if comm_w is not None:
         w = comm_w
@@ -122,9 +122,9 @@ def predict_latency_grid(model: ModelSpec, hw: Hardware, t, p, b, S, G, w=2, gpu
 
     No validation here (the grid is the caller's): t must divide the heads, p ≤ L (see
     :func:`llmcomm.predict.advise.candidate_layouts`)."""
-    d = (deployment or Deployment()).resolve(model, Layout(1, 1, int(e)))
+    dep = (deployment or Deployment()).resolve(model, Layout(1, 1, int(e)))
     g = hw.gpus_per_node if gpus_per_node is None else gpus_per_node
-    prof = profile_for(d, hw)
+    prof = profile_for(dep, hw)
     t, p, b, S, G, w, g = np.broadcast_arrays(*(np.asarray(x) for x in (t, p, b, S, G, w, g)))
     inv_t = 1.0 / t.astype(float)
     w_compute = float(w.flat[0]) if w.size and (w == w.flat[0]).all() else w       # one dtype: keep w a scalar
@@ -133,9 +133,9 @@ def predict_latency_grid(model: ModelSpec, hw: Hardware, t, p, b, S, G, w=2, gpu
     for phase in ("prefill", "decode"):
         out[f"{phase}_compute_s"] = forward_compute(
             model, hw, t, p, b, S, G, w_compute, phase, inv_t,
-            overhead_s=prof.layer_overhead_s(phase, hw), host_overlaps=prof.host_overlaps(phase), experts=d.experts,
-            e=e, routing=d.routing)["compute_s"] + prof.forward_overhead_s(phase)
-        out[f"{phase}_comm_s"] = forward_comm(model, hw, t, p, b, S, G, w, phase, g, d,
+            overhead_s=prof.layer_overhead_s(phase, hw), host_overlaps=prof.host_overlaps(phase), experts=dep.experts,
+            e=e, routing=dep.routing)["compute_s"] + prof.forward_overhead_s(phase)
+        out[f"{phase}_comm_s"] = forward_comm(model, hw, t, p, b, S, G, w, phase, g, dep,
                                               fractions=fractions, comm_w=comm_w, e=e)
     join = np.maximum if overlap else np.add
     out["ttft_s"] = join(out["prefill_compute_s"], out["prefill_comm_s"])
@@ -148,7 +148,7 @@ def _plain(x):
     """A JSON-ready scalar from a numpy value."""
     x = np.asarray(x)
     kind = x.dtype.kind
-    return float(x) if kind == "f" else int(x) if kind in "iu" else bool(x) if kind == "b" else x.item()
+    return float(x) if kind == "f" else int(x) if kind in "iu" else bool(x) if x.dtype == np.bool_ else x.item()
 
 
 def predict_latency(model: ModelSpec, layout: Layout, workload: Workload, hw: Hardware,
@@ -168,24 +168,24 @@ def predict_latency(model: ModelSpec, layout: Layout, workload: Workload, hw: Ha
     if g < 1:
         raise SpecError(f"gpus_per_node={g} must be at least 1")
     args = (layout.t, layout.p, workload.b, workload.S, workload.G, workload.w)
-    d = (deployment or Deployment()).resolve(model, layout)
-    pattern = d.pattern(model, layout)
+    dep = (deployment or Deployment()).resolve(model, layout)
+    pattern = dep.pattern(model, layout)
     if model.is_moe and layout.e > 1:
         from ..derive.moe import rank_batch
 
         rank_batch(workload.b, layout.e)                         # e must divide b: one line, not a traceback
-    prof = profile_for(d, hw)
-    res: dict[str, Any] = {"model": model.name, "hardware": hw.name, "gpus_per_node": g, "engine": d.engine,
+    prof = profile_for(dep, hw)
+    res: dict[str, Any] = {"model": model.name, "hardware": hw.name, "gpus_per_node": g, "engine": dep.engine,
                            "pattern": pattern, "engine_profile": prof.name, "tp": layout.t, "pp": layout.p,
                            "breakdown": {}}
     if model.is_moe:
         res["ep"] = layout.e
     for phase in ("prefill", "decode"):
         comp = forward_compute(model, hw, *args, phase, overhead_s=prof.layer_overhead_s(phase, hw),
-                               host_overlaps=prof.host_overlaps(phase), experts=d.experts, e=layout.e,
-                               routing=d.routing)
+                               host_overlaps=prof.host_overlaps(phase), experts=dep.experts, e=layout.e,
+                               routing=dep.routing)
         host = prof.forward_overhead_s(phase)
-        comm, parts = forward_comm(model, hw, *args, phase, g, d, detail=True, comm_w=comm_w, e=layout.e)
+        comm, parts = forward_comm(model, hw, *args, phase, g, dep, detail=True, comm_w=comm_w, e=layout.e)
         res["breakdown"][phase] = {
             "compute_s": _plain(comp["compute_s"] + host), "comm_s": _plain(comm), "host_forward_s": host,
             "flops": _plain(comp["flops"]),

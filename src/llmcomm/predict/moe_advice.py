@@ -108,13 +108,13 @@ def moe_memory_per_rank(model: ModelSpec, scheme: str, t: int, p: int, e: int, b
     sizes = stage_layers(model.L, p)
     starts = np.cumsum([0] + sizes[:-1])
     best = None
-    for i, (lo, n) in enumerate(zip(starts, sizes)):
-        weights = sum(per_layer[lo:lo + n])
+    for i, (lo, layers) in enumerate(zip(starts, sizes)):
+        weights = sum(per_layer[lo:lo + layers])
         if i == 0:
             weights += V * h
         if i == p - 1:
             weights += h + (0 if (p == 1 and model.tied and tq == 1) else V * h / tq)
-        stage = {"weights": w * weights, "kv": n * kv_layer}
+        stage = {"weights": w * weights, "kv": layers * kv_layer}
         if best is None or stage["weights"] + stage["kv"] > best["weights"] + best["kv"]:
             best = stage
     ffn_act = 2 * (moe.top_k * moe.expert_ffn + moe.shared_ffn) / t_exp + (2 * moe.top_k * h if ep else 0)
@@ -146,16 +146,16 @@ def advise_moe(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardw
     rows = []
     for scheme, t, p, e in cands:
         layout = Layout(t, p, e)
-        d = replace(deployment, experts=scheme)
-        pattern = d.pattern(model, layout)
-        lat = predict_latency_grid(model, hw, t, p, b, S, G, w, gpus_per_node=g, deployment=d, e=e)
+        dep = replace(deployment, experts=scheme)
+        pattern = dep.pattern(model, layout)
+        lat = predict_latency_grid(model, hw, t, p, b, S, G, w, gpus_per_node=g, deployment=dep, e=e)
         mem = moe_memory_per_rank(model, scheme, t, p, e, b, S, G, w)
         traffic = traffic_totals(model, layout, wl, pattern, "ring", g, routing)
         hops, spanning = node_crossings(model, layout, wl, g, pattern)
         row = {"scheme": scheme, "pattern": pattern, "tp": t, "pp": p, "ep": e,
-               **{k: float(lat[k]) for k in ("ttft_s", "tpot_s", "e2e_s", "prefill_compute_s", "prefill_comm_s",
+               **{key: float(lat[key]) for key in ("ttft_s", "tpot_s", "e2e_s", "prefill_compute_s", "prefill_comm_s",
                                              "decode_compute_s", "decode_comm_s")},
-               **{k: traffic[k] for k in ("bytes", "sent_bytes_busiest_rank", "link_bytes", "inter_node_bytes")},
+               **{key: traffic[key] for key in ("bytes", "sent_bytes_busiest_rank", "link_bytes", "inter_node_bytes")},
                "inter_node_hops_per_forward": hops, "inter_node_collectives_per_forward": spanning,
                "memory_gib": mem["total"] / GiB, "weights_gib": mem["weights"] / GiB, "kv_gib": mem["kv"] / GiB,
                "usable_gib": usable / GiB, "fits": bool(mem["total"] <= usable), "objective": objective}
@@ -175,6 +175,6 @@ def advise_moe(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardw
         r["pareto"] = bool(f)
         r["score"] = float(r[score_key])
     rows.sort(key=lambda r: (not r["fits"], r["score"], r["inter_node_bytes"], r["scheme"], r["tp"]))
-    for k, r in enumerate(rows, 1):
-        r["rank"] = k
+    for place, r in enumerate(rows, 1):
+        r["rank"] = place
     return (rows if include_infeasible else [r for r in rows if r["fits"]]), why

@@ -43,13 +43,13 @@ class HostProfile:
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False, hash=False)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], name: str = "custom") -> "HostProfile":
-        if not isinstance(d, Mapping):
+    def from_dict(cls, raw: Mapping[str, Any], name: str = "custom") -> "HostProfile":
+        if not isinstance(raw, Mapping):
             raise SpecError(f"host profile {name!r} is not a JSON object")
-        name = str(d.get("name", name))
+        name = str(raw.get("name", name))
         try:
-            framework = str(d["framework"])
-            phases = {ph: dict(d[ph]) for ph in PHASES}
+            framework = str(raw["framework"])
+            phases = {ph: dict(raw[ph]) for ph in PHASES}
             for ph, v in phases.items():
                 lo = v.get("layer_overhead_us", 0.0)
                 if lo != "calibrated" and float(lo) < 0 or float(v.get("forward_overhead_us", 0.0)) < 0:
@@ -58,8 +58,8 @@ class HostProfile:
             raise SpecError(f"host profile {name!r} is malformed: {e}") from None
         if framework not in FRAMEWORKS:
             raise SpecError(f"host profile {name!r}: framework {framework!r} is not one of {', '.join(FRAMEWORKS)}")
-        return cls(name=name, framework=framework, phases=phases, custom_allreduce=d.get("custom_allreduce"),
-                   raw=dict(d))
+        return cls(name=name, framework=framework, phases=phases, custom_allreduce=raw.get("custom_allreduce"),
+                   raw=dict(raw))
 
     def cuda_graphs(self, phase: str) -> bool:
         return bool(self.phases[phase].get("cuda_graphs", False))
@@ -90,9 +90,9 @@ def profile_for(deployment: Deployment | None, hw) -> HostProfile:
     """The host profile of ``deployment`` on ``hw``: the one it names, else its framework's default — vLLM →
     ``vllm-v0`` (as the seed paper ran it), DeepSpeed → ``deepspeed-cpu`` on a CPU preset, ``deepspeed-eager`` on a
     GPU (AutoTP refuses CUDA graphs with TP > 1)."""
-    d = deployment or Deployment()
-    if d.profile is not None:
-        return load_profile(d.profile)
-    if d.framework == "vllm":
+    dep = deployment or Deployment()
+    if dep.profile is not None:
+        return load_profile(dep.profile)
+    if dep.framework == "vllm":
         return load_profile("vllm-v0")
     return load_profile("deepspeed-cpu" if hw.raw.get("device") == "cpu" else "deepspeed-eager")

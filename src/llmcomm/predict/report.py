@@ -23,15 +23,16 @@ __all__ = ["predict_report", "memory_needed"]
 def memory_needed(model: ModelSpec, layout: Layout, workload: Workload, deployment: Deployment) -> float:
     """Bytes per rank of the fullest stage (:func:`llmcomm.predict.advise.memory_per_rank`; a mixture of experts by
     its expert layout, :func:`llmcomm.predict.moe_advice.moe_memory_per_rank`)."""
-    w = workload
+    wl = workload
     if model.is_moe:
         from .moe_advice import moe_memory_per_rank
 
-        d = deployment.resolve(model, layout)
-        return float(moe_memory_per_rank(model, d.experts, layout.t, layout.p, layout.e, w.b, w.S, w.G, w.w)["total"])
+        dep = deployment.resolve(model, layout)
+        return float(moe_memory_per_rank(model, dep.experts, layout.t, layout.p, layout.e, wl.b, wl.S, wl.G,
+                                         wl.w)["total"])
     from .advise import memory_per_rank
 
-    return float(memory_per_rank(model, layout.t, layout.p, w.b, w.S, w.G, w.w)["total"])
+    return float(memory_per_rank(model, layout.t, layout.p, wl.b, wl.S, wl.G, wl.w)["total"])
 
 
 def predict_report(model: ModelSpec, layout: Layout, workloads: Sequence[Workload], deployment: Deployment | None = None,

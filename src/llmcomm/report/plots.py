@@ -125,7 +125,7 @@ def busbw_vs_size(df: pd.DataFrame, title: str = ""):
     d = df.assign(group=df["group_size"].astype(str), MiB=df["bytes"] / 2 ** 20)
     g = sns.relplot(data=d, x="bytes", y="busbw_GBps", col="op", hue="backend", style="group", kind="line",
                     marker="o", col_wrap=2, height=2.8, aspect=1.4, facet_kws={"sharey": True})
-    g.set(xscale="log", yscale="log", xlabel="message size S (bytes)", ylabel="busbw (GB/s)")
+    g.set(xscale="log", yscale="log", xlabel="message size m (bytes)", ylabel="busbw (GB/s)")
     if title:
         g.figure.suptitle(title, y=1.02)
     return g.figure
@@ -139,14 +139,14 @@ def predicted_vs_measured_latency(df: pd.DataFrame, title: str = ""):
     metrics = [("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
     lay = "t=" + df["t"].astype(str) + "×p=" + df["p"].astype(str)
-    for ax, (m, name) in zip(axes, metrics):
+    for ax, (metric, name) in zip(axes, metrics):
         d = df.assign(layout=lay)
-        if m == "tpot_s":
+        if metric == "tpot_s":
             d = d[d["G"] > 1]
-        sns.scatterplot(data=d, x=f"{m}_measured", y=f"{m}_predicted", hue="layout", style="model", ax=ax, s=50,
-                        legend=(m == "e2e_s"))
-        lo = float(np.nanmin(d[[f"{m}_measured", f"{m}_predicted"]].values)) * 0.7
-        hi = float(np.nanmax(d[[f"{m}_measured", f"{m}_predicted"]].values)) * 1.4
+        sns.scatterplot(data=d, x=f"{metric}_measured", y=f"{metric}_predicted", hue="layout", style="model", ax=ax,
+                        s=50, legend=(metric == "e2e_s"))
+        lo = float(np.nanmin(d[[f"{metric}_measured", f"{metric}_predicted"]].values)) * 0.7
+        hi = float(np.nanmax(d[[f"{metric}_measured", f"{metric}_predicted"]].values)) * 1.4
         ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--")
         ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), title=name, xlabel="measured (s)",
                ylabel="predicted (s)")
@@ -168,9 +168,9 @@ def advice_heatmaps(maps: dict, value: str = "e2e_s", title: str = "", ncols: in
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
     for ax in axes.flat[len(maps):]:
         ax.set_visible(False)
-    for ax, (name, m) in zip(axes.flat, maps.items()):
-        val = m.pivot(index="b", columns="S", values=value) * 1e3
-        lab = m.pivot(index="b", columns="S", values="best")
+    for ax, (name, grid) in zip(axes.flat, maps.items()):
+        val = grid.pivot(index="b", columns="S", values=value) * 1e3
+        lab = grid.pivot(index="b", columns="S", values="best")
         sns.heatmap(val, annot=lab.values, fmt="", cmap="viridis", norm=LogNorm(), cbar=True, ax=ax,
                     annot_kws={"fontsize": 8}, cbar_kws={"label": f"{value[:-2].upper()} (ms)"})
         ax.set(title=name, xlabel="prompt length S", ylabel="batch b")
@@ -285,7 +285,7 @@ def latency_stack(df: pd.DataFrame, x: str = "S", title: str = ""):
         d = df[df.metric == metric]
         for i, lay in enumerate(layouts):
             sub = d[d.layout == lay].set_index(x).reindex(xs)
-            pos = [k + (i - (len(layouts) - 1) / 2) * width for k in range(len(xs))]
+            pos = [j + (i - (len(layouts) - 1) / 2) * width for j in range(len(xs))]
             ax.bar(pos, sub.compute_ms, width, color=f"C{i}", alpha=0.55, edgecolor="0.3", lw=0.5,
                    label=f"{lay} compute")
             ax.bar(pos, sub.comm_ms, width, bottom=sub.compute_ms, color=f"C{i}", edgecolor="0.3", lw=0.5,
@@ -311,7 +311,7 @@ def kernel_times(df: pd.DataFrame, title: str = "", source: str = ""):
             g = g.sort_values("M")
             ax.scatter(g.M, g.seconds * 1e6, s=6, color=colour, alpha=0.5)
             ax.plot(g.M, g.predicted_s * 1e6, color=colour, lw=1.2, label=f"t = {tp}")
-        ax.set(xscale="log", yscale="log", title=op, xlabel="tokens (GEMM M)")
+        ax.set(xscale="log", yscale="log", title=op, xlabel="tokens (GEMM rows M_g)")
     axes[0][0].set_ylabel("kernel µs")
     axes[0][-1].legend(fontsize=8, title="shard", title_fontsize=8)
     fig.suptitle(title + (f"\npoints: measured ({source}); lines: predicted" if source else ""), fontsize=10)
@@ -321,21 +321,21 @@ def kernel_times(df: pd.DataFrame, title: str = "", source: str = ""):
 
 def collective_sizes(df: pd.DataFrame, title: str = "", source: str = ""):
     """Measured (points) and predicted (lines) all-reduce time and busbw over size per system and group size.
-    ``df``: ``system, num_workers, S, seconds, predicted_s``."""
+    ``df``: ``system, num_workers, m, seconds, predicted_s`` (m: message bytes)."""
     systems = list(dict.fromkeys(df.system))
     fig, axes = plt.subplots(2, len(systems), figsize=(3.6 * len(systems), 6.2), squeeze=False)
     for j, system in enumerate(systems):
         d = df[df.system == system]
         pal = sns.color_palette("rocket", n_colors=d.num_workers.nunique() + 1)
         for colour, (n, g) in zip(pal, d.groupby("num_workers")):
-            g = g.sort_values("S")
+            g = g.sort_values("m")
             f = 2 * (n - 1) / n
-            axes[0][j].scatter(g.S, g.seconds * 1e6, s=6, color=colour, alpha=0.6)
-            axes[0][j].plot(g.S, g.predicted_s * 1e6, color=colour, lw=1.2, label=f"n = {n}")
-            axes[1][j].scatter(g.S, g.S / g.seconds * f / 1e9, s=6, color=colour, alpha=0.6)
-            axes[1][j].plot(g.S, g.S / g.predicted_s * f / 1e9, color=colour, lw=1.2)
+            axes[0][j].scatter(g.m, g.seconds * 1e6, s=6, color=colour, alpha=0.6)
+            axes[0][j].plot(g.m, g.predicted_s * 1e6, color=colour, lw=1.2, label=f"n = {n}")
+            axes[1][j].scatter(g.m, g.m / g.seconds * f / 1e9, s=6, color=colour, alpha=0.6)
+            axes[1][j].plot(g.m, g.m / g.predicted_s * f / 1e9, color=colour, lw=1.2)
         axes[0][j].set(xscale="log", yscale="log", title=system, ylabel="µs" if j == 0 else "")
-        axes[1][j].set(xscale="log", xlabel="bytes (nccl-tests size)", ylabel="busbw GB/s" if j == 0 else "")
+        axes[1][j].set(xscale="log", xlabel="message bytes m (nccl-tests size)", ylabel="busbw GB/s" if j == 0 else "")
         axes[0][j].legend(fontsize=8)
     fig.suptitle(title + (f"\npoints: measured ({source}); lines: predicted" if source else ""), fontsize=10)
     fig.tight_layout()

@@ -141,17 +141,18 @@ def stage_split_frame(cfgs) -> pd.DataFrame:
     stages one more) and the all-reduces each stage issues per forward (two per layer, plus the head's on the last
     stage; none without TP)."""
     rows = []
-    for c in cfgs:
-        parts = stage_layers(load_model(c.model).L, c.p)
-        per_stage = [2 * k for k in parts[:-1]] + [2 * parts[-1] + 1] if c.t > 1 else "—"
-        rows.append({"model": c.model, "L": sum(parts), "t": c.t, "p": c.p, "layers per stage": str(parts),
+    for cfg in cfgs:
+        parts = stage_layers(load_model(cfg.model).L, cfg.p)
+        per_stage = [2 * layers for layers in parts[:-1]] + [2 * parts[-1] + 1] if cfg.t > 1 else "—"
+        rows.append({"model": cfg.model, "L": sum(parts), "t": cfg.t, "p": cfg.p, "layers per stage": str(parts),
                      "all-reduces per stage and forward": str(per_stage)})
     return pd.DataFrame(rows).drop_duplicates(ignore_index=True)
 
 
 def models_frame(models: Iterable[ModelSpec]) -> pd.DataFrame:
     """The shapes that decide communication: L, h, V and the KV heads (which cap AutoTP's t)."""
-    return pd.DataFrame([{"model": m.name, "L": m.L, "h": m.h, "V": m.V, "KV heads": m.kv_heads} for m in models])
+    return pd.DataFrame([{"model": spec.name, "L": spec.L, "h": spec.h, "V": spec.V, "KV heads": spec.kv_heads}
+                         for spec in models])
 
 
 def relative_to_tp(totals: pd.DataFrame) -> pd.DataFrame:
@@ -222,12 +223,12 @@ def latency_breakdown(val: pd.DataFrame) -> pd.DataFrame:
 
 def compute_calibration(raw: dict) -> pd.DataFrame:
     """A CPU preset's compute calibration per thread count (``compute_by_threads``) as a table."""
-    return pd.DataFrame([{"threads": k, "peak fp32 GFLOP/s": 1e3 * v["peak_tflops"]["fp32"],
+    return pd.DataFrame([{"threads": threads, "peak fp32 GFLOP/s": 1e3 * v["peak_tflops"]["fp32"],
                           "mem bw GB/s": v["mem_bw_GBps"], "e_f": v["efficiency"]["flops"],
                           "layer overhead o (µs)": v["layer_overhead_us"],
                           "layer prefill (ms)": 1e3 * v["calibration"]["layer_prefill_s"],
                           "layer decode (ms)": 1e3 * v["calibration"]["layer_decode_s"]}
-                         for k, v in raw.get("compute_by_threads", {}).items()]).round(3)
+                         for threads, v in raw.get("compute_by_threads", {}).items()]).round(3)
 
 
 def collective_fits(fits: pd.DataFrame) -> pd.DataFrame:
@@ -338,10 +339,10 @@ def decode_allreduce_facts(model: ModelSpec, hw, t: int, workload: Workload, gpu
 
     res = predict_latency(model, Layout(t, 1), workload, hw, Deployment(framework), gpus_per_node=gpus_per_node)
     dec, pre = res["breakdown"]["decode"], res["breakdown"]["prefill"]
-    layer_ar = max((m for m in dec["messages"] if m["op"] == "all_reduce"), key=lambda m: m["calls"])
+    layer_ar = max((msg for msg in dec["messages"] if msg["op"] == "all_reduce"), key=lambda msg: msg["calls"])
     per_call = layer_ar["time_s"] / layer_ar["calls"]
     return {"bytes_per_call": layer_ar["bytes_per_call"], "seconds_per_call": per_call,
-            "calls_per_step": sum(m["calls"] for m in dec["messages"] if m["op"] == "all_reduce"),
+            "calls_per_step": sum(msg["calls"] for msg in dec["messages"] if msg["op"] == "all_reduce"),
             "comm_share_of_tpot": dec["comm_s"] / res["tpot_s"], "tpot_s": res["tpot_s"],
             "prefill_compute_s": pre["compute_s"], "prefill_comm_s": pre["comm_s"]}
 
@@ -415,7 +416,7 @@ def gpu_kernel_errors(summary: pd.DataFrame, validation: str = "lomo") -> pd.Dat
     d["met"] = np.where(d.part == "gemm", np.where((d.median_abs_err <= med) & (d.p90_abs_err <= p90), "yes", "no"),
                         "—")
     out = d.assign(**{"median |err| %": (100 * d.median_abs_err).round(2), "p90 |err| %": (100 * d.p90_abs_err).round(1)})
-    return out[["part", "gpu", "op", "n", "median |err| %", "p90 |err| %", "goal", "met"]].reset_index(drop=True)
+    return out[["part", "gpu", "op", "rows", "median |err| %", "p90 |err| %", "goal", "met"]].reset_index(drop=True)
 
 
 def gpu_collective_errors(summary: pd.DataFrame) -> pd.DataFrame:
@@ -440,16 +441,17 @@ def in_run_calibration(raw: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     per layout (fitted rate, per-layer overhead, fit error) and communication per (layout, op, n) (median call in
     the runs beside the microbenchmark fit, and what was done with it)."""
     comp, calls = [], []
-    for key, e in (raw.get("in_run") or {}).items():
+    for key, entry in (raw.get("in_run") or {}).items():
         if key == "provenance":
             continue
-        c = e["compute"]
-        comp.append({"layout": key, "threads per rank": e.get("threads"), "compute GFLOP/s": c["flops_per_s"] / 1e9,
-                     "overhead µs/layer": c["overhead_us"], # a fitted bandwidth beyond any CPU's (10 TB/s): the points do not identify the memory term
-                     "mem bw GB/s (fitted; inf: not identified)": c["mem_bw_GBps"] if c["mem_bw_GBps"] < 1e4
+        fit = entry["compute"]
+        comp.append({"layout": key, "threads per rank": entry.get("threads"),
+                     "compute GFLOP/s": fit["flops_per_s"] / 1e9, "overhead µs/layer": fit["overhead_us"],
+                     # a fitted bandwidth beyond any CPU's (10 TB/s): the points do not identify the memory term
+                     "mem bw GB/s (fitted; inf: not identified)": fit["mem_bw_GBps"] if fit["mem_bw_GBps"] < 1e4
                      else float("inf"),
-                     "fit median |err|": c["median_rel_err"], "points": c["points"]})
-        for r in e.get("calls", []):
+                     "fit median |err|": fit["median_rel_err"], "points": fit["points"]})
+        for r in entry.get("calls", []):
             calls.append({"layout": key, "op": r["op"], "n": r["n"], "calls": r["calls"],
                           "in run µs (median)": r["median_in_run_us"], "microbenchmark fit µs": r["median_fit_us"],
                           "in run ÷ fit": r["in_run_over_fit"],
@@ -462,10 +464,10 @@ def validation_runs(runs: dict) -> pd.DataFrame:
     """One row per rerun of the CPU validation (``{k: (frame, json)}`` from ``latency_validation_run<k>``): median
     |error| per metric and over all, the load average when it started, its date and commit."""
     rows = []
-    for k, (df, meta) in sorted(runs.items()):
-        s, prov = meta["summary"], meta["provenance"]
-        rows.append({"run": k, "median |err| all": s["median_abs_err"], "TTFT": s["median_abs_err_ttft"],
-                     "TPOT": s["median_abs_err_tpot"], "E2E": s["median_abs_err_e2e"],
+    for run, (df, meta) in sorted(runs.items()):
+        summ, prov = meta["summary"], meta["provenance"]
+        rows.append({"run": run, "median |err| all": summ["median_abs_err"], "TTFT": summ["median_abs_err_ttft"],
+                     "TPOT": summ["median_abs_err_tpot"], "E2E": summ["median_abs_err_e2e"],
                      "points × reps": f"{len(df)} × {prov.get('reps')}",
                      "load avg (1, 5, 15 min)": prov.get("load_avg_before"), "date": prov.get("date"),
                      "git": prov.get("git")})

@@ -163,11 +163,11 @@ def render_gpu_fits(tables: dict) -> str:
 def render_in_run(entries: dict) -> str:
     """What ``calibrate --in-run`` found per layout."""
     lines = []
-    for key, e in entries.items():
-        c = e["compute"]
-        lines.append(f"{key}: compute {c['flops_per_s'] / 1e9:.1f} GFLOP/s, overhead {c['overhead_us']:.0f} us/layer, "
-                     f"median |err| {c['median_rel_err']:.1%} over {c['points']} points")
-        for row in e["calls"]:
+    for key, entry in entries.items():
+        fit = entry["compute"]
+        lines.append(f"{key}: compute {fit['flops_per_s'] / 1e9:.1f} GFLOP/s, overhead {fit['overhead_us']:.0f} "
+                     f"us/layer, median |err| {fit['median_rel_err']:.1%} over {fit['points']} points")
+        for row in entry["calls"]:
             lines.append(f"    {row['op']:10s} n={row['n']}: in-run {row['median_in_run_us']:9.1f} us per call, "
                          f"microbenchmark fit {row['median_fit_us']:9.1f} us ({row['in_run_over_fit']:.2f}x)"
                          + (" -> refitted from the run" if row.get("refit") else f" {row.get('flag', '')}"))
