@@ -20,15 +20,14 @@ import tempfile
 import pytest
 
 from llmcomm.measure.cache import ENV as RUN_CACHE
-from llmcomm.measure.forkserver import ENV as FORK_SERVER, running
+from llmcomm.measure.forkserver import running
 
 
 def pytest_configure(config):
     if not os.environ.get(RUN_CACHE):
         os.environ[RUN_CACHE] = config._llmcomm_run_cache = tempfile.mkdtemp(prefix="llmcomm-run-cache-")
-    if FORK_SERVER not in os.environ:
-        config._llmcomm_fork_server = running()
-        config._llmcomm_fork_server.__enter__()
+    config._llmcomm_fork_server = running()
+    config._llmcomm_fork_server.__enter__()
 
 
 def pytest_unconfigure(config):

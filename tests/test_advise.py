@@ -136,7 +136,7 @@ def test_winner_shares_count_each_cells_winner():
 
     from llmcomm.report.tables import winner_shares
 
-    maps = pd.DataFrame({"engine": ["e"] * 4 + ["f"] * 2, "model": ["m"] * 6,
+    maps = pd.DataFrame({"framework": ["e"] * 4 + ["f"] * 2, "model": ["m"] * 6,
                          "best": ["t=8×p=1", "t=8×p=1", "t=1×p=8", "t=4×p=2", "t=2×p=1", "t=1×p=2"]})
     sh = winner_shares(maps)
     assert list(sh.columns) == ["t=8×p=1", "t=4×p=2", "t=2×p=1", "t=1×p=2", "t=1×p=8"]
@@ -166,5 +166,5 @@ def test_share_text_lists_the_winning_layouts_only():
 
     from llmcomm.report.tables import share_text, winner_shares
 
-    maps = pd.DataFrame({"engine": ["e"] * 4, "model": ["m"] * 4, "best": ["t=8×p=1", "t=8×p=1", "t=8×p=1", "t=1×p=8"]})
+    maps = pd.DataFrame({"framework": ["e"] * 4, "model": ["m"] * 4, "best": ["t=8×p=1", "t=8×p=1", "t=8×p=1", "t=1×p=8"]})
     assert share_text(winner_shares(maps), "e", "m") == "t=8×p=1 75%, t=1×p=8 25%"

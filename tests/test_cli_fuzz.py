@@ -125,6 +125,7 @@ def no_runs(sandbox):
     mp = pytest.MonkeyPatch()
     shutil.copytree(calibration_path("cpu-local").parent, sandbox / "OUTcal")
     mp.setenv(CALIBRATION_ENV, str(sandbox / "OUTcal"))
+    mp.setenv("LLMCOMM_DATA", str(sandbox / "OUTdata"))      # results a command writes by default (bench --machine)
     mp.setattr(launch, "launch_ranks", dead)
     mp.setattr(supervise, "launch_ranks", dead)
     mp.setattr(bench, "launch_ranks", dead)
@@ -145,6 +146,7 @@ def _tree(root: Path) -> dict[str, float]:
 
 def test_cli_fuzz(sandbox, no_runs):
     before = {k: v for k, v in _tree(sandbox).items() if not k.startswith("OUT")}
+    repo_data = _tree(Path(__file__).resolve().parents[1] / "data")
     seen = {"status": set(), "count": 0, "commands": set()}
     t0 = time.monotonic()
     cwd = os.getcwd()
@@ -170,6 +172,7 @@ def test_cli_fuzz(sandbox, no_runs):
             assert failed and "rank 1" in failed[0], (argv, text)
         after = {k: v for k, v in _tree(sandbox).items() if not k.startswith("OUT")}
         assert after == before, (argv, set(after) ^ set(before))
+        assert _tree(Path(__file__).resolve().parents[1] / "data") == repo_data, argv    # the repository's data
         seen["status"].add(status)
         seen["count"] += 1
         if argv and argv[0] in OPTIONS:

@@ -1,5 +1,4 @@
 """nccl-tests conventions, α-β formulas on hand-computed cases, hardware presets, α-β fits, and the microbenchmark."""
-import json
 
 import numpy as np
 import pytest

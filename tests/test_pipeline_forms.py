@@ -11,7 +11,7 @@ import sympy as sp
 from llmcomm import Layout, SpecError, Workload, load_model
 from llmcomm.deployment import Deployment, Routing
 from llmcomm.cli import build_parser, main
-from llmcomm.derive import patterns, volumes as v
+from llmcomm.derive import volumes as v
 from llmcomm.derive.conventions import bus_factor
 from llmcomm.notation import G, L, S, b, h, p, t, w
 from llmcomm.report import plots, tables

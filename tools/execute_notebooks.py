@@ -7,6 +7,9 @@ Why not ``jupyter nbconvert --execute --inplace``: nbconvert is not part of jupy
 into every cell of every commit. This is nbclient with ``record_timing=False``, the kernel's working directory set
 to the notebook's folder (as jupyter-book and nbval do), and stale timing metadata removed.
 
+Launches of the chapters' measurements start from one fork server for the whole call (:mod:`llmcomm.measure.forkserver`,
+on CPU only; ``LLMCOMM_FORK_SERVER=`` (empty) turns it off): the kernels inherit its socket in their environment.
+
 A notebook that fails is NOT overwritten (the committed, executed version stays); the partly executed copy is
 written to ``.cache/failed/<name>.ipynb`` for inspection. All notebooks are attempted; the exit status is 1 if
 any failed.
@@ -21,6 +24,8 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+from llmcomm.measure.forkserver import running
 
 
 def execute(path: Path, timeout: int, kernel: str, failed_dir: Path) -> bool:
@@ -55,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         ap.error(f"no such notebook: {', '.join(missing)}")
     failed = []
-    for path in args.notebooks:
-        print(f"== executing {path}", flush=True)
-        if not execute(path, args.timeout, args.kernel, args.failed_dir):
-            failed.append(str(path))
+    with running():
+        for path in args.notebooks:
+            print(f"== executing {path}", flush=True)
+            if not execute(path, args.timeout, args.kernel, args.failed_dir):
+                failed.append(str(path))
     if failed:
         print(f"== {len(failed)} notebook(s) failed: {' '.join(failed)}", file=sys.stderr)
         return 1

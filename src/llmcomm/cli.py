@@ -27,21 +27,21 @@ class _Parser(argparse.ArgumentParser):
         raise SpecError(f"{self.prog}: {message}")
 
 
-def _number(kind, low: float, strict: bool, what: str):
-    """argparse type: a finite ``kind`` (int or float) above ``low`` (``strict``) or at least ``low``."""
+def _number(kind, low: float, strict: bool, what: str, high: float = float("inf")):
+    """argparse type: a finite ``kind`` (int or float) above ``low`` (``strict``) or at least ``low``; ≤ ``high``."""
     def parse(text: str):
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not ((v > low) if strict else (v >= low)) or v != v or v == float("inf"):
+        if not ((v > low) if strict else (v >= low)) or v != v or v == float("inf") or v > high:
             raise argparse.ArgumentTypeError(f"{text} must be {what}")
         return v
     return parse
 
 
-positive_int = _number(int, 1, False, "at least 1")
-non_negative_int = _number(int, 0, False, "at least 0")
+positive_int, non_negative_int = _number(int, 1, False, "at least 1"), _number(int, 0, False, "at least 0")
+repetitions = _number(int, 1, False, "between 1 and 1000", high=1000)     # of a point or of a whole sweep
 positive_float = _number(float, 0, True, "a positive, finite number")
 
 
@@ -288,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--machine", default=None, help="machine label (default: llmcomm.record.machine_id())")
     be.add_argument("--dtype", choices=list(DTYPE_BYTES), default="fp32")
     be.add_argument("--warmup", type=non_negative_int, default=3)
-    be.add_argument("--min-reps", type=positive_int, default=5)
-    be.add_argument("--max-reps", type=positive_int, default=30)
+    be.add_argument("--min-reps", type=repetitions, default=5)
+    be.add_argument("--max-reps", type=repetitions, default=30)
     be.add_argument("--point-seconds", type=positive_float, default=0.2, help="time budget per (op, size) point")
     be.add_argument("--sample-seconds", type=positive_float, default=0.02, help="back-to-back calls per sample")
     be.add_argument("--timeout", type=positive_float, default=900.0, help="seconds without a finished point")
@@ -307,15 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--json", action="store_true", help="print the fits as JSON records")
     ca.add_argument("--in-run", action="store_true",
                     help="instead: compute and all-reduces inside runs of calib-llama (TP2, PP2, 2x2; minutes)")
-    ca.add_argument("--reps", type=positive_int, default=5, help="--in-run: repetitions of each workload")
+    ca.add_argument("--reps", type=repetitions, default=5, help="--in-run: repetitions of each workload")
     ca.add_argument("--public-gpu", action="store_true",
                     help="instead: fit the GPU kernel and NCCL models to data/external/vidur (minutes)")
     ca.set_defaults(func=cmd_calibrate)
 
     va = sub.add_parser("validate-time", help="the CPU validation of the time model: reruns of the latency sweep")
     va.add_argument("--hardware", default="cpu-local", help="hardware preset (default cpu-local)")
-    va.add_argument("--runs", type=positive_int, default=3, help="independent reruns of the whole sweep")
-    va.add_argument("--reps", type=positive_int, default=5, help="repetitions of each point (median, IQR)")
+    va.add_argument("--runs", type=repetitions, default=3, help="independent reruns of the whole sweep")
+    va.add_argument("--reps", type=repetitions, default=5, help="repetitions of each point (median, IQR)")
     va.add_argument("--out", default=None, help="data root (default data/); files go to <root>/<machine>/")
     va.set_defaults(func=cmd_validate_time)
     return ap

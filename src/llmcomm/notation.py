@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-__all__ = ["Notation", "NOTATION", "symbol", "by_group", "GROUPS"]
+__all__ = ["Notation", "NOTATION", "symbol", "GROUPS"]
 
 
 @dataclass(frozen=True)
@@ -128,9 +128,6 @@ def symbol(name: str) -> sp.Symbol:
     """The sympy symbol of ``name`` (one object per name, project-wide)."""
     return NOTATION[name].symbol
 
-
-def by_group(group: str) -> list[Notation]:
-    return [x for x in _ENTRIES if x.group == group]
 
 
 # The symbols as module attributes, for ``from llmcomm.notation import b, S, G, h, L, V, t, p, w, s``.

@@ -30,8 +30,7 @@ from ..predict.kernels import gemm_time, memop_time
 from ..record import repo_root
 
 __all__ = ["DATA", "SOURCE", "SM", "PRESET_OF", "NIC_BYTES_PER_S", "load_compute", "load_network", "gemm_rows",
-           "memop_rows", "fit_all", "error_summary", "preset_sections", "predict_gemm_rows", "predict_network_rows",
-           "cross_node_table"]
+           "memop_rows", "fit_all", "error_summary", "preset_sections", "cross_node_table"]
 
 DATA = Path("data") / "external" / "vidur"
 SOURCE = ("Vidur profiling data, github.com/microsoft/vidur @ 7d47513 (MIT licence, (c) Microsoft Corporation); "
@@ -241,31 +240,6 @@ def preset_sections(params: dict, preset: str) -> dict:
                                "back-to-back launches; net: step_net_s from the cross-node send_recv fit, "
                                "nic_bytes_per_s = 47 GB/s per NDR NIC (nccl-tests issue #290), one NIC per GPU (rails "
                                "= GPUs per node). Cross-node all-reduce is a PREDICTION: the public data have none."}}
-
-
-# ------------------------------------------------------------------------------------------------- for the book
-def predict_gemm_rows(rows: pd.DataFrame, kernels_of: dict) -> pd.DataFrame:
-    """``rows`` (:func:`gemm_rows`) with ``predicted_s`` from the presets' fitted GEMM models (``{gpu: params}``)."""
-    pred = np.full(len(rows), np.nan)
-    for gpu, params in kernels_of.items():
-        on = (rows.gpu == gpu).to_numpy()
-        pred[on] = gemm_time(rows.M[on], rows.N[on], rows.K[on], 2, params)
-    return rows.assign(predicted_s=pred)
-
-
-def predict_network_rows(net: pd.DataFrame, nccl_of: dict, floor: bool = True) -> pd.DataFrame:
-    """``net`` (:func:`load_network`) with ``predicted_s`` from fitted NCCL models (``{system: nccl section}``)."""
-    pred = np.full(len(net), np.nan)
-    for system, nc in nccl_of.items():
-        of_system = net.system == system
-        ar = (of_system & (net.collective == "all_reduce")).to_numpy()
-        pred[ar] = nccl_ring_time("all_reduce", net.num_workers[ar], net.m[ar], nc["all_reduce"], floor)
-        for where in ("intra", "inter"):
-            sr = (of_system & (net.collective == "send_recv")
-                  & ((net.devices_per_node == 1) == (where == "inter"))).to_numpy()
-            if sr.any() and where in nc.get("send_recv", {}):
-                pred[sr] = nccl_sendrecv_time(net.m[sr], nc["send_recv"][where], floor)
-    return net.assign(predicted_s=pred)
 
 
 def cross_node_table(nccl: dict, sizes=(2 ** 20, 16 * 2 ** 20, 64 * 2 ** 20, 256 * 2 ** 20, 2 ** 30),

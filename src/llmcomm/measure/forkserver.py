@@ -228,9 +228,10 @@ def serve(socket_path: str | Path) -> int:
 def running(env: dict | None = None, timeout_s: float = 120.0) -> Iterator[str | None]:
     """A fork server for the duration of the block, its socket path in ``$LLMCOMM_FORK_SERVER`` (``env``: the
     environment to set it in, default ``os.environ``); yields the path, or None when none could start (CUDA, threads,
-    not CPU ranks): then nothing changes. Stopped and removed at the end."""
+    not CPU ranks) or ``$LLMCOMM_FORK_SERVER`` is set already (empty: none wanted): then nothing changes. Stopped and
+    removed at the end."""
     env = os.environ if env is None else env
-    if env.get(ENV) or env.get("DS_ACCELERATOR") != "cpu":
+    if ENV in env or env.get("DS_ACCELERATOR") != "cpu":
         yield None
         return
     folder = tempfile.mkdtemp(prefix="llmcomm-forkserver-")

@@ -271,7 +271,8 @@ def advice_map(model: ModelSpec, gpus: int, hw: Hardware, gpus_per_node: int | N
         k0 = order[0, i, j]
         best = val[k0, i, j]
         second = val[order[1, i, j], i, j] if len(t) > 1 else np.inf
-        rows.append({"engine": deployment.engine, "model": model.name, "gpus": gpus, "b": int(bb[i, j]), "S": int(SS[i, j]), "G": G,
+        rows.append({"framework": deployment.framework, "model": model.name, "gpus": gpus, "b": int(bb[i, j]),
+                     "S": int(SS[i, j]), "G": G,
                      "best": f"t={t[k0]}×p={p[k0]}" if np.isfinite(best) else "none fits",
                      "tp": int(t[k0]), "pp": int(p[k0]), f"{objective}_s": float(best),
                      "margin": float(second / best - 1) if np.isfinite(second) and np.isfinite(best) else np.nan})

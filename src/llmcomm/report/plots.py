@@ -74,21 +74,6 @@ def measured_vs_predicted(df: pd.DataFrame, title: str = ""):
     return fig
 
 
-def bytes_sweep(df: pd.DataFrame, x: str, hue: str = "what", col: str | None = None, style: str | None = None,
-                title: str = ""):
-    """Lines of bytes against ``x`` — measured as markers, predicted as lines when both columns are present."""
-    d = df.assign(what=_label(df))
-    g = sns.relplot(data=d, x=x, y="bytes_predicted", hue=hue, col=col, kind="line", height=3.4, aspect=1.15,
-                    facet_kws={"sharey": False})
-    if "bytes_measured" in d:
-        for ax, (_, sub) in zip(g.axes.flat, d.groupby(col) if col else [(None, d)]):
-            sns.scatterplot(data=sub, x=x, y="bytes_measured", hue=hue, ax=ax, legend=False, s=45, marker="o")
-    g.set_axis_labels(x, "bytes (lines: predicted, dots: measured)")
-    if title:
-        g.figure.suptitle(title, y=1.03)
-    return g.figure
-
-
 def layout_lines(df: pd.DataFrame, x: str = "S", y: str = "bytes", hue: str = "layout", col: str | None = "model",
                  row: str | None = None, style: str | None = "kind", title: str = "", ylabel: str | None = None):
     """Lines of ``y`` (bytes, or any positive quantity) against ``x`` per layout, log–log; one panel per ``col`` ×

@@ -13,7 +13,7 @@ import sympy as sp
 
 from ..deployment import Deployment, pattern_of
 from ..derive.evaluate import generation_calls, rows as predict_rows, traffic_totals
-from ..derive.patterns import pattern
+from ..derive.patterns import pattern as pattern_messages
 from ..derive.phases import PHASES
 from ..derive.volumes import branch, tidy
 from ..derive.traffic import node_of_placement, summary
@@ -22,7 +22,7 @@ from ..spec import Layout, ModelSpec, SpecError, Workload, load_model, stage_lay
 
 __all__ = ["latex", "pattern_frame", "model_bytes_frame", "layouts_frame", "notation_table",
            "layout_kind", "markdown", "run_times", "stage_split_frame", "models_frame", "relative_to_tp",
-           "bytes_by_phase", "engine_ratio", "latency_table", "latency_breakdown", "compute_calibration",
+           "bytes_by_phase", "pattern_ratio", "latency_table", "latency_breakdown", "compute_calibration",
            "collective_fits", "sources_frame", "advice_rows", "tp_over_pp", "hop_traffic", "latency_parts",
            "decode_allreduce_facts", "host_bound_facts", "winner_shares", "share_text", "error_summary", "proofs_frame", "gpu_kernel_errors", "gpu_collective_errors", "GPU_GOALS", "in_run_calibration", "validation_runs"]
 
@@ -43,7 +43,7 @@ def pattern_frame(name: str = "deepspeed") -> pd.DataFrame:
     """One forward's messages of message pattern ``name`` as a table: op, group, calls, bytes per call, when (else
     none), why."""
     rows = []
-    for msg in pattern(name):
+    for msg in pattern_messages(name):
         calls, cond = branch(tidy(msg.calls))
         rows.append({"op": msg.op, "group": latex(msg.group), "calls per forward": latex(calls),
                      "bytes per call": latex(msg.bytes_per_call), "when": latex(cond) if cond is not None else "always",
@@ -61,20 +61,20 @@ def _traffic_cols(summary: dict, scale: float = 1e6) -> dict:
 
 def model_bytes_frame(models: Iterable[ModelSpec], layout: Layout, workload: Workload,
                       patterns=("deepspeed", "vllm"), traffic: bool = False) -> pd.DataFrame:
-    """Bytes per phase for real models (one row per model × message pattern, column ``engine``: the ``--engine``
-    that sends it): the nccl-tests sizes summed (MB), and with
+    """Bytes per phase for real models (one row per model × message pattern, column ``pattern``: a name of
+    :data:`llmcomm.derive.patterns.PATTERNS`): the nccl-tests sizes summed (MB), and with
     ``traffic`` what moves over the generation (:func:`llmcomm.derive.evaluate.traffic_totals`, ring all-reduce):
     the busiest rank's sent MB and all links' MB."""
     rows = []
     for model in models:
-        for engine in patterns:
-            r = predict_rows(model, layout, workload, engine)
+        for pattern in patterns:
+            r = predict_rows(model, layout, workload, pattern)
             pre = sum(x["bytes"] for x in r if x["phase"] == "prefill")
             dec = sum(x["bytes"] for x in r if x["phase"] == "decode")
-            rows.append({"model": model.name, "engine": engine, "prefill MB": pre / 1e6, "decode MB": dec / 1e6,
+            rows.append({"model": model.name, "pattern": pattern, "prefill MB": pre / 1e6, "decode MB": dec / 1e6,
                          "total MB": (pre + dec) / 1e6, "calls": sum(x["calls"] for x in r)})
             if traffic:
-                rows[-1].update(_traffic_cols(traffic_totals(model, layout, workload, engine)))
+                rows[-1].update(_traffic_cols(traffic_totals(model, layout, workload, pattern)))
     return pd.DataFrame(rows)
 
 
@@ -85,10 +85,10 @@ def layout_kind(t: int, p: int) -> str:
 
 def layouts_frame(models: Iterable[ModelSpec], layouts: Iterable[Layout], workloads: Iterable[Workload],
                   patterns=("deepspeed",), gpus_per_node: int | None = None) -> pd.DataFrame:
-    """Tidy bytes of every model × layout × workload × message pattern (column ``engine``): one row per phase (prefill, decode, total) with the
+    """Tidy bytes of every model × layout × workload × message pattern (column ``pattern``): one row per phase (prefill, decode, total) with the
     nccl-tests sizes summed (``bytes``) and the traffic (ring all-reduce): ``sent_bytes_busiest_rank`` (the rank
     that sends the most in that phase), ``link_bytes`` and, with ``gpus_per_node``, ``inter_node_bytes``. Layouts a
-    model cannot take are skipped. Columns: model, engine, layout ("t×p"), t, p, N, kind, b, S, G, dtype, phase,
+    model cannot take are skipped. Columns: model, pattern, layout ("t×p"), t, p, N, kind, b, S, G, dtype, phase,
     bytes, sent_bytes_busiest_rank, link_bytes[, inter_node_bytes]."""
     layouts, workloads = list(layouts), list(workloads)
     node_of = node_of_placement(gpus_per_node) if gpus_per_node is not None else None
@@ -100,9 +100,9 @@ def layouts_frame(models: Iterable[ModelSpec], layouts: Iterable[Layout], worklo
             except SpecError:
                 continue
             for wl in workloads:
-                for engine in patterns:
-                    calls = generation_calls(model, lay, wl, engine)
-                    base = {"model": model.name, "engine": engine, "layout": f"{lay.t}×{lay.p}", "t": lay.t,
+                for pattern in patterns:
+                    calls = generation_calls(model, lay, wl, pattern)
+                    base = {"model": model.name, "pattern": pattern, "layout": f"{lay.t}×{lay.p}", "t": lay.t,
                             "p": lay.p, "N": lay.ranks, "kind": layout_kind(lay.t, lay.p), "b": wl.b, "S": wl.S,
                             "G": wl.G, "dtype": wl.dtype}
                     for phase in (*PHASES, "total"):
@@ -180,9 +180,9 @@ def bytes_by_phase(phases: pd.DataFrame) -> pd.DataFrame:
     return piv[list(PHASES)]
 
 
-def engine_ratio(totals: pd.DataFrame, a: str = "vllm", b: str = "deepspeed") -> pd.DataFrame:
-    """MB of two engines side by side per model, N and layout, and their ratio ``a / b``."""
-    side = totals.pivot_table(index=["model", "N", "layout"], columns="engine", values="bytes", sort=False) / 1e6
+def pattern_ratio(totals: pd.DataFrame, a: str = "vllm", b: str = "deepspeed") -> pd.DataFrame:
+    """MB of two message patterns side by side per model, N and layout, and their ratio ``a / b``."""
+    side = totals.pivot_table(index=["model", "N", "layout"], columns="pattern", values="bytes", sort=False) / 1e6
     side.columns = [f"{col} MB" for col in side.columns]
     side[f"{a} / {b}"] = side[f"{a} MB"] / side[f"{b} MB"]
     return side.round(3)
@@ -362,16 +362,16 @@ def host_bound_facts(model: ModelSpec, hw, t: int, workload: Workload, framework
 
 
 def winner_shares(maps: pd.DataFrame) -> pd.DataFrame:
-    """Per engine and model of advice maps (:func:`llmcomm.predict.advise.advice_map` frames, concatenated): the
+    """Per framework and model of advice maps (:func:`llmcomm.predict.advise.advice_map` frames, concatenated): the
     share of (b, S) cells each winning layout takes (columns ``t=…×p=…``, widest TP first)."""
-    out = pd.crosstab([maps.engine, maps.model], maps.best, normalize="index")
+    out = pd.crosstab([maps.framework, maps.model], maps.best, normalize="index")
     order = sorted(out.columns, key=lambda c: (-int(c.split("×")[0][2:]), c))
     return out[order]
 
 
-def share_text(shares: pd.DataFrame, engine: str, model: str) -> str:
+def share_text(shares: pd.DataFrame, framework: str, model: str) -> str:
     """One row of :func:`winner_shares` as text: ``t=8×p=1 56%, t=4×p=2 44%`` (layouts that win no cell left out)."""
-    row = shares.loc[(engine, model)]
+    row = shares.loc[(framework, model)]
     return ", ".join(f"{lay} {v:.0%}" for lay, v in row[row > 0].items())
 
 
