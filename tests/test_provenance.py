@@ -54,3 +54,24 @@ def test_what_counts_as_uncommitted_code():
     assert not _only_results_changed("src/llmcomm/presets/hardware/h100-sxm.json")
     assert not _only_results_changed("src/llmcomm/spec.py")
     assert not _only_results_changed("book/no-such-chapter.ipynb")                  # not committed: not comparable
+
+
+TABLES = sorted(DATA.rglob("*.csv"))
+
+
+@pytest.mark.parametrize("path", TABLES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_table_has_the_one_sidecar_schema(path):
+    """A CSV under ``data/`` has a sidecar of :func:`llmcomm.record.write_frame`'s schema — ``provenance`` (a dict),
+    ``rows`` and ``columns`` that match the table — read by :func:`llmcomm.record.read_sidecar`; only raw files that
+    other people published (their folder's README says what each column means) stand without one."""
+    import pandas as pd
+
+    from llmcomm.record import read_sidecar
+
+    sidecar = path.with_suffix(".json")
+    if not sidecar.exists():
+        assert "external" in path.relative_to(DATA).parts and (path.parent / "README.md").exists(), path
+        return
+    meta, df = read_sidecar(path), pd.read_csv(path)
+    assert isinstance(meta["provenance"], dict) and meta["provenance"], path
+    assert meta["rows"] == len(df) and meta["columns"] == list(df.columns), path

@@ -232,9 +232,11 @@ def compute_calibration(raw: dict) -> pd.DataFrame:
 
 
 def collective_fits(fits: pd.DataFrame) -> pd.DataFrame:
-    """α-β fits (:func:`llmcomm.predict.fit.fit_table`) per measured group size, as the book shows them."""
+    """α-β fits (:func:`llmcomm.predict.fit.fit_table`) per measured group size, as the book shows them (``path``:
+    which of the shm all-reduce's two paths a row fits, empty for the other backends)."""
     per_n = fits[fits.group_size != "any"] if (fits.group_size != "any").any() else fits
-    cols = ["backend", "op", "group_size", "algorithm", "alpha_us", "busbw_GBps", "r2", "median_rel_err", "n_points"]
+    cols = ["backend", "op", "group_size", "path", "algorithm", "alpha_us", "busbw_GBps", "r2", "median_rel_err",
+            "n_points"]
     return per_n[cols].round(4).reset_index(drop=True)
 
 
