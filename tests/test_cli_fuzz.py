@@ -39,7 +39,7 @@ MOE = {"--ep": INTS, "--moe-routing": ["capacity", "dropless", "random"], "--cap
        "--min-capacity": INTS}
 OPTIONS = {
     "predict": {**COMMON, **MOE, "--engine": ["deepspeed", "vllm", "tp-experts", "megatron"], "--hardware": HW,
-                "--gpus-per-node": INTS, "--engine-profile": ["vllm-v0", "deepspeed-cpu", "nope", "hw.json"],
+                "--gpus-per-node": INTS, "--host-profile": ["vllm-v0", "deepspeed-cpu", "nope", "hw.json"],
                 "--algorithm": ["ring", "direct", "shm", "tree"], "--json": None},
     "measure": {**COMMON, **MOE, "--engine": ["deepspeed", "tp-experts", "vllm"], "--timeout": FLOATS,
                 "--startup-timeout": FLOATS, "--out": WRITE_DIRS, "--resume": None,

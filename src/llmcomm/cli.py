@@ -49,7 +49,7 @@ def _deployment(args) -> Deployment:
     routing = Routing(getattr(args, "moe_routing", "capacity"), getattr(args, "capacity_factor", 1.0),
                       getattr(args, "min_capacity", 4))
     return Deployment.from_flags(getattr(args, "engine", "deepspeed"), p2p=getattr(args, "p2p", "partitioned"),
-                                 routing=routing, profile=getattr(args, "engine_profile", None))
+                                 routing=routing, profile=getattr(args, "host_profile", None))
 
 
 def _specs(args):
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--hardware", help="hardware preset or JSON file: adds TTFT/TPOT/E2E and the memory check")
     pr.add_argument("--gpus-per-node", type=positive_int, default=None,
                     help="GPUs per node g, ranks in order: adds inter_node_bytes (latency default: the preset's)")
-    pr.add_argument("--engine-profile", default=None,
+    pr.add_argument("--host-profile", default=None,
                     help="host profile (presets/profiles or a JSON file; default: the framework's on the hardware)")
     pr.add_argument("--algorithm", choices=list(TRAFFIC_ALGORITHMS), default="ring",
                     help="how all-reduces move bytes, for the traffic fields: ring (NCCL), direct (one-shot) or shm "

@@ -127,7 +127,7 @@ class Deployment:
     def from_flags(cls, engine: str = "deepspeed", *, p2p: str = "partitioned", routing: Routing | None = None,
                    profile: str | None = None) -> "Deployment":
         """The deployment the command line's flags name: ``--engine`` (:data:`ENGINE_FLAGS`; ``tp-experts`` is
-        DeepSpeed with every expert sharded), ``--p2p``, the MoE routing flags, ``--engine-profile``."""
+        DeepSpeed with every expert sharded), ``--p2p``, the MoE routing flags, ``--host-profile``."""
         if engine not in ENGINE_FLAGS:
             raise SpecError(f"engine {engine!r} is not one of {', '.join(ENGINE_FLAGS)}")
         framework, experts = ("deepspeed", "tp-experts") if engine == "tp-experts" else (engine, None)

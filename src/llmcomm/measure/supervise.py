@@ -279,7 +279,11 @@ class _Watchdog:
 
 def _start_launcher(cmd: list[str], out: Path, env: Mapping[str, str]):
     """The one place a launcher process starts, in its own session (killing the group stops every rank): forked by
-    the fork server when there is one (:mod:`llmcomm.measure.forkserver`), else a fresh process."""
+    the fork server when there is one (:mod:`llmcomm.measure.forkserver`), else a fresh process.
+    ``$LLMCOMM_LAUNCH_LOG``: a file that gets one line per launch (how the README counts a test run's launches)."""
+    if os.environ.get("LLMCOMM_LAUNCH_LOG"):
+        with open(os.environ["LLMCOMM_LAUNCH_LOG"], "a") as f:
+            f.write(f"{time.time():.3f} {out}\n")
     if cmd[1:3] == ["-u", "-m"]:
         forked = spawn(cmd[3], cmd[4:], env, out, out / "launcher.log", out / "launcher.exit.json", setsid=True)
         if forked is not None:

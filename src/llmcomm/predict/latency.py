@@ -176,7 +176,7 @@ def predict_latency(model: ModelSpec, layout: Layout, workload: Workload, hw: Ha
         rank_batch(workload.b, layout.e)                         # e must divide b: one line, not a traceback
     prof = profile_for(dep, hw)
     res: dict[str, Any] = {"model": model.name, "hardware": hw.name, "gpus_per_node": g, "engine": dep.engine,
-                           "pattern": pattern, "engine_profile": prof.name, "tp": layout.t, "pp": layout.p,
+                           "pattern": pattern, "host_profile": prof.name, "tp": layout.t, "pp": layout.p,
                            "breakdown": {}}
     if model.is_moe:
         res["ep"] = layout.e

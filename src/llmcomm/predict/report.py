@@ -44,7 +44,7 @@ def predict_report(model: ModelSpec, layout: Layout, workloads: Sequence[Workloa
     not the bytes)."""
     deployment = (deployment or Deployment()).resolve(model, layout.validate(model))
     if deployment.profile is not None and hardware is None:
-        raise SpecError("a host profile (--engine-profile) needs a hardware preset (it changes the latency, not the "
+        raise SpecError("a host profile (--host-profile) needs a hardware preset (it changes the latency, not the "
                         "bytes)")
     pattern = deployment.pattern(model, layout)
     out = []

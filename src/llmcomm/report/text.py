@@ -78,8 +78,8 @@ def render_rows(obj: dict, stored: str | None = None) -> str:
     lat = obj.get("latency")
     if lat:
         lines.append(f"TTFT {lat['ttft_s'] * 1e3:.3f} ms  TPOT {lat['tpot_s'] * 1e3:.3f} ms  E2E {lat['e2e_s'] * 1e3:.3f} ms"
-                     f"  (hardware {lat['hardware']}, {lat['gpus_per_node']} GPUs per node, engine profile "
-                     f"{lat['engine_profile']})")
+                     f"  (hardware {lat['hardware']}, {lat['gpus_per_node']} GPUs per node, host profile "
+                     f"{lat['host_profile']})")
     if "ttft_s" in obj:
         lines.append(f"TTFT {obj['ttft_s'] * 1e3:.2f} ms  TPOT {obj['tpot_s'] * 1e3:.2f} ms  E2E {obj['e2e_s'] * 1e3:.2f} ms"
                      + (f" (stored: {stored})" if stored else " (this machine; tokens match the reference)"))
