@@ -362,3 +362,19 @@ def test_cli_bad_moe_input(tmp_path, capsys, argv, message):
     assert main(["predict", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("T, E_, k_", [(3, 4, 2), (4, 5, 2), (2, 6, 3), (5, 3, 1)])
+def test_expected_dropless_capacity_equals_full_enumeration(T, E_, k_):
+    """The grouped dynamic programme against every one of the C(E, k)^T equally likely routings of one rank."""
+    from itertools import combinations, product
+
+    subsets = list(combinations(range(E_), k_))
+    maxima = []
+    for routing in product(subsets, repeat=T):
+        counts = np.zeros(E_, dtype=int)
+        for sub in routing:
+            counts[list(sub)] += 1
+        maxima.append(counts.max())
+    value, method = moe.expected_max_count(T, E_, k_, 1)
+    assert method == "exact" and value == pytest.approx(np.mean(maxima), rel=1e-12)

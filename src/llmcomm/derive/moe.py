@@ -84,28 +84,50 @@ def _binom_cdf(c: np.ndarray, T: int, q: float) -> np.ndarray:
 def _rank_max_cdf_exact(T: int, E: int, k: int, max_states: int) -> tuple[float, ...] | None:
     """P(max_j κ_j ≤ c) for c = 0 … T on one rank whose T tokens each pick a uniform k-subset of the E experts, by
     dynamic programming over the sorted count vectors (None when there are more than ``max_states`` of them, or
-    more than ``max_states`` k-subsets to step through)."""
-    if math.comb(E, k) > max_states:
+    more than ``max_states`` k-subsets to step through).
+
+    A token's k-subset only matters through how many experts it takes from each run of equal counts of the sorted
+    vector (which ones within a run is symmetric): a step enumerates those splits (k_1 … k_r of runs g_1 … g_r),
+    each with weight Π C(g_i, k_i) / C(E, k), instead of all C(E, k) subsets — the same sum, grouped."""
+    n_subsets = math.comb(E, k)
+    if n_subsets > max_states:
         return None
-    subsets = list(combinations(range(E), k))
     states = {(0,) * E: 1.0}
-    q = 1.0 / len(subsets)
     for _ in range(T):
         nxt: dict[tuple, float] = {}
         for st, pr in states.items():
-            for sub in subsets:
+            runs = []                                  # (start, length) of each run of equal counts
+            for j, v in enumerate(st):
+                if j and v == st[j - 1]:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([j, 1])
+            for split, ways in _splits(runs, k):
                 lst = list(st)
-                for j in sub:
-                    lst[j] += 1
+                for (start, _), take in zip(runs, split):
+                    for j in range(start, start + take):   # the first ones of a run: stays sorted after +1
+                        lst[j] += 1
                 key = tuple(sorted(lst, reverse=True))
-                nxt[key] = nxt.get(key, 0.0) + pr * q
-        if len(nxt) > max_states:
-            return None
+                nxt[key] = nxt.get(key, 0.0) + pr * ways / n_subsets
+            if len(nxt) > max_states:                  # give up as soon as it is too many
+                return None
         states = nxt
     cdf = np.zeros(T + 1)
     for st, pr in states.items():
         cdf[st[0]:] += pr
     return tuple(np.minimum(cdf, 1.0))
+
+
+def _splits(runs, k: int):
+    """Every (k_1, …, k_r) with 0 ≤ k_i ≤ g_i and Σ k_i = k over runs [(start, g_i)], with Π C(g_i, k_i)."""
+    if not runs:
+        if k == 0:
+            yield (), 1
+        return
+    g = runs[0][1]
+    for take in range(min(g, k) + 1):
+        for rest, ways in _splits(runs[1:], k - take):
+            yield (take, *rest), math.comb(g, take) * ways
 
 
 def expected_max_count(T: int, E: int, k: int, ranks: int = 1, exact: bool | None = None,
