@@ -1,7 +1,8 @@
 """The launcher with real ranks when things go wrong: a hung rank is named in seconds (the progress watchdog), a rank
 killed in the middle of a sweep keeps what finished and ``--resume`` completes it, a rank killed inside the JIT load of
 DeepSpeed's op does not hang the next run (which is the microbenchmark here, whose table is checked too), a rank's
-own error reaches the caller as one line naming it — and nothing of a run is left behind (processes, shm buffers).
+own error reaches the caller as one line naming it — and nothing of a run is left behind (processes, shm buffers), not
+even when the fork server that forked it is stopped under it.
 
 Slow: each test starts DeepSpeed ranks on CPU (the cheapest runner that exercises the path: the microbenchmark's
 rank side imports no transformers)."""
@@ -168,3 +169,19 @@ def test_a_forked_launch_measures_what_a_fresh_one_does(tmp_path):
     assert not list((tmp_path / "fresh").glob("rank*.forked"))
     assert forked.rows == fresh.rows and forked.tokens == fresh.tokens == fresh.reference_tokens
     assert forked.provenance["comm"] == fresh.provenance["comm"]
+
+
+def test_nothing_a_fork_server_started_outlives_it(tmp_path):
+    """A fork server that stops (its requester gone, or SIGTERM) kills what it forked, process group included, and a
+    requester still polling gets a status instead of waiting forever for an exit file no server will write."""
+    from llmcomm.measure.forkserver import ENV as FORK_SERVER, UNKNOWN_EXIT, running, spawn
+
+    env = {k: v for k, v in os.environ.items() if k != FORK_SERVER}
+    env["DS_ACCELERATOR"] = "cpu"
+    with running(env) as server:
+        assert server is not None
+        proc = spawn("timeit", ["-n", "1", "import time; time.sleep(300)"], env, tmp_path, tmp_path / "sleep.log",
+                     tmp_path / "sleep.exit.json", setsid=True)
+        assert proc is not None and proc.poll() is None
+    assert proc.wait(timeout=15) == UNKNOWN_EXIT
+    assert _state(proc.pid) == "Z"                     # gone (or a zombie waiting for init to reap it)

@@ -55,6 +55,8 @@ PRELOAD_ATTRS = (("transformers", ("LlamaForCausalLM", "MixtralForCausalLM", "Qw
                                    "Qwen3MoeConfig", "Qwen2MoeConfig")),)
 #: environment the server's imports depend on: a request must agree
 IMPORT_ENV = ("DS_ACCELERATOR",)
+#: the exit status a requester sees for a forked process that vanished without one (its server was killed)
+UNKNOWN_EXIT = 255
 
 
 class ForkedProcess:
@@ -66,11 +68,20 @@ class ForkedProcess:
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            try:
-                self.returncode = int(json.loads(self.exit_path.read_text())["returncode"])
-            except (OSError, ValueError, KeyError):
-                return None
+            self.returncode = self._read_exit()
+            if self.returncode is None and not _alive(self.pid):
+                # gone, and no exit file: the server that would reap it is gone too (its requester was killed);
+                # the status is unknown — never wait for a file that cannot come
+                self.returncode = self._read_exit()
+                if self.returncode is None:
+                    self.returncode = UNKNOWN_EXIT
         return self.returncode
+
+    def _read_exit(self) -> int | None:
+        try:
+            return int(json.loads(self.exit_path.read_text())["returncode"])
+        except (OSError, ValueError, KeyError):
+            return None
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -83,6 +94,17 @@ class ForkedProcess:
     def send_signal(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signum)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still exists (a zombie the server has not reaped yet counts as existing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def spawn(module: str, args: Sequence[str], env: Mapping[str, str], cwd: str | Path, log: str | Path,
@@ -158,7 +180,9 @@ def _child(req: dict, listener: socket.socket) -> None:
 
 
 def serve(socket_path: str | Path) -> int:
-    """Import :data:`PRELOAD`, then fork one process per request until the parent that started the server is gone."""
+    """Import :data:`PRELOAD`, then fork one process per request until the parent that started the server is gone
+    or SIGTERM comes; then kill what it forked that still runs (with its process group), so that nothing it started
+    outlives it."""
     import importlib
     import threading
 
@@ -190,6 +214,24 @@ def serve(socket_path: str | Path) -> int:
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ)
     children: dict[int, str] = {}
+    leaders: set[int] = set()                             # children that lead their own process group
+
+    def stop(signum, frame):                              # running() ends the server with SIGTERM
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        _serve_loop(parent, own, listener, sel, children, leaders)
+    finally:
+        # the requester is gone (or the server stops): nothing it started may outlive it, so no supervisor waits
+        # for an exit file that no server will write
+        for pid in children:
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL) if pid in leaders else os.kill(pid, signal.SIGKILL)
+    return 0
+
+
+def _serve_loop(parent, own, listener, sel, children, leaders) -> None:
     while os.getppid() == parent:
         for _key, _ in sel.select(timeout=0.05):
             conn, _ = listener.accept()
@@ -206,6 +248,8 @@ def serve(socket_path: str | Path) -> int:
                         sel.close()
                         _child(req, listener)
                     children[pid] = req["exit"]
+                    if req.get("setsid"):
+                        leaders.add(pid)
                     conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
                 except (OSError, ValueError, KeyError) as e:
                     with contextlib.suppress(OSError):
@@ -221,7 +265,7 @@ def serve(socket_path: str | Path) -> int:
             if path:
                 with contextlib.suppress(OSError):
                     _write_exit(path, os.waitstatus_to_exitcode(status))
-    return 0
+            leaders.discard(pid)
 
 
 @contextlib.contextmanager
