@@ -171,9 +171,24 @@ def test_a_forked_launch_measures_what_a_fresh_one_does(tmp_path):
     assert forked.provenance["comm"] == fresh.provenance["comm"]
 
 
-def test_nothing_a_fork_server_started_outlives_it(tmp_path):
-    """A fork server that stops (its requester gone, or SIGTERM) kills what it forked, process group included, and a
-    requester still polling gets a status instead of waiting forever for an exit file no server will write."""
+def _server_pid(socket_path: str) -> int:
+    """The fork server of ``socket_path`` (its forked children carry the same command line; the server is ours)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, IndexError):
+            if socket_path.encode() in (proc / "cmdline").read_bytes() and \
+                    int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                return int(proc.name)
+    raise AssertionError("fork server not found")
+
+
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+def test_nothing_a_fork_server_started_outlives_it(tmp_path, how):
+    """A fork server that stops (SIGTERM from :func:`running`, or its requester gone) kills what it forked, process
+    group included, and reaps it: the requester reads SIGKILL. One killed outright (SIGKILL) takes its children with
+    it (``PR_SET_PDEATHSIG``), and a requester still polling gets a status instead of waiting forever for an exit
+    file no server will write."""
+    import signal
+
     from llmcomm.measure.forkserver import ENV as FORK_SERVER, UNKNOWN_EXIT, running, spawn
 
     env = {k: v for k, v in os.environ.items() if k != FORK_SERVER}
@@ -183,5 +198,7 @@ def test_nothing_a_fork_server_started_outlives_it(tmp_path):
         proc = spawn("timeit", ["-n", "1", "import time; time.sleep(300)"], env, tmp_path, tmp_path / "sleep.log",
                      tmp_path / "sleep.exit.json", setsid=True)
         assert proc is not None and proc.poll() is None
-    assert proc.wait(timeout=15) == UNKNOWN_EXIT
+        if how == "killed":
+            os.kill(_server_pid(server), signal.SIGKILL)
+    assert proc.wait(timeout=15) == (-signal.SIGKILL if how == "stopped" else UNKNOWN_EXIT)
     assert _state(proc.pid) == "Z"                     # gone (or a zombie waiting for init to reap it)

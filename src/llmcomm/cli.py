@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
+from functools import lru_cache
 
 from . import __version__
 from .deployment import ENGINE_FLAGS, P2P_MODES, ROUTING_MODES, Deployment, Routing
@@ -138,8 +140,6 @@ def cmd_bench(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from pathlib import Path
-
     from .compare import calibration
     from .record import writable_dir
     from .report.text import render_fits, render_gpu_fits, render_in_run
@@ -147,7 +147,7 @@ def cmd_calibrate(args) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     write = args.write or None                               # "" (a bare --write): the default file
     if write:
-        writable_dir(Path(write).parent, "--write folder")
+        writable_dir(os.path.dirname(write) or ".", "--write folder")
     if args.public_gpu:
         print(render_gpu_fits(calibration.calibrate_public_gpu(args.command, log)))
     elif args.in_run:
@@ -205,6 +205,7 @@ _ENGINE_HELP = "deepspeed (AutoTP as it is: a mixture of experts keeps its exper
                "tp-experts (every expert sharded t ways)"
 
 
+@lru_cache(maxsize=1)                            # one per process: building it is most of a bad input's 10 ms
 def build_parser() -> argparse.ArgumentParser:
     from .derive.conventions import COLLECTIVES, TRAFFIC_ALGORITHMS
 
@@ -339,8 +340,6 @@ def main(argv=None) -> int:
         print(f"llmcomm: run failed: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:                      # the reader went away (`llmcomm … | head`): not an error of ours
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 

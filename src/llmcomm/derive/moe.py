@@ -102,7 +102,7 @@ def _rank_max_cdf_exact(T: int, E: int, k: int, max_states: int) -> tuple[float,
                     runs[-1][1] += 1
                 else:
                     runs.append([j, 1])
-            for split, ways in _splits(runs, k):
+            for split, ways in _splits(tuple(g for _, g in runs), k):
                 lst = list(st)
                 for (start, _), take in zip(runs, split):
                     for j in range(start, start + take):   # the first ones of a run: stays sorted after +1
@@ -118,16 +118,14 @@ def _rank_max_cdf_exact(T: int, E: int, k: int, max_states: int) -> tuple[float,
     return tuple(np.minimum(cdf, 1.0))
 
 
-def _splits(runs, k: int):
-    """Every (k_1, …, k_r) with 0 ≤ k_i ≤ g_i and Σ k_i = k over runs [(start, g_i)], with Π C(g_i, k_i)."""
-    if not runs:
-        if k == 0:
-            yield (), 1
-        return
-    g = runs[0][1]
-    for take in range(min(g, k) + 1):
-        for rest, ways in _splits(runs[1:], k - take):
-            yield (take, *rest), math.comb(g, take) * ways
+@lru_cache(maxsize=None)
+def _splits(lengths: tuple[int, ...], k: int) -> tuple[tuple[tuple[int, ...], int], ...]:
+    """Every (k_1, …, k_r) with 0 ≤ k_i ≤ g_i and Σ k_i = k over runs of lengths (g_1, …, g_r), with Π C(g_i, k_i)."""
+    if not lengths:
+        return (((), 1),) if k == 0 else ()
+    g = lengths[0]
+    return tuple(((take, *rest), math.comb(g, take) * ways)
+                 for take in range(min(g, k) + 1) for rest, ways in _splits(lengths[1:], k - take))
 
 
 def expected_max_count(T: int, E: int, k: int, ranks: int = 1, exact: bool | None = None,

@@ -57,6 +57,8 @@ PRELOAD_ATTRS = (("transformers", ("LlamaForCausalLM", "MixtralForCausalLM", "Qw
 IMPORT_ENV = ("DS_ACCELERATOR",)
 #: the exit status a requester sees for a forked process that vanished without one (its server was killed)
 UNKNOWN_EXIT = 255
+#: seconds a forked process may stay a zombie before its requester stops waiting for the server to reap it
+ZOMBIE_GRACE_S = 2.0
 
 
 class ForkedProcess:
@@ -65,17 +67,28 @@ class ForkedProcess:
 
     def __init__(self, pid: int, exit_path: Path):
         self.pid, self.exit_path, self.returncode = pid, Path(exit_path), None
+        self._zombie_since: float | None = None
 
     def poll(self) -> int | None:
         if self.returncode is None:
             self.returncode = self._read_exit()
-            if self.returncode is None and not _alive(self.pid):
-                # gone, and no exit file: the server that would reap it is gone too (its requester was killed);
+            if self.returncode is None and not self._running():
+                # ended, and no exit file: the server that would reap it is gone (killed with the requester);
                 # the status is unknown — never wait for a file that cannot come
                 self.returncode = self._read_exit()
                 if self.returncode is None:
                     self.returncode = UNKNOWN_EXIT
         return self.returncode
+
+    def _running(self) -> bool:
+        """Whether the process still runs. A zombie has ended: its server reaps it and writes the exit file at once,
+        so one that stays a zombie for :data:`ZOMBIE_GRACE_S` has no server left to do it."""
+        state = _state(self.pid)
+        if state != "Z":
+            self._zombie_since = None
+            return state is not None
+        self._zombie_since = self._zombie_since or time.monotonic()
+        return time.monotonic() - self._zombie_since < ZOMBIE_GRACE_S
 
     def _read_exit(self) -> int | None:
         try:
@@ -96,15 +109,12 @@ class ForkedProcess:
             os.kill(self.pid, signum)
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` still exists (a zombie the server has not reaped yet counts as existing)."""
+def _state(pid: int) -> str | None:
+    """The state letter of ``pid`` (``/proc/<pid>/stat``: R, S, Z …), None when there is no such process."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def spawn(module: str, args: Sequence[str], env: Mapping[str, str], cwd: str | Path, log: str | Path,
@@ -136,6 +146,16 @@ def _write_exit(path: str, returncode: int) -> None:
     os.replace(tmp, path)
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the server that forked it dies, however it dies (``PR_SET_PDEATHSIG``)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)     # PR_SET_PDEATHSIG = 1
+    if os.getppid() == 1:                                 # the server died before the call: follow it
+        os._exit(UNKNOWN_EXIT)
+
+
 def _child(req: dict, listener: socket.socket) -> None:
     """In the forked child: become the requested process and never return."""
     import io
@@ -144,6 +164,7 @@ def _child(req: dict, listener: socket.socket) -> None:
 
     code = 1
     try:
+        _die_with_parent()
         listener.close()
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPIPE, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_DFL)
@@ -226,8 +247,24 @@ def serve(socket_path: str | Path) -> int:
         # the requester is gone (or the server stops): nothing it started may outlive it, so no supervisor waits
         # for an exit file that no server will write
         for pid in children:
+            if pid in leaders:                            # its group (a child that has not called setsid yet has none)
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGKILL)
             with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL) if pid in leaders else os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5                   # reap them, so that their requesters read a status
+        while children and time.monotonic() < deadline:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid:
+                path = children.pop(pid, None)
+                if path:
+                    with contextlib.suppress(OSError):
+                        _write_exit(path, os.waitstatus_to_exitcode(status))
+            else:
+                time.sleep(0.01)
     return 0
 
 
