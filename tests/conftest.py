@@ -7,9 +7,9 @@
   folder, so a configuration measured by a unit test is not launched again when nbval re-executes the chapter that
   measures it (the chapters' kernels inherit the environment). The folder is removed at the end; a cache the caller
   set already is used as it is.
-* One fork server for the whole pytest run on CPU (:mod:`llmcomm.measure.forkserver`): launches start DeepSpeed's
-  launcher and the ranks from a process that imported torch, transformers and DeepSpeed once, so a launch costs
-  seconds; ``LLMCOMM_FORK_SERVER=`` (empty) turns it off.
+* One fork server for the whole pytest run on CPU (:mod:`llmcomm.measure.forkserver`), when a selected test may start
+  ranks: launches start DeepSpeed's launcher and the ranks from a process that imported torch, transformers and
+  DeepSpeed once, so a launch costs seconds; ``LLMCOMM_FORK_SERVER=`` (empty) turns it off.
 """
 from __future__ import annotations
 
@@ -26,8 +26,15 @@ from llmcomm.measure.forkserver import running
 def pytest_configure(config):
     if not os.environ.get(RUN_CACHE):
         os.environ[RUN_CACHE] = config._llmcomm_run_cache = tempfile.mkdtemp(prefix="llmcomm-run-cache-")
-    config._llmcomm_fork_server = running()
-    config._llmcomm_fork_server.__enter__()
+
+
+def pytest_collection_finish(session):
+    """The fork server only when something selected may start ranks (a slow test, a chapter): it takes seconds to
+    import what it preloads, which the fast suite does not need."""
+    if any(item.get_closest_marker("slow") is not None or str(item.fspath).endswith(".ipynb")
+           for item in session.items):
+        session.config._llmcomm_fork_server = running()
+        session.config._llmcomm_fork_server.__enter__()
 
 
 def pytest_unconfigure(config):
