@@ -82,34 +82,34 @@ def compute_points(results, layout: Layout) -> pd.DataFrame:
                          "reps": by.size()}).reset_index()
 
 
-def _with_compute(hw: Hardware, flops_per_s: float, overhead_s: float, bytes_per_s: float | None = None) -> Hardware:
-    preset = dict(hw.raw)
-    preset.update(peak_tflops={dtype: flops_per_s / 1e12 for dtype in ("fp32", "bf16", "fp16")},
-                  efficiency={"flops": 1.0, "mem_bw": 1.0}, mem_bw_GBps=(bytes_per_s or hw.bandwidth()) / 1e9,
-                  layer_overhead_us=overhead_s * 1e6)
-    preset.pop("compute_by_threads", None)
-    preset.pop("in_run", None)
-    return Hardware.from_dict(preset, name=hw.name)
-
-
 def fit_compute(model: ModelSpec, layout: Layout, points: pd.DataFrame, hw: Hardware, w: int = 4) -> dict:
-    """The FLOP rate (FLOP/s), memory bandwidth (B/s) and per-layer overhead o with which ``forward_compute`` (CPU:
-    the sum of the ops' rooflines + o per layer) reproduces the measured critical-path compute of ``points``. Robust
-    fit on log times from the microbenchmark's rates; returns ``{"flops_per_s", "mem_bw_GBps", "overhead_us",
-    "median_rel_err", "points"}``."""
+    """The two factors with which :func:`llmcomm.predict.compute.forward_compute` on ``hw`` — this machine's kernel
+    model and host times at the thread count of the layout's ranks (:func:`llmcomm.predict.hardware.for_ranks`) —
+    reproduces the measured critical-path compute of ``points``: ``kernel_factor`` (× every kernel time: memory
+    bandwidth shared with the other ranks, cores time-shared when there are more ranks than cores) and
+    ``host_factor`` (× the host times per layer and per forward). Robust fit on log times; returns
+    ``{"kernel_factor", "host_factor", "median_rel_err", "points"}``."""
     from scipy.optimize import least_squares
 
+    from ..predict.hardware import for_layout
+    from ..predict.profiles import load_profile
+
+    prof = load_profile("deepspeed-cpu")
+
     def predict(theta):
-        hwx = _with_compute(hw, float(np.exp(theta[0])), float(np.exp(theta[1])), float(np.exp(theta[2])))
-        return np.array([float(forward_compute(model, hwx, layout.t, layout.p, r.b, r.S, r.G, w, r.phase)
-                               ["compute_s"]) for r in points.itertuples()])
+        kf, hf = np.exp(theta)
+        preset = dict(hw.raw, in_run={layout_key(layout.t, layout.p): {"compute": {"kernel_factor": kf,
+                                                                                     "host_factor": hf}}})
+        hwx = for_layout(Hardware.from_dict(preset, name=hw.name), layout.t, layout.p)
+        return np.array([float(forward_compute(model, hwx, layout.t, layout.p, r.b, r.S, r.G, w, r.phase,
+                                               overhead_s=prof.layer_overhead_s(r.phase, hwx))["compute_s"])
+                         + prof.forward_overhead_s(r.phase, hwx) for r in points.itertuples()])
 
     meas = points.compute_s.to_numpy(dtype=float)
-    x0 = np.log([hw.flops("fp32"), max(hw.layer_overhead_s, 1e-5), hw.bandwidth()])
-    fit = least_squares(lambda th: np.log(predict(th) / meas), x0, loss="soft_l1", f_scale=0.05)
+    fit = least_squares(lambda th: np.log(predict(th) / meas), np.zeros(2), loss="soft_l1", f_scale=0.05)
     err = predict(fit.x) / meas - 1
-    return {"flops_per_s": float(np.exp(fit.x[0])), "overhead_us": float(np.exp(fit.x[1]) * 1e6),
-            "mem_bw_GBps": float(np.exp(fit.x[2]) / 1e9), "median_rel_err": float(np.median(np.abs(err))),
+    kf, hf = (float(x) for x in np.exp(fit.x))
+    return {"kernel_factor": kf, "host_factor": hf, "median_rel_err": float(np.median(np.abs(err))),
             "points": int(len(meas))}
 
 

@@ -223,7 +223,8 @@ class Hardware:
         if not fitted:
             return roofline_device(self.flops(dtype), self.bandwidth())
         gemm = dict(fitted["gemm"])
-        if dtype == "fp32" and self.peak_flops.get("fp32") and self.peak_flops.get("bf16"):
+        if dtype == "fp32" and fitted.get("dtype") != "fp32" and self.peak_flops.get("fp32") and \
+                self.peak_flops.get("bf16"):
             gemm["flops_per_s"] = float(gemm["flops_per_s"]) * self.peak_flops["fp32"] / self.peak_flops["bf16"]
         return {"gemm": gemm, "memops": fitted["memops"]}
 
@@ -318,37 +319,54 @@ def for_ranks(hardware: Hardware, ranks: int, cores: int | None = None) -> Hardw
     key = min(by, key=lambda x: (abs(int(x) - want), int(x)))
     preset = dict(hardware.raw)
     preset.update({x: v for x, v in by[key].items() if x in ("peak_tflops", "mem_bw_GBps", "efficiency",
-                                                         "layer_overhead_us")})
+                                                         "layer_overhead_us", "kernels", "host_us")})
     preset["threads"] = int(key)
     return Hardware.from_dict(preset, name=hardware.name)
 
 
 def for_layout(hardware: Hardware, t: int, p: int, cores: int | None = None) -> Hardware:
-    """``hardware`` as calibrated inside runs of layout t×p (the ``cpu-local`` preset's ``in_run`` entries, written
-    by ``llmcomm calibrate --in-run``: :mod:`llmcomm.compare.inrun`): that layout's fitted compute rate, per-layer
-    overhead and in-run all-reduce fits replace the preset's (an in-run fit of DeepSpeed's shm all-reduce replaces
-    its one-shot path, on which the runs' calls were measured; the two-phase path keeps the microbenchmark's fit). Without an entry for the layout: :func:`for_ranks`."""
+    """``hardware`` as calibrated inside runs of layout t×p (the ``cpu-local`` calibration's ``in_run`` entries,
+    written by ``llmcomm calibrate --in-run``: :mod:`llmcomm.compare.inrun`): the compute calibration of the thread
+    count its ranks run with (:func:`for_ranks`), its kernel times × the layout's ``kernel_factor`` and its host
+    times × ``host_factor`` (what running beside the other ranks costs: shared memory bandwidth, time-shared cores,
+    polling peers), and the in-run all-reduce fits (an in-run fit of DeepSpeed's shm all-reduce replaces its one-shot
+    path, on which the runs' calls were measured; the two-phase path keeps the microbenchmark's fit). Without an
+    entry for the layout: :func:`for_ranks`."""
+    base = for_ranks(hardware, int(t) * int(p), cores)
     entry = (hardware.raw.get("in_run") or {}).get(f"t{int(t)}p{int(p)}")
     if not entry:
-        return for_ranks(hardware, int(t) * int(p), cores)
-    preset = json.loads(json.dumps(dict(hardware.raw)))
+        return base
+    preset = json.loads(json.dumps(dict(base.raw)))
     comp = entry["compute"]
-    rate = float(comp["flops_per_s"]) / 1e12
-    preset.update(peak_tflops={"fp32": rate, "bf16": rate, "fp16": rate}, efficiency={"flops": 1.0, "mem_bw": 1.0},
-             mem_bw_GBps=float(comp["mem_bw_GBps"]), layer_overhead_us=float(comp["overhead_us"]))
-    preset.pop("compute_by_threads", None)
+    kf, hf = float(comp["kernel_factor"]), float(comp["host_factor"])
+    if "kernels" in preset:
+        _scale_kernels(preset["kernels"], kf)
+    preset["layer_overhead_us"] = float(preset.get("layer_overhead_us", 0.0)) * hf
+    for host in (preset.get("host_us") or {}).values():
+        for k in host:
+            host[k] = float(host[k]) * hf
     for op, fits in (entry.get("collectives") or {}).items():
         key = "subgroup_collectives" if int(p) > 1 else "collectives"
         for level in ("intra", "inter"):
             have = preset.setdefault(key, {}).setdefault(level, {}).setdefault(op, {})
             for n, fit in fits.items():
-                base = have.get(n, {})
-                if base.get("algorithm") == "shm" and fit.get("algorithm") == "direct":
+                base_fit = have.get(n, {})
+                if base_fit.get("algorithm") == "shm" and fit.get("algorithm") == "direct":
                     # measured in the runs on the one-shot path: it replaces that path, the two-phase one stays
-                    fit = dict(base, alpha_us=fit["alpha_us"], busbw_GBps=fit["busbw_GBps"], source=fit.get("source"))
+                    fit = dict(base_fit, alpha_us=fit["alpha_us"], busbw_GBps=fit["busbw_GBps"],
+                               source=fit.get("source"))
                 have[n] = fit
     preset["calibrated_layout"] = f"t{int(t)}p{int(p)}"
     return Hardware.from_dict(preset, name=hardware.name)
+
+
+def _scale_kernels(kernels: dict, factor: float) -> None:
+    """Every kernel time of a fitted ``kernels`` section × ``factor`` (rates ÷, floors ×), in place."""
+    for params in (kernels["gemm"], *kernels.get("memops", {}).values()):
+        for k in ("flops_per_s", "bytes_per_s", "gemv_bytes_per_s"):
+            if k in params:
+                params[k] = float(params[k]) / factor
+        params["t0"] = float(params.get("t0", 0.0)) * factor
 
 
 def scale_links(hardware: Hardware, factor: float, levels=("intra", "inter")) -> Hardware:

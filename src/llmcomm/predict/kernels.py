@@ -24,7 +24,8 @@ Per device (the keys of the ``kernels`` → ``gemm`` section): ``flops_per_s`` (
 elements), ``bytes_per_s`` (achieved HBM B/s), ``t0`` (kernel floor), ``norm_order``, ``K0``, the alternative tile's
 efficiency, and stated structure (SM count, tile shape, wave quantisation, split-K menu). Fitted to public kernel
 times (:mod:`llmcomm.compare.vidur`); a device without a tile structure (a CPU) is the plain roofline
-``t0 + max(τ_mem, τ_comp)`` with τ_comp = 2·M_g·N_g·K_g/flops_per_s.
+``t0 + smooth-max(τ_mem, τ_comp)`` with τ_comp = 2·M_g·N_g·K_g/flops_per_s, and, with ``gemv_bytes_per_s``, one-row
+products streamed at that rate (a CPU BLAS's matrix-vector kernel; :mod:`llmcomm.compare.cpu_calibration`).
 
 Memory-bound ops (:func:`memop_time`): one CTA per token row::
 
@@ -75,6 +76,8 @@ def gemm_time_parts(M_g, N_g, K_g, w, params: Mapping[str, Any]):
     M_g, N_g, K_g = (np.asarray(x, dtype=float) for x in (M_g, N_g, K_g))
     flops_per_s, bytes_per_s = float(params["flops_per_s"]), float(params["bytes_per_s"])
     tau_mem = np.asarray(w, dtype=float) * (M_g * K_g + K_g * N_g + M_g * N_g) / bytes_per_s
+    if "gemv_bytes_per_s" in params:       # a CPU BLAS: one row is a matrix-vector product, streamed at its own rate
+        tau_mem = np.where(M_g <= 1, tau_mem * bytes_per_s / float(params["gemv_bytes_per_s"]), tau_mem)
     if "sm" not in params:                                   # no tile structure: the plain roofline
         return tau_mem, 2.0 * M_g * N_g * K_g / flops_per_s
     sm, K0, kmin = float(params["sm"]), float(params.get("K0", 0.0)), float(params.get("kmin", 128))

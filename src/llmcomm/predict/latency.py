@@ -134,7 +134,7 @@ def predict_latency_grid(model: ModelSpec, hw: Hardware, t, p, b, S, G, w=2, gpu
         out[f"{phase}_compute_s"] = forward_compute(
             model, hw, t, p, b, S, G, w_compute, phase, inv_t,
             overhead_s=prof.layer_overhead_s(phase, hw), host_overlaps=prof.host_overlaps(phase), experts=dep.experts,
-            e=e, routing=dep.routing)["compute_s"] + prof.forward_overhead_s(phase)
+            e=e, routing=dep.routing)["compute_s"] + prof.forward_overhead_s(phase, hw)
         out[f"{phase}_comm_s"] = forward_comm(model, hw, t, p, b, S, G, w, phase, g, dep,
                                               fractions=fractions, comm_w=comm_w, e=e)
     join = np.maximum if overlap else np.add
@@ -184,7 +184,7 @@ def predict_latency(model: ModelSpec, layout: Layout, workload: Workload, hw: Ha
         comp = forward_compute(model, hw, *args, phase, overhead_s=prof.layer_overhead_s(phase, hw),
                                host_overlaps=prof.host_overlaps(phase), experts=dep.experts, e=layout.e,
                                routing=dep.routing)
-        host = prof.forward_overhead_s(phase)
+        host = prof.forward_overhead_s(phase, hw)
         comm, parts = forward_comm(model, hw, *args, phase, g, dep, detail=True, comm_w=comm_w, e=layout.e)
         res["breakdown"][phase] = {
             "compute_s": _plain(comp["compute_s"] + host), "comm_s": _plain(comm), "host_forward_s": host,

@@ -52,7 +52,8 @@ class HostProfile:
             phases = {ph: dict(raw[ph]) for ph in PHASES}
             for ph, v in phases.items():
                 lo = v.get("layer_overhead_us", 0.0)
-                if lo != "calibrated" and float(lo) < 0 or float(v.get("forward_overhead_us", 0.0)) < 0:
+                fo = v.get("forward_overhead_us", 0.0)
+                if lo != "calibrated" and float(lo) < 0 or fo != "calibrated" and float(fo) < 0:
                     raise ValueError(f"{ph}: overheads must be ≥ 0")
         except (KeyError, TypeError, ValueError) as e:
             raise SpecError(f"host profile {name!r} is malformed: {e}") from None
@@ -65,16 +66,27 @@ class HostProfile:
         return bool(self.phases[phase].get("cuda_graphs", False))
 
     def layer_overhead_s(self, phase: str, hw) -> float:
-        """Host seconds per decoder layer in ``phase`` (the hardware's calibrated value for ``"calibrated"``)."""
+        """Host seconds per decoder layer in ``phase`` (``"calibrated"``: the hardware's measured value — its
+        ``host_us`` of the phase when it has one, :mod:`llmcomm.compare.cpu_calibration` — else its
+        ``layer_overhead_us``)."""
         v = self.phases[phase].get("layer_overhead_us", 0.0)
-        return hw.layer_overhead_s if v == "calibrated" else float(v) * 1e-6
+        if v != "calibrated":
+            return float(v) * 1e-6
+        host = (hw.raw.get("host_us") or {}).get(phase)
+        return float(host["layer"]) * 1e-6 if host else hw.layer_overhead_s
 
     def host_overlaps(self, phase: str) -> bool:
         """Whether the host enqueues ahead of the device (GPU engines): a layer costs max(host, kernels)."""
         return bool(self.phases[phase].get("host_overlaps_device", False))
 
-    def forward_overhead_s(self, phase: str) -> float:
-        return float(self.phases[phase].get("forward_overhead_us", 0.0)) * 1e-6
+    def forward_overhead_s(self, phase: str, hw=None) -> float:
+        """Host seconds per forward outside the layers in ``phase`` (the hardware's calibrated
+        ``forward_overhead_us`` for ``"calibrated"``)."""
+        v = self.phases[phase].get("forward_overhead_us", 0.0)
+        if v == "calibrated":
+            host = ((hw.raw if hw is not None else {}).get("host_us") or {}).get(phase) or {}
+            return float(host.get("forward", 0.0)) * 1e-6
+        return float(v) * 1e-6
 
     def launch_floor(self, phase: str) -> bool:
         """Whether collectives pay the eager launch floor of the fitted NCCL model (not under CUDA graphs)."""
