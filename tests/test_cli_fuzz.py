@@ -18,6 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from llmcomm.cli import main
+from support import synthetic_cpu_timings
+
+CPU_TIMINGS = synthetic_cpu_timings()
 
 EXAMPLES = 2000
 #: the fuzz's own time limit on the 2-core development machine (the issue's target), asserted
@@ -61,7 +64,8 @@ OPTIONS = {
     "calibrate": {"--csv": ["coll.csv", "bad.csv", "missing.csv", "folder"],
                   "--write": ["OUT/preset.json", "/proc/nope/p.json", "/dev/null/p.json"], "--compute": None,
                   "--threads": INTS, "--json": None, "--in-run": None, "--reps": INTS, "--public-gpu": None},
-    "validate-time": {"--hardware": HW, "--runs": INTS, "--reps": INTS, "--out": WRITE_DIRS},
+    "validate-time": {"--hardware": HW, "--runs": INTS, "--reps": INTS, "--out": WRITE_DIRS,
+                      "--reuse-calibration": None},
 }
 NARGS = {"--ops", "--sizes", "--ranks", "--backend", "--threads", "--tokens", "--bytes", "--batch", "--prompt",
          "--generate", "--dtype"}
@@ -113,7 +117,7 @@ def no_runs(sandbox):
     import shutil
 
     from llmcomm.compare import calibration
-    from llmcomm.measure import bench, launch, supervise
+    from llmcomm.measure import bench, forkserver, launch, supervise
     from llmcomm.predict.hardware import CALIBRATION_ENV, calibration_path
 
     def dead(entry, spec, nranks, out, **kw):
@@ -130,6 +134,8 @@ def no_runs(sandbox):
     mp.setattr(supervise, "launch_ranks", dead)
     mp.setattr(bench, "launch_ranks", dead)
     mp.setattr(calibration, "time_compute", lambda threads=1, **kw: dict(canned, threads=threads))
+    mp.setattr(calibration, "time_cpu_kernels", lambda threads=1, **kw: dict(CPU_TIMINGS, threads=threads))
+    mp.setattr(forkserver, "running", contextlib.nullcontext)          # validate-time's calibration: no server
     # the public-GPU fits take minutes: their command line is under test, not the fits
     import pandas as pd
 

@@ -1,16 +1,14 @@
-"""The in-run CPU calibration's arithmetic (no ranks started): compute on the critical path from captured calls, the
-fit of the compute rate and per-layer overhead, and the preset entry that ``for_layout`` applies."""
+"""The in-run CPU calibration's arithmetic (no ranks started): compute on the critical path from captured calls and
+the per-call latency the runs pay (the factors and ``for_layout``: tests/test_cpu_model.py)."""
 from __future__ import annotations
 
 import types
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from llmcomm.compare import inrun
-from llmcomm.predict.compute import forward_compute
-from llmcomm.predict.hardware import for_layout, load_hardware
+from llmcomm.predict.hardware import load_hardware
 from llmcomm.spec import Layout, load_model
 
 CAL = load_model("calib-llama")
@@ -33,34 +31,21 @@ def test_path_compute_sums_stages_minus_their_calls():
     assert inrun.path_compute(res, Layout(1, 2), "decode", 4) == pytest.approx(0.004 - 0.002 / 3 + 0.004 - 0.002)
 
 
-def test_fit_compute_recovers_rate_and_overhead():
+def test_in_run_latency_is_the_median_of_the_runs_mean_excess():
+    """Three runs of TP2 all-reduces (shm, one latency step): per run the mean of (duration − f·m·β); α = their median —
+    a heavy-tailed run (one call waited 5 ms for its peer) moves the mean of its own run only."""
     hw = load_hardware("cpu-local")
-    true = inrun._with_compute(hw, 30e9, 250e-6, 12e9)
-    rows = []
-    for b, S, G in inrun.IN_RUN_WORKLOADS:
-        for phase in ("prefill", "decode"):
-            c = float(forward_compute(CAL, true, 2, 1, b, S, G, 4, phase)["compute_s"])
-            rows.append({"b": b, "S": S, "G": G, "phase": phase, "compute_s": c})
-    fit = inrun.fit_compute(CAL, Layout(2, 1), pd.DataFrame(rows), hw)
-    assert fit["flops_per_s"] == pytest.approx(30e9, rel=1e-3)
-    assert fit["overhead_us"] == pytest.approx(250, rel=1e-3)
-    assert fit["mem_bw_GBps"] == pytest.approx(12, rel=1e-2)
-    assert fit["median_rel_err"] < 1e-4 and fit["points"] == 8
-
-
-def test_for_layout_applies_the_layout_entry():
-    hw = load_hardware("cpu-local")
-    d = dict(hw.raw)
-    d["in_run"] = {"t2p2": {"compute": {"flops_per_s": 20e9, "overhead_us": 400.0, "mem_bw_GBps": 10.0},
-                            "collectives": {"all_reduce": {"2": {"alpha_us": 300.0, "busbw_GBps": 1.0,
-                                                                 "algorithm": "ring"}}}}}
-    base = load_hardware(d)
-    h = for_layout(base, 2, 2)
-    assert h.flops("fp32") == pytest.approx(20e9) and h.layer_overhead_s == pytest.approx(400e-6)
-    assert h.bandwidth() == pytest.approx(10e9)
-    alpha, beta, alg = h.coll_params("all_reduce", 2, "intra", subgroup=True)
-    assert (alpha, beta, alg) == (pytest.approx(300e-6), pytest.approx(1e-9), "ring")
-    assert for_layout(base, 2, 1).raw.get("calibrated_layout") is None       # no entry: the thread calibration
+    _, beta, _ = hw.coll_params("all_reduce", 2, "intra")
+    m = 4096
+    band = 1.0 * m * beta                                      # f(2) = 2(n−1)/n = 1
+    runs = []
+    for extra_us in ((100, 120), (90, 5000), (300, 310)):     # per-call latency beyond the bandwidth term
+        events = [_ev(0, "decode", 0.0, band + x * 1e-6, nbytes=m) for x in extra_us]
+        runs.append((None, types.SimpleNamespace(events=events)))
+    fit = inrun.in_run_latency(runs, hw, Layout(2, 1), "all_reduce", 2)
+    assert fit["algorithm"] == "direct" and fit["runs"] == 3
+    assert fit["alpha_us"] == pytest.approx(305.0, abs=1e-3)           # means 110, 2545, 305 µs: median 305
+    assert fit["busbw_GBps"] == pytest.approx(1.0 / beta / 1e9, rel=1e-3)
 
 
 def test_calibration_model_differs_from_validated_models():

@@ -168,7 +168,7 @@ def cmd_validate_time(args) -> int:
     from .report.text import render_validation
 
     validate_time_runs(_hardware(args.hardware), args.runs, args.reps, args.out, args.command,
-                       log=lambda s: print(render_validation([s]), flush=True))
+                       lambda s: print(render_validation([s]), flush=True), not args.reuse_calibration)
     return 0
 
 
@@ -318,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--runs", type=repetitions, default=3, help="independent reruns of the whole sweep")
     va.add_argument("--reps", type=repetitions, default=5, help="repetitions of each point (median, IQR)")
     va.add_argument("--out", default=None, help="data root (default data/); files go to <root>/<machine>/")
+    va.add_argument("--reuse-calibration", action="store_true", help="keep --hardware as is (default: calibrate first)")
     va.set_defaults(func=cmd_validate_time)
     return ap
 

@@ -25,14 +25,15 @@ import json
 import os
 from pathlib import Path
 
-from ..measure.calibrate import time_compute
+from ..measure.calibrate import time_compute, time_cpu_kernels
 from ..predict.compute import layer_cost
 from ..predict.fit import fit_table
 from ..predict.hardware import calibration_path
 from ..record import provenance, write_json
 from ..spec import ModelSpec, SpecError, cpu_threads_per_rank, read_json_file
+from .cpu_calibration import fit_cpu_kernels
 
-__all__ = ["calibrate_cpu_local", "calibrate_in_run", "calibrate_public_gpu", "write_calibration", "fit_roofline",
+__all__ = ["calibrate_cpu_local", "calibrate_in_run", "calibrate_machine", "calibrate_public_gpu", "write_calibration", "fit_roofline",
            "default_threads", "subgroup_fits", "read_bench_table"]
 
 
@@ -182,6 +183,8 @@ def calibrate_cpu_local(csv_path, out_path=None, compute: bool = True, threads=N
                      "peak_tflops": {"fp32": round(timed["peak_flops_fp32"] / 1e12, 5)},
                      "efficiency": {"flops": round(e_f, 4), "mem_bw": 1.0},
                      "layer_overhead_us": round(overhead * 1e6, 2), "calibration": calib}
+            # the CPU kernel model (what the latency model uses; the roofline above is the fallback)
+            entry.update(fit_cpu_kernels(time_cpu_kernels(threads=th)))
             if timed.get("peak_flops_bf16"):
                 entry["peak_tflops"]["bf16"] = round(timed["peak_flops_bf16"] / 1e12, 5)
                 entry["peak_tflops"]["fp16"] = entry["peak_tflops"]["bf16"]
@@ -197,7 +200,11 @@ def calibrate_cpu_local(csv_path, out_path=None, compute: bool = True, threads=N
                            "(llmcomm.measure.calibrate.time_compute)",
             "mem_bw_GBps": "measured: 64 MiB tensor copy (read + write bytes)",
             "efficiency": "fitted so that the roofline reproduces the measured per-layer prefill time (h=512, S=128)",
-            "layer_overhead_us": "fitted from the measured per-layer decode time (Python/ATen dispatch per layer)"})
+            "layer_overhead_us": "fitted from the measured per-layer decode time (Python/ATen dispatch per layer)",
+            "kernels": "the CPU kernel model, fitted per thread count to llmcomm.measure.calibrate.time_cpu_kernels "
+                       "(GEMM grid of generic shapes; HF Llama forwards of a tiny and a calibration shape): "
+                       "llmcomm.compare.cpu_calibration",
+            "host_us": "host time per decoder layer and per forward, per phase: llmcomm.compare.cpu_calibration"})
     prov = provenance(command or "llmcomm calibrate", collectives_csv=str(csv_path))
     bench = Path(csv_path).with_name("collectives.json")
     if bench.exists():
@@ -228,6 +235,28 @@ def calibrate_in_run(reps: int = 5, command: str | None = None, path=None, log=N
         "in_run": "llmcomm calibrate --in-run: compute rate, per-layer overhead and all-reduce fits measured inside "
                   "runs of calib-llama in each validated layout (llmcomm.compare.inrun)"}}, command, path)
     return entries
+
+
+def calibrate_machine(command: str | None = None, log=None, reps: int = 3, csv_path=None) -> dict:
+    """Calibrate the CPU this runs on (≈ 1 min on 2 cores): the kernel model and host times
+    (:func:`calibrate_cpu_local` with ``compute``; collectives from the committed microbenchmark table ``csv_path``,
+    default ``data/cpu-local/collectives.csv``) and the in-run factors and call latencies of every validated layout
+    (:func:`calibrate_in_run`, ``reps`` rounds of the calibration workloads; launches forked from one fork server),
+    written to the ``cpu-local`` calibration with this machine's provenance. Returns ``{"seconds", "in_run"}``."""
+    import time
+
+    from ..measure.forkserver import running
+    from ..record import repo_root
+
+    t0 = time.monotonic()
+    command = command or "llmcomm calibrate (machine)"
+    csv_path = csv_path or repo_root() / "data" / "cpu-local" / "collectives.csv"
+    calibrate_cpu_local(csv_path, compute=True, command=command)
+    if log:
+        log(f"kernel model and host times: {time.monotonic() - t0:.0f} s")
+    with running():
+        in_run = calibrate_in_run(reps, command, None, log)
+    return {"seconds": time.monotonic() - t0, "in_run": in_run}
 
 
 def calibrate_public_gpu(command: str | None = None, log=None) -> dict:

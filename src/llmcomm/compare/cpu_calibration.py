@@ -72,10 +72,12 @@ def _kernels(gemm: Mapping[str, float], memops_bytes_per_s: float) -> dict:
 
 
 def _kernel_s(spec: ModelSpec, kernels: Mapping[str, Any], s: float, kv_len: float) -> tuple[float, float]:
-    """(GEMM seconds, other kernels' seconds) of one layer of ``spec`` over ``s`` tokens, b = 1."""
-    ops = layer_ops(spec, 1, 1, s, kv_len, kv_len + (s + 1) / 2, 4)
+    """(seconds of the GEMMs and attention, seconds of the memory-bound ops) of one layer of ``spec`` over ``s``
+    tokens, b = 1 (the causal mean context of a prefill, ``kv_len`` + 1 for a decode step)."""
+    ctx = (s + 1) / 2 if kv_len == 0 else kv_len + 1
+    ops = layer_ops(spec, 1, 1, s, kv_len, ctx, 4)
     times = op_times(ops, kernels, 4)
-    g = sum(float(v) for k, v in times.items() if ops[k]["kind"] == "gemm")
+    g = sum(float(v) for k, v in times.items() if ops[k]["kind"] in ("gemm", "attention"))
     return g, sum(float(v) for v in times.values()) - g
 
 
@@ -92,23 +94,25 @@ def fit_cpu_kernels(timed: Mapping[str, Any]) -> dict:
     prompts = sorted({r["S"] for r in fw if r["phase"] == "prefill"})
     dec_S = next(r["S"] for r in fw if r["phase"] == "decode")
     spec_of = {shape: _layer_spec(dict(next(r for r in fw if key(r) == shape), layers=1)) for shape in shapes}
-    # host time per layer: the tiny layer (its kernels negligible) less its kernels at the GEMM rate; the prefill's
-    # at the shortest prompt (its memory-bound ops smallest)
-    kern0 = _kernels(gemm_params, gemm_params["bytes_per_s"])
-    layer_host = {}
-    for phase, S, s, kv in (("decode", dec_S, 1, dec_S), ("prefill", prompts[0], prompts[0], 0)):
-        g, other = _kernel_s(spec_of[tiny], kern0, s, kv)
-        layer_host[phase] = max(_per_layer(fw, phase, tiny, S) - g - other, 0.0)
-    # memory-bound ops: the residual of the calibration shape's prefill layers
-    mem_bytes, resid = [], []
-    for S in prompts:
-        ops = layer_ops(spec_of[calib], 1, 1, S, 0, (S + 1) / 2, 4)
-        g, _ = _kernel_s(spec_of[calib], kern0, S, 0)
-        mem_bytes.append(sum(float(op["bytes"]) * op.get("count", 1) for op in ops.values() if op["kind"] != "gemm"))
-        resid.append(_per_layer(fw, "prefill", calib, S) - g - layer_host["prefill"])
-    mem_bytes, resid = np.array(mem_bytes), np.array(resid)
-    ok = resid > 0
-    memops_bps = float(np.sum(mem_bytes[ok]) / np.sum(resid[ok])) if ok.any() else gemm_params["bytes_per_s"]
+    # host time per layer: the tiny layer (its kernels negligible) less its kernels; the prefill's at the shortest
+    # prompt (its memory-bound ops smallest). Memory-bound ops: the residual of the calibration shape's prefill
+    # layers. Each depends a little on the other: a few rounds of both.
+    memops_bps = gemm_params["bytes_per_s"]
+    for _ in range(5):
+        kern = _kernels(gemm_params, memops_bps)
+        layer_host = {}
+        for phase, S, s, kv in (("decode", dec_S, 1, dec_S), ("prefill", prompts[0], prompts[0], 0)):
+            layer_host[phase] = max(_per_layer(fw, phase, tiny, S) - sum(_kernel_s(spec_of[tiny], kern, s, kv)), 0.0)
+        mem_bytes, resid = [], []
+        for S in prompts:
+            ops = layer_ops(spec_of[calib], 1, 1, S, 0, (S + 1) / 2, 4)
+            g, _ = _kernel_s(spec_of[calib], kern, S, 0)
+            mem_bytes.append(sum(float(op["bytes"]) * op.get("count", 1) for op in ops.values()
+                                 if op["kind"] not in ("gemm", "attention")))
+            resid.append(_per_layer(fw, "prefill", calib, S) - g - layer_host["prefill"])
+        mem_bytes, resid = np.array(mem_bytes), np.array(resid)
+        ok = resid > 0
+        memops_bps = float(np.sum(mem_bytes[ok]) / np.sum(resid[ok])) if ok.any() else gemm_params["bytes_per_s"]
     entry = {"kernels": _kernels(gemm_params, memops_bps), "layer_overhead_us": layer_host["decode"] * 1e6,
              "host_us": {ph: {"layer": v * 1e6, "forward": 0.0} for ph, v in layer_host.items()}}
     # host time per forward: the tiny 1-layer forward less what the model charges for it without one

@@ -1,21 +1,20 @@
-"""CPU calibration where the runs run: compute and communication costs measured inside multi-rank DeepSpeed runs.
+"""CPU calibration where the runs run: what running beside the other ranks costs, measured inside multi-rank
+DeepSpeed runs.
 
-Why: a single-process calibration (one rank, an idle second core) predicts a TP2 rank's half of a decode step
-faster than the whole step runs as two ranks — the ranks share the cores, their communication threads poll, and the
-calibration never sees that. So the ``cpu-local`` preset is calibrated from runs of the same kind as the validation's
-(:data:`IN_RUN_LAYOUTS`: the same ranks, threads and backends), on a model of another shape (``calib-llama``: h = 384,
-L = 6, 6 heads, FFN 1024 — neither small-llama nor tiny-llama):
+Why: the CPU kernel model (:mod:`llmcomm.compare.cpu_calibration`) is fitted in one process on an idle machine, but a
+rank of a run shares the memory bandwidth with the other ranks, shares the cores when there are more ranks than cores,
+and waits for its peers inside every collective. So the ``cpu-local`` calibration is completed from runs of the same
+kind as the validation's (:data:`IN_RUN_LAYOUTS`: the same ranks, threads and backends), on a model of another shape
+(``calib-llama``: h = 384, L = 6, 6 heads, FFN 1024 — neither small-llama nor tiny-llama):
 
 * **compute on the critical path** of each measured forward (:func:`path_compute`): for each pipeline stage, its first
   rank's phase time minus the time that rank spent inside captured collectives and sends/receives (receives include
   waiting for the previous stage, so only compute remains), summed over the stages;
-* the per-layout roofline (FLOP rate, memory bandwidth, per-layer overhead o; started from the microbenchmarks'
-  rates) fitted so that
-  :func:`llmcomm.predict.compute.forward_compute` reproduces those compute times (:func:`fit_compute`);
-* **communication in the run** (:func:`in_run_calls`): every captured call's duration on its group's lowest rank,
-  per (op, group size), beside what the microbenchmark fit predicts for its size; all-reduces are refitted from the
-  run (α-β, :func:`llmcomm.predict.fit.fit_alpha_beta`), sends/receives are kept from the microbenchmark and flagged
-  when the two disagree (a receive's duration in a run includes the upstream stage's compute).
+* two factors per layout (:func:`fit_compute`): × the kernel times and × the host times of the kernel model, so that
+  :func:`llmcomm.predict.compute.forward_compute` reproduces that compute;
+* **communication in the run** (:func:`in_run_calls`, :func:`in_run_latency`): every captured call's duration on its
+  group's lowest rank (a send on its sender), and per (op, group size) the latency each call pays in the run — its
+  mean excess over the microbenchmark's bandwidth term, the median over the runs.
 
 :func:`llmcomm.predict.hardware.for_layout` applies a layout's entry; ``llmcomm calibrate --in-run`` writes them.
 """
@@ -25,12 +24,11 @@ import numpy as np
 import pandas as pd
 
 from ..predict.compute import forward_compute
-from ..predict.fit import fit_alpha_beta
 from ..predict.hardware import Hardware
 from ..spec import Layout, ModelSpec, Workload, cpu_threads_per_rank
 
 __all__ = ["CALIBRATION_MODEL", "IN_RUN_LAYOUTS", "IN_RUN_WORKLOADS", "layout_key", "path_compute", "compute_points",
-           "fit_compute", "in_run_calls", "calibrate_layout"]
+           "fit_compute", "in_run_calls", "in_run_latency", "calibrate_layout"]
 
 CALIBRATION_MODEL = "calib-llama"
 #: the layouts the CPU validation measures: TP (shm all-reduce), PP (gloo sends), the hybrid (gloo sub-groups)
@@ -134,14 +132,45 @@ def in_run_calls(results, hw: Hardware, layout: Layout) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def in_run_latency(results, hw: Hardware, layout: Layout, op: str, n: int) -> dict:
+    """The per-call latency α of ``op`` on ``n`` ranks as the runs pay it, with the microbenchmark's bandwidth β:
+    for each run, the mean over its calls of (duration − f(n)·m·β) per latency step; α = the median over the runs.
+
+    Why the mean within a run and the median across runs: a call's duration in a run includes waiting for the slowest
+    rank of its group (their compute drifts apart between calls, and with more ranks than cores one may not be
+    running), so durations have a heavy tail, and what a forward pays is their sum — the mean; the validation compares
+    medians over runs, so the calibration takes the median of the runs' means. Returns ``{"alpha_us", "busbw_GBps",
+    "algorithm", "runs", "source"}``."""
+    from ..derive.conventions import bus_factor, latency_steps
+
+    sub = layout.p > 1 and op != "send_recv"
+    _, beta, _ = hw.coll_params(op, n, "intra", subgroup=sub)
+    shm = op == "all_reduce" and not sub and (hw._fit(op, n, "intra", False) or {}).get("algorithm") == "shm"
+    algorithm = "direct" if shm else ("ring" if op != "send_recv" else "direct")
+    steps = float(latency_steps(op, n, algorithm))
+    f = float(bus_factor(op, n))
+    means = []
+    for wl, res in results:
+        calls = in_run_calls([(wl, res)], hw, layout)
+        calls = calls[(calls.op == op) & (calls.n == n)] if len(calls) else calls
+        if len(calls):
+            excess = calls.seconds.to_numpy(dtype=float) - f * calls.message_bytes.to_numpy(dtype=float) * beta
+            means.append(float(np.mean(excess)) / steps)
+    return {"alpha_us": round(max(float(np.median(means)), 0.0) * 1e6, 3), "busbw_GBps": round(1.0 / beta / 1e9, 4),
+            "algorithm": algorithm, "runs": len(means),
+            "source": "in-run: per-call latency of the calibration runs (median over runs of the mean excess over "
+                      "the microbenchmark's bandwidth term)"}
+
+
 def calibrate_layout(layout: Layout, hw: Hardware, reps: int = 3, runner=None, cores: int | None = None) -> dict:
-    """Run the calibration model on ``layout`` (every :data:`IN_RUN_WORKLOADS` ``reps`` times, one launch) and return
-    the preset entry ``{"compute": fit_compute(...), "collectives": {op: {n: FIT}}, "calls": summary, "threads"}``."""
+    """Run the calibration model on ``layout`` (every :data:`IN_RUN_WORKLOADS` ``reps`` times, round robin, one
+    launch) and return the preset entry ``{"compute": fit_compute(...), "collectives": {op: {n: FIT}}, "calls":
+    summary, "threads"}``: every op the runs call is refitted (:func:`in_run_latency`)."""
     from ..measure.launch import measure_many
     from ..spec import load_model
 
     model = load_model(CALIBRATION_MODEL)
-    workloads = [Workload(b, S, G) for b, S, G in IN_RUN_WORKLOADS for _ in range(reps)]
+    workloads = [Workload(b, S, G) for _ in range(reps) for b, S, G in IN_RUN_WORKLOADS]
     runner = runner or (lambda *args, **kwargs: measure_many(*args, env={"DS_ACCELERATOR": "cpu",
                                                                          "CUDA_VISIBLE_DEVICES": ""}, **kwargs))
     results = list(zip(workloads, runner(model, layout, workloads)))
@@ -150,24 +179,13 @@ def calibrate_layout(layout: Layout, hw: Hardware, reps: int = 3, runner=None, c
     calls = in_run_calls(results, hw, layout)
     collectives, summary = {}, []
     for (op, n), of_n in calls.groupby(["op", "n"]):
-        ratio = float(np.median(of_n.seconds / of_n.fit_s))
-        row = {"op": op, "n": int(n), "calls": int(len(of_n)), "median_in_run_us": float(of_n.seconds.median() * 1e6),
-               "median_fit_us": float(of_n.fit_s.median() * 1e6), "in_run_over_fit": ratio}
-        if op == "all_reduce":
-            # DeepSpeed's shm all-reduce (TP alone): one step per call, as its one-shot path is fitted (every
-            # in-run call of the calibration model is below its 1 MiB threshold); gloo (hybrids): a ring
-            shm = layout.p == 1 and hw.collectives.get("intra", {}).get("all_reduce", {}).get(str(n), {}).get(
-                "backend") == "shm"
-            ab = fit_alpha_beta(op, n, of_n.message_bytes.to_numpy(dtype=float), of_n.seconds.to_numpy(dtype=float),
-                                "direct" if shm else "ring")
-            collectives.setdefault(op, {})[str(int(n))] = {
-                "alpha_us": round(ab["alpha_us"], 3), "busbw_GBps": round(ab["busbw_GBps"], 4),
-                "algorithm": ab["algorithm"], "source": "in-run: captured call durations of the calibration runs"}
-            row["refit"] = True
-        else:
-            row["refit"] = False
-            row["flag"] = "in-run calls differ from the microbenchmark by more than 2x" if not 0.5 < ratio < 2 else ""
-        summary.append(row)
+        fit = in_run_latency(results, hw, layout, op, int(n))
+        collectives.setdefault(op, {})[str(int(n))] = fit
+        summary.append({"op": op, "n": int(n), "calls": int(len(of_n)),
+                        "median_in_run_us": float(of_n.seconds.median() * 1e6),
+                        "mean_in_run_us": float(of_n.seconds.mean() * 1e6),
+                        "median_fit_us": float(of_n.fit_s.median() * 1e6),
+                        "in_run_over_fit": float(np.median(of_n.seconds / of_n.fit_s)), "alpha_us": fit["alpha_us"]})
     return {"compute": compute, "collectives": collectives, "calls": summary, "model": CALIBRATION_MODEL,
             "workloads": [list(x) for x in IN_RUN_WORKLOADS], "reps": reps,
             "threads": cpu_threads_per_rank(layout.ranks, cores)}

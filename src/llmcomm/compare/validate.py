@@ -18,7 +18,7 @@ import pandas as pd
 
 from ..predict.hardware import Hardware, for_layout
 from ..predict.latency import METRICS, predict_latency
-from ..spec import cpu_threads_per_rank
+from ..spec import SpecError, cpu_threads_per_rank
 from .sweeps import Config, measure_configs
 
 __all__ = ["latency_errors", "measured_comm_s", "validate_latency", "load_runs", "explain", "METRICS"]
@@ -68,7 +68,8 @@ def validate_latency(cfgs: Iterable[Config], hw: Hardware, cores: int | None = N
     cores = int(cores or os.cpu_count() or 1)
     cfgs = list(cfgs)
     runs: dict[Config, list] = {}
-    for cfg, model, res in measure_configs([cfg for cfg in cfgs for _ in range(reps)], runner, progress):
+    # round robin (every configuration once, then again): a slow spell of the machine falls on all of them alike
+    for cfg, model, res in measure_configs([cfg for _ in range(reps) for cfg in cfgs], runner, progress):
         runs.setdefault(cfg, []).append((model, res))
     rows = []
     for cfg in dict.fromkeys(cfgs):
@@ -95,15 +96,26 @@ def validate_latency(cfgs: Iterable[Config], hw: Hardware, cores: int | None = N
 
 
 def validate_time_runs(hw: Hardware, runs: int = 3, reps: int = 5, root=None, command: str | None = None,
-                       log=None) -> list[dict]:
+                       log=None, calibrate: bool = True) -> list[dict]:
     """``llmcomm validate-time``: ``runs`` independent reruns of the latency sweep (:func:`validate_latency` of the
     ``latency`` configurations, every point ``reps`` times), each written as ``latency_validation_run<k>.csv`` with
     its sidecar (the load average before and after, the summary) under ``<root>/<machine>/`` (default ``data/``).
-    Returns one summary per rerun, as each is written (``log`` is told too)."""
+    ``calibrate`` (default): first calibrate the machine it runs on (:func:`llmcomm.compare.calibration.calibrate_machine`,
+    written to the ``cpu-local`` calibration with this machine's provenance) and predict with that; else predict with
+    ``hw`` as it is. Returns one summary per rerun, as each is written (``log`` is told too)."""
+    from ..predict.hardware import load_hardware
     from ..record import data_dir, load_average, provenance, write_frame, writable_dir
     from .sweeps import configs
 
     out = writable_dir(data_dir(root=root), "validation output folder")
+    if calibrate:
+        from .calibration import calibrate_machine
+
+        if hw.name != "cpu-local":
+            raise SpecError(f"validate-time calibrates this machine as cpu-local; to validate {hw.name!r} as it is, "
+                            "say so (--reuse-calibration)")
+        calibrate_machine(command, log=(lambda msg: log({"calibration": msg})) if log else None)
+        hw = load_hardware("cpu-local")
     summaries = []
     for run in range(1, runs + 1):
         load_before = load_average()

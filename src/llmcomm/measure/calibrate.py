@@ -87,7 +87,6 @@ def time_cpu_kernels(threads: int = 1, reps: int = 5, stream_bytes: int = 96 << 
                         for wt in weights:
                             F.linear(x, wt)
                     gemm.append({"M": M, "K": K, "N": N, "seconds": median_time(sweep, reps) / len(weights)})
-                del weights
             for h, heads, kv_heads, ffn in CPU_LAYER_SHAPES:
                 for layers in (1, 3):
                     cfg = LlamaConfig(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,

@@ -346,7 +346,7 @@ def for_layout(hardware: Hardware, t: int, p: int, cores: int | None = None) -> 
         for k in host:
             host[k] = float(host[k]) * hf
     for op, fits in (entry.get("collectives") or {}).items():
-        key = "subgroup_collectives" if int(p) > 1 else "collectives"
+        key = "subgroup_collectives" if int(p) > 1 and op != "send_recv" else "collectives"
         for level in ("intra", "inter"):
             have = preset.setdefault(key, {}).setdefault(level, {}).setdefault(op, {})
             for n, fit in fits.items():

@@ -175,7 +175,8 @@ def render_in_run(entries: dict) -> str:
 
 
 def render_validation(summaries: list[dict]) -> str:
-    """One line per rerun of ``validate-time``."""
-    return "\n".join(f"run {s['run']}: median |error| {s['median_abs_err']:.1%} (TTFT {s['median_abs_err_ttft']:.1%}, "
+    """One line per rerun of ``validate-time`` (or per step of its calibration: ``{"calibration": text}``)."""
+    return "\n".join(f"calibration: {s['calibration']}" if "calibration" in s else
+                     f"run {s['run']}: median |error| {s['median_abs_err']:.1%} (TTFT {s['median_abs_err_ttft']:.1%}, "
                      f"TPOT {s['median_abs_err_tpot']:.1%}, E2E {s['median_abs_err_e2e']:.1%}); load average "
                      f"{s['load_avg']}" for s in summaries)
