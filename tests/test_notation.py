@@ -48,9 +48,11 @@ _allow("predict/placement.py", "name", "L t p g")
 # model's (h, L, V, a_kv, E, k, F_ex, L_moe), the public data's frames m (message bytes), n (ranks) and T (tokens).
 _allow("compare/calibration.py", "name", "S h t p n")
 _allow("compare/calibration.py", "key", "S h L V T m")
+_allow("compare/cpu_calibration.py", "name", "S G s M_g N_g K_g")
+_allow("compare/cpu_calibration.py", "key", "S L V h")                # ModelSpec(L=…, V=…) of a timed layer shape
 _allow("compare/gpu.py", "name", "b S t")
 _allow("compare/gpu.py", "key", "b S G t")
-_allow("compare/inrun.py", "name", "b S G w t p m n")
+_allow("compare/inrun.py", "name", "b S G w t p m n beta")
 _allow("compare/inrun.py", "key", "b S G n")
 _allow("compare/moe.py", "name", "b S G w h E k T C phi m")
 _allow("compare/moe.py", "key", "b S G h L a_kv E k F_ex L_moe t p e C phi")
@@ -64,11 +66,12 @@ _allow("compare/vidur.py", "name", "w h a d T M_g N_g K_g m n tau")
 _allow("compare/vidur.py", "key", "T m")
 
 # The GEMM dimension columns: the GEMM op records (predict/kernels.py) and the frames and the out-of-sample table built
-# from the public kernel times (compare/vidur.py, compare/calibration.py) call M_g, N_g, K_g "M", "N", "K" — the GEMM
+# from the public kernel times (compare/vidur.py, compare/calibration.py) and this CPU's (compare/cpu_calibration.py)
+# call M_g, N_g, K_g "M", "N", "K" — the GEMM
 # literature's (and cuBLAS's) names, declared as their columns in llmcomm.notation (``json``). Of the three only "N"
 # is also a notation name (the GPUs of a layout, whose column is "gpus"); in these records it is a GEMM dimension.
 GEMM_COLUMNS = {("predict/kernels.py", "key", "N"), ("compare/vidur.py", "key", "N"),
-                ("compare/calibration.py", "key", "N")}
+                ("compare/calibration.py", "key", "N"), ("compare/cpu_calibration.py", "key", "N")}
 ALLOWED |= GEMM_COLUMNS
 
 

@@ -37,18 +37,18 @@ def fit_cpu_gemm(rows) -> dict:
     rows ``{"M", "K", "N", "seconds"}`` (fp32), with the median |relative error| in sample (``median_rel_err``)."""
     from scipy.optimize import least_squares
 
-    M, K, N, sec = (np.array([float(r[x]) for r in rows]) for x in ("M", "K", "N", "seconds"))
+    M_g, K_g, N_g, sec = (np.array([float(r[x]) for r in rows]) for x in ("M", "K", "N", "seconds"))
 
     def params(theta):
-        f, b, bv, t0, q = np.exp(theta)
-        return {"flops_per_s": f, "bytes_per_s": b, "gemv_bytes_per_s": bv, "t0": t0, "norm_order": q}
+        f, bw, bv, t0, q = np.exp(theta)
+        return {"flops_per_s": f, "bytes_per_s": bw, "gemv_bytes_per_s": bv, "t0": t0, "norm_order": q}
 
     def resid(theta):
-        return np.log(gemm_time(M, N, K, 4, params(theta)) / sec)
+        return np.log(gemm_time(M_g, N_g, K_g, 4, params(theta)) / sec)
 
     x0 = np.log([5e10, 8e9, 1.5e10, 5e-6, 2.0])
     fit = least_squares(resid, x0, loss="soft_l1", f_scale=0.05)
-    out = {k: float(v) for k, v in params(fit.x).items()}
+    out = {name: float(v) for name, v in params(fit.x).items()}
     out["median_rel_err"] = float(np.median(np.abs(np.exp(resid(fit.x)) - 1)))
     return out
 
@@ -68,7 +68,7 @@ def _per_layer(forwards, phase: str, shape: tuple, S: int) -> float:
 
 def _kernels(gemm: Mapping[str, float], memops_bytes_per_s: float) -> dict:
     mem = {"bytes_per_s": memops_bytes_per_s, "t0": 0.0}
-    return {"dtype": "fp32", "gemm": dict(gemm), "memops": {k: mem for k in ("rmsnorm", "rope", "silu_mul", "add", "emb")}}
+    return {"dtype": "fp32", "gemm": dict(gemm), "memops": {op: mem for op in ("rmsnorm", "rope", "silu_mul", "add", "emb")}}
 
 
 def _kernel_s(spec: ModelSpec, kernels: Mapping[str, Any], s: float, kv_len: float) -> tuple[float, float]:
@@ -77,8 +77,8 @@ def _kernel_s(spec: ModelSpec, kernels: Mapping[str, Any], s: float, kv_len: flo
     ctx = (s + 1) / 2 if kv_len == 0 else kv_len + 1
     ops = layer_ops(spec, 1, 1, s, kv_len, ctx, 4)
     times = op_times(ops, kernels, 4)
-    g = sum(float(v) for k, v in times.items() if ops[k]["kind"] in ("gemm", "attention"))
-    return g, sum(float(v) for v in times.values()) - g
+    gemm_s = sum(float(v) for op, v in times.items() if ops[op]["kind"] in ("gemm", "attention"))
+    return gemm_s, sum(float(v) for v in times.values()) - gemm_s
 
 
 def fit_cpu_kernels(timed: Mapping[str, Any]) -> dict:
@@ -86,7 +86,7 @@ def fit_cpu_kernels(timed: Mapping[str, Any]) -> dict:
     ``{"kernels": {"dtype", "gemm", "memops"}, "host_us": {phase: {"layer", "forward"}}, "layer_overhead_us",
     "fit": {...}}`` (``layer_overhead_us``: the decode value, for callers without a phase)."""
     gemm = fit_cpu_gemm(timed["gemm"])
-    gemm_params = {k: v for k, v in gemm.items() if k != "median_rel_err"}
+    gemm_params = {name: v for name, v in gemm.items() if name != "median_rel_err"}
     fw = timed["forwards"]
     key = lambda r: (r["h"], r["heads"], r["kv_heads"], r["ffn"])              # noqa: E731
     shapes = sorted({key(r) for r in fw})
@@ -106,10 +106,10 @@ def fit_cpu_kernels(timed: Mapping[str, Any]) -> dict:
         mem_bytes, resid = [], []
         for S in prompts:
             ops = layer_ops(spec_of[calib], 1, 1, S, 0, (S + 1) / 2, 4)
-            g, _ = _kernel_s(spec_of[calib], kern, S, 0)
+            gemm_s, _ = _kernel_s(spec_of[calib], kern, S, 0)
             mem_bytes.append(sum(float(op["bytes"]) * op.get("count", 1) for op in ops.values()
                                  if op["kind"] not in ("gemm", "attention")))
-            resid.append(_per_layer(fw, "prefill", calib, S) - g - layer_host["prefill"])
+            resid.append(_per_layer(fw, "prefill", calib, S) - gemm_s - layer_host["prefill"])
         mem_bytes, resid = np.array(mem_bytes), np.array(resid)
         ok = resid > 0
         memops_bps = float(np.sum(mem_bytes[ok]) / np.sum(resid[ok])) if ok.any() else gemm_params["bytes_per_s"]
@@ -132,7 +132,7 @@ def _hardware(entry: Mapping[str, Any]):
     preset = dict(load_hardware("cpu-local").raw)
     preset.pop("compute_by_threads", None)
     preset.pop("in_run", None)
-    preset.update({k: entry[k] for k in ("kernels", "layer_overhead_us", "host_us")})
+    preset.update({key: entry[key] for key in ("kernels", "layer_overhead_us", "host_us")})
     return Hardware.from_dict(preset, name="cpu-local")
 
 

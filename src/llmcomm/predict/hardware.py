@@ -343,8 +343,8 @@ def for_layout(hardware: Hardware, t: int, p: int, cores: int | None = None) -> 
         _scale_kernels(preset["kernels"], kf)
     preset["layer_overhead_us"] = float(preset.get("layer_overhead_us", 0.0)) * hf
     for host in (preset.get("host_us") or {}).values():
-        for k in host:
-            host[k] = float(host[k]) * hf
+        for part in host:
+            host[part] = float(host[part]) * hf
     for op, fits in (entry.get("collectives") or {}).items():
         key = "subgroup_collectives" if int(p) > 1 and op != "send_recv" else "collectives"
         for level in ("intra", "inter"):
@@ -363,9 +363,9 @@ def for_layout(hardware: Hardware, t: int, p: int, cores: int | None = None) -> 
 def _scale_kernels(kernels: dict, factor: float) -> None:
     """Every kernel time of a fitted ``kernels`` section × ``factor`` (rates ÷, floors ×), in place."""
     for params in (kernels["gemm"], *kernels.get("memops", {}).values()):
-        for k in ("flops_per_s", "bytes_per_s", "gemv_bytes_per_s"):
-            if k in params:
-                params[k] = float(params[k]) / factor
+        for rate in ("flops_per_s", "bytes_per_s", "gemv_bytes_per_s"):
+            if rate in params:
+                params[rate] = float(params[rate]) / factor
         params["t0"] = float(params.get("t0", 0.0)) * factor
 
 
