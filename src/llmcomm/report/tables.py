@@ -222,13 +222,22 @@ def latency_breakdown(val: pd.DataFrame) -> pd.DataFrame:
 
 
 def compute_calibration(raw: dict) -> pd.DataFrame:
-    """A CPU preset's compute calibration per thread count (``compute_by_threads``) as a table."""
-    return pd.DataFrame([{"threads": threads, "peak fp32 GFLOP/s": 1e3 * v["peak_tflops"]["fp32"],
-                          "mem bw GB/s": v["mem_bw_GBps"], "e_f": v["efficiency"]["flops"],
-                          "layer overhead o (µs)": v["layer_overhead_us"],
-                          "layer prefill (ms)": 1e3 * v["calibration"]["layer_prefill_s"],
-                          "layer decode (ms)": 1e3 * v["calibration"]["layer_decode_s"]}
-                         for threads, v in raw.get("compute_by_threads", {}).items()]).round(3)
+    """A CPU preset's kernel model and host times per thread count (``compute_by_threads``,
+    :mod:`llmcomm.compare.cpu_calibration`) as a table: the GEMM's compute rate, its weight-streaming rates (blocked
+    GEMM and one-token matrix-vector), the memory-bound ops' rate, the host time per decoder layer and per forward
+    of each phase, and the GEMM fit's median |error|."""
+    rows = []
+    for threads, v in raw.get("compute_by_threads", {}).items():
+        gemm, host = v["kernels"]["gemm"], v["host_us"]
+        rows.append({"threads": threads, "GEMM GFLOP/s": gemm["flops_per_s"] / 1e9,
+                     "GEMM weights GB/s (M ≥ 2)": gemm["bytes_per_s"] / 1e9,
+                     "GEMV weights GB/s (M = 1)": gemm["gemv_bytes_per_s"] / 1e9,
+                     "memory-bound ops GB/s": v["kernels"]["memops"]["rmsnorm"]["bytes_per_s"] / 1e9,
+                     "host µs/layer prefill": host["prefill"]["layer"], "host µs/layer decode": host["decode"]["layer"],
+                     "host µs/forward prefill": host["prefill"]["forward"],
+                     "host µs/forward decode": host["decode"]["forward"],
+                     "GEMM fit median |err|": v["fit"]["gemm_median_rel_err"], "GEMM points": v["fit"]["gemm_points"]})
+    return pd.DataFrame(rows).round(3)
 
 
 def collective_fits(fits: pd.DataFrame) -> pd.DataFrame:
@@ -440,25 +449,22 @@ def gpu_collective_errors(summary: pd.DataFrame) -> pd.DataFrame:
 
 def in_run_calibration(raw: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The cpu-local preset's in-run calibration (``in_run``, :mod:`llmcomm.compare.inrun`) as two tables: compute
-    per layout (fitted rate, per-layer overhead, fit error) and communication per (layout, op, n) (median call in
-    the runs beside the microbenchmark fit, and what was done with it)."""
+    per layout (the factors on the kernel and host times, the fit's error) and communication per (layout, op, n)
+    (the calls in the runs — median and mean, whose gap is the tail of waiting for a peer — beside the
+    microbenchmark fit, and the latency per call the model takes from them)."""
     comp, calls = [], []
     for key, entry in (raw.get("in_run") or {}).items():
         if key == "provenance":
             continue
         fit = entry["compute"]
-        comp.append({"layout": key, "threads per rank": entry.get("threads"),
-                     "compute GFLOP/s": fit["flops_per_s"] / 1e9, "overhead µs/layer": fit["overhead_us"],
-                     # a fitted bandwidth beyond any CPU's (10 TB/s): the points do not identify the memory term
-                     "mem bw GB/s (fitted; inf: not identified)": fit["mem_bw_GBps"] if fit["mem_bw_GBps"] < 1e4
-                     else float("inf"),
-                     "fit median |err|": fit["median_rel_err"], "points": fit["points"]})
+        comp.append({"layout": key, "threads per rank": entry.get("threads"), "× kernel times": fit["kernel_factor"],
+                     "× host times": fit["host_factor"], "fit median |err|": fit["median_rel_err"],
+                     "points": fit["points"]})
         for r in entry.get("calls", []):
             calls.append({"layout": key, "op": r["op"], "n": r["n"], "calls": r["calls"],
-                          "in run µs (median)": r["median_in_run_us"], "microbenchmark fit µs": r["median_fit_us"],
-                          "in run ÷ fit": r["in_run_over_fit"],
-                          "used": "refitted from the runs" if r.get("refit") else
-                          ("microbenchmark; " + r["flag"]) if r.get("flag") else "microbenchmark"})
+                          "in run µs (median)": r["median_in_run_us"], "in run µs (mean)": r["mean_in_run_us"],
+                          "microbenchmark fit µs (median)": r["median_fit_us"],
+                          "latency per call α µs (model)": r["alpha_us"]})
     return pd.DataFrame(comp).round(3), pd.DataFrame(calls).round(2)
 
 
