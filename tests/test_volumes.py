@@ -153,3 +153,36 @@ def test_regime_substitutes_the_degrees_it_fixes():
     assert v.regime(calls, "PP") == P                      # t = 1: p−1 hops + 1 hand-back
     assert sp.expand(v.regime(calls, "hybrid") - t * P) == 0
     assert v.regime(calls, "TP") == 0
+
+
+def test_lighter_condition_vllm_against_deepspeed_tp():
+    """When vLLM's TP pattern moves fewer bytes than DeepSpeed's: derived from the closed forms, equal to the forms
+    worked by hand (busiest rank: DS sends 2(t−1)/t of its 2L activations and of the logits per forward, vLLM
+    2(t−1)/t of 2L+1 activations and a 1/t logits shard; links: the all-reduce ring carries 2(t−1)·m, the gather
+    (t−1)/t·m)."""
+    busiest = v.lighter_condition("busiest")
+    assert isinstance(busiest, sp.StrictGreaterThan)
+    assert sp.expand(busiest.lhs - (2 * t - 3) * G * V) == 0
+    assert sp.expand(busiest.rhs - 2 * (t - 1) * (S + G - 1) * h) == 0
+    at8 = busiest.subs(t, 8)
+    assert sp.expand(at8.lhs - 13 * G * V) == 0 and sp.expand(at8.rhs - 14 * (S + G - 1) * h) == 0
+    links = v.lighter_condition("links")
+    assert sp.expand(links.lhs - (2 * t - 1) * G * V) == 0 and sp.expand(links.rhs - 2 * t * (S + G - 1) * h) == 0
+    assert v.lighter_condition("sizes") == sp.false           # one more all-reduce, the same logits size
+    swapped = v.lighter_condition("busiest", lighter="deepspeed", heavier="vllm")
+    assert isinstance(swapped, sp.StrictLessThan) and sp.expand(swapped.lhs - busiest.lhs) == 0
+    with pytest.raises(ValueError, match="metric"):
+        v.lighter_condition("flops")
+
+
+@pytest.mark.parametrize("name", ["llama-2-7b", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "llama-3.1-70b"])
+@pytest.mark.parametrize("tp,S_,G_", [(8, 1024, 128), (2, 128, 128), (4, 2048, 16), (8, 16, 512)])
+def test_lighter_condition_agrees_with_counted_traffic(name, tp, S_, G_):
+    """The derived condition against the traffic counted call by call (evaluate.traffic_totals): it holds exactly when
+    vLLM's busiest rank sends fewer bytes (and all links carry fewer)."""
+    m = load_model(name)
+    wl = Workload(1, S_, G_, "bf16")
+    counted = {pat: ev.traffic_totals(m, Layout(tp), wl, pat) for pat in ("vllm", "deepspeed")}
+    vals = {t: tp, S: S_, G: G_, h: m.h, V: m.V}
+    for metric, key in (("busiest", "sent_bytes_busiest_rank"), ("links", "link_bytes")):
+        assert bool(v.lighter_condition(metric).subs(vals)) == (counted["vllm"][key] < counted["deepspeed"][key])
