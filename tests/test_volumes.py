@@ -186,3 +186,22 @@ def test_lighter_condition_agrees_with_counted_traffic(name, tp, S_, G_):
     vals = {t: tp, S: S_, G: G_, h: m.h, V: m.V}
     for metric, key in (("busiest", "sent_bytes_busiest_rank"), ("links", "link_bytes")):
         assert bool(v.lighter_condition(metric).subs(vals)) == (counted["vllm"][key] < counted["deepspeed"][key])
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 2), (4, 2), (2, 4)])
+def test_hop_traffic_matches_the_counted_calls(tp, pp):
+    """One boundary's traffic read from the pattern (volumes.hop_traffic), times the p−1 boundaries of one prefill,
+    equals the hop traffic counted call by call from the generation's calls (report.tables.hop_traffic), in both
+    stage-to-stage modes; full mode puts all of it on the stage links, partitioned mode 1/t of it."""
+    from llmcomm.notation import s
+    from llmcomm.report.tables import hop_traffic
+
+    m8 = load_model("llama-3.1-8b")
+    counted = hop_traffic(m8, Layout(tp, pp), Workload(1, 1024, 1, "bf16"), gpus_per_node=tp).set_index("mode")
+    vals = {b: 1, s: 1024, h: m8.h, w: 2, t: tp, P: pp}
+    for mode, pattern in (("partitioned", "deepspeed"), ("full", "deepspeed-full")):
+        hop = {k: int(x.subs(vals)) * (pp - 1) for k, x in v.hop_traffic(pattern).items()}
+        assert hop["stage link"] + hop["TP group's links"] == counted.loc[mode, "all links"]
+        assert hop["stage link"] == counted.loc[mode, "across nodes"]      # one stage per node: the hops cross
+        assert hop["into each receiving rank"] == 1024 * m8.h * 2 * (pp - 1)
+    assert sp.expand(v.hop_traffic("vllm")["stage link"] - 2 * v.hop_traffic("deepspeed")["stage link"]) == 0

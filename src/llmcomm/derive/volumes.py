@@ -185,6 +185,26 @@ def lighter_condition(metric: str = "busiest", lighter: str = "vllm", heavier: s
     raise ValueError(f"the coefficient {a} of V changes sign over the {regime_name} regime")
 
 
+def hop_traffic(pattern: str = "deepspeed") -> dict[str, sp.Expr]:
+    """What ONE stage boundary moves in one forward over ``s`` tokens of a hybrid (t > 1, p > 1) under ``pattern``,
+    read from its messages (the boundary's sends, ``where == "boundary"``, and the receiving stage's all-gathers,
+    ``where == "receivers"``; the token hand-back is not a boundary's): ``{"stage link": bytes the sends put on the
+    stage-to-stage links, "TP group's links": bytes the all-gathers put on the receiving stage's TP links, "into each
+    receiving rank": bytes one rank of the receiving stage receives}``. A boundary's sends land one on each of the t
+    ranks of the next stage; a ring all-gather is symmetric, so each rank receives what each sends
+    (:func:`llmcomm.derive.traffic.sent_bytes`)."""
+    out = {"stage link": sp.Integer(0), "TP group's links": sp.Integer(0), "into each receiving rank": sp.Integer(0)}
+    for msg in patterns.pattern(pattern):
+        if msg.where not in ("boundary", "receivers"):
+            continue
+        calls = regime(sp.piecewise_fold(msg.calls), "hybrid") / (p - 1)
+        n, m = sp.sympify(msg.group), msg.bytes_per_call
+        out["stage link" if msg.where == "boundary" else "TP group's links"] += calls * traffic.link_bytes(msg.op, n, m)
+        out["into each receiving rank"] += (calls / t if msg.where == "boundary" else calls) * \
+            traffic.sent_bytes(msg.op, n, m)
+    return {key: sp.factor(sp.simplify(x)) for key, x in out.items()}
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The readable totals of DeepSpeed's pattern (nccl-tests sizes summed over a generation), typed once; the tests check
 # each against regime(total_bytes("deepspeed"), …).
