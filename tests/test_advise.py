@@ -168,3 +168,33 @@ def test_share_text_lists_the_winning_layouts_only():
 
     maps = pd.DataFrame({"framework": ["e"] * 4, "model": ["m"] * 4, "best": ["t=8×p=1", "t=8×p=1", "t=8×p=1", "t=1×p=8"]})
     assert share_text(winner_shares(maps), "e", "m") == "t=8×p=1 75%, t=1×p=8 25%"
+
+
+def test_equal_within_groups_what_the_front_counts_as_equal():
+    from llmcomm.report.plots import equal_within
+
+    x = np.array([150_929_408.0, 150_896_640.0, 150_880_256.0, 150_872_064.0, 3e9, 3.02e9, 3.1e9])
+    snapped = equal_within(x, 0.01)
+    assert (snapped[:4] == 150_872_064.0).all()                 # 0.04 % apart: one value, the smallest
+    assert snapped[4] == snapped[5] == 3e9 and snapped[6] == 3.1e9     # 3.1e9 is 3.3 % above its group's first
+    assert (equal_within(x, 0.0) == x).all()
+
+
+def test_pareto_figure_draws_equal_bytes_at_one_x_on_a_readable_axis():
+    """The 70B, 2 × 8 case: every layout moves the same inter-node bytes within 0.04 %; the front's panel draws them
+    at one x, on a linear axis from 0 with a few ticks, and says so; the busiest-rank panel (144× span) stays log."""
+    import matplotlib.pyplot as plt
+    from llmcomm.report import plots
+
+    rows = advise(load_model("llama-3.1-70b"), 16, 8, H100, S=1024, G=128, b=8)
+    fig = plots.pareto(rows)
+    front_ax, busy_ax = fig.axes
+    xs = np.concatenate([c.get_offsets()[:, 0] for c in front_ax.collections])
+    assert len(set(xs)) == 1 and xs[0] == min(r["inter_node_bytes"] for r in rows)
+    assert front_ax.get_xscale() == "linear" and front_ax.get_xlim()[0] == 0
+    ticks = [x for x in front_ax.get_xticks() if front_ax.get_xlim()[0] <= x <= front_ax.get_xlim()[1]]
+    assert 2 <= len(ticks) <= 6 and "drawn as one" in front_ax.get_xlabel()
+    labels = [t.get_text() for t in front_ax.texts]
+    assert sorted(labels) == sorted(f"{r['tp']}×{r['pp']}" for r in rows)
+    assert busy_ax.get_xscale() == "log"
+    plt.close(fig)
