@@ -270,7 +270,7 @@ def winner_robustness(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw
         v = np.asarray(vals[key], dtype=float)
         best = v.min()
         co = v <= best * (1 + EXACT_TIE)
-        out[f"winners_{bound}"] = [lay for lay, c in zip(lays, co) if c]
+        out[f"winners_{bound}"] = [lay for lay, tied in zip(lays, co) if tied]
         out[f"margin_{bound}"] = float(v[~co].min() / best - 1) if (~co).any() else float("inf")
     err = winner_under_error(rows, rel_err, key)
     out["contenders"] = err["contenders"]
@@ -293,17 +293,17 @@ def robustness_frame(cases, hw: Hardware, rel_err: float, frameworks=("deepspeed
 
     rows = []
     for fw in frameworks:
-        for name, (m, n, g, S, b) in cases.items():
-            model = load_model(m) if isinstance(m, str) else m
-            r = winner_robustness(model, n, g, hw, S, G, b, rel_err, objective, dtype, Deployment(fw))
+        for name, (spec, gpus, g, S, b) in cases.items():
+            model = load_model(spec) if isinstance(spec, str) else spec
+            r = winner_robustness(model, gpus, g, hw, S, G, b, rel_err, objective, dtype, Deployment(fw))
             lay = "t={}×p={}".format
-            rows.append({"framework": fw, "case": name, "model": model.name, "gpus": n, "gpus_per_node": g, "S": S,
-                         "b": b, "winner, no overlap": " = ".join(lay(*c) for c in r["winners_none"]),
+            rows.append({"framework": fw, "case": name, "model": model.name, "gpus": gpus, "gpus_per_node": g, "S": S,
+                         "b": b, "winner, no overlap": " = ".join(lay(*x) for x in r["winners_none"]),
                          "margin, no overlap": r["margin_none"],
-                         "winner, full overlap": " = ".join(lay(*c) for c in r["winners_full"]),
+                         "winner, full overlap": " = ".join(lay(*x) for x in r["winners_full"]),
                          "margin, full overlap": r["margin_full"],
-                         "within error": ", ".join(lay(*c) for c in r["contenders"]) or "—",
-                         "verdict": r["verdict"], "tied": [lay(*c) for c in r["tied"]]})
+                         "within error": ", ".join(lay(*x) for x in r["contenders"]) or "—",
+                         "verdict": r["verdict"], "tied": [lay(*x) for x in r["tied"]]})
     out = pd.DataFrame(rows)
     out.attrs["rel_err"] = rel_err
     out.attrs["objective"] = objective
