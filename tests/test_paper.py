@@ -62,12 +62,12 @@ def test_decode_floors_by_hand(floors):
         assert r["floor ms, graphs"] == pytest.approx(r["HBM floor ms"] + r["collectives ms, graphs"])
         assert r["floor ms, eager"] == pytest.approx(max(28 * 84e-3, r["HBM floor ms"] + r["collectives ms, eager"]))
         assert r["µs per collective left"] == pytest.approx(1e6 * (tpot - weights / HBM) / 58)
-        assert r["HBM TB/s needed, cheapest calls"] == pytest.approx(weights / (tpot - 58 * 6e-6) / 1e12)
+        assert r["HBM TB/s needed, published calls"] == pytest.approx(weights / (tpot - 58 * 6e-6) / 1e12)
         assert r["host µs per layer the report leaves"] == pytest.approx(1e6 * tpot / 28)
     # TP2: the weights alone at peak HBM take longer than the reported step
     assert f.loc["TP2", "µs per collective left"] == pytest.approx(1e6 * (1.17e-3 - PARAMS / HBM) / 58)
     assert f.loc["TP2", "µs per collective left"] < 0 < f.loc["TP4", "µs per collective left"] < 6
-    assert f.loc["TP2", "HBM TB/s needed, cheapest calls"] == pytest.approx(3.908, abs=1e-3)
+    assert f.loc["TP2", "HBM TB/s needed, published calls"] == pytest.approx(3.908, abs=1e-3)
 
 
 def test_engine_verdict_from_the_floors(floors):
@@ -101,16 +101,23 @@ def test_tpot_goal_and_its_reason(side, floors):
     goal = paper.tpot_goal(side, floors).set_index("layout")
     s = side.set_index("layout")
     for lay, tpot in (("TP2", 1.17), ("TP4", 0.86)):
+        hbm = 1e3 * 2 * PARAMS / int(lay[2:]) / HBM
         assert goal.loc[lay, "TPOT ms reported"] == tpot
         assert goal.loc[lay, "error"] == pytest.approx(s.loc[lay, "TPOT ms predicted"] / tpot - 1)
-        least = 1e3 * 2 * PARAMS / int(lay[2:]) / HBM + 58 * 6e-3
-        assert goal.loc[lay, "least step ms"] == pytest.approx(least)
-        assert goal.loc[lay, "reachable"] == (abs(least / tpot - 1) <= 0.40)
-    assert not goal.loc["TP2", "reachable"] and goal.loc["TP4", "reachable"]     # 1.69 ms is +44 %, 1.02 ms +18 %
-    text = paper.goal_text(goal.reset_index())
-    assert "TP2 1.69 ms (+44%)" in text and "TP4 (cheapest step 1.02 ms, +18%)" in text
-    met = goal.reset_index().assign(**{"within ±40%": True})
-    assert "— met." in paper.goal_text(met) and "Not reachable" not in paper.goal_text(met)
+        assert goal.loc[lay, "within ±40%"] == (abs(s.loc[lay, "TPOT ms predicted"] / tpot - 1) <= 0.40)
+        assert goal.loc[lay, "below HBM floor"] == (tpot < hbm)
+        assert goal.loc[lay, "µs per call the goal allows"] == pytest.approx(1e3 * (1.4 * tpot - hbm) / 58)
+        assert goal.loc[lay, "µs per call predicted"] == pytest.approx(1e3 * s.loc[lay, "TPOT comm ms predicted"] / 58)
+        kern = s.loc[lay, "TPOT ms predicted"] - s.loc[lay, "TPOT comm ms predicted"]
+        assert goal.loc[lay, "weights TB/s predicted"] == pytest.approx(2 * PARAMS / int(lay[2:]) / 1e9 / kern)
+    assert goal.loc["TP2", "below HBM floor"] and not goal.loc["TP4", "below HBM floor"]   # 1.17 < 1.339; 0.86 > 0.669
+    assert goal.loc["TP2", "µs per call the goal allows"] == pytest.approx(5.161, abs=1e-3)  # (1.638 − 1.3386) / 58
+    assert goal.loc["TP4", "µs per call the goal allows"] == pytest.approx(9.219, abs=1e-3)  # (1.204 − 0.6693) / 58
+    text = paper.goal_text(goal.reset_index(), floors)
+    assert "not met" in text and "TP2's reported 1.17 ms lies below its weights' floor (1.34 ms)" in text
+    assert "at most 5.2 µs (TP2), 9.2 µs (TP4)" in text
+    met = goal.reset_index().assign(**{"within ±40%": True, "below HBM floor": False})
+    assert "— met." in paper.goal_text(met, floors) and "at most" not in paper.goal_text(met, floors)
 
 
 def test_tpot_goal_error_sign():
@@ -121,5 +128,5 @@ def test_tpot_goal_error_sign():
                        "weights GB per rank": [1.0]})
     goal = paper.tpot_goal(side, fl)
     assert goal["error"][0] == pytest.approx(-0.5) and not goal["within ±40%"][0]
-    assert goal["least step ms"][0] == pytest.approx(0.56) and not goal["reachable"][0]      # −72 %
-    assert goal["weights TB/s predicted"][0] == pytest.approx(1.0 / 0.8)
+    assert goal["µs per call the goal allows"][0] == pytest.approx(1e3 * (2.8 - 0.5) / 10)
+    assert goal["weights TB/s predicted"][0] == pytest.approx(1.0 / 0.8) and not goal["below HBM floor"][0]
