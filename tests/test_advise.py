@@ -168,3 +168,93 @@ def test_share_text_lists_the_winning_layouts_only():
 
     maps = pd.DataFrame({"framework": ["e"] * 4, "model": ["m"] * 4, "best": ["t=8×p=1", "t=8×p=1", "t=8×p=1", "t=1×p=8"]})
     assert share_text(winner_shares(maps), "e", "m") == "t=8×p=1 75%, t=1×p=8 25%"
+
+
+def test_equal_within_groups_what_the_front_counts_as_equal():
+    from llmcomm.report.plots import equal_within
+
+    x = np.array([150_929_408.0, 150_896_640.0, 150_880_256.0, 150_872_064.0, 3e9, 3.02e9, 3.1e9])
+    snapped = equal_within(x, 0.01)
+    assert (snapped[:4] == 150_872_064.0).all()                 # 0.04 % apart: one value, the smallest
+    assert snapped[4] == snapped[5] == 3e9 and snapped[6] == 3.1e9     # 3.1e9 is 3.3 % above its group's first
+    assert (equal_within(x, 0.0) == x).all()
+
+
+def test_pareto_figure_draws_equal_bytes_at_one_x_on_a_readable_axis():
+    """The 70B, 2 × 8 case: every layout moves the same inter-node bytes within 0.04 %; the front's panel draws them
+    at one x, on a linear axis from 0 with a few ticks, and says so; the busiest-rank panel (144× span) stays log."""
+    import matplotlib.pyplot as plt
+    from llmcomm.report import plots
+
+    rows = advise(load_model("llama-3.1-70b"), 16, 8, H100, S=1024, G=128, b=8)
+    fig = plots.pareto(rows)
+    front_ax, busy_ax = fig.axes
+    xs = np.concatenate([c.get_offsets()[:, 0] for c in front_ax.collections])
+    assert len(set(xs)) == 1 and xs[0] == min(r["inter_node_bytes"] for r in rows)
+    assert front_ax.get_xscale() == "linear" and front_ax.get_xlim()[0] == 0
+    ticks = [x for x in front_ax.get_xticks() if front_ax.get_xlim()[0] <= x <= front_ax.get_xlim()[1]]
+    assert 2 <= len(ticks) <= 6 and "drawn as one" in front_ax.get_xlabel()
+    labels = [t.get_text() for t in front_ax.texts]
+    assert sorted(labels) == sorted(f"{r['tp']}×{r['pp']}" for r in rows)
+    assert busy_ax.get_xscale() == "log"
+    plt.close(fig)
+
+
+def test_host_overlap_bounds_against_the_profiles_numbers():
+    """Full overlap hides collectives in the device's wait for the host: under DeepSpeed's eager profile a
+    host-bound Llama-3.1-8B decode step costs exactly the host's time, (L + 1) layers-and-head × 350 µs, whatever the
+    layout; under vLLM's CUDA-graph decode (no per-layer host time, 15 µs per replay) the two bounds differ by the
+    replay's 15 µs alone."""
+    from llmcomm.deployment import Deployment
+    from llmcomm.predict.advise import host_overlap_bounds
+    from llmcomm.predict.profiles import load_profile
+
+    m8 = load_model("llama-3.1-8b")
+    t, p = np.array([8, 4, 2, 1]), np.array([1, 2, 4, 8])
+    ds = host_overlap_bounds(m8, H100, t, p, 1, 128, 128, 2, 8, Deployment("deepspeed"))
+    host_us = load_profile("deepspeed-eager").phases["decode"]["layer_overhead_us"]
+    assert ds["full"]["tpot_s"] == pytest.approx(np.full(4, (m8.L + 1) * host_us * 1e-6), rel=1e-12)
+    assert (ds["full"]["e2e_s"] <= ds["none"]["e2e_s"]).all() and (ds["none"]["tpot_s"] > ds["full"]["tpot_s"]).all()
+    vl = host_overlap_bounds(m8, H100, t, p, 1, 128, 128, 2, 8, Deployment("vllm"))
+    replay_s = load_profile("vllm-v0").phases["decode"]["forward_overhead_us"] * 1e-6
+    assert vl["none"]["tpot_s"] - vl["full"]["tpot_s"] == pytest.approx(np.full(4, replay_s), rel=1e-9)
+
+
+def test_winner_robustness_reports_ties_and_holds():
+    from llmcomm.deployment import Deployment
+    from llmcomm.predict.advise import robustness_frame, winner_robustness
+    from llmcomm.report.tables import robustness_text
+
+    m8 = load_model("llama-3.1-8b")
+    ds = winner_robustness(m8, 8, 8, H100, S=128, G=128, b=1, rel_err=0.0, deployment=Deployment("deepspeed"))
+    assert ds["winners_none"] == [(1, 8)] and len(ds["winners_full"]) == 4        # host-bound: all four equal
+    assert ds["margin_full"] == float("inf") and ds["verdict"] == "tie" and ds["contenders"] == []
+    assert ds["tied"][0] == (1, 8) and set(ds["tied"]) == {(8, 1), (4, 2), (2, 4), (1, 8)}
+    vl = winner_robustness(load_model("llama-3.1-70b"), 8, 8, H100, S=1024, G=128, b=1, rel_err=0.111,
+                           deployment=Deployment("vllm"))
+    assert vl["verdict"] == "holds" and vl["tied"] == [(8, 1)] and vl["margin_none"] > 2 * 0.111 / (1 - 0.111)
+    near = winner_robustness(m8, 8, 8, H100, S=1024, G=128, b=1, rel_err=0.111, deployment=Deployment("vllm"))
+    assert near["winners_none"] == [(8, 1)] and near["contenders"] and near["verdict"] == "tie"
+    frame = robustness_frame({"8B": ("llama-3.1-8b", 8, 8, 1024, 1), "70B": ("llama-3.1-70b", 8, 8, 1024, 1)},
+                             H100, 0.111, frameworks=("vllm",))
+    text = robustness_text(frame, {"vllm": "vLLM V0"})
+    assert text.startswith("**1 of 2 winners hold**") and "vLLM V0, llama-3.1-70b on 8 GPUs" in text
+    assert "**TIE** between t=8×p=1 and t=4×p=2 — t=4×p=2 within the 11.1% error band" in text
+
+
+def test_latency_shares_of_a_pure_alpha_beta_ring():
+    """On a link priced α + m·β per step (ring all-reduce: 2(n−1)·α + 2(n−1)/n·m·β) the latency part is 2(n−1)·α and
+    the half-performance size of the n-way call n·α/β — n times the link's α/β."""
+    from llmcomm.predict.hardware import Hardware
+    from llmcomm.report.tables import latency_shares
+
+    alpha, bw = 3e-6, 360e9
+    hw = Hardware.from_dict({"name": "ring", "memory_gib": 80, "mem_bw_GBps": 3350, "peak_tflops": {"bf16": 989},
+                             "links": {"intra": {"bw_GBps": bw / 1e9, "alpha_us": alpha * 1e6, "algorithm": "ring"}}})
+    f = latency_shares(hw, {"decode": ("all_reduce", 8, 8192), "prefill": ("all_reduce", 8, 8 << 20)}).set_index(
+        "message")
+    assert f.loc["prefill", "latency_s"] == pytest.approx(14 * alpha, rel=1e-6)
+    assert f.loc["prefill", "half_size"] == pytest.approx(8 * alpha * bw, rel=1e-6)
+    tau = 14 * alpha + 1.75 * (8 << 20) / bw
+    assert f.loc["prefill", "latency_share"] == pytest.approx(14 * alpha / tau, rel=1e-6)
+    assert f.loc["decode", "size / half_size"] == pytest.approx(8192 / (8 * alpha * bw), rel=1e-6)

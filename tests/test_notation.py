@@ -57,7 +57,7 @@ _allow("compare/inrun.py", "key", "b S G n")
 _allow("compare/moe.py", "name", "b S G w h E k T C phi m")
 _allow("compare/moe.py", "key", "b S G h L a_kv E k F_ex L_moe t p e C phi")
 _allow("compare/paper.py", "name", "b S G w h L V t p")         # the sympy symbols of the paper's formulas
-_allow("compare/paper.py", "key", "S G w V")                    # the book's symbols in NOTATION_MAP
+_allow("compare/paper.py", "key", "S G w V g t")                # NOTATION_MAP's symbols; g=, the floors' t
 _allow("compare/sweeps.py", "name", "b S G t p e")              # Config's fields
 _allow("compare/sweeps.py", "key", "b S G t p e")
 _allow("compare/validate.py", "name", "t p")

@@ -75,3 +75,15 @@ def test_every_table_has_the_one_sidecar_schema(path):
     meta, df = read_sidecar(path), pd.read_csv(path)
     assert isinstance(meta["provenance"], dict) and meta["provenance"], path
     assert meta["rows"] == len(df) and meta["columns"] == list(df.columns), path
+
+
+def test_readme_says_whether_gpu_results_exist():
+    """README's GPU section says 'Not yet run on a GPU by this project' exactly while no committed result's
+    provenance lists a GPU (or CUDA): the sentence must go when the first GPU result lands, and may not be missing
+    before."""
+    gpu_records = [(path.relative_to(ROOT), where) for path in RECORDS
+                   for where, prov in _provenances(json.loads(path.read_text()))
+                   if prov.get("gpus") or prov.get("cuda")]
+    says_not_run = "Not yet run on a GPU by this project" in (ROOT / "README.md").read_text()
+    assert says_not_run == (not gpu_records), (
+        f"README says {'not ' if says_not_run else ''}yet run on a GPU, but GPU results are {gpu_records or 'absent'}")

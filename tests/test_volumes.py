@@ -153,3 +153,55 @@ def test_regime_substitutes_the_degrees_it_fixes():
     assert v.regime(calls, "PP") == P                      # t = 1: p−1 hops + 1 hand-back
     assert sp.expand(v.regime(calls, "hybrid") - t * P) == 0
     assert v.regime(calls, "TP") == 0
+
+
+def test_lighter_condition_vllm_against_deepspeed_tp():
+    """When vLLM's TP pattern moves fewer bytes than DeepSpeed's: derived from the closed forms, equal to the forms
+    worked by hand (busiest rank: DS sends 2(t−1)/t of its 2L activations and of the logits per forward, vLLM
+    2(t−1)/t of 2L+1 activations and a 1/t logits shard; links: the all-reduce ring carries 2(t−1)·m, the gather
+    (t−1)/t·m)."""
+    busiest = v.lighter_condition("busiest")
+    assert isinstance(busiest, sp.StrictGreaterThan)
+    assert sp.expand(busiest.lhs - (2 * t - 3) * G * V) == 0
+    assert sp.expand(busiest.rhs - 2 * (t - 1) * (S + G - 1) * h) == 0
+    at8 = busiest.subs(t, 8)
+    assert sp.expand(at8.lhs - 13 * G * V) == 0 and sp.expand(at8.rhs - 14 * (S + G - 1) * h) == 0
+    links = v.lighter_condition("links")
+    assert sp.expand(links.lhs - (2 * t - 1) * G * V) == 0 and sp.expand(links.rhs - 2 * t * (S + G - 1) * h) == 0
+    assert v.lighter_condition("sizes") == sp.false           # one more all-reduce, the same logits size
+    swapped = v.lighter_condition("busiest", lighter="deepspeed", heavier="vllm")
+    assert isinstance(swapped, sp.StrictLessThan) and sp.expand(swapped.lhs - busiest.lhs) == 0
+    with pytest.raises(ValueError, match="metric"):
+        v.lighter_condition("flops")
+
+
+@pytest.mark.parametrize("name", ["llama-2-7b", "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "llama-3.1-70b"])
+@pytest.mark.parametrize("tp,S_,G_", [(8, 1024, 128), (2, 128, 128), (4, 2048, 16), (8, 16, 512)])
+def test_lighter_condition_agrees_with_counted_traffic(name, tp, S_, G_):
+    """The derived condition against the traffic counted call by call (evaluate.traffic_totals): it holds exactly when
+    vLLM's busiest rank sends fewer bytes (and all links carry fewer)."""
+    m = load_model(name)
+    wl = Workload(1, S_, G_, "bf16")
+    counted = {pat: ev.traffic_totals(m, Layout(tp), wl, pat) for pat in ("vllm", "deepspeed")}
+    vals = {t: tp, S: S_, G: G_, h: m.h, V: m.V}
+    for metric, key in (("busiest", "sent_bytes_busiest_rank"), ("links", "link_bytes")):
+        assert bool(v.lighter_condition(metric).subs(vals)) == (counted["vllm"][key] < counted["deepspeed"][key])
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 2), (4, 2), (2, 4)])
+def test_hop_traffic_matches_the_counted_calls(tp, pp):
+    """One boundary's traffic read from the pattern (volumes.hop_traffic), times the p−1 boundaries of one prefill,
+    equals the hop traffic counted call by call from the generation's calls (report.tables.hop_traffic), in both
+    stage-to-stage modes; full mode puts all of it on the stage links, partitioned mode 1/t of it."""
+    from llmcomm.notation import s
+    from llmcomm.report.tables import hop_traffic
+
+    m8 = load_model("llama-3.1-8b")
+    counted = hop_traffic(m8, Layout(tp, pp), Workload(1, 1024, 1, "bf16"), gpus_per_node=tp).set_index("mode")
+    vals = {b: 1, s: 1024, h: m8.h, w: 2, t: tp, P: pp}
+    for mode, pattern in (("partitioned", "deepspeed"), ("full", "deepspeed-full")):
+        hop = {k: int(x.subs(vals)) * (pp - 1) for k, x in v.hop_traffic(pattern).items()}
+        assert hop["stage link"] + hop["TP group's links"] == counted.loc[mode, "all links"]
+        assert hop["stage link"] == counted.loc[mode, "across nodes"]      # one stage per node: the hops cross
+        assert hop["into each receiving rank"] == 1024 * m8.h * 2 * (pp - 1)
+    assert sp.expand(v.hop_traffic("vllm")["stage link"] - 2 * v.hop_traffic("deepspeed")["stage link"]) == 0

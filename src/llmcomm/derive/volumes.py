@@ -29,7 +29,8 @@ from .conventions import shm_split
 from .phases import PHASES, forwards
 
 __all__ = ["per_forward", "volumes", "total_bytes", "RANK_CLASSES", "stage_class_layers",
-           "class_sent", "busiest_sent", "link_bytes", "inter_node_bytes", "even_split", "regime", "REGIMES", "branch", "solve_crossover", "tidy",
+           "class_sent", "busiest_sent", "link_bytes", "inter_node_bytes", "even_split", "regime", "REGIMES", "branch", "solve_crossover", "tidy", "lighter_condition", "LIGHTER_METRICS",
+           "hop_traffic",
            "B_TP", "B_PP", "B_hybrid"]
 
 #: Layout regimes by name → the truth values of the conditions the patterns carry (t > 1, p > 1).
@@ -114,6 +115,94 @@ def solve_crossover(lhs: sp.Expr, rhs: sp.Expr, var: sp.Symbol, **values) -> lis
     subs[var] = x
     eq = sp.Eq(sp.piecewise_fold(lhs).subs(subs), sp.piecewise_fold(rhs).subs(subs))
     return [r.subs(x, var) for r in sp.solve(eq, x)]
+
+
+#: what :func:`lighter_condition` can compare: the busiest rank's sent bytes, all links' bytes, the nccl-tests sizes
+LIGHTER_METRICS = {"busiest": "bytes the busiest rank sends", "links": "bytes all links carry",
+                   "sizes": "nccl-tests sizes summed"}
+
+
+def _positive_for_layout(factor: sp.Expr, name: str) -> bool:
+    """Whether ``factor`` is positive for every layout of regime ``name`` (t ≥ 2 when TP is on, p ≥ 2 when PP is;
+    every other positive integer symbol ≥ 1)."""
+    t_on, p_on = REGIMES[name]
+    shifted = {x: sp.Symbol(f"{x.name}_1", nonnegative=True) + 1 for x in factor.free_symbols
+               if x.is_integer and x.is_positive}
+    if t_on:
+        shifted[t] = sp.Symbol("t_2", nonnegative=True) + 2
+    if p_on:
+        shifted[p] = sp.Symbol("p_2", nonnegative=True) + 2
+    return bool(sp.expand(factor.subs(shifted)).is_positive)
+
+
+@lru_cache(maxsize=None)
+def lighter_condition(metric: str = "busiest", lighter: str = "vllm", heavier: str = "deepspeed",
+                      regime_name: str = "TP") -> sp.Basic:
+    """When pattern ``lighter`` moves fewer bytes than ``heavier`` over a generation, by ``metric``
+    (:data:`LIGHTER_METRICS`), in layout regime ``regime_name``: the inequality ``heavier − lighter > 0`` derived from
+    the closed forms (:func:`busiest_sent`, :func:`link_bytes`, :func:`total_bytes`), with every factor that is
+    positive for all layouts of the regime (b, w, 1/t, t − 1, …) divided out, the terms in V on the left and the rest
+    on the right: ``(2t − 3)·G·V > 2(t − 1)(S + G − 1)·h`` for the busiest rank, vLLM against DeepSpeed, under TP.
+    ``sympy.false`` when no layout satisfies it (the sizes: vLLM names one more all-reduce and the same logits size).
+
+    With the patterns swapped the coefficient of V is negative and the inequality reads ``|a|·V < …``. Raises
+    ValueError if a factor without V has no fixed sign over the regime, or the coefficient of V changes sign (then the
+    inequality could not be stated one way for every layout), or the metric is not a polynomial there (a pipeline's
+    busiest rank is a maximum over its stages: compare its rank classes instead)."""
+    if metric not in LIGHTER_METRICS:
+        raise ValueError(f"metric {metric!r} is not one of {', '.join(LIGHTER_METRICS)}")
+    if metric == "busiest" and not REGIMES[regime_name][1]:
+        # one stage: the busiest rank is busiest_sent's p = 1 branch, the one class (what regime() would pick, faster)
+        of = lambda pat: class_sent(pat, "single").subs(p, 1)  # noqa: E731
+    else:
+        of = {"busiest": busiest_sent, "links": link_bytes, "sizes": total_bytes}[metric]
+    diff = sp.expand(regime(of(heavier), regime_name) - regime(of(lighter), regime_name))
+    if diff == 0:
+        return sp.false
+    if diff.has(sp.Max, sp.Min, sp.Piecewise, sp.floor, sp.ceiling, sp.Mod):
+        raise ValueError(f"{LIGHTER_METRICS[metric]} is not one polynomial in the {regime_name} regime")
+    num, den = sp.fraction(sp.together(diff))
+    (c_num, f_num), (c_den, f_den) = sp.factor_list(num), sp.factor_list(den)
+    core, sign = sp.Integer(1), sp.sign(c_num) * sp.sign(c_den)
+    for f, k in f_num + [(f, -k) for f, k in f_den]:
+        if f.has(V):
+            core *= f ** k
+        elif _positive_for_layout(f, regime_name):
+            continue
+        elif _positive_for_layout(-f, regime_name):
+            sign *= (-1) ** k
+        else:
+            raise ValueError(f"the factor {f} of {heavier} − {lighter} has no fixed sign over the {regime_name} regime")
+    core = sp.expand(sign * core)
+    if not core.has(V):
+        return sp.Gt(core, 0)                   # no V: true or false for every layout (sympy decides it when it can)
+    a = sp.factor(core.coeff(V))
+    rest = sp.expand(core - a * V)
+    if _positive_for_layout(a, regime_name):
+        return sp.Gt(a * V, sp.factor(-rest), evaluate=False)        # a·V + rest > 0 ⇔ a·V > −rest
+    if _positive_for_layout(-a, regime_name):
+        return sp.Lt(sp.factor(-a) * V, sp.factor(rest), evaluate=False)   # ⇔ |a|·V < rest
+    raise ValueError(f"the coefficient {a} of V changes sign over the {regime_name} regime")
+
+
+def hop_traffic(pattern: str = "deepspeed") -> dict[str, sp.Expr]:
+    """What ONE stage boundary moves in one forward over ``s`` tokens of a hybrid (t > 1, p > 1) under ``pattern``,
+    read from its messages (the boundary's sends, ``where == "boundary"``, and the receiving stage's all-gathers,
+    ``where == "receivers"``; the token hand-back is not a boundary's): ``{"stage link": bytes the sends put on the
+    stage-to-stage links, "TP group's links": bytes the all-gathers put on the receiving stage's TP links, "into each
+    receiving rank": bytes one rank of the receiving stage receives}``. A boundary's sends land one on each of the t
+    ranks of the next stage; a ring all-gather is symmetric, so each rank receives what each sends
+    (:func:`llmcomm.derive.traffic.sent_bytes`)."""
+    out = {"stage link": sp.Integer(0), "TP group's links": sp.Integer(0), "into each receiving rank": sp.Integer(0)}
+    for msg in patterns.pattern(pattern):
+        if msg.where not in ("boundary", "receivers"):
+            continue
+        calls = regime(sp.piecewise_fold(msg.calls), "hybrid") / (p - 1)
+        n, m = sp.sympify(msg.group), msg.bytes_per_call
+        out["stage link" if msg.where == "boundary" else "TP group's links"] += calls * traffic.link_bytes(msg.op, n, m)
+        out["into each receiving rank"] += (calls / t if msg.where == "boundary" else calls) * \
+            traffic.sent_bytes(msg.op, n, m)
+    return {key: sp.factor(sp.simplify(x)) for key, x in out.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------------

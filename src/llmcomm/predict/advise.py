@@ -26,11 +26,14 @@ import numpy as np
 from ..deployment import Deployment
 from ..derive.evaluate import forward_calls, traffic_totals
 from ..spec import DTYPE_BYTES, Layout, ModelSpec, SpecError, Workload
+from .compute import forward_compute
 from .hardware import GiB, Hardware, scale_links
 from .latency import predict_latency_grid
 from .placement import placement_fractions
+from .profiles import profile_for
 
-__all__ = ["winner_under_error", "check_request",
+__all__ = ["winner_under_error", "host_overlap_bounds", "winner_robustness", "robustness_frame", "EXACT_TIE",
+           "check_request",
            "advise", "advise_report", "candidate_layouts", "memory_per_rank", "pareto_front", "node_crossings",
            "advice_map", "what_if", "LEVERS", "OBJECTIVES", "PARETO_REL_TOL"]
 
@@ -205,6 +208,106 @@ def winner_under_error(rows: list[dict], rel_err: float, metric: str = "e2e_s") 
     return {"winner": (best["tp"], best["pp"]), "runner_up": (runner["tp"], runner["pp"]) if runner else None,
             "margin": runner[metric] / best[metric] - 1 if runner else float("inf"), "rel_err": rel_err,
             "stable": not contenders, "contenders": contenders}
+
+
+def host_overlap_bounds(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, gpus_per_node,
+                        deployment: Deployment | None = None) -> dict:
+    """TTFT/TPOT/E2E (s) of a dense model over broadcast layouts (t, p) under the two bounds of how communication
+    meets the host's time, per phase, with K the forward's kernels, H the host's time (per layer and per forward, the
+    host profile's) and C its collectives:
+
+    * ``none`` — what the latency model charges: every layer the slower of host and kernels, the collectives on top,
+      ``Σ max(o, k) + C`` (no collective runs while the host launches);
+    * ``full`` — every collective hidden in the time the device waits for the host: ``max(H, K + C)``; the same as
+      ``none`` where the host does not run ahead of the device (CPU ranks run their own ops).
+
+    Both are bounds of one schedule; an eager engine lies between them. Returns ``{"none": {...}, "full": {...}}``,
+    each with ``ttft_s``, ``tpot_s``, ``e2e_s`` arrays."""
+    dep = (deployment or Deployment()).resolve(model)
+    if model.is_moe:
+        raise SpecError(f"{model.name} is a mixture of experts: host_overlap_bounds prices dense layers only")
+    prof = profile_for(dep, hw)
+    lat = predict_latency_grid(model, hw, t, p, b, S, G, w, gpus_per_node=gpus_per_node, deployment=dep)
+    out = {"none": {}, "full": {}}
+    for phase, key in (("prefill", "ttft_s"), ("decode", "tpot_s")):
+        o = prof.layer_overhead_s(phase, hw)
+        kernels = forward_compute(model, hw, t, p, b, S, G, w, phase, overhead_s=0.0)["compute_s"]
+        summed = forward_compute(model, hw, t, p, b, S, G, w, phase, overhead_s=o)["compute_s"]   # Σ (k + o)
+        host = summed - kernels + prof.forward_overhead_s(phase)
+        comm = lat[f"{phase}_comm_s"]
+        out["none"][key] = lat[key]
+        out["full"][key] = np.maximum(host, kernels + comm) if prof.host_overlaps(phase) else lat[key]
+    for bound in out.values():
+        bound["e2e_s"] = bound["ttft_s"] + (np.asarray(G) - 1) * bound["tpot_s"]
+    return out
+
+
+#: predictions closer than this (relative) count as one value: a winner "ties" exactly with these
+EXACT_TIE = 1e-9
+
+
+def winner_robustness(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware, S: int = 1024,
+                      G: int = 128, b: int = 1, rel_err: float = 0.0, objective: str = "e2e", dtype: str = "bf16",
+                      deployment: Deployment | None = None) -> dict:
+    """Whether the best fitting layout of a dense model (:func:`advise`) survives the assumptions it rests on: the
+    winners with no overlap of communication with host time (the model as it is) and with full overlap
+    (:func:`host_overlap_bounds`) — each a list, several when their predictions are equal within
+    :data:`EXACT_TIE` —, and ``contenders``: every other layout whose no-overlap prediction lies within the model's
+    error ``rel_err`` of the winner's (:func:`winner_under_error`). ``verdict``: ``"holds"`` when one layout wins
+    under both bounds and none is within the error band, else ``"tie"`` between ``tied`` (all of them, ordered by the
+    no-overlap prediction). ``margin_<bound>``: the best other layout's objective over the winner's, minus 1."""
+    if objective not in ("ttft", "tpot", "e2e"):
+        raise SpecError(f"objective {objective!r} is not one of ttft, tpot, e2e")
+    key = f"{objective}_s"
+    g = check_request(objective, gpus, gpus_per_node, hw)
+    rows = advise(model, gpus, g, hw, S, G, b, objective, dtype, deployment, include_infeasible=False)
+    lays = [(r["tp"], r["pp"]) for r in rows]
+    bounds = host_overlap_bounds(model, hw, np.array([x[0] for x in lays]), np.array([x[1] for x in lays]), b, S, G,
+                                 DTYPE_BYTES[dtype], g, deployment)
+    out: dict = {"model": model.name, "gpus": gpus, "gpus_per_node": g, "b": b, "S": S, "G": G,
+                 "objective": objective, "rel_err": rel_err}
+    for bound, vals in bounds.items():
+        v = np.asarray(vals[key], dtype=float)
+        best = v.min()
+        co = v <= best * (1 + EXACT_TIE)
+        out[f"winners_{bound}"] = [lay for lay, tied in zip(lays, co) if tied]
+        out[f"margin_{bound}"] = float(v[~co].min() / best - 1) if (~co).any() else float("inf")
+    err = winner_under_error(rows, rel_err, key)
+    out["contenders"] = err["contenders"]
+    tied = set(out["winners_none"]) | set(out["winners_full"]) | set(err["contenders"])
+    out["tied"] = [lay for lay in lays if lay in tied]          # advise's order: by the no-overlap prediction
+    out["verdict"] = "holds" if len(out["tied"]) == 1 else "tie"
+    return out
+
+
+def robustness_frame(cases, hw: Hardware, rel_err: float, frameworks=("deepspeed", "vllm"), objective: str = "e2e",
+                     G: int = 128, dtype: str = "bf16"):
+    """:func:`winner_robustness` for every case × framework, one row each: ``cases`` is a mapping name →
+    ``(model, gpus, gpus_per_node, S, b)`` (a model name or :class:`~llmcomm.spec.ModelSpec`). Columns: framework,
+    case, model, gpus, gpus_per_node, S, b, the winner(s) (``a = b`` when equal) and the margin to the next layout
+    under no overlap and under full overlap, ``within error`` (the contenders), ``verdict`` and ``tied``;
+    ``attrs``: ``rel_err``, ``objective``."""
+    import pandas as pd
+
+    from ..spec import load_model
+
+    rows = []
+    for fw in frameworks:
+        for name, (spec, gpus, g, S, b) in cases.items():
+            model = load_model(spec) if isinstance(spec, str) else spec
+            r = winner_robustness(model, gpus, g, hw, S, G, b, rel_err, objective, dtype, Deployment(fw))
+            lay = "t={}×p={}".format
+            rows.append({"framework": fw, "case": name, "model": model.name, "gpus": gpus, "gpus_per_node": g, "S": S,
+                         "b": b, "winner, no overlap": " = ".join(lay(*x) for x in r["winners_none"]),
+                         "margin, no overlap": r["margin_none"],
+                         "winner, full overlap": " = ".join(lay(*x) for x in r["winners_full"]),
+                         "margin, full overlap": r["margin_full"],
+                         "within error": ", ".join(lay(*x) for x in r["contenders"]) or "—",
+                         "verdict": r["verdict"], "tied": [lay(*x) for x in r["tied"]]})
+    out = pd.DataFrame(rows)
+    out.attrs["rel_err"] = rel_err
+    out.attrs["objective"] = objective
+    return out
 
 
 def advise_report(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware, S: int = 1024,

@@ -280,12 +280,14 @@ def _derive(preset: Mapping[str, Any], name: str) -> dict:
     """A preset written as another plus changes (``"derive_from": {"preset", "kernel_bandwidth_scale"}``): the base
     preset's fields, replaced by this one's (``source`` merged), the fitted kernels' bandwidths (GEMM and
     memory-bound ``bytes_per_s``) scaled by the HBM ratio, and ``nccl`` entries replaced key by key
-    (``nccl_changes``)."""
+    (``nccl_changes``). The base preset is taken with its calibration overlay (its fitted kernels and NCCL model
+    live in ``data/calibration/``), as :func:`load_hardware` would load it."""
     spec = preset["derive_from"]
     try:
         base, _ = read_preset_or_file("hardware", str(spec["preset"]), "hardware")
     except (KeyError, TypeError):
         raise SpecError(f"hardware {name!r}: derive_from needs a 'preset'") from None
+    base = _calibrated(base, str(spec["preset"]))
     out = json.loads(json.dumps(base))
     out.update({key: v for key, v in preset.items() if key not in ("derive_from", "source", "nccl_changes")})
     out["source"] = dict(base.get("source", {}), **preset.get("source", {}))

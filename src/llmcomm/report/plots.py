@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg", force=False)  # headless by default (book builds, CI); notebooks still display inline
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
@@ -166,25 +167,78 @@ def advice_heatmaps(maps: dict, value: str = "e2e_s", title: str = "", ncols: in
     return fig
 
 
+def equal_within(values, rel_tol: float):
+    """``values`` with each replaced by the smallest of its group, where sorted values within ``rel_tol`` of their
+    group's smallest count as equal — how a figure shows what :func:`llmcomm.predict.advise.pareto_front` treats as
+    equal (a layout 0.04 % lighter on the network is drawn at the same x, not beside it)."""
+    v = np.asarray(values, dtype=float)
+    out = v.copy()
+    first = None
+    for i in np.argsort(v, kind="stable"):
+        if first is None or v[i] > first * (1 + rel_tol):
+            first = v[i]
+        out[i] = first
+    return out
+
+
+def _readable_axis(ax, which: str, values, formatter, max_ratio: float = 30.0):
+    """A log axis when ``values`` span more than ``max_ratio``, else a linear one from 0 (equal values look equal;
+    differences of a fraction of a per cent do not become the whole axis); few ticks, formatted by ``formatter``."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    v = np.asarray(values, dtype=float)
+    v = v[v > 0]
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    if v.size and v.max() / v.min() > max_ratio:
+        (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+        lo, hi = 10.0 ** np.floor(np.log10(v.min())), 10.0 ** np.ceil(np.log10(v.max()))
+        (ax.set_xlim if which == "x" else ax.set_ylim)(lo, hi)          # whole decades: every decade labelled
+    else:
+        (ax.set_xlim if which == "x" else ax.set_ylim)(0, 1.15 * (v.max() if v.size else 1.0))
+        axis.set_major_locator(MaxNLocator(nbins=4, min_n_ticks=2))
+    axis.set_major_formatter(FuncFormatter(lambda x, _: formatter(x)))
+
+
+def _bytes_text(x: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.0f} B"
+
+
 def pareto(rows, latency: str = "e2e_s", title: str = "",
            panels=(("inter_node_bytes", "bytes across nodes (the Pareto front's axis)"),
-                   ("sent_bytes_busiest_rank", "bytes the busiest rank sends"))):
+                   ("sent_bytes_busiest_rank", "bytes the busiest rank sends")), equal_tol: float | None = None):
     """Latency vs traffic of every layout (rows from :func:`llmcomm.predict.advise.advise`), one panel per traffic
     metric; the Pareto front (latency vs inter-node bytes, as ``advise`` marks it) in red; infeasible layouts
-    hollow."""
+    hollow. On the front's axis (``inter_node_bytes``) values within ``equal_tol`` (default
+    :data:`llmcomm.predict.advise.PARETO_REL_TOL`) are drawn as one, as the front counts them; each axis is linear
+    from 0 unless its values span more than 30×, with a few readable ticks."""
+    from ..predict.advise import PARETO_REL_TOL
+
+    tol = PARETO_REL_TOL if equal_tol is None else equal_tol
     d = pd.DataFrame(rows)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 3.8), squeeze=False)
+    y = d[latency] * 1e3
     for ax, (key, label) in zip(axes[0], panels):
+        x = pd.Series(equal_within(d[key], tol) if key == "inter_node_bytes" else d[key].to_numpy(dtype=float),
+                      index=d.index)
+        if key == "inter_node_bytes" and x.nunique() < d[key].nunique():
+            label += f"\n(values within {tol:.0%} drawn as one)"
         for fits, g in d.groupby("fits"):
-            ax.scatter(g[key].clip(lower=1), g[latency] * 1e3, s=45, facecolors=("C0" if fits else "none"),
-                       edgecolors="C0", label="fits" if fits else "does not fit")
-        front = d[d["pareto"]].sort_values(key)
-        ax.scatter(front[key].clip(lower=1), front[latency] * 1e3, s=90, facecolors="none", edgecolors="C3",
-                   lw=1.8, label="on the Pareto front")
-        for _, r in d.iterrows():
-            ax.annotate(f"{r['tp']}×{r['pp']}", (max(r[key], 1), r[latency] * 1e3), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-        ax.set(xscale="log", yscale="log", xlabel=label, ylabel=f"predicted {latency[:-2].upper()} (ms)")
+            ax.scatter(x[g.index], y[g.index], s=45, facecolors=("C0" if fits else "none"), edgecolors="C0",
+                       label="fits" if fits else "does not fit")
+        front = d[d["pareto"]]
+        ax.scatter(x[front.index], y[front.index], s=90, facecolors="none", edgecolors="C3", lw=1.8,
+                   label="on the Pareto front")
+        points = d.assign(_x=x, _y=y.round(6)).groupby(["_x", "_y"], sort=False)
+        for i, ((xv, yv), g) in enumerate(sorted(points, key=lambda kv: kv[0])):
+            left = i % 2 == 1 and (x == xv).sum() > 1       # points drawn at one x: labels alternate sides
+            ax.annotate(", ".join(f"{r.tp}×{r.pp}" for r in g.itertuples()), (xv, yv), fontsize=7,
+                        xytext=(-5 if left else 5, 2), textcoords="offset points", ha="right" if left else "left")
+        _readable_axis(ax, "x", x, _bytes_text)
+        _readable_axis(ax, "y", y, lambda v: f"{v:,.0f}")
+        ax.set(xlabel=label, ylabel=f"predicted {latency[:-2].upper()} (ms)")
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)

@@ -24,7 +24,7 @@ __all__ = ["latex", "pattern_frame", "model_bytes_frame", "layouts_frame", "nota
            "layout_kind", "markdown", "run_times", "stage_split_frame", "models_frame", "relative_to_tp",
            "bytes_by_phase", "pattern_ratio", "latency_table", "latency_breakdown", "compute_calibration",
            "collective_fits", "sources_frame", "advice_rows", "tp_over_pp", "hop_traffic", "latency_parts",
-           "decode_allreduce_facts", "host_bound_facts", "winner_shares", "share_text", "error_summary", "proofs_frame", "gpu_kernel_errors", "gpu_collective_errors", "GPU_GOALS", "in_run_calibration", "validation_runs"]
+           "decode_allreduce_facts", "host_bound_facts", "robustness_text", "latency_shares", "winner_shares", "share_text", "error_summary", "proofs_frame", "gpu_kernel_errors", "gpu_collective_errors", "GPU_GOALS", "in_run_calibration", "validation_runs"]
 
 
 def latex(expr) -> str:
@@ -370,6 +370,77 @@ def host_bound_facts(model: ModelSpec, hw, t: int, workload: Workload, framework
     kernels = float(sum(layer_op_times(model, hw, t, workload.b, s, ell, c, workload.w).values()))
     host = prof.layer_overhead_s("decode", hw)
     return {"profile": prof.name, "kernels_s": kernels, "host_s": host, "host_bound": host > kernels}
+
+
+def _layouts(names) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _s_values(values) -> str:
+    return "S = " + ", ".join(f"{int(x):,}" for x in sorted(values))
+
+
+def _pct_range(values) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:+.1%}" if f"{lo:+.1%}" == f"{hi:+.1%}" else f"{lo:+.1%} to {hi:+.1%}"
+
+
+def robustness_text(frame: pd.DataFrame, labels: dict | None = None) -> str:
+    """Prose from :func:`llmcomm.predict.advise.robustness_frame`: how many winners hold under all three assumptions
+    (no overlap of communication with host time, full overlap, the model's error ``frame.attrs["rel_err"]``), which,
+    and for every tie between which layouts and why; prompt lengths with the same outcome share one sentence (their
+    margins as a range). ``labels``: framework → how to name it (default the framework's name)."""
+    labels = labels or {}
+    e = frame.attrs.get("rel_err", float("nan"))
+    groups: dict[tuple, list] = {}
+    cols = {c: i for i, c in enumerate(frame.columns)}
+    for row in frame.itertuples(index=False, name=None):
+        r = {c: row[i] for c, i in cols.items()}
+        why = []
+        if r["winner, full overlap"] != r["winner, no overlap"]:
+            full = r["winner, full overlap"].split(" = ")
+            why.append(f"with full overlap {_layouts(full)} cost the same" if len(full) > 1
+                       else f"with full overlap {full[0]} wins")
+        if r["within error"] != "—":
+            why.append(f"{r['within error']} within the {e:.1%} error band")
+        key = (labels.get(r["framework"], r["framework"]), r["model"], r["gpus"], r["gpus_per_node"], r["b"],
+               r["verdict"], tuple(r["tied"]), "; ".join(why))
+        groups.setdefault(key, []).append(r)
+    where = {k: f"{k[0]}, {k[1]} on {k[2]} GPUs ({k[3]} per node), b = {k[4]}, S = "
+                + ", ".join(f"{int(x['S']):,}" for x in rs) for k, rs in groups.items()}
+    holds = {k: v for k, v in groups.items() if k[5] == "holds"}
+    ties = {k: v for k, v in groups.items() if k[5] != "holds"}
+    n_hold = sum(len(v) for v in holds.values())
+    head = (f"**{n_hold} of {len(frame)} winners hold** under all three assumptions — no overlap of communication "
+            f"with host time, full overlap, and every prediction off by up to e = {e:.1%}")
+    head += (": " + "; ".join(f"{where[k]}: {k[6][0]} (runner-up "
+                                f"{_pct_range([x['margin, no overlap'] for x in v])}, "
+                                f"{_pct_range([x['margin, full overlap'] for x in v])} with full overlap)"
+                                for k, v in holds.items()) + "." if holds else ".")
+    if not ties:
+        return head
+    lines = [f"* {where[k]}: **TIE** between {_layouts(k[6])} — {k[7]} (runner-up "
+             f"{_pct_range([x['margin, no overlap'] for x in v])} with no overlap)." for k, v in ties.items()]
+    return head + f"\n\nThe other {len(frame) - n_hold} are **ties**:\n" + "\n".join(lines)
+
+
+def latency_shares(hw, messages) -> pd.DataFrame:
+    """The time model's price of each collective of ``messages`` (``{label: (op, n, m)}``, intra-node, without the
+    eager launch floor) split at its size m into a latency part and a bandwidth part: the bandwidth part is m times
+    the model's marginal cost per byte there (τ is piecewise linear in m: the algorithm and protocol it picks at m),
+    the latency part the rest. ``half_size``: the size where the two parts of that branch are equal (Hockney's
+    m½ for an n-way collective, not a link's α/β); ``size / half_size`` how far above (> 1) or below it m lies."""
+    rows = []
+    for label, (op, n, m) in messages.items():
+        tau = float(hw.collective_time(op, n, m, "intra", floor=False))
+        dm = max(1.0, 1e-6 * m)
+        slope = (float(hw.collective_time(op, n, m + dm, "intra", floor=False)) - tau) / dm
+        lat = tau - slope * m
+        half = lat / slope if slope > 0 else float("inf")
+        rows.append({"message": label, "op": op, "n": n, "size": m, "seconds": tau, "latency_s": lat,
+                     "bandwidth_s": slope * m, "latency_share": lat / tau, "half_size": half, "size / half_size": m / half})
+    return pd.DataFrame(rows)
 
 
 def winner_shares(maps: pd.DataFrame) -> pd.DataFrame:
