@@ -224,16 +224,21 @@ def calibrate_in_run(reps: int = 5, command: str | None = None, path=None, log=N
     from ..spec import Layout
     from .inrun import IN_RUN_LAYOUTS, calibrate_layout, layout_key
 
+    import time
+
     hw = load_hardware("cpu-local")
-    entries = {}
+    entries, t0 = {}, time.monotonic()
     for t, p in IN_RUN_LAYOUTS:
-        if log:
-            log(f"in-run calibration t={t} p={p} ...")
+        t1 = time.monotonic()
         entries[layout_key(t, p)] = calibrate_layout(Layout(t, p), hw, reps=reps)
+        if log:
+            log(f"in-run calibration t={t} p={p}: {time.monotonic() - t1:.0f} s")
     command = command or "llmcomm calibrate --in-run"
-    write_calibration("cpu-local", {"in_run": dict(entries, provenance=provenance(command)), "source": {
-        "in_run": "llmcomm calibrate --in-run: compute rate, per-layer overhead and all-reduce fits measured inside "
-                  "runs of calib-llama in each validated layout (llmcomm.compare.inrun)"}}, command, path)
+    prov = provenance(command, wall_s=round(time.monotonic() - t0, 1))
+    write_calibration("cpu-local", {"in_run": dict(entries, provenance=prov), "source": {
+        "in_run": "llmcomm calibrate --in-run: factors on the kernel and host times and the latency each call pays, "
+                  "measured inside runs of calib-llama in each validated layout (llmcomm.compare.inrun)"}},
+                      command, path)
     return entries
 
 
@@ -256,6 +261,8 @@ def calibrate_machine(command: str | None = None, log=None, reps: int = 3, csv_p
         log(f"kernel model and host times: {time.monotonic() - t0:.0f} s")
     with running():
         in_run = calibrate_in_run(reps, command, None, log)
+    if log:
+        log(f"this machine calibrated in {time.monotonic() - t0:.0f} s")
     return {"seconds": time.monotonic() - t0, "in_run": in_run}
 
 
