@@ -71,6 +71,11 @@ def test_cli_default_is_lossless_and_flag_asks(capsys):
     assert "moe_routing=lossless" in text and "routing: lossless layouts only" in text
     rows = [ln.split() for ln in text.splitlines()[2:] if ln.split()[:1] in (["ep"], ["autotp"], ["tp-experts"])]
     assert len(rows) == 10 and {x[1] for x in rows if x[0] == "ep"} == {"dropless"}    # no capacity-routed row
+    # dropless EP's bytes are an expectation (a float): printed as whole bytes like the exact counts
+    ep8 = next(x for x in rows if x[0] == "ep" and x[5] == "8")
+    want = advise_report(MIX, 8, None, H100, 1024, 128, 8)["layouts"]
+    want = next(r for r in want if r["scheme"] == "ep" and r["ep"] == 8)["sent_bytes_busiest_rank"]
+    assert want != int(want) and ep8[9] == f"{want:,.0f}"
     assert main(["advise", "--model", "mixtral-8x7b", "--gpus", "8", "--batch", "8", "--moe-routing", "capacity",
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -115,7 +115,7 @@ def render_advice(rep: dict) -> str:
                      + f"{r['rank']:>4} {r['tp']:>4} {r['pp']:>4} "
                      + (f"{r['ep']:>4} " if moe else "")
                      + f"{r['ttft_s'] * 1e3:>10.3f} {r['tpot_s'] * 1e3:>10.3f} "
-                     f"{r['e2e_s']:>9.4f} {r['sent_bytes_busiest_rank']:>15,} {r['inter_node_bytes']:>15,} "
+                     f"{r['e2e_s']:>9.4f} {r['sent_bytes_busiest_rank']:>15,.0f} {r['inter_node_bytes']:>15,.0f} "
                      f"{r['memory_gib']:>8.1f} {'yes' if r['fits'] else 'no':>5} {'*' if r['pareto'] else '':>6}"
                      + (f" {100 * r['dropped_route_fraction']['generation']:>7.3g}" if moe else ""))
     lines.append("pareto: no other fitting layout is both faster and moves fewer inter-node bytes (within 1 %)")
