@@ -236,6 +236,25 @@ def test_ep_capacity_by_hand(measured):
     assert ex.bytes_measured.iloc[0] == 8 * 4 * 64 * 4 == 8192
 
 
+@pytest.mark.parametrize("c", EP, ids=_ids)
+def test_dropped_routes_measured_equal_a_hand_count_of_the_router_log(measured, c):
+    # capacity routing keeps min(κ, C) routes of an expert: the log's Σ (κ − C)⁺ over the EP group is what DeepSpeed
+    # itself flagged as evicted (its route indices of −1), layer forward by layer forward; dropless drops nothing
+    model, res = measured[c]
+    ex = cm.a2a_exactness(res, model, c.layout, c.workload, c.deployment.routing)
+    logs = cm.routing_frame(res)
+    for _, x in ex[ex.call == "dispatch"].iterrows():
+        same = [r for _, r in logs.iterrows() if (r.forward, r.layer) == (x.forward, x.layer)]
+        hand = sum(max(int(r[f"kappa{j}"]) - int(r.capacity), 0) for r in same for j in range(model.E))
+        assert x.dropped_routes == hand == x.dropped_routes_deepspeed
+        assert x.routes == sum(int(r.tokens) for r in same) * model.moe.top_k
+    tot = cm.phase_totals(ex)
+    if c.routing == "dropless":
+        assert (tot.dropped_routes == 0).all() and (tot.dropped_fraction_predicted == 0).all()
+    else:
+        assert (tot.dropped_fraction_measured == tot.dropped_routes / tot.routes).all()
+
+
 @pytest.mark.parametrize("c", [c for c in EP if c.routing == "dropless"], ids=_ids)
 def test_dropless_capacity_within_its_bounds(measured, c):
     model, res = measured[c]

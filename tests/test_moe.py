@@ -329,7 +329,13 @@ def test_cli_predict_ep(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["ep"] == 2 and out["moe_routing"] == "capacity" and out["moe"]["pattern"] == "deepspeed-ep"
     assert _core(out["ops"]) == [("prefill", "all_to_all", 2, 4, 4 * 8192), ("decode", "all_to_all", 2, 8, 8 * 8192)]
-    assert out["moe"]["phases"]["prefill"] == {"tokens_per_rank": 14, "capacity": 4}
+    assert out["moe"]["phases"]["prefill"] == {"tokens_per_rank": 14, "capacity": 4, "lossless": False,
+                                               "dropped_fraction_expected": moe.dropped_fraction(14, 8, 2, 4)}
+    assert out["moe"]["phases"]["decode"]["lossless"] is True                   # T = 2 ≤ C = 4: nothing dropped
+    assert main(["predict", "--model", "tiny-mixtral", "--ep", "2", "--batch", "4", "--prompt", "7"]) == 0
+    text = capsys.readouterr().out
+    assert f"capacity C=4, drops an expected {100 * moe.dropped_fraction(14, 8, 2, 4):.3g} % of the routes" in text
+    assert "capacity C=4, drops nothing (C ≥ T)" in text
     assert main(["predict", "--model", "tiny-mixtral", "--ep", "2", "--batch", "4", "--prompt", "7",
                  "--moe-routing", "dropless"]) == 0
     text = capsys.readouterr().out

@@ -73,7 +73,7 @@ def test_kv_per_rank_follows_the_batch_share_and_kv_heads():
 
 
 def test_advise_moe_rows_agree_with_predict_and_traffic():
-    rows, why = advise_moe(MIX, 8, None, H100, 1024, 128, 8)
+    rows, why = advise_moe(MIX, 8, None, H100, 1024, 128, 8, routing_asked=True)     # capacity routing, as asked
     assert why == [] and len(rows) == 10
     fit = [r for r in rows if r["fits"]]
     assert [r["e2e_s"] for r in fit] == sorted(r["e2e_s"] for r in fit)
@@ -82,6 +82,7 @@ def test_advise_moe_rows_agree_with_predict_and_traffic():
     wl = Workload(8, 1024, 128, "bf16")
     for r in rows:
         layout = Layout(r["tp"], r["pp"], r["ep"])
+        assert r["routing"] == ("capacity" if r["scheme"] == "ep" else None)
         lat = predict_latency(MIX, layout, wl, H100, Deployment(experts=r["scheme"]))
         assert r["ttft_s"] == pytest.approx(lat["ttft_s"], rel=1e-12)
         assert r["tpot_s"] == pytest.approx(lat["tpot_s"], rel=1e-12)
@@ -93,8 +94,9 @@ def test_advise_moe_rows_agree_with_predict_and_traffic():
 
 
 def test_advise_moe_dropless_and_objectives():
-    cap, _ = advise_moe(QW3, 8, None, H100, 1024, 128, 8)
-    drop, _ = advise_moe(QW3, 8, None, H100, 1024, 128, 8, deployment=Deployment(routing=Routing("dropless")))
+    cap, _ = advise_moe(QW3, 8, None, H100, 1024, 128, 8, routing_asked=True)
+    drop, _ = advise_moe(QW3, 8, None, H100, 1024, 128, 8, deployment=Deployment(routing=Routing("dropless")),
+                         routing_asked=True)
     ep_cap = next(r for r in cap if r["scheme"] == "ep")
     ep_drop = next(r for r in drop if r["scheme"] == "ep")
     assert ep_drop["pattern"] == "deepspeed-ep-dropless"
@@ -118,8 +120,9 @@ def test_advise_moe_refusals():
 
 def test_report_and_cli(capsys):
     rep = advise_report(MIX, 8, None, H100, 1024, 128, 8)
-    assert rep["routing"] == {"mode": "capacity", "capacity_factor": 1.0, "min_capacity": 4}
-    assert rep["layouts"][0]["scheme"] == "ep"
+    assert rep["routing"] == {"mode": "capacity", "capacity_factor": 1.0, "min_capacity": 4, "asked": False,
+                              "lossless_only": True}
+    assert {r["routing"] for r in rep["layouts"] if r["scheme"] == "ep"} == {"dropless"}
     assert main(["advise", "--model", "qwen3-30b-a3b", "--gpus", "8", "--batch", "8", "--moe-routing", "dropless",
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

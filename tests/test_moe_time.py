@@ -9,7 +9,7 @@ from llmcomm.cli import main
 from llmcomm.deployment import Deployment, Routing
 from llmcomm.predict.compute import expert_layout, forward_compute, layer_cost
 from llmcomm.predict.hardware import load_hardware
-from llmcomm.predict.kernels import ExpertLayout, layer_ops, touched_experts
+from llmcomm.predict.kernels import ExpertLayout, layer_ops, op_times, touched_experts
 from llmcomm.predict.latency import predict_latency, predict_latency_grid
 from llmcomm.spec import Layout, SpecError, Workload, load_model
 
@@ -18,7 +18,9 @@ H100 = load_hardware("h100-sxm")
 
 
 def _shape(op):
-    return float(op["M"]), float(op["N"]), float(op["K"]), float(op.get("count", 1))
+    """(M_g, N_g, K_g, calls or groups): E/e calls of a looped GEMM (EP), the groups of a grouped GEMM (TP)."""
+    assert not ("count" in op and "groups" in op)
+    return float(op["M"]), float(op["N"]), float(op["K"]), float(op.get("count", op.get("groups", 1)))
 
 
 def test_touched_experts_uniform_routing():
@@ -28,22 +30,65 @@ def test_touched_experts_uniform_routing():
 
 
 def test_mixtral_decode_t1_shapes():
-    # decode, b = 1, t = 1: T = 1 token, E·(1 − (1 − k/E)^1) = k = 2 experts touched, M = T·k/2 = 1 each
+    # decode, b = 1, t = 1: T = 1 token, E·(1 − (1 − k/E)^1) = k = 2 experts touched, M = T·k/2 = 1 each: ONE
+    # grouped GEMM per projection (HF grouped_mm) of 2 groups, one SiLU·mul over the T·k = 2 routed rows
     ops = layer_ops(MIX, 1, 1, 1, 100, 101, 2, ExpertLayout())
     assert "mlp_gate_up_proj" not in ops and "mlp_down_proj" not in ops and "mlp_act" not in ops
     assert _shape(ops["router"]) == (1, 8, 4096, 1)
-    assert _shape(ops["expert_gate_up_proj"]) == (1, 2 * 14336, 4096, 2)
+    assert _shape(ops["expert_gate_up_proj"]) == (1, 2 * 14336, 4096, 2) and "count" not in ops["expert_gate_up_proj"]
     assert _shape(ops["expert_down_proj"]) == (1, 4096, 14336, 2)
-    assert float(ops["expert_act"]["count"]) == 2 and float(ops["expert_act"]["bytes"]) == 3 * 2 * 14336
+    assert float(ops["expert_gate_up_proj"]["bytes"]) == 2 * 2 * (4096 + 4096 * 28672 + 28672)   # both experts' weights
+    assert "count" not in ops["expert_act"] and float(ops["expert_act"]["bytes"]) == 2 * 3 * 2 * 14336
     assert _shape(ops["qkv_proj"]) == (1, (32 + 16) * 128, 4096, 1)     # attention as a dense layer's
 
 
 def test_expert_flops_are_k_experts_per_token():
     T = 37.0
     ops = layer_ops(MIX, 1, 1, T, 0, 0, 2, ExpertLayout())
-    experts = sum(float(ops[x]["flops"] * ops[x]["count"]) for x in ("expert_gate_up_proj", "expert_down_proj"))
+    experts = sum(float(ops[x]["flops"] * ops[x].get("count", 1)) for x in ("expert_gate_up_proj", "expert_down_proj"))
     assert experts == pytest.approx(2 * T * 2 * 3 * 4096 * 14336, rel=1e-12)
     assert float(ops["router"]["flops"]) == 2 * T * 8 * 4096
+
+
+def test_grouped_gemm_time_by_hand():
+    """A grouped GEMM: one floor t0, the groups' tiles in one wave schedule, no split-K, every group's bytes."""
+    from llmcomm.predict.kernels import gemm_time, gemm_time_parts
+
+    p = H100.kernels(2)["gemm"]
+    F, B, t0, q, K0 = p["flops_per_s"], p["bytes_per_s"], p["t0"], p["norm_order"], p["K0"]
+    (tm_alt, tn_alt, eff), = p["alt_tiles"]
+    M, N, K, g = 1.0, 28672.0, 4096.0, 2.0
+    mem = 2 * g * (M * K + K * N + M * N) / B
+    per_sm = F / p["sm"]
+    waves_main = np.ceil(g * np.ceil(M / p["tm_small"]) * np.ceil(N / p["tn"]) / p["sm"])           # 224 tiles: 2
+    waves_alt = np.ceil(g * np.ceil(M / tm_alt) * np.ceil(N / tn_alt) / p["sm"])                    # 896 tiles: 7
+    comp = min(waves_main * 2 * p["tm_small"] * p["tn"] * (K + K0) / per_sm,
+               waves_alt * 2 * tm_alt * tn_alt * (K + K0) / (per_sm * eff))
+    assert waves_main == 2 and waves_alt == 7
+    tm_, tc_ = gemm_time_parts(M, N, K, 2, p, groups=g)
+    assert float(tm_) == pytest.approx(mem, rel=1e-12) and float(tc_) == pytest.approx(comp, rel=1e-12)
+    hi = max(mem, comp)
+    assert float(gemm_time(M, N, K, 2, p, groups=g)) == pytest.approx(
+        t0 + hi * ((mem / hi) ** q + (comp / hi) ** q) ** (1 / q), rel=1e-12)
+    # one launch of 2 groups costs less than two launches (one floor fewer), more than one
+    one = float(gemm_time(M, N, K, 2, p))
+    assert one < float(gemm_time(M, N, K, 2, p, groups=g)) < 2 * one
+    # a CPU preset (no tiles): t0 + max(groups·bytes/B, groups·flops/F)
+    cpu = {"flops_per_s": 1e11, "bytes_per_s": 1e10, "t0": 1e-6}
+    assert float(gemm_time(64, 96, 64, 4, cpu, groups=3)) == pytest.approx(
+        1e-6 + max(3 * 4 * (64 * 64 + 64 * 96 + 64 * 96) / 1e10, 3 * 2 * 64 * 96 * 64 / 1e11), rel=1e-12)
+
+
+def test_tp_experts_decode_is_one_grouped_launch_not_one_per_expert():
+    """The TP schemes' decode MoE layer at b = 1 (2 experts touched): the grouped kernel pays t0 once where the
+    per-expert loop the model priced before paid it twice."""
+    from llmcomm.predict.kernels import gemm_time
+
+    p = H100.kernels(2)["gemm"]
+    ops = layer_ops(MIX, 8, 1, 1, 100, 101, 2, expert_layout(MIX, "tp-experts", 8, 1, 1, 1))
+    times = op_times(ops, H100.kernels(2), 2)
+    assert float(times["expert_down_proj"]) == pytest.approx(float(gemm_time(1, 4096, 14336 / 8, 2, p, groups=2)))
+    assert float(times["expert_down_proj"]) < 2 * float(gemm_time(1, 4096, 14336 / 8, 2, p))
 
 
 def test_autotp_keeps_experts_whole_tp_experts_shards_them():
@@ -171,7 +216,8 @@ def test_cli_cost_moe(capsys):
     out = json.loads(capsys.readouterr().out)
     rows = {r["op"]: r for r in out["ops"]}
     assert out["experts"] == "autotp"
-    assert rows["expert_gate_up_proj"]["calls"] == 2 and rows["expert_gate_up_proj"]["M"] == 1
+    assert rows["expert_gate_up_proj"]["calls"] == 1 and rows["expert_gate_up_proj"]["groups"] == 2
+    assert rows["expert_gate_up_proj"]["M"] == 1
     assert rows["expert_gate_up_proj"]["flops"] == 2 * 2 * 2 * 14336 * 4096          # 2 experts, whole (AutoTP)
     assert rows["router"]["flops"] == 2 * 8 * 4096
     assert main(["cost", "--hardware", "h100-sxm", "--model", "mixtral-8x7b", "--tokens", "1", "--tp", "2",

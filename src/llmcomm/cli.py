@@ -48,7 +48,7 @@ positive_float = _number(float, 0, True, "a positive, finite number")
 
 
 def _deployment(args) -> Deployment:
-    routing = Routing(getattr(args, "moe_routing", "capacity"), getattr(args, "capacity_factor", 1.0),
+    routing = Routing(getattr(args, "moe_routing", None) or "capacity", getattr(args, "capacity_factor", 1.0),
                       getattr(args, "min_capacity", 4))
     return Deployment.from_flags(getattr(args, "engine", "deepspeed"), p2p=getattr(args, "p2p", "partitioned"),
                                  routing=routing, profile=getattr(args, "host_profile", None))
@@ -104,7 +104,7 @@ def cmd_advise(args) -> int:
 
     model = load_model(args.model)
     rep = advise_report(model, args.gpus, args.gpus_per_node, _hardware(args.hardware), args.prompt, args.generate,
-                        args.batch, args.objective, args.dtype, _deployment(args))
+                        args.batch, args.objective, args.dtype, _deployment(args), args.moe_routing is not None)
     _emit(rep, args.json, render_advice(rep), False)
     return 0
 
@@ -196,7 +196,8 @@ def _add_moe_args(sp, ep: bool = True) -> None:
         sp.add_argument("--ep", type=positive_int, default=1,
                         help="expert-parallel degree e (DeepSpeed's MoE layer; each of the e ranks runs b/e sequences)")
     sp.add_argument("--moe-routing", choices=list(ROUTING_MODES), default="capacity",
-                    help="routing of expert parallelism: DeepSpeed's capacity routing (its default) or dropless")
+                    help="routing of expert parallelism: DeepSpeed's capacity routing (its default) or dropless "
+                         "(advise: unset = rank only lossless layouts)")
     sp.add_argument("--capacity-factor", type=positive_float, default=1.0, help="capacity factor γ (default 1.0)")
     sp.add_argument("--min-capacity", type=non_negative_int, default=4, help="minimum capacity C_min (default 4)")
 
@@ -274,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--engine", choices=["deepspeed", "vllm"], default="deepspeed", help="whose host profile")
     _add_moe_args(ad, ep=False)
     ad.add_argument("--json", action="store_true", help="print one JSON object")
-    ad.set_defaults(func=cmd_advise)
+    ad.set_defaults(func=cmd_advise, moe_routing=None)                  # None: only lossless layouts are ranked
 
     be = sub.add_parser("bench-collectives", help="microbenchmark collectives, nccl-tests style")
     benched = [n for n, c in COLLECTIVES.items() if c.benched]

@@ -12,18 +12,25 @@ closed form m = E·C·h·w (:data:`llmcomm.derive.moe.A2A_BYTES`) with C
 * dropless routing — :func:`llmcomm.derive.moe.dropless_capacity` of the **measured** counts of every EP rank.
 
 The run is exact when every call's predicted size equals the measured one.
+
+Beside every call and every phase total stands what capacity routing dropped: measured from the routing log (the
+routes beyond C of every expert, Σ_j (κ_j − C)⁺ over the EP group's ranks: :func:`llmcomm.derive.moe.dropped_routes`;
+DeepSpeed's own count of kept routes checks it where the log has it) and predicted under uniform routing
+(:func:`llmcomm.derive.moe.dropped_fraction`; dropless routing drops nothing).
 """
 from __future__ import annotations
 
 import pandas as pd
 
 from ..deployment import Deployment, Routing
-from ..derive.moe import A2A_BYTES, capacity, dropless_capacity, expected_max_count, skew_capacity
+from ..derive.moe import (A2A_BYTES, capacity, dropless_capacity, dropped_fraction, dropped_routes,
+                          expected_max_count, generation_dropped, skew_capacity)
 from ..notation import C, E, h, w
 from ..spec import Layout, ModelSpec, Workload
 
-__all__ = ["routing_frame", "a2a_exactness", "phase_totals", "count_distribution", "layouts_traffic", "skew_capacity", "models_frame", "run_ep", "run_autotp", "skew_frame", "ep_crossover", "layouts_latency", "skew_latency",
-           "advice_frame", "advice_winners"]
+__all__ = ["routing_frame", "a2a_exactness", "phase_totals", "count_distribution", "layouts_traffic", "skew_capacity",
+           "models_frame", "run_ep", "run_autotp", "skew_frame", "ep_crossover", "layouts_latency", "skew_latency",
+           "advice_frame", "advice_winners", "host_op_model", "dropped_frame"]
 
 
 def _records(result) -> list[dict]:
@@ -31,14 +38,15 @@ def _records(result) -> list[dict]:
 
 
 def routing_frame(result) -> pd.DataFrame:
-    """Every rank's routing log: rank, forward, phase (forward 0 is the prefill), layer, tokens T, capacity C and the
-    per-expert counts κ (one column per expert, ``kappa0 … kappa{E−1}``)."""
+    """Every rank's routing log: rank, forward, phase (forward 0 is the prefill), layer, tokens T, capacity C, the
+    routes DeepSpeed kept (None in logs recorded before it was logged) and the per-expert counts κ (one column per
+    expert, ``kappa0 … kappa{E−1}``)."""
     rows = []
     for rec in _records(result):
         for x in rec.get("routing") or []:
             rows.append({"rank": rec["rank"], "forward": x["forward"],
                          "phase": "prefill" if x["forward"] == 0 else "decode", "layer": x["layer"],
-                         "tokens": x["tokens"], "capacity": x["capacity"],
+                         "tokens": x["tokens"], "capacity": x["capacity"], "kept": x.get("kept"),
                          **{f"kappa{j}": count for j, count in enumerate(x["counts"])}})
     return pd.DataFrame(rows)
 
@@ -49,7 +57,9 @@ def a2a_exactness(result, model: ModelSpec, layout: Layout, workload: Workload,
     the lowest rank of its EP group issued it (one group per pipeline stage: ranks stage·e … stage·e + e − 1):
     stage, phase, forward, layer, which (dispatch / combine), C predicted from the routing (see the module docs) and
     as DeepSpeed used it, the predicted and the measured size m, the measured per-peer split, and whether they are
-    equal."""
+    equal; beside it the layer's routes on the EP group (T·k per rank), the routes dropped (measured from the log:
+    Σ (κ − C)⁺; ``dropped_routes_deepspeed``: T·k minus what DeepSpeed kept, where logged) and the dropped share
+    predicted under uniform routing."""
     routing = routing or Routing()
     k = model.moe.top_k
     logs = routing_frame(result)
@@ -66,26 +76,42 @@ def a2a_exactness(result, model: ModelSpec, layout: Layout, workload: Workload,
             raise ValueError(f"{len(calls)} all-to-all calls on rank {rank0} for {len(mine)} MoE layer forwards: "
                              "expected a dispatch and a combine for each")
         for i, x in mine.iterrows():
+            same = logs[(logs.forward == x.forward) & (logs.layer == x.layer)]   # the layer's EP group
             if routing.mode == "capacity":
                 c_pred = capacity(int(x.tokens), model.E, k, routing.capacity_factor, routing.min_capacity)
-            else:                                 # the layer's EP group: its stage's ranks (layers are global)
-                same = logs[(logs.forward == x.forward) & (logs.layer == x.layer)]
+                share = dropped_fraction(int(x.tokens), model.E, k, c_pred)
+            else:
                 c_pred = dropless_capacity(same[experts].to_numpy())
+                share = 0.0
             m_pred = int(size.subs(C, c_pred))
+            routes = int(same.tokens.sum()) * k
+            dropped = sum(dropped_routes(r[experts].to_numpy(), int(r.capacity)) for _, r in same.iterrows())
+            by_ds = routes - int(same.kept.sum()) if same.kept.notna().all() else None
             for j, which in enumerate(("dispatch", "combine")):
                 ev = calls[2 * i + j]
                 rows.append({"stage": stage, "phase": x.phase, "forward": int(x.forward), "layer": int(x.layer),
                              "call": which, "tokens_per_rank": int(x.tokens), "C_predicted": int(c_pred),
                              "C_run": int(x.capacity), "bytes_predicted": m_pred, "bytes_measured": int(ev["bytes"]),
-                             "split_measured": ev.get("splits"), "equal": m_pred == int(ev["bytes"])})
+                             "split_measured": ev.get("splits"), "equal": m_pred == int(ev["bytes"]),
+                             "routes": routes, "dropped_routes": dropped, "dropped_routes_deepspeed": by_ds,
+                             "dropped_fraction_predicted": share})
     return pd.DataFrame(rows)
 
 
 def phase_totals(exact: pd.DataFrame) -> pd.DataFrame:
-    """:func:`a2a_exactness` summed per phase: calls, predicted and measured bytes, and whether every call matched."""
+    """:func:`a2a_exactness` summed per phase: calls, predicted and measured bytes, whether every call matched, and
+    the routes the phase's MoE layer forwards dropped — measured (``dropped_fraction_measured``: dropped / routes
+    over the phase) beside the uniform-routing prediction (``dropped_fraction_predicted``, the same weighting)."""
     by = exact.groupby("phase", sort=False)
+    layer = exact[exact.call == "dispatch"].groupby("phase", sort=False)         # one row per MoE layer forward
+    routes = layer.routes.sum()
     return pd.DataFrame({"calls": by.size(), "bytes_predicted": by.bytes_predicted.sum(),
-                         "bytes_measured": by.bytes_measured.sum(), "all_equal": by.equal.all()}).reset_index()
+                         "bytes_measured": by.bytes_measured.sum(), "all_equal": by.equal.all(),
+                         "routes": routes, "dropped_routes": layer.dropped_routes.sum(),
+                         "dropped_fraction_measured": layer.dropped_routes.sum() / routes,
+                         "dropped_fraction_predicted": layer.apply(
+                             lambda grp: float((grp.dropped_fraction_predicted * grp.routes).sum()
+                                               / grp.routes.sum()), include_groups=False)}).reset_index()
 
 
 def count_distribution(result, model: ModelSpec, layout: Layout) -> pd.DataFrame:
@@ -253,6 +279,23 @@ def skew_latency(model: ModelSpec, e_: int, workload: Workload, phis, hw, p_: in
     return pd.DataFrame(rows[1:])
 
 
+def dropped_frame(model: ModelSpec, e_: int, workloads, routing: Routing | None = None, phis=()) -> pd.DataFrame:
+    """What capacity routing (``routing``, default DeepSpeed's: γ = 1, C_min = 4) drops on ``e_`` EP ranks, predicted
+    (:func:`llmcomm.derive.moe.generation_dropped`): one row per workload and router — uniform, then each skew φ of
+    ``phis`` — with the expected dropped share of the prefill's, a decode step's and the whole generation's routes,
+    and whether the capacity provably drops nothing (C ≥ T in both phases)."""
+    routing = routing or Routing()
+    rows = []
+    for wl in workloads:
+        for phi in (None, *phis):
+            drop = generation_dropped(routing, model.E, model.moe.top_k, wl.b, wl.S, wl.G, e_, phi)
+            rows.append({"model": model.name, "e": e_, "b": wl.b, "S": wl.S, "G": wl.G,
+                         "router": "uniform" if phi is None else f"skew {phi:g}",
+                         "dropped prefill": drop["prefill"], "dropped decode": drop["decode"],
+                         "dropped generation": drop["generation"], "lossless": drop["lossless"]})
+    return pd.DataFrame(rows)
+
+
 def ep_crossover(traffic: pd.DataFrame, against: str, y: str = "busiest rank sends (B)") -> dict:
     """Per model of :func:`layouts_traffic`: the smallest batch b at which expert parallelism sends fewer bytes
     (``y``) than the layout named ``against``, or None when it never does in the frame."""
@@ -267,8 +310,10 @@ def layouts_latency(model: ModelSpec, gpus: int, workloads, hw, routing: Routing
                     framework: str = "deepspeed") -> pd.DataFrame:
     """The time model on the three layouts of :func:`layouts_traffic` (N = ``gpus`` GPUs of one node of ``hw``;
     ``framework`` ``deepspeed`` = its eager host profile, ``vllm`` = CUDA graphs): TTFT, TPOT, E2E and the decode
-    step's compute and communication. A prediction resting on the labelled assumptions of
-    :mod:`llmcomm.predict.kernels` (uniform routing) and of the α-β all-to-all (no public measurement fitted)."""
+    step's compute and communication, and the expected share of the generation's routes capacity routing drops
+    (``dropped routes``: :func:`llmcomm.derive.moe.generation_dropped`; 0 for TP and dropless routing). A prediction
+    resting on the labelled assumptions of :mod:`llmcomm.predict.kernels` (uniform routing) and of the α-β
+    all-to-all (no public measurement fitted)."""
     from dataclasses import replace
 
     from ..predict.hardware import GiB
@@ -284,9 +329,12 @@ def layouts_latency(model: ModelSpec, gpus: int, workloads, hw, routing: Routing
             dec = r["breakdown"]["decode"]
             mem = moe_memory_per_rank(model, dep.experts, layout.t, layout.p, layout.e, wl.b, wl.S, wl.G,
                                       wl.w)["total"]
+            drop = generation_dropped(dep.routing, model.E, model.moe.top_k, wl.b, wl.S, wl.G, layout.e) \
+                if layout.e > 1 else {"generation": 0.0}
             rows.append({"model": model.name, "b": wl.b, "S": wl.S, "G": wl.G, "layout": name,
                          "TTFT ms": 1e3 * r["ttft_s"], "TPOT ms": 1e3 * r["tpot_s"], "E2E s": r["e2e_s"],
                          "decode compute ms": 1e3 * dec["compute_s"], "decode comm ms": 1e3 * dec["comm_s"],
+                         "dropped routes": drop["generation"],
                          "GiB/GPU": mem / GiB, "fits": bool(mem <= hw.usable_memory_bytes)})
     return pd.DataFrame(rows)
 
@@ -294,16 +342,20 @@ def layouts_latency(model: ModelSpec, gpus: int, workloads, hw, routing: Routing
 def advice_frame(models, gpus: int, batches, hw, S: int = 1024, G: int = 128, routing: Routing | None = None,
                  framework: str = "deepspeed") -> pd.DataFrame:
     """:func:`llmcomm.predict.moe_advice.advise_moe` of each model on ``gpus`` GPUs of ``hw`` for each batch size:
-    one row per (model, b, candidate layout) — scheme, t, p, e, TTFT, TPOT, E2E, decode communication, the bytes
-    the busiest rank sends in the whole generation, memory per GPU, fits, rank by E2E. Predictions."""
+    one row per (model, b, candidate layout) — scheme, t, p, e, EP's routing, the expected share of routes it drops,
+    TTFT, TPOT, E2E, decode communication, the bytes the busiest rank sends in the whole generation, memory per
+    GPU, fits, rank by E2E. Predictions. ``routing`` None: lossless layouts only (the advice's default: EP under
+    dropless routing, or capacity routing where it provably drops nothing); a routing: EP under it, as asked."""
     from ..predict.moe_advice import advise_moe
 
     rows = []
     for model in models:
         for b in batches:
             ranked, _ = advise_moe(model, gpus, None, hw, S, G, b, "e2e", "bf16",
-                                   Deployment(framework, routing=routing or Routing()))
+                                   Deployment(framework, routing=routing or Routing()),
+                                   routing_asked=routing is not None)
             rows += [{"model": model.name, "b": b, "scheme": r["scheme"], "t": r["tp"], "p": r["pp"], "e": r["ep"],
+                      "routing": r["routing"] or "-", "dropped routes": r["dropped_route_fraction"]["generation"],
                       "TTFT ms": 1e3 * r["ttft_s"], "TPOT ms": 1e3 * r["tpot_s"], "E2E s": r["e2e_s"],
                       "decode comm ms": 1e3 * r["decode_comm_s"],
                       "busiest sends GB": r["sent_bytes_busiest_rank"] / 1e9, "GiB/GPU": r["memory_gib"],
@@ -316,8 +368,46 @@ def advice_winners(frame: pd.DataFrame) -> pd.DataFrame:
     t×p×e``) — the phases may disagree."""
     fit = frame[frame.fits]
     label = fit.scheme + " " + fit.t.astype(str) + "×" + fit.p.astype(str) + "×" + fit.e.astype(str)
+    if "routing" in fit:
+        label = label + fit.routing.map(lambda r: "" if r == "-" else f" ({r})")
     out = {}
     for col in ("TTFT ms", "TPOT ms", "E2E s"):
         out[f"best {col.split()[0]}"] = label.loc[fit.groupby(["model", "b"])[col].idxmin()].set_axis(
             pd.MultiIndex.from_frame(fit.loc[fit.groupby(["model", "b"])[col].idxmin(), ["model", "b"]]))
     return pd.DataFrame(out)
+
+
+def host_op_model(ops: pd.DataFrame) -> dict:
+    """The ``ops`` of a host profile's ``moe_layer`` field (:mod:`llmcomm.predict.profiles`) from the profiler counts
+    of ``benchmarks/moe_layer_ops.py`` (``data/cpu-local/moe_layer_ops.csv``): launching ops (``launch_ops``) of a
+    dense decoder layer and of its MLP (tiny Llama), of the HF sparse block (gate + experts, grouped_mm; the same
+    sharded), and of DeepSpeed's MoE layer split into its fixed part per gating path (``top2``: Mixtral's k = 2,
+    ``topk``: k > 2) and routing, and its ops per local expert (the loop's body). Raises ValueError when the counts
+    disagree where this form says they are equal (prefill and decode; e = 1 and e = 2; the two HF blocks; the
+    models' experts) — then the form must change, not the numbers."""
+    launch = ops.groupby(["model", "implementation", "routing", "e", "phase", "section"]).launch_ops.sum()
+
+    def one(values, what):
+        vals = set(int(v) for v in values)
+        if len(vals) != 1:
+            raise ValueError(f"{what}: the counts differ ({sorted(vals)})")
+        return vals.pop()
+
+    def block(frame):            # per (model, implementation, routing, e, phase): the block and everything in it
+        return frame[frame.index.get_level_values("section") != "layer"].groupby(level=[0, 1, 2, 3, 4]).sum()
+
+    dense = launch.xs("dense-mlp", level="implementation")
+    out = {"dense_layer": one(dense.groupby(level="phase").sum(), "dense decoder layer"),
+           "dense_mlp": one(block(launch).xs("dense-mlp", level="implementation"), "dense MLP")}
+    hf = block(launch)[block(launch).index.get_level_values("implementation").isin(["hf-grouped_mm", "hf-sharded"])]
+    out["hf_block"] = one(hf, "HF sparse block (grouped_mm, sharded)")
+    ds = ops[(ops.implementation == "deepspeed-moe") & (ops.section != "layer")]
+    out["deepspeed_per_local_expert"] = one(ds[ds.section == "expert"].launch_ops, "one local expert")
+    per = out["deepspeed_per_local_expert"]
+    out["deepspeed"] = {}
+    for (k, routing), grp in ds.groupby(["k", "routing"]):
+        total = grp.groupby(["model", "e", "phase", "local_experts"]).launch_ops.sum()
+        fixed = [v - per * loc for (_, _, _, loc), v in total.items()]
+        out["deepspeed"].setdefault("top2" if k == 2 else "topk", {})[routing] = one(fixed, f"DeepSpeed k={k} "
+                                                                                     f"{routing} without experts")
+    return out

@@ -15,6 +15,14 @@ machinery. This module adds what a pattern leaves as the symbol C, the capacity:
   (one ``all_reduce`` MAX of an int64 scalar per MoE layer agrees on it): :func:`dropless_capacity` of the counts
   κ, the bounds :data:`DROPLESS_BOUNDS`, and the expectation under uniform routing :func:`expected_max_count`.
 
+* **dropped routes** (capacity routing only): an expert keeps min(κ_j, C) of its κ_j routes — DeepSpeed's top-2
+  gating by position, its top-k gating by gate value, both keep exactly C of an over-full expert's routes — so a rank
+  drops Σ_j (κ_j − C)⁺ of its T·k routes. Under uniform routing κ_j ~ Binomial(T, k/E) exactly (a token's k-subset
+  contains expert j with probability k/E, independently of the other tokens), so by linearity of expectation the
+  expected dropped share is :data:`DROPPED_FRACTION`; :func:`dropped_fraction` evaluates it, and the same under a
+  skewed router (one hot expert in a share φ of the tokens). Capacity routing *provably* drops nothing only when
+  C ≥ T (an expert receives at most one route per token): :func:`lossless`.
+
 The all-to-all size m (nccl-tests: the bytes one rank sends in total, its own chunk included — the conventions of
 :mod:`llmcomm.derive.conventions`) is the whole [E, C, h] buffer DeepSpeed passes to ``all_to_all_single``:
 m = E·C·h·w, of which each peer receives E/e·C·h·w and (e−1)/e·m leaves the rank. The capture records exactly this
@@ -30,12 +38,12 @@ import numpy as np
 import sympy as sp
 
 from ..deployment import ROUTING_MODES, Routing, pattern_of
-from ..notation import C, C_min, E, L_moe, b, e, gamma, h, k, s, w
+from ..notation import C, C_min, E, L_moe, b, e, gamma, h, k, kappa, s, w
 from ..spec import SpecError
 
-__all__ = ["ROUTING_MODES", "Routing", "T_RANK", "CAPACITY", "A2A_BYTES", "DROPLESS_BOUNDS", "capacity", "skew_capacity",
-           "dropless_capacity", "dropless_bounds", "expected_max_count", "rank_batch", "forward_capacity",
-           "ep_forms", "moe_summary"]
+__all__ = ["ROUTING_MODES", "Routing", "T_RANK", "CAPACITY", "A2A_BYTES", "DROPLESS_BOUNDS", "DROPPED_FRACTION",
+           "capacity", "skew_capacity", "dropless_capacity", "dropless_bounds", "expected_max_count", "dropped_fraction",
+           "dropped_routes", "lossless", "generation_dropped", "rank_batch", "forward_capacity", "ep_forms", "moe_summary"]
 
 #: Tokens one EP rank routes in one forward: its b/e sequences × s tokens.
 T_RANK = b * s / e
@@ -46,6 +54,10 @@ A2A_BYTES = E * C * h * w
 #: Dropless C lies between the balanced count ⌈T·k/E⌉ (the mean over experts, rounded up) and T (a token goes to an
 #: expert at most once).
 DROPLESS_BOUNDS = (sp.ceiling(T_RANK * k / E), T_RANK)
+#: Expected share of a rank's T·k routes capacity routing drops under uniform routing (C slots per expert; each
+#: expert's count κ ~ Binomial(T, k/E)): E/(T·k) · Σ_{κ=C+1}^{T} (κ − C)·P(κ).
+DROPPED_FRACTION = E / (T_RANK * k) * sp.Sum((kappa - C) * sp.binomial(T_RANK, kappa) * (k / E) ** kappa
+                                             * (1 - k / E) ** (T_RANK - kappa), (kappa, C + 1, T_RANK))
 
 
 def capacity(T: int, E: int, k: int, cf: float = 1.0, min_cap: int = 4) -> int:
@@ -156,6 +168,76 @@ def expected_max_count(T: int, E: int, k: int, ranks: int = 1, exact: bool | Non
     return float(np.sum(1.0 - p_le[:T])), method
 
 
+def _excess(T: int, q: float, C_: int) -> float:
+    """E[(X − C)⁺] for X ~ Binomial(T, q): the routes one expert receives beyond its C slots, in expectation."""
+    from scipy.stats import binom
+
+    if C_ >= T or q <= 0:
+        return 0.0
+    x = np.arange(C_ + 1, T + 1)
+    return float(np.sum((x - C_) * binom.pmf(x, T, min(q, 1.0))))
+
+
+def dropped_fraction(T: int, E_: int, k_: int, C_: int, phi: float | None = None) -> float:
+    """Expected share of one EP rank's T·k routes that capacity routing drops with ``C_`` slots per expert — exact
+    (linearity of expectation over the experts; module docs):
+
+    * uniform routing (``phi`` None): every expert's count is Binomial(T, k/E), E[dropped] = E·E[(κ − C)⁺];
+    * skewed routing ``phi`` = φ: each token includes one hot expert with probability φ (its other choices, and all
+      k choices of the tokens without it, uniform over the other E − 1 experts), so the hot expert's count is
+      Binomial(T, φ) and every other expert's Binomial(T, (k − φ)/(E − 1)); φ = k/E is uniform routing. The same φ
+      as :class:`Routing`'s ``skew`` (the busiest expert's share of the tokens), here an expectation.
+
+    Returns E[dropped]/(T·k), between 0 and 1."""
+    if T < 1 or E_ < 1 or not 1 <= k_ <= E_ or C_ < 0:
+        raise SpecError(f"dropped_fraction needs T ≥ 1, 1 ≤ k ≤ E and C ≥ 0 (got T={T}, E={E_}, k={k_}, C={C_})")
+    if phi is None:
+        dropped = E_ * _excess(T, k_ / E_, C_)
+    else:
+        rest = (k_ - phi) / (E_ - 1) if E_ > 1 else 0.0
+        if not 0 < phi <= 1 or not 0 <= rest <= 1 or (E_ == 1 and phi != 1):
+            raise SpecError(f"skew φ={phi!r} must be in (0, 1] with (k − φ)/(E − 1) in [0, 1] (k={k_}, E={E_})")
+        dropped = _excess(T, phi, C_) + (E_ - 1) * _excess(T, rest, C_)
+    return dropped / (T * k_)
+
+
+def dropped_routes(counts, C_: int) -> int:
+    """Routes capacity routing dropped, from a routing log: Σ_j (κ_j − C)⁺ over the per-expert counts ``counts``
+    (one rank's E values, or one row per rank) and the capacity C the layer used."""
+    arr = np.asarray(counts)
+    if arr.size == 0 or (arr < 0).any() or C_ < 0:
+        raise SpecError("dropped_routes needs non-negative counts and capacity")
+    return int(np.maximum(arr - int(C_), 0).sum())
+
+
+def lossless(routing: Routing, T: int, E_: int, k_: int) -> bool:
+    """Whether ``routing`` provably drops no route of a rank's ``T`` tokens: dropless routing always; capacity
+    routing when its C (:func:`capacity`) is at least T — no expert can receive more than one route per token."""
+    if routing.mode == "dropless":
+        return True
+    return capacity(T, E_, k_, routing.capacity_factor, routing.min_capacity) >= T
+
+
+def generation_dropped(routing: Routing, E_: int, k_: int, b_: int, S_: int, G_: int, e_: int,
+                       phi: float | None = None) -> dict:
+    """What capacity routing drops in one generation (b sequences on e EP ranks, S prompt and G generated tokens),
+    predicted (:func:`dropped_fraction`, uniform routing or skew ``phi``): ``{"prefill", "decode"}`` — the expected
+    dropped share of each phase's routes (T = b/e·S, then b/e per decode step) — ``"generation"`` — of all routes
+    (the prefill's and the G − 1 decode steps', weighted by their routes) — and ``"lossless"`` (:func:`lossless` in
+    both phases). Dropless routing: zeros, lossless."""
+    out = {"prefill": 0.0, "decode": 0.0, "generation": 0.0, "lossless": True}
+    if routing.mode == "dropless":
+        return out
+    T_pre, T_dec = rank_batch(b_, e_) * S_, rank_batch(b_, e_)
+    for phase, T in (("prefill", T_pre), ("decode", T_dec)):
+        C_ = capacity(T, E_, k_, routing.capacity_factor, routing.min_capacity)
+        out[phase] = dropped_fraction(T, E_, k_, C_, phi)
+        out["lossless"] &= C_ >= T
+    steps = G_ - 1
+    out["generation"] = (out["prefill"] * T_pre + out["decode"] * T_dec * steps) / (T_pre + T_dec * steps)
+    return out
+
+
 def rank_batch(b_: int, e_: int) -> int:
     """Sequences one EP rank runs attention on: b/e (data-parallel attention; e must divide b)."""
     if b_ % e_:
@@ -228,6 +310,8 @@ def moe_summary(model, layout, workload, routing: Routing | None = None) -> dict
         row = {"tokens_per_rank": T}
         if routing.mode == "capacity":
             row["capacity"] = capacity(T, model.E, model.moe.top_k, routing.capacity_factor, routing.min_capacity)
+            row["dropped_fraction_expected"] = dropped_fraction(T, model.E, model.moe.top_k, row["capacity"])
+            row["lossless"] = row["capacity"] >= T
         else:
             value, method = expected_max_count(T, model.E, model.moe.top_k, layout.e)
             row.update(capacity_expected=value, method=method,

@@ -34,8 +34,12 @@ tensors, so :func:`shard_experts` is the second thin step, taken after AutoTP: T
 ``[r·F/t, (r+1)·F/t)`` of each expert's gate and of its up projection (``gate_up_proj[:, :F]`` and ``[:, F:]``) and
 the same columns of ``down_proj`` — a column- then row-parallel FFN, as AutoTP shards a dense MLP — so the block's
 output is a partial sum, all-reduced over the TP group with DeepSpeed's ``inference_all_reduce`` (what AutoTP's
-``LinearAllreduce`` calls). The router stays whole: every rank routes the same tokens the same way. HF's eager
-expert loop (``chunk(2)`` of the fused product) runs the sharded tensors unchanged.
+``LinearAllreduce`` calls). The router stays whole: every rank routes the same tokens the same way. HF's experts
+(``experts_implementation="grouped_mm"``, the default: one grouped GEMM per projection, ``chunk(2)`` of the fused
+product between; proof ``tools/proofs/experts_grouped_mm.py``) run the sharded tensors unchanged.
+
+:func:`layer_op_rows` counts, from a profiler trace (:mod:`llmcomm.measure.opcount`), the ATen ops one forward of
+each of these blocks dispatches (``benchmarks/moe_layer_ops.py`` stores them): the host profiles' MoE layer cost.
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ import torch
 from torch import nn
 
 __all__ = ["ExpertFFN", "DeepSpeedMoEBlock", "adapt", "set_routing", "RoutingLog", "ShardedExpertsBlock",
-           "shard_experts"]
+           "shard_experts", "IMPLEMENTATIONS", "layer_op_rows"]
 
 
 class ExpertFFN(nn.Module):
@@ -123,10 +127,11 @@ def set_routing(hf_model, *, dropless: bool, capacity_factor: float = 1.0, min_c
 
 class RoutingLog:
     """Per MoE layer of every forward of ``model`` (adapted by :func:`adapt`), in call order: ``{"forward",
-    "layer", "tokens", "counts", "capacity"}`` — the forward's index since the last :meth:`take`, the decoder
-    layer (its index in the whole model: ``first_layer`` is that of ``model``'s first, a pipeline stage's), the
-    rank's tokens T, its routes per expert before any drop (DeepSpeed's ``exp_counts``) and the capacity
-    C of the dispatch buffer [E, C, h] (dropless: after the EP group's all-reduce MAX)."""
+    "layer", "tokens", "counts", "capacity", "kept"}`` — the forward's index since the last :meth:`take`, the
+    decoder layer (its index in the whole model: ``first_layer`` is that of ``model``'s first, a pipeline stage's),
+    the rank's tokens T, its routes per expert before any drop (DeepSpeed's ``exp_counts``), the capacity C of the
+    dispatch buffer [E, C, h] (dropless: after the EP group's all-reduce MAX) and the routes DeepSpeed kept (its
+    route indices that are not −1: T·k − kept were dropped)."""
 
     def __init__(self, model, first_layer: int = 0):
         self.records: list[dict] = []
@@ -139,10 +144,12 @@ class RoutingLog:
 
     def _hook(self, layer: int):
         def record(_module, inputs, output):
-            # the gate's sparse routes: (l_aux, C, E, indices, locations, gates, exp_counts)
+            # the gate's sparse routes: (l_aux, C, E, indices, locations, gates, exp_counts); indices [k, T] hold
+            # −1 for every route the capacity limit evicted
             self.records.append({"forward": len(self.records) // self._per_forward, "layer": layer,
                                  "tokens": int(inputs[0].shape[0]), "capacity": int(output[1]),
-                                 "counts": [int(c) for c in output[-1].tolist()]})
+                                 "counts": [int(c) for c in output[-1].tolist()],
+                                 "kept": int((output[3] >= 0).sum())})
         return record
 
     def take(self) -> list[dict]:
@@ -194,3 +201,102 @@ def shard_experts(hf_model, group):
         if hasattr(layer.mlp, "experts"):
             layer.mlp = ShardedExpertsBlock(layer.mlp, rank, t, group)
     return hf_model
+
+
+#: the MoE block implementations :func:`layer_op_rows` counts (the ``implementation`` column of its rows)
+IMPLEMENTATIONS = {
+    "hf-grouped_mm": "the HF sparse block as transformers 5.24 builds it (experts_implementation 'grouped_mm', its "
+                     "default): the TP schemes' block, experts whole (autotp)",
+    "hf-eager": "the same block with experts_implementation='eager' (a Python loop over the experts hit)",
+    "hf-sharded": "the HF block with every expert sharded over the world's t ranks, then its all-reduce "
+                  "(ShardedExpertsBlock: tp-experts)",
+    "deepspeed-moe": "DeepSpeed's MoE layer as adapt() builds it (ep_size = e), under the row's routing",
+    "dense-mlp": "the dense MLP of a Llama decoder layer (what a dense layer's host overhead was counted with)",
+}
+
+
+def layer_op_rows(preset: str, e: int, b: int = 2, S: int = 16, seed: int = 0) -> list[dict]:
+    """Profiler op counts (:func:`llmcomm.measure.opcount.count_ops`) of the first MoE decoder layer of ``preset``
+    (a dense preset: its first layer) in one prefill forward (``b`` sequences of ``S`` tokens, a fresh cache) and
+    one decode forward (one token each) of the whole model, per section of the layer: ``layer`` (attention, norms,
+    residuals: the layer outside its MLP), ``block`` (the MLP block outside its router and experts: DeepSpeed's
+    dispatch, all-to-alls and combine, HF's token sort and gather), ``gate`` (the router), ``experts`` (the experts
+    module outside its first expert), ``expert`` (DeepSpeed's first local expert). One row per (implementation,
+    routing, phase, section) with ``host_ops``, ``launch_ops``, ``kernel_ops``, ``collectives``.
+
+    Collective when the world has more than one rank: every rank calls it with the same arguments (``e`` = the EP
+    degree of DeepSpeed's layer, which divides the world; the sharded HF block uses the whole world as its TP group;
+    with one rank it is skipped)."""
+    import copy
+
+    import deepspeed.comm as dist
+
+    from llmcomm.spec import load_model
+    from .opcount import count_ops
+    from .runs.common import build_model, cache_kwarg, generate
+
+    spec = load_model(preset)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    base = build_model(spec, "fp32", "cpu", seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, spec.V, (b, S), generator=g)
+    li = next((i for i, layer in enumerate(base.model.layers) if hasattr(layer.mlp, "experts")), 0)
+    variants = []                                            # (implementation, routing, model, labelled modules)
+
+    def sections(model, extra=()):
+        layer = model.model.layers[li]
+        mods = {"layer": layer, "block": layer.mlp}
+        for name, path in extra:
+            mods[name] = path(layer.mlp)
+        return mods
+
+    if not spec.is_moe:
+        variants.append(("dense-mlp", "-", base, sections(base)))
+    else:
+        hf_parts = (("gate", lambda m: m.gate), ("experts", lambda m: m.experts))
+        variants.append(("hf-grouped_mm", "-", base, sections(base, hf_parts)))
+        eager = copy.deepcopy(base)
+        eager.set_experts_implementation("eager")
+        variants.append(("hf-eager", "-", eager, sections(eager, hf_parts)))
+        if world > 1:
+            sharded = shard_experts(copy.deepcopy(base), None)
+            variants.append(("hf-sharded", "-", sharded, sections(sharded, (("gate", lambda m: m.block.gate),
+                                                                            ("experts", lambda m: m.block.experts)))))
+        ds_parts = (("gate", lambda m: m.moe.deepspeed_moe.gate), ("experts", lambda m: m.moe.deepspeed_moe.experts),
+                    ("expert", lambda m: m.moe.deepspeed_moe.experts.deepspeed_experts[0]))
+        ds = adapt(copy.deepcopy(base), e, dropless=False)
+        for routing in ("capacity", "dropless"):
+            variants.append(("deepspeed-moe", routing, ds, sections(ds, ds_parts)))
+    rows = []
+    for impl, routing, model, mods in variants:
+        if impl == "deepspeed-moe":
+            set_routing(model, dropless=routing == "dropless")
+        phases = {}
+
+        def run(model=model, phases=phases):
+            # one prefill and one decode step, each profiled on its own (the cache carries over)
+            from transformers import DynamicCache
+
+            kw = {cache_kwarg(model): DynamicCache(config=model.config)}
+            with torch.no_grad():
+                phases["prefill"] = count_ops(lambda: model(input_ids=ids, use_cache=True, **kw), mods)
+                phases["decode"] = count_ops(lambda: model(input_ids=ids[:, :1], use_cache=True, **kw), mods)
+
+        generate(model, model, ids, 2)                       # warm-up: first-call paths out of the counts
+        run()
+        moe = spec.moe
+        for phase, counts in phases.items():
+            for section in ("layer", "block", "gate", "experts", "expert"):
+                if section not in counts:
+                    continue
+                c = counts[section]
+                rows.append({"model": preset, "implementation": impl, "routing": routing,
+                             "t": world if impl == "hf-sharded" else 1, "e": e if impl == "deepspeed-moe" else 1,
+                             "E": moe.experts if moe else 0, "k": moe.top_k if moe else 0,
+                             "local_experts": (moe.experts // e if impl == "deepspeed-moe" else moe.experts)
+                             if moe else 0, "phase": phase, "b": b, "s": S if phase == "prefill" else 1,
+                             "section": section, "host_ops": c["host_ops"], "launch_ops": c["launch_ops"],
+                             "kernel_ops": c["kernel_ops"], "collectives": c["collectives"],
+                             "launch_op_names": " ".join(f"{n.removeprefix('aten::')}:{x}"
+                                                         for n, x in sorted(c["names"].items()))})
+    return rows

@@ -312,12 +312,13 @@ def robustness_frame(cases, hw: Hardware, rel_err: float, frameworks=("deepspeed
 
 def advise_report(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware, S: int = 1024,
                   G: int = 128, b: int = 1, objective: str = "e2e", dtype: str = "bf16",
-                  deployment: Deployment | None = None) -> dict:
+                  deployment: Deployment | None = None, routing_asked: bool = False) -> dict:
     """What ``llmcomm advise`` prints: ``{"model", "hardware", "gpus", "gpus_per_node", "engine", "workload",
     "objective", "layouts": [...]}`` (layouts best first). A mixture of experts goes to
     :func:`llmcomm.predict.moe_advice.advise_moe` (every expert layout: AutoTP, sharded experts, expert parallelism
-    under the deployment's routing); its report adds ``routing`` and ``not_candidates`` (why a scheme has no
-    layout)."""
+    under the deployment's routing); its report adds ``routing`` (with ``asked`` and ``lossless_only``: lossless
+    layouts only unless ``routing_asked``, the user naming the routing) and ``not_candidates`` (why a scheme has no
+    layout, or a lossy routing is not ranked)."""
     deployment = deployment or Deployment()
     g = hw.gpus_per_node if gpus_per_node is None else gpus_per_node
     head = {"model": model.name, "hardware": hw.name, "gpus": gpus, "gpus_per_node": g, "engine": deployment.engine,
@@ -325,10 +326,12 @@ def advise_report(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Ha
     if model.is_moe:
         from .moe_advice import advise_moe
 
-        layouts, why = advise_moe(model, gpus, g, hw, S, G, b, objective, dtype, deployment)
+        layouts, why = advise_moe(model, gpus, g, hw, S, G, b, objective, dtype, deployment,
+                                  routing_asked=routing_asked)
         r = deployment.routing
         return {**head, "routing": {"mode": r.mode, "capacity_factor": r.capacity_factor,
-                                    "min_capacity": r.min_capacity}, "not_candidates": why, "layouts": layouts}
+                                    "min_capacity": r.min_capacity, "asked": bool(routing_asked),
+                                    "lossless_only": not routing_asked}, "not_candidates": why, "layouts": layouts}
     return {**head, "layouts": advise(model, gpus, g, hw, S, G, b, objective, dtype, deployment)}
 
 

@@ -20,7 +20,9 @@ A mixture of experts (``model.is_moe``): its L_moe MoE layers cost the MoE ops o
 :func:`llmcomm.predict.kernels.layer_ops` under the deployment's expert layout (:func:`expert_layout`: experts whole
 on every TP rank under ``autotp``, sharded t ways under ``tp-experts``, E/e per rank on the e·C rows of the capacity
 buffer under ``ep``; :data:`llmcomm.deployment.EXPERT_LAYOUTS`), its L − L_moe dense layers the dense ops; a forward costs
-``(L − L_moe)·τ_dense + L_moe·τ_moe + τ_embed + τ_head``. Under expert parallelism every rank runs attention,
+``(L − L_moe)·τ_dense + L_moe·τ_moe + τ_embed + τ_head``. A MoE layer's host overhead is its own (``moe_overhead_s``:
+the host profile's count of the MoE block's ops in place of the dense MLP's,
+:meth:`llmcomm.predict.profiles.HostProfile.moe_layer_overhead_s`). Under expert parallelism every rank runs attention,
 embedding and head on its own b/e sequences (data-parallel attention).
 
 ``flops`` and ``bytes`` (what :func:`layer_cost` returns) are those of the same ops: GEMM operands read once and
@@ -99,7 +101,7 @@ def layer_op_times(model: ModelSpec, hw: Hardware, t, b, s, kv_len, ctx, w,
 
 def forward_compute(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str, inv_t=None,
                     overhead_s=None, host_overlaps: bool = False, experts: str | None = None, e: int = 1,
-                    routing=None) -> dict:
+                    routing=None, moe_overhead_s=None) -> dict:
     """Compute seconds of one forward of ``phase`` summed over all stages (one batch crosses them in sequence):
     ``{"compute_s", "layer_s", "flops", "bytes", "compute_bound"}``. ``overhead_s``: host seconds per layer (the
     host profile's, :meth:`llmcomm.predict.profiles.HostProfile.layer_overhead_s`; default the hardware
@@ -108,7 +110,9 @@ def forward_compute(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str
 
     A mixture of experts takes its expert layout ``experts`` (:func:`expert_layout`), the EP degree ``e`` and, for
     expert parallelism, the ``routing``; ``layer_s`` is then the mean over the L layers, ``b`` the whole batch (each
-    EP rank computes b/e sequences)."""
+    EP rank computes b/e sequences). ``moe_overhead_s``: host seconds per MoE layer (the host profile's
+    :meth:`~llmcomm.predict.profiles.HostProfile.moe_layer_overhead_s`: the MoE block's counted host ops in place of
+    the dense MLP's; default ``overhead_s``)."""
     s, kv_len, ctx = phase_context(phase, S, G)
     t = np.asarray(t, dtype=float) if inv_t is None else 1.0 / np.asarray(inv_t, dtype=float)
     b = np.asarray(b, dtype=float)
@@ -119,13 +123,15 @@ def forward_compute(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str
     if model.is_moe:
         xl = expert_layout(model, experts, t, e, b, s, routing)
         b = b / xl.e                                    # data-parallel attention: b/e sequences per EP rank
-        kinds = [(layers, x) for layers, x in ((model.L - model.L_moe, None), (model.L_moe, xl)) if layers]
+        moe_overhead = overhead if moe_overhead_s is None else moe_overhead_s
+        kinds = [(layers, x, o) for layers, x, o in ((model.L - model.L_moe, None, overhead),
+                                                     (model.L_moe, xl, moe_overhead)) if layers]
     else:
-        kinds = [(model.L, None)]
+        kinds = [(model.L, None, overhead)]
     layers_s, flops, nbytes = 0.0, 0.0, 0.0
-    for layers, xl in kinds:
+    for layers, xl, layer_overhead in kinds:
         ops = layer_ops(model, t, b, s, kv_len, ctx, w, xl)
-        one_s = join(sum(op_times(ops, kern, w).values()), overhead)
+        one_s = join(sum(op_times(ops, kern, w).values()), layer_overhead)
         layers_s = layers_s + layers * one_s
         flops = flops + layers * sum(op.get("flops", 0.0) * op.get("count", 1) for op in ops.values())
         nbytes = nbytes + layers * sum(op["bytes"] * op.get("count", 1) for op in ops.values())

@@ -36,7 +36,8 @@ def compute_costs(model: ModelSpec, hw: Hardware, t: int, tokens, context: int |
     """Rows ``{"op", "tokens", "seconds", "flops", "memory_bytes"}`` for every op and every token count (one
     sequence of ``tokens`` new tokens; ``context`` cached tokens adds the attention row). A mixture of experts: the
     ops of one MoE layer under the TP expert layout ``experts`` (``autotp``, the default: experts whole on every rank;
-    ``tp-experts``: sharded t ways); its expert rows add ``calls`` and ``M``. A dense model has none."""
+    ``tp-experts``: sharded t ways); its expert rows add ``calls``, ``M`` and, for a grouped GEMM, ``groups`` (one call
+    of that many experts' problems of M rows each). A dense model has none."""
     Layout(t).validate(model)
     if experts is not None and not model.is_moe:
         raise SpecError(f"expert layout {experts!r} needs a mixture of experts; {model.name} is dense")
@@ -62,7 +63,8 @@ def compute_costs(model: ModelSpec, hw: Hardware, t: int, tokens, context: int |
             row = {"op": name, "tokens": int(T), "seconds": float(times[name]),
                    "flops": float(op.get("flops", 0.0)) * count, "memory_bytes": float(op["bytes"]) * count}
             if name.startswith("expert_"):
-                row.update(calls=count, M=float(op["M"]) if "M" in op else float(op["bytes"] / op["row_bytes"]))
+                row.update(calls=count, M=float(op["M"]) if "M" in op else float(op["bytes"] / op["row_bytes"]),
+                           **({"groups": float(op["groups"])} if "groups" in op else {}))
             rows.append(row)
         h, V = model.h, model.V
         rows.append({"op": "final_norm", "tokens": int(T),

@@ -35,11 +35,30 @@ Memory-bound ops (:func:`memop_time`): one CTA per token row::
 its row at ``b_row``, so time stops falling with T. Parameters per (device, kernel kind).
 
 Mixture-of-experts layers (:func:`layer_ops` with an :class:`ExpertLayout`): the dense MLP is replaced by the
-router GEMM [T, h]×[h, E] and, per expert a rank computes, one gate_up GEMM [M_g, h]×[h, 2F_ex/t_exp] and one down
-GEMM [M_g, F_ex/t_exp]×[·, h] (and its SiLU·mul), plus the always-on shared expert (Qwen2-MoE) as a dense MLP of width
-F_sh. Without expert parallelism the rank computes the experts its T tokens touch (:func:`touched_experts`: an
-expectation under uniform routing), each on the M_g = T·k/touched tokens routed to it; with expert parallelism (e > 1)
-DeepSpeed's MoE layer runs each of its E/e experts on the whole capacity-padded buffer, M_g = e·C rows.
+router GEMM [T, h]×[h, E] and the experts' GEMMs [M_g, h]×[h, 2F_ex/t_exp] (gate_up) and [M_g, F_ex/t_exp]×[·, h]
+(down) with their SiLU·mul, plus the always-on shared expert (Qwen2-MoE) as a dense MLP of width F_sh — as the
+pinned stack runs them:
+
+* the TP schemes (``autotp``, ``tp-experts``) run the HF sparse block, whose experts transformers 5.24 computes with
+  ``experts_implementation="grouped_mm"`` by default (proof ``tools/proofs/experts_grouped_mm.py``): ONE grouped
+  GEMM per projection over the T·k routed rows sorted by expert — priced as a grouped GEMM (below) of
+  ``groups`` = the experts the T tokens touch (:func:`touched_experts`: an expectation under uniform routing), each
+  on M_g = T·k/groups rows;
+* expert parallelism (e > 1) runs DeepSpeed's MoE layer, a Python loop over its E/e local experts, each an
+  ``nn.Linear`` pair on the whole capacity-padded buffer: E/e separate GEMMs of M_g = e·C rows.
+
+Grouped GEMMs (``groups`` = n_g): n_g problems [M_g, K_g]×[K_g, N_g] in one kernel::
+
+    tiles  = n_g · ceil(M_g/tm) · ceil(N_g/tn)    (every group pads its own tiles; all share one wave schedule)
+    τ_comp = min over tiles of waves · 2·tm·tn·(K_g + K0) / (flops_per_s/SM)       (no split-K)
+    τ_mem  = w · n_g · (M_g·K_g + K_g·N_g + M_g·N_g) / bytes_per_s                 (each group's weights read once)
+    τ      = t0 + (τ_mem^q + τ_comp^q)^(1/q)                                        (one launch: one floor)
+
+ASSUMPTION (no public grouped-GEMM times were fitted): the grouped kernel (torch's ``grouped_mm``, CUTLASS on SM80+)
+runs its tiles at the per-SM rate and streams at the HBM rate of the dense GEMMs the ``gemm`` parameters were
+fitted on (Vidur's linear-op times, :mod:`llmcomm.compare.vidur`; cuBLAS): a grouped GEMM is priced as the dense
+GEMM of the same tiles, FLOPs and bytes, with one floor and no split-K (torch's grouped kernel has none). On a CPU
+preset (no tile structure) it is the roofline of the groups' FLOPs and bytes, one t0.
 
 Attention (:func:`attention_time`) — **not validated** (the public data have no attention kernel times): a roofline
 of its FLOPs 4·b·s·c·(a/t)·d at the GEMM rate ``flops_per_s`` and its bytes (KV cache read, q/o read and written) at
@@ -72,24 +91,27 @@ def _tile_m(M_g, params):
     return np.where(M_g <= params.get("m_small", 64), params.get("tm_small", 64), params["tm"])
 
 
-def gemm_time_parts(M_g, N_g, K_g, w, params: Mapping[str, Any]):
-    """(τ_mem, τ_comp) in seconds, before the floor and the smooth max (module doc)."""
+def gemm_time_parts(M_g, N_g, K_g, w, params: Mapping[str, Any], groups=None):
+    """(τ_mem, τ_comp) in seconds, before the floor and the smooth max (module doc). ``groups``: a grouped GEMM of
+    that many [M_g, K_g]×[K_g, N_g] problems in one kernel (:func:`gemm_time`); None: one plain GEMM."""
     M_g, N_g, K_g = (np.asarray(x, dtype=float) for x in (M_g, N_g, K_g))
+    n_g = 1.0 if groups is None else np.asarray(groups, dtype=float)
     flops_per_s, bytes_per_s = float(params["flops_per_s"]), float(params["bytes_per_s"])
-    tau_mem = np.asarray(w, dtype=float) * (M_g * K_g + K_g * N_g + M_g * N_g) / bytes_per_s
+    tau_mem = np.asarray(w, dtype=float) * n_g * (M_g * K_g + K_g * N_g + M_g * N_g) / bytes_per_s
     if "gemv_bytes_per_s" in params:       # a CPU BLAS: one row is a matrix-vector product, streamed at its own rate
         tau_mem = np.where(M_g <= 1, tau_mem * bytes_per_s / float(params["gemv_bytes_per_s"]), tau_mem)
     if "sm" not in params:                                   # no tile structure: the plain roofline
-        return tau_mem, 2.0 * M_g * N_g * K_g / flops_per_s
+        return tau_mem, 2.0 * n_g * M_g * N_g * K_g / flops_per_s
     sm, K0, kmin = float(params["sm"]), float(params.get("K0", 0.0)), float(params.get("kmin", 128))
     per_sm = flops_per_s / sm
-    tau_comp = np.full(np.broadcast(M_g, N_g, K_g).shape, np.inf)
+    tau_comp = np.full(np.broadcast(M_g, N_g, K_g, n_g).shape, np.inf)
     shapes = [(_tile_m(M_g, params).astype(float), float(params["tn"]), 1.0)]
     for tm_a, tn_a, eff in params.get("alt_tiles", []):
         shapes.append((np.full_like(M_g, float(tm_a)), float(tn_a), float(eff)))
+    splits = params.get("splits", DEFAULT_SPLITS) if groups is None else (1,)
     for tm, tn, eff in shapes:
-        tiles = np.ceil(M_g / tm) * np.ceil(N_g / tn)
-        for split in params.get("splits", DEFAULT_SPLITS):
+        tiles = n_g * np.ceil(M_g / tm) * np.ceil(N_g / tn)
+        for split in splits:
             ks = np.ceil(K_g / split)
             pieces = tiles * split
             waves = np.ceil(pieces / sm) if params.get("wave_quant", True) else np.maximum(pieces / sm, 1.0)
@@ -112,11 +134,16 @@ def _smooth_max(x, y, q: float):
     return hi * ((x / hi) ** q + (y / hi) ** q) ** (1.0 / q)
 
 
-def gemm_time(M_g, N_g, K_g, w, params: Mapping[str, Any]):
-    """Kernel seconds of the GEMM [M_g, K_g]×[K_g, N_g] with ``w``-byte elements on the device ``params`` (over a
-    grid: once per distinct shape, :func:`llmcomm.predict.unique.on_unique`)."""
+def gemm_time(M_g, N_g, K_g, w, params: Mapping[str, Any], groups=None):
+    """Kernel seconds of the GEMM [M_g, K_g]×[K_g, N_g] with ``w``-byte elements on the device ``params``;
+    ``groups``: a grouped GEMM, that many such problems in ONE kernel (one floor t0, the groups' tiles in one wave
+    schedule, no split-K, the bytes of every group — the module docs' *Grouped GEMMs*). Over a grid: once per
+    distinct shape (:func:`llmcomm.predict.unique.on_unique`)."""
     t0, q = float(params.get("t0", 0.0)), float(params.get("norm_order", np.inf))
-    return on_unique(lambda M, N, K, ww: t0 + _smooth_max(*gemm_time_parts(M, N, K, ww, params), q), M_g, N_g, K_g, w)
+    one = lambda M, N, K, ww, n: t0 + _smooth_max(*gemm_time_parts(M, N, K, ww, params, n), q)    # noqa: E731
+    if groups is None:
+        return on_unique(lambda M, N, K, ww: one(M, N, K, ww, None), M_g, N_g, K_g, w)
+    return on_unique(one, M_g, N_g, K_g, w, groups)
 
 
 def memop_time(nbytes, row_bytes, params: Mapping[str, Any]):
@@ -166,37 +193,50 @@ def touched_experts(E, k, T):
     return E * (1.0 - (1.0 - k / E) ** T)
 
 
-def _gemm(M_g, N_g, K_g, w, count=None) -> dict:
-    op = {"kind": "gemm", "M": M_g, "N": N_g, "K": K_g, "flops": 2 * M_g * N_g * K_g,
-          "bytes": w * (M_g * K_g + K_g * N_g + M_g * N_g)}
+def _gemm(M_g, N_g, K_g, w, count=None, groups=None) -> dict:
+    n_g = 1 if groups is None else groups
+    op = {"kind": "gemm", "M": M_g, "N": N_g, "K": K_g, "flops": 2 * n_g * M_g * N_g * K_g,
+          "bytes": w * n_g * (M_g * K_g + K_g * N_g + M_g * N_g)}
     if count is not None:
         op["count"] = count
+    if groups is not None:
+        op["groups"] = groups
     return op
 
 
 def _moe_mlp_ops(model: ModelSpec, T, w, xl: ExpertLayout) -> dict[str, dict]:
-    """The MLP ops of one MoE layer on one rank that routes ``T`` tokens (module doc). ``count`` = the experts
-    computed (an expectation without EP); each GEMM's M_g = the rows one expert computes.
+    """The MLP ops of one MoE layer on one rank that routes ``T`` tokens (module doc), as the pinned stack runs them:
+
+    * without EP (the TP schemes: the HF sparse block, ``experts_implementation="grouped_mm"``, transformers 5.24's
+      default — proof ``tools/proofs/experts_grouped_mm.py``): ONE grouped GEMM per projection over the T·k routed
+      rows, grouped by expert (``groups`` = the experts touched, an expectation; M_g = T·k/groups rows each), and one
+      SiLU·mul over the T·k rows;
+    * with EP (DeepSpeed's MoE layer): a Python loop over the E/e local experts, one ``nn.Linear`` pair each on the
+      e·C rows of its capacity buffer (``count`` = E/e calls of each GEMM and of the SiLU·mul).
 
     ASSUMPTION: the router ([T, h]×[h, E]) is whole on every rank (AutoTP leaves it unsharded: the measured bytes
     show no gather of router logits); the routing softmax/top-k and the token gather/scatter (DeepSpeed's dispatch
-    einsum included) are not charged. ASSUMPTION: the shared expert (Qwen2-MoE) and its sigmoid gate are sharded like
-    the routed experts (t_exp; unsharded under EP) and run on all T tokens."""
+    and combine, HF's sort and index) are not charged as kernels (their host ops are: :mod:`.profiles`).
+    ASSUMPTION: the shared expert (Qwen2-MoE) and its sigmoid gate are sharded like the routed experts (t_exp;
+    unsharded under EP) and run on all T tokens."""
     moe, h = model.moe, model.h
     E, k, F_ex = moe.experts, moe.top_k, moe.expert_ffn
     t_exp = np.asarray(xl.t_exp, dtype=float)
+    out = {"router": _gemm(T, E, h, w)}
+    row = 3 * w * F_ex / t_exp
     if xl.e > 1:
         count = np.asarray(E / xl.e, dtype=float) + 0 * T
         M_g = xl.e * np.asarray(xl.C, dtype=float) + 0 * T
+        out["expert_gate_up_proj"] = _gemm(M_g, 2 * F_ex / t_exp, h, w, count)
+        out["expert_down_proj"] = _gemm(M_g, h, F_ex / t_exp, w, count)
+        out["expert_act"] = {"kind": MOE_MEMORY_OPS["expert_act"], "bytes": M_g * row, "row_bytes": row + 0 * M_g,
+                             "count": count}
     else:
-        count = touched_experts(E, k, T)
-        M_g = T * k / count
-    out = {"router": _gemm(T, E, h, w),
-           "expert_gate_up_proj": _gemm(M_g, 2 * F_ex / t_exp, h, w, count),
-           "expert_down_proj": _gemm(M_g, h, F_ex / t_exp, w, count)}
-    row = 3 * w * F_ex / t_exp
-    out["expert_act"] = {"kind": MOE_MEMORY_OPS["expert_act"], "bytes": M_g * row, "row_bytes": row + 0 * M_g,
-                         "count": count}
+        groups = touched_experts(E, k, T)
+        M_g = T * k / groups
+        out["expert_gate_up_proj"] = _gemm(M_g, 2 * F_ex / t_exp, h, w, groups=groups)
+        out["expert_down_proj"] = _gemm(M_g, h, F_ex / t_exp, w, groups=groups)
+        out["expert_act"] = {"kind": MOE_MEMORY_OPS["expert_act"], "bytes": T * k * row, "row_bytes": row + 0 * T}
     if moe.shared_ffn:
         F_sh = moe.shared_ffn
         out["shared_expert_gate_up_proj"] = _gemm(T, 2 * F_sh / t_exp, h, w)
@@ -222,8 +262,10 @@ def layer_ops(model: ModelSpec, t, b, s, kv_len, ctx, w, experts: ExpertLayout |
 
     ``experts``: a MoE layer of ``model`` laid out so (:class:`ExpertLayout`): the two MLP GEMMs and ``mlp_act`` are
     replaced by the MoE ops (:func:`_moe_mlp_ops`: ``router``, ``expert_gate_up_proj``, ``expert_down_proj``,
-    ``expert_act``, and the shared expert's when the model has one); expert ops carry ``count`` = experts computed
-    (``flops`` and ``bytes`` of one call, as for every op). Without it: a dense layer (MLP width ``model.ffn``).
+    ``expert_act``, and the shared expert's when the model has one); without EP the expert GEMMs are grouped GEMMs
+    (``groups`` = experts touched; ``flops`` and ``bytes`` of all groups: one call), with EP they carry ``count`` =
+    E/e calls (``flops`` and ``bytes`` of one call, as for every op). Without it: a dense layer (MLP width
+    ``model.ffn``).
     Under expert parallelism ``b`` is the rank's own b/e sequences (the caller divides).
 
     All values broadcast over array arguments."""
@@ -261,7 +303,7 @@ def op_times(ops: Mapping[str, Mapping[str, Any]], kernels: Mapping[str, Any], w
     for name, op in ops.items():
         kind = op["kind"]
         if kind == "gemm":
-            out[name] = gemm_time(op["M"], op["N"], op["K"], w, gemm)
+            out[name] = gemm_time(op["M"], op["N"], op["K"], w, gemm, op.get("groups"))
         elif kind == "attention":
             out[name] = attention_time(op["flops"], op["bytes"], gemm)
         else:

@@ -134,7 +134,9 @@ def predict_latency_grid(model: ModelSpec, hw: Hardware, t, p, b, S, G, w=2, gpu
         out[f"{phase}_compute_s"] = forward_compute(
             model, hw, t, p, b, S, G, w_compute, phase, inv_t,
             overhead_s=prof.layer_overhead_s(phase, hw), host_overlaps=prof.host_overlaps(phase), experts=dep.experts,
-            e=e, routing=dep.routing)["compute_s"] + prof.forward_overhead_s(phase, hw)
+            e=e, routing=dep.routing, moe_overhead_s=prof.moe_layer_overhead_s(phase, hw, model, dep.experts, e,
+                                                                                dep.routing))["compute_s"] \
+            + prof.forward_overhead_s(phase, hw)
         out[f"{phase}_comm_s"] = forward_comm(model, hw, t, p, b, S, G, w, phase, g, dep,
                                               fractions=fractions, comm_w=comm_w, e=e)
     join = np.maximum if overlap else np.add
@@ -183,7 +185,8 @@ def predict_latency(model: ModelSpec, layout: Layout, workload: Workload, hw: Ha
     for phase in ("prefill", "decode"):
         comp = forward_compute(model, hw, *args, phase, overhead_s=prof.layer_overhead_s(phase, hw),
                                host_overlaps=prof.host_overlaps(phase), experts=dep.experts, e=layout.e,
-                               routing=dep.routing)
+                               routing=dep.routing, moe_overhead_s=prof.moe_layer_overhead_s(
+                                   phase, hw, model, dep.experts, layout.e, dep.routing))
         host = prof.forward_overhead_s(phase, hw)
         comm, parts = forward_comm(model, hw, *args, phase, g, dep, detail=True, comm_w=comm_w, e=layout.e)
         res["breakdown"][phase] = {

@@ -32,6 +32,11 @@ the compute model's ASSUMPTION (:func:`llmcomm.predict.kernels.layer_ops`).
 Latency: :func:`llmcomm.predict.latency.predict_latency_grid` with the scheme's pattern (uniform routing,
 α-β all-to-all: the assumptions the MoE chapter names); traffic: :func:`llmcomm.derive.evaluate.traffic_totals`
 (exact for capacity routing; the uniform-routing expectation for dropless).
+
+Lossless layouts only, unless the routing is asked for: capacity routing drops the routes beyond C of every expert
+(:func:`llmcomm.derive.moe.dropped_fraction`), a different computation from the TP schemes' exact one, so by default
+EP is ranked under dropless routing (and under capacity routing only where C ≥ T: it provably drops nothing);
+``routing_asked`` ranks the deployment's routing as it is, each row with its expected dropped share.
 """
 from __future__ import annotations
 
@@ -39,8 +44,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..deployment import EXPERT_LAYOUTS, Deployment
+from ..deployment import EXPERT_LAYOUTS, Deployment, Routing
 from ..derive.evaluate import traffic_totals
+from ..derive.moe import generation_dropped
 from ..spec import DTYPE_BYTES, Layout, ModelSpec, SpecError, Workload, stage_layers
 from .advise import PARETO_REL_TOL, candidate_layouts, check_request, node_crossings, pareto_front
 from .hardware import GiB, Hardware
@@ -124,39 +130,76 @@ def moe_memory_per_rank(model: ModelSpec, scheme: str, t: int, p: int, e: int, b
     return {"weights": best["weights"], "kv": best["kv"], "act": act, "total": best["weights"] + best["kv"] + act}
 
 
+def _ep_routings(model: ModelSpec, routing: Routing, asked: bool, b: int, S: int, G: int, e: int):
+    """The routings EP with degree ``e`` is ranked under: ``routing`` as asked; else the lossless ones — dropless, and
+    ``routing`` too when it is capacity routing that provably drops nothing at this load (C ≥ T in both phases).
+    Returns (routings, None) or, when ``routing`` was dropped for being lossy, (routings, its prefill drop share)."""
+    if asked or routing.mode == "dropless":
+        return [routing], None
+    drop = generation_dropped(routing, model.E, model.moe.top_k, b, S, G, e)
+    if drop["lossless"]:
+        return [Routing("dropless"), routing], None
+    return [Routing("dropless")], drop["prefill"]
+
+
 def advise_moe(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware, S: int = 1024, G: int = 128,
                b: int = 1, objective: str = "e2e", dtype: str = "bf16", deployment: Deployment | None = None,
-               include_infeasible: bool = True) -> tuple[list[dict], list[str]]:
+               include_infeasible: bool = True, routing_asked: bool = False) -> tuple[list[dict], list[str]]:
     """(ranked rows, best first; reasons a scheme has no candidate). Each row: ``scheme``, ``pattern``, ``tp``,
-    ``pp``, ``ep``, the latencies and their per-phase compute and communication, the traffic metrics of the whole
-    generation, memory, ``fits`` and ``pareto`` (as :func:`llmcomm.predict.advise.advise`).
+    ``pp``, ``ep``, ``routing`` (EP's routing mode, None for the TP schemes), the latencies and their per-phase
+    compute and communication, the traffic metrics of the whole generation, ``dropped_route_fraction`` (the expected
+    share of routes capacity routing drops: ``prefill``, ``decode``, ``generation``;
+    :func:`llmcomm.derive.moe.generation_dropped`) and ``lossless``, memory, ``fits`` and ``pareto`` (as
+    :func:`llmcomm.predict.advise.advise`).
+
+    Lossless layouts only unless ``routing_asked``: the TP schemes compute every route; EP is ranked under dropless
+    routing, and under the deployment's capacity routing only where it provably drops nothing at this load (C ≥ T in
+    both phases) — a lossy capacity routing is named among the reasons instead. ``routing_asked`` (the user named
+    the routing, ``--moe-routing``): EP under exactly the deployment's routing, lossy or not (its rows say so).
 
     Raises :class:`SpecError` when no candidate exists or none fits the device memory (one sentence saying why)."""
     g = check_request(objective, gpus, gpus_per_node, hw)
     deployment = deployment or Deployment()
     if deployment.experts is not None:
         raise SpecError("MoE advice ranks every expert layout; leave the deployment's expert layout unset")
-    routing = deployment.routing
     wl = Workload(b, S, G, dtype).validate(model)
     cands, why = candidate_moe_layouts(model, gpus, b)
     if not cands:
         raise SpecError(f"no layout of {model.name} on {gpus} GPUs: " + "; ".join(why))
     w = DTYPE_BYTES[dtype]
     usable = hw.usable_memory_bytes
-    rows = []
+    runs, lossy = [], []
     for scheme, t, p, e in cands:
+        if scheme != "ep":
+            runs.append((scheme, t, p, e, None))
+            continue
+        routings, dropped = _ep_routings(model, deployment.routing, routing_asked, b, S, G, e)
+        runs += [(scheme, t, p, e, r) for r in routings]
+        if dropped is not None:
+            lossy.append(f"e={e} ({100 * dropped:.2g} % of the prefill's routes)")
+    if lossy:
+        r = deployment.routing
+        why.append(f"ep under capacity routing (γ={r.capacity_factor:g}, C_min={r.min_capacity}) drops routes at this "
+                   f"load, expected: {', '.join(lossy)}; not ranked (lossless layouts only): ep is ranked under "
+                   f"dropless routing — pass --moe-routing capacity to rank capacity routing")
+    rows = []
+    for scheme, t, p, e, routing in runs:
         layout = Layout(t, p, e)
-        dep = replace(deployment, experts=scheme)
+        dep = replace(deployment, experts=scheme, routing=routing or deployment.routing)
         pattern = dep.pattern(model, layout)
         lat = predict_latency_grid(model, hw, t, p, b, S, G, w, gpus_per_node=g, deployment=dep, e=e)
         mem = moe_memory_per_rank(model, scheme, t, p, e, b, S, G, w)
-        traffic = traffic_totals(model, layout, wl, pattern, "ring", g, routing)
+        traffic = traffic_totals(model, layout, wl, pattern, "ring", g, dep.routing)
         hops, spanning = node_crossings(model, layout, wl, g, pattern)
+        drop = generation_dropped(routing or Routing("dropless"), model.E, model.moe.top_k, b, S, G, e)
         row = {"scheme": scheme, "pattern": pattern, "tp": t, "pp": p, "ep": e,
+               "routing": None if routing is None else routing.mode,
                **{key: float(lat[key]) for key in ("ttft_s", "tpot_s", "e2e_s", "prefill_compute_s", "prefill_comm_s",
                                              "decode_compute_s", "decode_comm_s")},
                **{key: traffic[key] for key in ("bytes", "sent_bytes_busiest_rank", "link_bytes", "inter_node_bytes")},
                "inter_node_hops_per_forward": hops, "inter_node_collectives_per_forward": spanning,
+               "dropped_route_fraction": {x: drop[x] for x in ("prefill", "decode", "generation")},
+               "lossless": drop["lossless"],
                "memory_gib": mem["total"] / GiB, "weights_gib": mem["weights"] / GiB, "kv_gib": mem["kv"] / GiB,
                "usable_gib": usable / GiB, "fits": bool(mem["total"] <= usable), "objective": objective}
         rows.append(row)
@@ -174,7 +217,8 @@ def advise_moe(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardw
     for r, f in zip(rows, front):
         r["pareto"] = bool(f)
         r["score"] = float(r[score_key])
-    rows.sort(key=lambda r: (not r["fits"], r["score"], r["inter_node_bytes"], r["scheme"], r["tp"]))
+    rows.sort(key=lambda r: (not r["fits"], r["score"], r["inter_node_bytes"], r["scheme"], r["tp"],
+                             r["routing"] or ""))
     for place, r in enumerate(rows, 1):
         r["rank"] = place
     return (rows if include_infeasible else [r for r in rows if r["fits"]]), why

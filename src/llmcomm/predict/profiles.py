@@ -5,6 +5,7 @@ A profile is a JSON file in ``llmcomm/presets/profiles`` (or a path / dict of th
     {"name", "description", "framework": "deepspeed" | "vllm",    # whose host behaviour (llmcomm.deployment)
      "prefill": PHASE, "decode": PHASE,
      "custom_allreduce": {"max_bytes", "alpha_us", "busbw_GBps"} | null,   # vLLM's one-shot kernel, when on
+     "moe_layer": MOE | absent,              # host ops of a MoE layer (below); absent: priced as a dense layer
      "source": {field: where the number comes from}}
 
     PHASE = {"cuda_graphs": bool,          # the forward is replayed as a CUDA graph: no per-kernel launch cost,
@@ -14,6 +15,17 @@ A profile is a JSON file in ``llmcomm/presets/profiles`` (or a path / dict of th
              "forward_overhead_us": float,  # host time per forward outside the layers (scheduling, sampling,
                                             #   input preparation, the graph launch itself)
              "host_overlaps_device": bool}  # the host enqueues while the device runs: max(host, kernels)
+
+    MOE = {"host_per_op_us": float | "calibrated",   # host time per launching op ("calibrated": the layer overhead
+                                                     #   over the dense layer's launching ops)
+           "ops": {"dense_layer", "dense_mlp",       # launching ATen ops of a dense decoder layer and of its MLP
+                   "hf_block",                       # the HF sparse block (grouped_mm): autotp and tp-experts
+                   "deepspeed": {"top2" | "topk": {"capacity", "dropless"}},  # DeepSpeed's MoE layer without experts
+                   "deepspeed_per_local_expert"}}    # + this many per local expert (its Python loop)
+
+A MoE decoder layer costs the dense layer's host overhead with its MLP's ops replaced by the MoE block's
+(:meth:`HostProfile.moe_layer_overhead_s`); the counts come from torch.profiler traces of the real layers
+(``data/cpu-local/moe_layer_ops.csv``, ``benchmarks/moe_layer_ops.py``; read by :func:`llmcomm.compare.moe.host_op_model`).
 
 :func:`profile_for` picks the profile of a deployment on a device: its ``profile`` when it names one, else DeepSpeed on
 a CPU preset → ``deepspeed-cpu``
@@ -59,6 +71,8 @@ class HostProfile:
             raise SpecError(f"host profile {name!r} is malformed: {e}") from None
         if framework not in FRAMEWORKS:
             raise SpecError(f"host profile {name!r}: framework {framework!r} is not one of {', '.join(FRAMEWORKS)}")
+        if raw.get("moe_layer") is not None:
+            _check_moe_layer(raw["moe_layer"], name)
         return cls(name=name, framework=framework, phases=phases, custom_allreduce=raw.get("custom_allreduce"),
                    raw=dict(raw))
 
@@ -79,6 +93,30 @@ class HostProfile:
         """Whether the host enqueues ahead of the device (GPU engines): a layer costs max(host, kernels)."""
         return bool(self.phases[phase].get("host_overlaps_device", False))
 
+    def moe_layer_overhead_s(self, phase: str, hw, model, experts: str | None, ep_size: int = 1,
+                             routing=None) -> float:
+        """Host seconds per MoE decoder layer in ``phase`` under the expert layout ``experts``: the dense layer's
+        (:meth:`layer_overhead_s`) plus (ops of the MoE block − ops of the dense MLP) × the per-op host time — the HF
+        sparse block for the TP schemes, DeepSpeed's MoE layer (its routing's gate, then ``deepspeed_per_local_expert``
+        ops for each of the E/e experts of its loop, e = ``ep_size``) for ``ep``. A profile without ``moe_layer``, a
+        phase without host overhead (CUDA graphs) or a dense model: the dense layer's."""
+        base = self.layer_overhead_s(phase, hw)
+        spec = self.raw.get("moe_layer")
+        if not spec or experts is None or base == 0:
+            return base
+        ops = spec["ops"]
+        if experts == "ep":
+            top_k = model.moe.top_k
+            if top_k < 2:
+                raise SpecError(f"host profile {self.name!r}: DeepSpeed's top-1 gating is not counted (k={top_k})")
+            gate = ops["deepspeed"]["top2" if top_k == 2 else "topk"][(routing.mode if routing else "capacity")]
+            block = gate + ops["deepspeed_per_local_expert"] * model.E / int(ep_size)
+        else:
+            block = ops["hf_block"]
+        per_op = spec["host_per_op_us"]
+        per_op_s = base / ops["dense_layer"] if per_op == "calibrated" else float(per_op) * 1e-6
+        return base + (block - ops["dense_mlp"]) * per_op_s
+
     def forward_overhead_s(self, phase: str, hw=None) -> float:
         """Host seconds per forward outside the layers in ``phase`` (the hardware's calibrated
         ``forward_overhead_us`` for ``"calibrated"``)."""
@@ -91,6 +129,19 @@ class HostProfile:
     def launch_floor(self, phase: str) -> bool:
         """Whether collectives pay the eager launch floor of the fitted NCCL model (not under CUDA graphs)."""
         return not self.cuda_graphs(phase)
+
+
+def _check_moe_layer(spec, name: str) -> None:
+    """One :class:`SpecError` line when a profile's ``moe_layer`` field is not of the module docs' form."""
+    try:
+        ops = spec["ops"]
+        per_op = spec["host_per_op_us"]
+        counts = [ops[x] for x in ("dense_layer", "dense_mlp", "hf_block", "deepspeed_per_local_expert")]
+        counts += [ops["deepspeed"][path][mode] for path in ("top2", "topk") for mode in ("capacity", "dropless")]
+        if per_op != "calibrated" and float(per_op) < 0 or any(float(x) < 0 for x in counts) or ops["dense_layer"] <= 0:
+            raise ValueError("counts and host_per_op_us must be ≥ 0, dense_layer > 0")
+    except (KeyError, TypeError, ValueError) as e:
+        raise SpecError(f"host profile {name!r}: moe_layer is malformed: {e}") from None
 
 
 def load_profile(profile: "str | Path | Mapping[str, Any] | HostProfile") -> HostProfile:

@@ -51,7 +51,10 @@ def _moe_lines(moe: dict | None) -> list[str]:
                 if r["mode"] == "capacity" else "")]
     for phase, x in moe["phases"].items():
         if "capacity" in x:
-            lines.append(f"  {phase}: {x['tokens_per_rank']} tokens per EP rank, capacity C={x['capacity']}")
+            lines.append(f"  {phase}: {x['tokens_per_rank']} tokens per EP rank, capacity C={x['capacity']}"
+                         + (", drops nothing (C ≥ T)" if x.get("lossless") else
+                            f", drops an expected {100 * x['dropped_fraction_expected']:.3g} % of the routes "
+                            "(uniform routing)" if "dropped_fraction_expected" in x else ""))
         else:
             lo, hi = x["capacity_bounds"]
             lines.append(f"  {phase}: {x['tokens_per_rank']} tokens per EP rank, dropless C between {lo} and {hi}; "
@@ -102,21 +105,33 @@ def render_advice(rep: dict) -> str:
     w, moe = rep["workload"], "routing" in rep
     lines = [f"model={rep['model']} gpus={rep['gpus']} gpus_per_node={rep['gpus_per_node']} hardware={rep['hardware']} "
              f"b={w['b']} S={w['S']} G={w['G']} dtype={w['dtype']} objective={rep['objective']}"
-             + (f" moe_routing={rep['routing']['mode']}" if moe else "")]
-    lines.append(("    scheme " if moe else "") + f"{'rank':>4} {'tp':>4} {'pp':>4} " + ("  ep " if moe else "")
+             + (f" moe_routing={rep['routing']['mode'] if rep['routing'].get('asked', True) else 'lossless'}"
+                if moe else "")]
+    lines.append(("    scheme  routing " if moe else "") + f"{'rank':>4} {'tp':>4} {'pp':>4} " + ("  ep " if moe else "")
                  + f"{'TTFT ms':>10} {'TPOT ms':>10} {'E2E s':>9} {'busiest sends':>15} "
-                 f"{'inter-node B':>15} {'GiB/GPU':>8} {'fits':>5} {'pareto':>6}")
+                 f"{'inter-node B':>15} {'GiB/GPU':>8} {'fits':>5} {'pareto':>6}" + ("  drop %" if moe else ""))
     for r in rep["layouts"]:
-        lines.append((f"{r['scheme']:>10} " if moe else "") + f"{r['rank']:>4} {r['tp']:>4} {r['pp']:>4} "
+        lines.append((f"{r['scheme']:>10} {r.get('routing') or '-':>8} " if moe else "")
+                     + f"{r['rank']:>4} {r['tp']:>4} {r['pp']:>4} "
                      + (f"{r['ep']:>4} " if moe else "")
                      + f"{r['ttft_s'] * 1e3:>10.3f} {r['tpot_s'] * 1e3:>10.3f} "
-                     f"{r['e2e_s']:>9.4f} {r['sent_bytes_busiest_rank']:>15,} {r['inter_node_bytes']:>15,} "
-                     f"{r['memory_gib']:>8.1f} {'yes' if r['fits'] else 'no':>5} {'*' if r['pareto'] else '':>6}")
+                     f"{r['e2e_s']:>9.4f} {r['sent_bytes_busiest_rank']:>15,.0f} {r['inter_node_bytes']:>15,.0f} "
+                     f"{r['memory_gib']:>8.1f} {'yes' if r['fits'] else 'no':>5} {'*' if r['pareto'] else '':>6}"
+                     + (f" {100 * r['dropped_route_fraction']['generation']:>7.3g}" if moe else ""))
     lines.append("pareto: no other fitting layout is both faster and moves fewer inter-node bytes (within 1 %)")
     if moe:
         lines.append("schemes: autotp = DeepSpeed AutoTP as it is (experts whole on every TP rank); tp-experts = "
                      "every expert sharded t ways; ep = expert parallelism, data-parallel attention (predictions: "
                      "uniform routing, α-β all-to-all)")
+        ro = rep["routing"]
+        if ro.get("lossless_only", False):
+            lines.append("routing: lossless layouts only — the TP schemes and ep under dropless routing (or capacity "
+                         "routing where C ≥ T, which provably drops nothing); --moe-routing capacity ranks DeepSpeed's "
+                         "capacity routing too")
+        elif ro["mode"] == "capacity":
+            lines.append(f"routing: capacity routing as asked (γ={ro['capacity_factor']:g}, C_min={ro['min_capacity']})"
+                         ": ep rows drop the expected share of routes in 'drop %' (of the generation's routes, uniform "
+                         "routing) — a lossy computation ranked against the exact TP schemes")
         lines += [f"not a candidate: {why}" for why in rep["not_candidates"]]
     return "\n".join(lines)
 
