@@ -233,7 +233,7 @@ def host_overlap_bounds(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, gpus_p
         o = prof.layer_overhead_s(phase, hw)
         kernels = forward_compute(model, hw, t, p, b, S, G, w, phase, overhead_s=0.0)["compute_s"]
         summed = forward_compute(model, hw, t, p, b, S, G, w, phase, overhead_s=o)["compute_s"]   # Σ (k + o)
-        host = summed - kernels + prof.forward_overhead_s(phase)
+        host = summed - kernels + prof.forward_overhead_s(phase, hw)
         comm = lat[f"{phase}_comm_s"]
         out["none"][key] = lat[key]
         out["full"][key] = np.maximum(host, kernels + comm) if prof.host_overlaps(phase) else lat[key]
