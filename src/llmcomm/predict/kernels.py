@@ -140,10 +140,9 @@ def gemm_time(M_g, N_g, K_g, w, params: Mapping[str, Any], groups=None):
     schedule, no split-K, the bytes of every group — the module docs' *Grouped GEMMs*). Over a grid: once per
     distinct shape (:func:`llmcomm.predict.unique.on_unique`)."""
     t0, q = float(params.get("t0", 0.0)), float(params.get("norm_order", np.inf))
-    one = lambda M, N, K, ww, n: t0 + _smooth_max(*gemm_time_parts(M, N, K, ww, params, n), q)    # noqa: E731
-    if groups is None:
-        return on_unique(lambda M, N, K, ww: one(M, N, K, ww, None), M_g, N_g, K_g, w)
-    return on_unique(one, M_g, N_g, K_g, w, groups)
+    def one(m_rows, n_cols, k_inner, width, n_groups=None):
+        return t0 + _smooth_max(*gemm_time_parts(m_rows, n_cols, k_inner, width, params, n_groups), q)
+    return on_unique(one, M_g, N_g, K_g, w) if groups is None else on_unique(one, M_g, N_g, K_g, w, groups)
 
 
 def memop_time(nbytes, row_bytes, params: Mapping[str, Any]):

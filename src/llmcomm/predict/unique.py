@@ -45,14 +45,14 @@ def factorize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def on_unique(f: Callable[..., np.ndarray], *arrays) -> np.ndarray:
     """``f(*arrays)`` elementwise, evaluated once per distinct tuple of the broadcast ``arrays`` (``f`` must be
     elementwise and return one array of their broadcast shape)."""
-    arrs = np.broadcast_arrays(*(np.asarray(a) for a in arrays))
+    arrs = np.broadcast_arrays(*(np.asarray(x) for x in arrays))
     shape = arrs[0].shape
     if arrs[0].size < MIN_POINTS:
         return f(*arrs)
     # factorise each input, then the tuple of codes as one mixed-radix integer (factorised again if it grows large)
     key, radix = np.zeros(arrs[0].size, dtype=np.int64), 1
-    for a in arrs:
-        codes, uniques = factorize(a.ravel())
+    for arr in arrs:
+        codes, uniques = factorize(arr.ravel())
         if radix * len(uniques) >= (1 << 62):
             key, _ = factorize(key)
             radix = int(key.max()) + 1
@@ -62,5 +62,5 @@ def on_unique(f: Callable[..., np.ndarray], *arrays) -> np.ndarray:
     # the inputs of each distinct tuple, read back at one of its points (any: they are equal)
     at = np.empty(len(uniques), dtype=np.int64)
     at[rows] = np.arange(rows.size)
-    values = np.asarray(f(*(a.ravel()[at] for a in arrs)))
+    values = np.asarray(f(*(arr.ravel()[at] for arr in arrs)))
     return values[rows].reshape(shape)
