@@ -59,3 +59,23 @@ def test_smooth_max_of_order_four_by_products():
     tau_mem, tau_comp = gemm_time_parts(np.array([64.0]), np.array([4096.0]), np.array([4096.0]), 2,
                                         {"flops_per_s": 1e12, "bytes_per_s": 1e9})
     assert _smooth_max(tau_mem, tau_comp, 4.0) > max(tau_mem[0], tau_comp[0])
+
+
+@pytest.mark.parametrize("framework", ["deepspeed", "vllm"])
+def test_latency_grid_beyond_the_direct_size_equals_every_point(framework):
+    # 8 192 points: above unique.MIN_POINTS, so the prefill and the decode communication go through on_unique
+    from llmcomm.deployment import Deployment
+    from llmcomm.predict.latency import predict_latency, predict_latency_grid
+    from llmcomm.spec import Layout, Workload, load_model
+
+    m, hw, dep = load_model("llama-3.1-8b"), load_hardware("h100-sxm"), Deployment(framework)
+    t, p, b, S, G = np.meshgrid([1, 2, 4, 8], [1, 2, 4, 8, 16, 32, 2, 4], [1, 3, 8, 16, 1, 2, 4, 32],
+                                [16, 128, 1000, 4096, 16, 77, 512, 2048], [2, 17, 128, 2], indexing="ij")
+    t, p, b, S, G = (x.ravel() for x in (t, p, b, S, G))
+    assert t.size > unique.MIN_POINTS
+    grid = predict_latency_grid(m, hw, t, p, b, S, G, 2, gpus_per_node=8, deployment=dep)
+    for i in np.random.default_rng(3).choice(t.size, 25, replace=False):
+        one = predict_latency(m, Layout(int(t[i]), int(p[i])), Workload(int(b[i]), int(S[i]), int(G[i]), "bf16"), hw,
+                              deployment=dep, gpus_per_node=8)
+        for k in ("ttft_s", "tpot_s", "e2e_s"):
+            assert grid[k][i] == pytest.approx(one[k], rel=1e-12), (k, i)

@@ -41,6 +41,7 @@ from .compute import expert_layout, forward_compute, phase_context
 from .hardware import Hardware
 from .placement import placement_fractions, wrap_inter_fraction
 from .profiles import HostProfile, profile_for
+from .unique import on_unique
 
 __all__ = ["forward_comm", "predict_latency", "predict_latency_grid", "METRICS"]
 
@@ -126,19 +127,31 @@ def predict_latency_grid(model: ModelSpec, hw: Hardware, t, p, b, S, G, w=2, gpu
     g = hw.gpus_per_node if gpus_per_node is None else gpus_per_node
     prof = profile_for(dep, hw)
     t, p, b, S, G, w, g = np.broadcast_arrays(*(np.asarray(x) for x in (t, p, b, S, G, w, g)))
-    inv_t = 1.0 / t.astype(float)
     w_compute = float(w.flat[0]) if w.size and (w == w.flat[0]).all() else w       # one dtype: keep w a scalar
-    fractions = placement_fractions(model.L, t * int(e), p, g)
-    out = {}
-    for phase in ("prefill", "decode"):
-        out[f"{phase}_compute_s"] = forward_compute(
-            model, hw, t, p, b, S, G, w_compute, phase, inv_t,
+
+    def compute(phase, t_, p_, b_, S_, G_):
+        return forward_compute(
+            model, hw, t_, p_, b_, S_, G_, w_compute, phase, 1.0 / np.asarray(t_, dtype=float),
             overhead_s=prof.layer_overhead_s(phase, hw), host_overlaps=prof.host_overlaps(phase), experts=dep.experts,
             e=e, routing=dep.routing, moe_overhead_s=prof.moe_layer_overhead_s(phase, hw, model, dep.experts, e,
                                                                                 dep.routing))["compute_s"] \
             + prof.forward_overhead_s(phase, hw)
-        out[f"{phase}_comm_s"] = forward_comm(model, hw, t, p, b, S, G, w, phase, g, dep,
-                                              fractions=fractions, comm_w=comm_w, e=e)
+
+    def comm(phase, t_, p_, b_, S_, G_, w_, g_):
+        return forward_comm(model, hw, t_, p_, b_, S_, G_, w_, phase, g_, dep, comm_w=comm_w, e=e,
+                            fractions=placement_fractions(model.L, np.asarray(t_) * int(e), p_, g_))
+
+    # Evaluated once per distinct input of what each part depends on (llmcomm.predict.unique): a prefill does not
+    # depend on G (phase_context), a decode step's communication on neither S nor G (one token per sequence), its
+    # compute on both (the mean KV length S + G/2).
+    G0 = G.flat[0] if G.size else 2
+    out = {}
+    out["prefill_compute_s"], out["prefill_comm_s"] = on_unique(
+        lambda t_, p_, b_, S_, w_, g_: (compute("prefill", t_, p_, b_, S_, G0),
+                                        comm("prefill", t_, p_, b_, S_, G0, w_, g_)), t, p, b, S, w, g)
+    out["decode_compute_s"] = compute("decode", t, p, b, S, G)
+    out["decode_comm_s"] = on_unique(lambda t_, p_, b_, w_, g_: comm("decode", t_, p_, b_, S.flat[0], G0, w_, g_),
+                                     t, p, b, w, g)
     join = np.maximum if overlap else np.add
     out["ttft_s"] = join(out["prefill_compute_s"], out["prefill_comm_s"])
     out["tpot_s"] = join(out["decode_compute_s"], out["decode_comm_s"])

@@ -44,11 +44,12 @@ def factorize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def on_unique(f: Callable[..., np.ndarray], *arrays) -> np.ndarray:
     """``f(*arrays)`` elementwise, evaluated once per distinct tuple of the broadcast ``arrays`` (``f`` must be
-    elementwise and return one array of their broadcast shape)."""
+    elementwise and return an array of their broadcast shape, or a tuple of such arrays)."""
     arrs = np.broadcast_arrays(*(np.asarray(x) for x in arrays))
     shape = arrs[0].shape
     if arrs[0].size < MIN_POINTS:
-        return f(*arrs)
+        values = f(*arrs)
+        return tuple(np.broadcast_to(v, shape) for v in values) if isinstance(values, tuple) else values
     # factorise each input, then the tuple of codes as one mixed-radix integer (factorised again if it grows large)
     key, radix = np.zeros(arrs[0].size, dtype=np.int64), 1
     for arr in arrs:
@@ -62,5 +63,7 @@ def on_unique(f: Callable[..., np.ndarray], *arrays) -> np.ndarray:
     # the inputs of each distinct tuple, read back at one of its points (any: they are equal)
     at = np.empty(len(uniques), dtype=np.int64)
     at[rows] = np.arange(rows.size)
-    values = np.asarray(f(*(arr.ravel()[at] for arr in arrs)))
-    return values[rows].reshape(shape)
+    values = f(*(arr.ravel()[at] for arr in arrs))
+    if isinstance(values, tuple):
+        return tuple(np.asarray(v)[rows].reshape(shape) for v in values)
+    return np.asarray(values)[rows].reshape(shape)
