@@ -146,3 +146,24 @@ def test_predict_checks_moe_memory(capsys):
     assert main(["predict", "--model", "mixtral-8x7b", "--ep", "8", "--batch", "8", "--prompt", "1024",
                  "--generate", "128", "--dtype", "bf16", "--hardware", "h100-sxm", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["memory"]["fits"] is True
+
+
+def test_moe_winner_robustness_bounds_and_verdict():
+    # the full-overlap bound max(H, K + C) never exceeds the no-overlap charge Σ max(o, k) + C; with no error band
+    # the no-overlap winner is advise_moe's first row; a tie lists every winner and contender
+    from llmcomm.predict.advise import host_overlap_bounds
+    from llmcomm.predict.moe_advice import advise_moe, moe_layout_name, moe_winner_robustness
+
+    model, hw = load_model("qwen3-30b-a3b"), load_hardware("h100-sxm")
+    rows, _ = advise_moe(model, 8, 8, hw, 1024, 128, 8, include_infeasible=False)
+    for r in rows:
+        dep = Deployment("deepspeed", experts=r["scheme"],
+                         routing=Routing(r["routing"]) if r["routing"] else Routing())
+        bounds = host_overlap_bounds(model, hw, r["tp"], r["pp"], 8, 1024, 128, 2, 8, dep, e=r["ep"])
+        assert float(bounds["none"]["e2e_s"]) == pytest.approx(r["e2e_s"], rel=1e-12)
+        assert float(bounds["full"]["e2e_s"]) <= float(bounds["none"]["e2e_s"]) * (1 + 1e-12)
+    exact = moe_winner_robustness(model, 8, 8, hw, 1024, 128, 8, rel_err=0.0)
+    assert exact["winners_none"] == [moe_layout_name(rows[0])] and exact["contenders"] == []
+    wide = moe_winner_robustness(model, 8, 8, hw, 1024, 128, 8, rel_err=0.111)
+    assert set(wide["tied"]) == set(wide["winners_none"]) | set(wide["winners_full"]) | set(wide["contenders"])
+    assert (wide["verdict"] == "holds") == (len(wide["tied"]) == 1)

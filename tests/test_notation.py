@@ -28,8 +28,8 @@ def _allow(module: str, kind: str, names: str) -> None:
 # predict/: the workload (b, S, G, w), the layout (t, p, e, g GPUs per node), the model's shapes (h, L, V, a, d, E, k,
 # F_ex, F_sh), one forward's tokens (s, T) and capacity C, a GEMM's M_g, N_g, K_g, a message of m bytes on n ranks,
 # the α-β parameters alpha, beta of a link and a time tau.
-_allow("predict/advise.py", "name", "b S G w h L V t p g")
-_allow("predict/advise.py", "key", "b S G")                     # the workload of each advice row
+_allow("predict/advise.py", "name", "b S G w h L V t p g e")
+_allow("predict/advise.py", "key", "b S G e")                   # the workload of each advice row
 _allow("predict/collectives.py", "name", "g m n alpha beta tau")
 _allow("predict/compute.py", "name", "b S G w h V t p e s T")
 _allow("predict/compute.py", "key", "e C")                      # ExpertLayout(e=…, C=…)
@@ -41,7 +41,7 @@ _allow("predict/kernels.py", "name", "b w h a d E k F_ex F_sh t e s T C M_g N_g 
 _allow("predict/latency.py", "name", "b S G w t p e g s m n")
 _allow("predict/latency.py", "key", "e g m n")                  # a message's m and n; e=…, g=… arguments
 _allow("predict/moe_advice.py", "name", "b S G w h V t p e g")
-_allow("predict/moe_advice.py", "key", "e")
+_allow("predict/moe_advice.py", "key", "e b S G")
 _allow("predict/placement.py", "name", "L t p g")
 
 # compare/: measured and predicted frames carry the configuration's columns (t, p, e, b, S, G), model tables the

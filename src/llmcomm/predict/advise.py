@@ -32,7 +32,8 @@ from .latency import predict_latency_grid
 from .placement import placement_fractions
 from .profiles import profile_for
 
-__all__ = ["winner_under_error", "host_overlap_bounds", "winner_robustness", "robustness_frame", "EXACT_TIE",
+__all__ = ["winner_under_error", "host_overlap_bounds", "winner_robustness", "robustness_verdict", "robustness_frame",
+           "EXACT_TIE",
            "check_request",
            "advise", "advise_report", "candidate_layouts", "memory_per_rank", "pareto_front", "node_crossings",
            "advice_map", "what_if", "LEVERS", "OBJECTIVES", "PARETO_REL_TOL"]
@@ -193,46 +194,51 @@ def advise(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware,
     return rows if include_infeasible else [r for r in rows if r["fits"]]
 
 
-def winner_under_error(rows: list[dict], rel_err: float, metric: str = "e2e_s") -> dict:
+def winner_under_error(rows: list[dict], rel_err: float, metric: str = "e2e_s",
+                       ident=lambda r: (r["tp"], r["pp"])) -> dict:
     """Whether the best fitting layout of ``rows`` (:func:`advise`) stays best when every prediction may be off by
     ``rel_err`` (e.g. the time model's measured median error) in either direction: the winner can lose to any
     layout whose ``metric`` is within the band ``winner·(1+e)/(1−e)``. Returns ``{"winner", "runner_up", "margin"
-    (runner-up / winner − 1), "rel_err", "stable", "contenders": [(tp, pp), …]}``."""
+    (runner-up / winner − 1), "rel_err", "stable", "contenders": [(tp, pp), …]}`` (layouts as ``ident`` names
+    them)."""
     fit = sorted((r for r in rows if r["fits"]), key=lambda r: r[metric])
     if not fit:
         raise SpecError("no fitting layout to compare")
     best = fit[0]
     band = best[metric] * (1 + rel_err) / max(1 - rel_err, 1e-9)
-    contenders = [(r["tp"], r["pp"]) for r in fit[1:] if r[metric] <= band]
+    contenders = [ident(r) for r in fit[1:] if r[metric] <= band]
     runner = fit[1] if len(fit) > 1 else None
-    return {"winner": (best["tp"], best["pp"]), "runner_up": (runner["tp"], runner["pp"]) if runner else None,
+    return {"winner": ident(best), "runner_up": ident(runner) if runner else None,
             "margin": runner[metric] / best[metric] - 1 if runner else float("inf"), "rel_err": rel_err,
             "stable": not contenders, "contenders": contenders}
 
 
 def host_overlap_bounds(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, gpus_per_node,
-                        deployment: Deployment | None = None) -> dict:
-    """TTFT/TPOT/E2E (s) of a dense model over broadcast layouts (t, p) under the two bounds of how communication
-    meets the host's time, per phase, with K the forward's kernels, H the host's time (per layer and per forward, the
-    host profile's) and C its collectives:
+                        deployment: Deployment | None = None, e: int = 1) -> dict:
+    """TTFT/TPOT/E2E (s) over broadcast layouts (t, p) under the two bounds of how communication meets the host's
+    time, per phase, with K the forward's kernels, H the host's time (per layer and per forward, the host profile's;
+    a MoE layer's counted host ops) and C its collectives:
 
     * ``none`` — what the latency model charges: every layer the slower of host and kernels, the collectives on top,
       ``Σ max(o, k) + C`` (no collective runs while the host launches);
     * ``full`` — every collective hidden in the time the device waits for the host: ``max(H, K + C)``; the same as
       ``none`` where the host does not run ahead of the device (CPU ranks run their own ops).
 
-    Both are bounds of one schedule; an eager engine lies between them. Returns ``{"none": {...}, "full": {...}}``,
-    each with ``ttft_s``, ``tpot_s``, ``e2e_s`` arrays."""
-    dep = (deployment or Deployment()).resolve(model)
-    if model.is_moe:
-        raise SpecError(f"{model.name} is a mixture of experts: host_overlap_bounds prices dense layers only")
+    A mixture of experts: the deployment's expert layout and routing, ``e`` its EP degree. Both are bounds of one
+    schedule; an eager engine lies between them. Returns ``{"none": {...}, "full": {...}}``, each with ``ttft_s``,
+    ``tpot_s``, ``e2e_s`` arrays."""
+    dep = (deployment or Deployment()).resolve(model, Layout(1, 1, int(e)))
     prof = profile_for(dep, hw)
-    lat = predict_latency_grid(model, hw, t, p, b, S, G, w, gpus_per_node=gpus_per_node, deployment=dep)
+    lat = predict_latency_grid(model, hw, t, p, b, S, G, w, gpus_per_node=gpus_per_node, deployment=dep, e=e)
+    moe = dict(experts=dep.experts, e=e, routing=dep.routing)
     out = {"none": {}, "full": {}}
     for phase, key in (("prefill", "ttft_s"), ("decode", "tpot_s")):
         o = prof.layer_overhead_s(phase, hw)
-        kernels = forward_compute(model, hw, t, p, b, S, G, w, phase, overhead_s=0.0)["compute_s"]
-        summed = forward_compute(model, hw, t, p, b, S, G, w, phase, overhead_s=o)["compute_s"]   # Σ (k + o)
+        o_moe = prof.moe_layer_overhead_s(phase, hw, model, dep.experts, e, dep.routing)
+        kernels = forward_compute(model, hw, t, p, b, S, G, w, phase, overhead_s=0.0, moe_overhead_s=0.0,
+                                  **moe)["compute_s"]
+        summed = forward_compute(model, hw, t, p, b, S, G, w, phase, overhead_s=o, moe_overhead_s=o_moe,
+                                 **moe)["compute_s"]                                       # Σ (k + o)
         host = summed - kernels + prof.forward_overhead_s(phase, hw)
         comm = lat[f"{phase}_comm_s"]
         out["none"][key] = lat[key]
@@ -266,13 +272,21 @@ def winner_robustness(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw
                                  DTYPE_BYTES[dtype], g, deployment)
     out: dict = {"model": model.name, "gpus": gpus, "gpus_per_node": g, "b": b, "S": S, "G": G,
                  "objective": objective, "rel_err": rel_err}
-    for bound, vals in bounds.items():
-        v = np.asarray(vals[key], dtype=float)
+    return robustness_verdict(out, rows, lays, {bound: vals[key] for bound, vals in bounds.items()}, rel_err, key)
+
+
+def robustness_verdict(out: dict, rows: list[dict], lays: list, by_bound: dict, rel_err: float, key: str,
+                       ident=lambda r: (r["tp"], r["pp"])) -> dict:
+    """The verdict of :func:`winner_robustness` (and of :func:`llmcomm.predict.moe_advice.moe_winner_robustness`)
+    added to ``out``: ``lays`` the ranked rows' layouts (``ident`` of each row), ``by_bound`` {bound: the objective
+    of every layout under that bound}."""
+    for bound, vals in by_bound.items():
+        v = np.asarray(vals, dtype=float)
         best = v.min()
         co = v <= best * (1 + EXACT_TIE)
         out[f"winners_{bound}"] = [lay for lay, tied in zip(lays, co) if tied]
         out[f"margin_{bound}"] = float(v[~co].min() / best - 1) if (~co).any() else float("inf")
-    err = winner_under_error(rows, rel_err, key)
+    err = winner_under_error(rows, rel_err, key, ident)
     out["contenders"] = err["contenders"]
     tied = set(out["winners_none"]) | set(out["winners_full"]) | set(err["contenders"])
     out["tied"] = [lay for lay in lays if lay in tied]          # advise's order: by the no-overlap prediction
@@ -281,12 +295,13 @@ def winner_robustness(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw
 
 
 def robustness_frame(cases, hw: Hardware, rel_err: float, frameworks=("deepspeed", "vllm"), objective: str = "e2e",
-                     G: int = 128, dtype: str = "bf16"):
+                     G: int = 128, dtype: str = "bf16", judge=None):
     """:func:`winner_robustness` for every case × framework, one row each: ``cases`` is a mapping name →
     ``(model, gpus, gpus_per_node, S, b)`` (a model name or :class:`~llmcomm.spec.ModelSpec`). Columns: framework,
     case, model, gpus, gpus_per_node, S, b, the winner(s) (``a = b`` when equal) and the margin to the next layout
     under no overlap and under full overlap, ``within error`` (the contenders), ``verdict`` and ``tied``;
-    ``attrs``: ``rel_err``, ``objective``."""
+    ``attrs``: ``rel_err``, ``objective``. ``judge``: another function of :func:`winner_robustness`'s signature and
+    result (:func:`llmcomm.predict.moe_advice.moe_winner_robustness`, whose layouts are named already)."""
     import pandas as pd
 
     from ..spec import load_model
@@ -295,15 +310,15 @@ def robustness_frame(cases, hw: Hardware, rel_err: float, frameworks=("deepspeed
     for fw in frameworks:
         for name, (spec, gpus, g, S, b) in cases.items():
             model = load_model(spec) if isinstance(spec, str) else spec
-            r = winner_robustness(model, gpus, g, hw, S, G, b, rel_err, objective, dtype, Deployment(fw))
-            lay = "t={}×p={}".format
+            r = (judge or winner_robustness)(model, gpus, g, hw, S, G, b, rel_err, objective, dtype, Deployment(fw))
+            lay = (lambda x: x) if judge else (lambda x: "t={}×p={}".format(*x))
             rows.append({"framework": fw, "case": name, "model": model.name, "gpus": gpus, "gpus_per_node": g, "S": S,
-                         "b": b, "winner, no overlap": " = ".join(lay(*x) for x in r["winners_none"]),
+                         "b": b, "winner, no overlap": " = ".join(lay(x) for x in r["winners_none"]),
                          "margin, no overlap": r["margin_none"],
-                         "winner, full overlap": " = ".join(lay(*x) for x in r["winners_full"]),
+                         "winner, full overlap": " = ".join(lay(x) for x in r["winners_full"]),
                          "margin, full overlap": r["margin_full"],
-                         "within error": ", ".join(lay(*x) for x in r["contenders"]) or "—",
-                         "verdict": r["verdict"], "tied": [lay(*x) for x in r["tied"]]})
+                         "within error": ", ".join(lay(x) for x in r["contenders"]) or "—",
+                         "verdict": r["verdict"], "tied": [lay(x) for x in r["tied"]]})
     out = pd.DataFrame(rows)
     out.attrs["rel_err"] = rel_err
     out.attrs["objective"] = objective

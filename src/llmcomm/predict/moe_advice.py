@@ -48,11 +48,12 @@ from ..deployment import EXPERT_LAYOUTS, Deployment, Routing
 from ..derive.evaluate import traffic_totals
 from ..derive.moe import generation_dropped
 from ..spec import DTYPE_BYTES, Layout, ModelSpec, SpecError, Workload, stage_layers
-from .advise import PARETO_REL_TOL, candidate_layouts, check_request, node_crossings, pareto_front
+from .advise import (PARETO_REL_TOL, candidate_layouts, check_request, host_overlap_bounds, node_crossings,
+                     pareto_front, robustness_verdict)
 from .hardware import GiB, Hardware
 from .latency import predict_latency_grid
 
-__all__ = ["candidate_moe_layouts", "moe_memory_per_rank", "advise_moe"]
+__all__ = ["candidate_moe_layouts", "moe_memory_per_rank", "advise_moe", "moe_layout_name", "moe_winner_robustness"]
 
 
 def candidate_moe_layouts(model: ModelSpec, gpus: int, b: int) -> tuple[list[tuple[str, int, int, int]], list[str]]:
@@ -222,3 +223,35 @@ def advise_moe(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardw
     for place, r in enumerate(rows, 1):
         r["rank"] = place
     return (rows if include_infeasible else [r for r in rows if r["fits"]]), why
+
+
+def moe_layout_name(row: dict) -> str:
+    """A MoE advice row's layout as the book writes it: ``"ep 1×1×8 (dropless)"`` (scheme t×p×e, EP's routing)."""
+    routing = f" ({row['routing']})" if row.get("routing") else ""
+    return f"{row['scheme']} {row['tp']}×{row['pp']}×{row['ep']}{routing}"
+
+
+def moe_winner_robustness(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware, S: int = 1024,
+                          G: int = 128, b: int = 8, rel_err: float = 0.0, objective: str = "e2e", dtype: str = "bf16",
+                          deployment: Deployment | None = None) -> dict:
+    """:func:`llmcomm.predict.advise.winner_robustness` for a mixture of experts: the fitting candidates of
+    :func:`advise_moe` (lossless ones, as it ranks them) under no and full overlap of communication with host time
+    (:func:`llmcomm.predict.advise.host_overlap_bounds` per expert layout) and the model's error ``rel_err``; layouts
+    named by :func:`moe_layout_name`."""
+    if objective not in ("ttft", "tpot", "e2e"):
+        raise SpecError(f"objective {objective!r} is not one of ttft, tpot, e2e")
+    key = f"{objective}_s"
+    deployment = deployment or Deployment()
+    rows, _ = advise_moe(model, gpus, gpus_per_node, hw, S, G, b, objective, dtype, deployment,
+                         include_infeasible=False)
+    g = check_request(objective, gpus, gpus_per_node, hw)
+    by_bound: dict = {"none": [], "full": []}
+    for r in rows:
+        routing = deployment.routing if r["routing"] in (None, deployment.routing.mode) else Routing(r["routing"])
+        dep = replace(deployment, experts=r["scheme"], routing=routing)
+        bounds = host_overlap_bounds(model, hw, r["tp"], r["pp"], b, S, G, DTYPE_BYTES[dtype], g, dep, e=r["ep"])
+        for bound in by_bound:
+            by_bound[bound].append(float(bounds[bound][key]))
+    out: dict = {"model": model.name, "gpus": gpus, "gpus_per_node": g, "b": b, "S": S, "G": G,
+                 "objective": objective, "rel_err": rel_err}
+    return robustness_verdict(out, rows, [moe_layout_name(r) for r in rows], by_bound, rel_err, key, moe_layout_name)
