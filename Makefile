@@ -154,18 +154,17 @@ test-fast: $(STAMP)
 # not run themselves (the chapters' own sweeps run in `make book`). Each driver picks data/<machine>/ itself
 # (LLMCOMM_MACHINE or a --machine option; see llmcomm.record) and writes a provenance sidecar (README).
 # HOOK: one command per line; append new experiment drivers here (or: make data DATA_STEPS='...').
-# Calibration of this machine (the time model's cpu-local preset): collectives microbenchmark, then the α-β fits
-# and the compute calibration (at the thread counts the runs use) written into data/calibration/cpu-local.json (a
-# calibration is a result: it lives with the data, never in src/); then the in-run
-# calibration (calib-llama run as TP2, PP2 and 2x2: compute and all-reduce costs where the runs run) and the time
-# model's CPU validation (3 reruns of the latency sweep, every point 5 times) into data/cpu-local/. On a GPU node only
+# Calibration of this machine (the time model's cpu-local preset): collectives microbenchmark, then
+# `llmcomm validate-time`, which calibrates the machine first — the α-β fits of that microbenchmark, the CPU kernel
+# model and host times (at the thread counts the runs use), the in-run factors and call latencies (calib-llama run
+# as TP2, PP2 and 2x2) — written into data/calibration/cpu-local.json (a calibration is a result: it lives with the
+# data, never in src/), then runs the time model's CPU validation (3 reruns of the latency sweep, every point 5
+# times) into data/cpu-local/. On a GPU node only
 # the microbenchmark runs (nccl), into data/<machine>/. The GPU kernel and NCCL fits to the public measurements
 # (data/external/vidur) are machine-independent: `make gpu-fits` (~15 min). ~12 min on a quiet 2-core machine.
 BENCH_ARGS ?= $(if $(filter cpu,$(DS_ACCELERATOR)),--backend shm gloo --max-bytes 16M --point-seconds 0.15 --ranks 2 $$([ $$(nproc) -ge 4 ] && echo 4 || true))
 define DATA_STEPS
 llmcomm bench-collectives --out data/$$(python -c 'from llmcomm.record import machine_id; print(machine_id())') $(BENCH_ARGS) --no-progress
-if [ "$${DS_ACCELERATOR:-}" = cpu ]; then llmcomm calibrate --csv data/cpu-local/collectives.csv --compute --write; fi
-if [ "$${DS_ACCELERATOR:-}" = cpu ]; then llmcomm calibrate --in-run --reps 5 --write; fi
 if [ "$${DS_ACCELERATOR:-}" = cpu ]; then llmcomm validate-time --runs 3 --reps 5; fi
 endef
 data: $(STAMP)
