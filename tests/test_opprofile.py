@@ -20,7 +20,7 @@ from llmcomm.measure.opprofile import ORDER, category, profile_generation  # noq
     ("aten::rsqrt", "elementwise"), ("aten::silu", "elementwise"), ("aten::copy_", "elementwise"),
     ("aten::cat", "elementwise"), ("aten::index_select", "elementwise"), ("aten::argmax", "elementwise"),
     ("aten::view", "views_alloc"), ("aten::t", "views_alloc"), ("aten::empty", "views_alloc"),
-    ("aten::mmx", "elementwise"), ("my_library::thing", "other"),
+    ("aten::mmx", "elementwise"), ("my_library::thing", "other"), ("RowParallel", "host"), ("send", "communication"),
 ])
 def test_category(name, cat):
     assert category(name) == cat
@@ -88,7 +88,7 @@ def test_communication_wait_is_communication(monkeypatch):
 def test_time_breakdown_table():
     from llmcomm.report.tables import time_breakdown
 
-    ph = {"wall_s": 0.07, "forwards": 7, "share": {"gemm": 0.25, "communication": 0.5, "host": 0.25},
+    ph = {"wall_s": 0.07, "forwards": 7, "seconds": {"gemm": 0.0175, "communication": 0.035, "host": 0.0175},
           "top_ops": [{"name": "llmcomm::comm::all_reduce", "self_s": 0.021, "count": 14}]}
     obj = {"runs": [{"layout": {"t": 2, "p": 2},
                      "ranks": [{"rank": 2, "stage": 1, "phases": {"decode": ph}}]}]}
@@ -97,3 +97,5 @@ def test_time_breakdown_table():
     assert row["ms per forward"] == 10.0
     assert (row["gemm %"], row["communication %"], row["host %"]) == (25.0, 50.0, 25.0)
     assert row["top op"] == "llmcomm::comm::all_reduce (30 %)"
+    own = time_breakdown(obj, without=("communication",)).iloc[0]
+    assert "communication %" not in own and (own["gemm %"], own["host %"]) == (50.0, 50.0)

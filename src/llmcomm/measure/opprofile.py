@@ -12,7 +12,8 @@ and adds every event's *self* time (its time minus its children's) to one catego
 nearest enclosing communication label or op, else the category of its own name (:data:`CATEGORIES`, first match
 wins). The phase label's own self time — Python, the HF and DeepSpeed modules' glue, the greedy loop, everything not
 inside an op — is ``host``, and so is the self time of other libraries' ``record_function`` labels (DeepSpeed's
-AutoTP layers label themselves ``ColumnParallel`` / ``RowParallel``: Python around the ops). The categories therefore add up to the phase's wall time exactly (up to the profiler's
+AutoTP layers run through the autograd Functions ``ColumnParallel`` / ``RowParallel``, whose events carry a bare
+Python name: their self time is the Python of their ``forward``). The categories therefore add up to the phase's wall time exactly (up to the profiler's
 microsecond rounding); the profiler's own cost per op lands in the ops and the host time alike, which is why the
 profiled generation is never a timed one.
 
@@ -22,6 +23,7 @@ Categories (:data:`CATEGORIES`, matched in this order on the op name)
 communication  ``c10d::``, ``gloo:``, ``deepspeed::inference_all_reduce``, ``all_reduce``, ``all_gather``,
                ``broadcast``, ``send``, ``recv``, ``reduce_scatter``, ``all_to_all`` (and every op under a
                ``llmcomm::comm::`` label)
+host           a bare name without a namespace (``RowParallel``: an autograd Function's Python ``forward``)
 attention      ``scaled_dot_product``, ``flash_attention``, ``softmax``
 gemm           ``aten::mm``, ``addmm``, ``bmm``, ``baddbmm``, ``matmul``, ``linear``, ``mkldnn`` / ``mkl`` matmuls
 views_alloc    tensor bookkeeping that moves no data: ``view``, ``reshape``, ``t``, ``transpose``, ``permute``,
@@ -30,7 +32,7 @@ views_alloc    tensor bookkeeping that moves no data: ``view``, ``reshape``, ``t
 elementwise    every other ATen op: norms, rope, silu, mul, add, cat, copy, index, embedding, argmax, … (memory-bound
                on a CPU at these sizes)
 other          non-ATen ops not matched above (e.g. another library's custom ops)
-host           the phase's time outside every op (the phase label's and other labels' self time)
+host           also: the phase's time outside every op (the phase label's and other labels' self time)
 ============== =======================================================================================================
 
 ``gemm`` calls are counted as the matrix kernels themselves (``aten::mm``, ``aten::addmm``, ``aten::bmm``,
@@ -56,6 +58,7 @@ CATEGORIES: tuple[tuple[str, re.Pattern], ...] = (
     ("communication", re.compile(r"^(c10d::|gloo:|deepspeed::inference_all_reduce|llmcomm::comm::)|all_reduce|"
                                  r"allreduce|all_gather|allgather|broadcast|reduce_scatter|all_to_all|alltoall|"
                                  r"(^|::|_)(send|recv)")),
+    ("host", re.compile(r"^[A-Za-z_]\w*$")),     # a bare Python name: an autograd Function's forward (Python)
     ("attention", re.compile(r"scaled_dot_product|flash_attention|softmax")),
     ("gemm", re.compile(r"^aten::(mm|addmm|bmm|baddbmm|matmul|linear|_mkl\w*|mkldnn\w*(linear|matmul|mm)\w*)$")),
     ("views_alloc", re.compile(r"^aten::(view|_unsafe_view|reshape|t|transpose|permute|expand|slice|select|unsqueeze|"
