@@ -178,6 +178,19 @@ def _a2a_splits(name: str, pos: dict[str, int]):
     return of_single
 
 
+def _labelled(fn, op: str):
+    """``fn`` run inside the profiler label ``llmcomm::comm::<op>`` (:class:`Capture` with ``annotate``)."""
+    from torch.autograd.profiler import record_function
+
+    label = "llmcomm::comm::" + op
+
+    def labelled(*args, **kwargs):
+        with record_function(label):
+            return fn(*args, **kwargs)
+
+    return labelled
+
+
 def _dtype_name(dtype) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
@@ -192,14 +205,17 @@ class Capture:
 
     ``rank`` defaults to ``torch.distributed.get_rank()`` (0 when not initialised). ``sync=True`` synchronises the CUDA
     device around each call so that ``t_end - t_start`` is the call's duration; off by default (it changes timing).
-    The phase starts as ``"setup"``.
+    The phase starts as ``"setup"``. ``annotate=True`` runs each recorded call inside a ``torch.profiler``
+    label ``llmcomm::comm::<op>`` (:mod:`llmcomm.measure.opprofile`: the call's whole time, waiting included, is then
+    communication in a profiler trace).
     """
 
     _active: "Capture | None" = None
 
-    def __init__(self, *, rank: int | None = None, sync: bool = False, phase: str = "setup"):
+    def __init__(self, *, rank: int | None = None, sync: bool = False, phase: str = "setup", annotate: bool = False):
         self.rank = rank
         self.sync = sync
+        self.annotate = annotate
         self._phase = phase
         self._raw: list[tuple] = []
         self._spans: list[tuple[str, float, float]] = []
@@ -290,6 +306,7 @@ class Capture:
         api = f"{modname}.{name}"
         if op == "batch":
             return self._make_batch_wrapper(api, orig)
+        call = _labelled(orig, op) if self.annotate else orig
         pos = _positions(orig)
         kind, tnames = size_rule if size_rule else (None, ())
         # Positions resolved once here: the wrapper runs on every collective (tens of thousands per run), and its
@@ -342,7 +359,7 @@ class Capture:
                 if sync:
                     sync()
                 t0 = perf()
-                out = orig(*args, **kwargs)
+                out = call(*args, **kwargs)
                 if sync:
                     sync()
                 t1 = perf()
@@ -363,6 +380,7 @@ class Capture:
         so a P2POp built outside the capture (holding the unwrapped function) is re-pointed at the current one.
         """
         cap = self
+        call = _labelled(orig, "batch_isend_irecv") if self.annotate else orig
 
         @functools.wraps(orig)
         def wrapper(p2p_op_list, *args, **kwargs):
@@ -387,7 +405,7 @@ class Capture:
                 if sync:
                     sync()
                 t0 = time.perf_counter()
-                out = orig(p2p_op_list, *args, **kwargs)
+                out = call(p2p_op_list, *args, **kwargs)
                 if sync:
                     sync()
                 t1 = time.perf_counter()

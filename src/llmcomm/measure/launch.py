@@ -172,7 +172,7 @@ def measure_many(model: ModelSpec, layout: Layout, workloads: Sequence[Workload]
                  progress_timeout_s: float = PROGRESS_TIMEOUT_S, startup_timeout_s: float = STARTUP_TIMEOUT_S,
                  out_dir: str | Path | None = None, backend: str | None = None, env: Mapping[str, str] | None = None,
                  seed: int = 0, sync: bool = False, entry: str | None = None, check_tokens: bool = True,
-                 hostfile: str | Path | None = None,
+                 hostfile: str | Path | None = None, options: Mapping[str, Any] | None = None,
                  on_result: Callable[[int, MeasureResult], None] | None = None) -> list[MeasureResult]:
     """Run ``model`` with ``layout`` on every workload of ``workloads`` in **one** launch of t·p real DeepSpeed ranks
     (the model built and sharded once, the process group made once) and return one :class:`MeasureResult` per
@@ -196,6 +196,8 @@ def measure_many(model: ModelSpec, layout: Layout, workloads: Sequence[Workload]
     results there), the same checkout and environment at the same path on every node, and password-less ssh from
     this node. ``startup_timeout_s`` / ``progress_timeout_s``: the watchdogs of :func:`llmcomm.measure.supervise.launch_ranks`.
     A configuration the run cache holds (:mod:`llmcomm.measure.cache`, inside ``make test``) is not run again.
+    ``options``: the rank entry's launch options (``spec["options"]``, e.g. ``{"profile": True}``: one more, untimed
+    generation per configuration under ``torch.profiler``, its summary in each rank's record of ``.ranks``).
     """
     workloads = list(workloads)
     deps = check_run(model, layout, workloads, _deployments(deployment, len(workloads)), backend)
@@ -216,7 +218,7 @@ def measure_many(model: ModelSpec, layout: Layout, workloads: Sequence[Workload]
     keys = [RunCache.key({"model": model.name, "hf_config": dict(model.hf_config) or _hf_dict(model),
                           "layout": [layout.t, layout.p, layout.e], "config": d.config_options(layout),
                           "workload": w.as_dict(), "backend": backend, "seed": seed, "reference": check_tokens,
-                          "sync": sync, "entry": entry})
+                          "sync": sync, "entry": entry, **({"options": dict(options)} if options else {})})
             for w, d in zip(workloads, deps)] if cache else [None] * len(workloads)
     results: list[MeasureResult | None] = [cache.get(k) if cache else None for k in keys]
     todo = [i for i, r in enumerate(results) if r is None]
@@ -233,7 +235,7 @@ def measure_many(model: ModelSpec, layout: Layout, workloads: Sequence[Workload]
     if not todo:
         return list(results)
     spec = rank_spec(model, layout, [workloads[i] for i in todo], seed=seed, backend=backend, reference=check_tokens,
-                     sync=sync, deployments=[deps[i] for i in todo])
+                     sync=sync, deployments=[deps[i] for i in todo], options=options)
     tmp = out_dir is None
     out = Path(tempfile.mkdtemp(prefix="llmcomm-run-")) if tmp else Path(out_dir)
     started = datetime.now(timezone.utc)

@@ -24,7 +24,8 @@ __all__ = ["latex", "pattern_frame", "model_bytes_frame", "layouts_frame", "nota
            "layout_kind", "markdown", "run_times", "stage_split_frame", "models_frame", "relative_to_tp",
            "bytes_by_phase", "pattern_ratio", "latency_table", "latency_breakdown", "compute_calibration",
            "collective_fits", "sources_frame", "advice_rows", "tp_over_pp", "hop_traffic", "latency_parts",
-           "decode_allreduce_facts", "host_bound_facts", "robustness_text", "latency_shares", "winner_shares", "share_text", "error_summary", "proofs_frame", "gpu_kernel_errors", "gpu_collective_errors", "GPU_GOALS", "in_run_calibration", "validation_runs"]
+           "decode_allreduce_facts", "host_bound_facts", "robustness_text", "latency_shares", "winner_shares", "share_text", "error_summary", "proofs_frame", "gpu_kernel_errors", "gpu_collective_errors", "GPU_GOALS", "in_run_calibration", "validation_runs",
+           "time_breakdown"]
 
 
 def latex(expr) -> str:
@@ -219,6 +220,33 @@ def latency_breakdown(val: pd.DataFrame) -> pd.DataFrame:
         "decode comm meas": _ms(val.decode_comm_meas_s), "decode comm pred": _ms(val.decode_comm_pred_s),
         "decode rest meas": _ms(val.tpot_s_measured - val.decode_comm_meas_s),
         "decode compute pred": _ms(val.decode_compute_pred_s)})
+
+
+def time_breakdown(obj: dict, without: tuple[str, ...] = ()) -> pd.DataFrame:
+    """``benchmarks/cpu_time_breakdown.py``'s result (``data/benchmarks/cpu_time_breakdown.json``) as the time chapter
+    shows it: per layout, profiled rank (rank 0 and each pipeline stage's first rank) and phase, the profiled phase's
+    wall time per forward (ms, profiler included) and the share of it each category of
+    :mod:`llmcomm.measure.opprofile` took (%; ``host`` = outside every op), with the op that took most. ``without``
+    leaves categories out and shares the rest of the time among the others (e.g. ``("communication",)``: how a
+    rank's own work splits, whatever it waited for)."""
+    rows = []
+    for run in obj["runs"]:
+        lay = f"t={run['layout']['t']}×p={run['layout']['p']}"
+        for rk in run["ranks"]:
+            for phase, ph in rk["phases"].items():
+                top = ph["top_ops"][0] if ph["top_ops"] else {"name": "-", "self_s": 0.0}
+                rows.append({"layout": lay, "rank": rk["rank"], "stage": rk["stage"], "phase": phase,
+                             "ms per forward": round(1e3 * ph["wall_s"] / max(ph.get("forwards", 1), 1), 2),
+                             **_shares(ph["seconds"], without),
+                             "top op": f"{top['name']} ({100 * top['self_s'] / ph['wall_s']:.0f} %)"
+                             if ph["wall_s"] else top["name"]})
+    return pd.DataFrame(rows)
+
+
+def _shares(seconds: dict, without: tuple[str, ...]) -> dict:
+    kept = {c: x for c, x in seconds.items() if c not in without}
+    total = sum(kept.values())
+    return {f"{c} %": round(100 * x / total, 1) if total else 0.0 for c, x in kept.items()}
 
 
 def compute_calibration(raw: dict) -> pd.DataFrame:

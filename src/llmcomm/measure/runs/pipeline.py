@@ -322,7 +322,7 @@ def run(ctx: RankContext):
             diff = max((a - r).abs().max().item() for a, r in zip(stage.step_logits, ref_logits[i]))
         yield {"tokens": gen.tokens if (stage.first or stage.last) else None,
                "reference_tokens": references[i].tokens if ctx.rank == 0 and references[i] else None,
-               "timings": gen.timings, "comm": comm,
+               "timings": gen.timings, "comm": comm, **ctx.profiled(stage, stage.hf, prompts[i], w.G),
                "pipeline": {"stage": stage.stage, "tp_rank": stage.tp_rank, "layers": [stage.start, stage.stop],
                             "stage_layers": stage.parts, "p2p": stage.p2p_mode,
                             "token_handback": "last stage -> stage 0, int64 [b, 1], every TP rank, once per forward",

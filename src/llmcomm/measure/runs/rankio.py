@@ -19,7 +19,9 @@ not a user command)::
      "workloads": [{"b", "S", "G", "dtype",                # a sweep: one configuration each, one dtype,
                     "options": {...}}, ...] | absent,        #   each with its own options (routing, p2p mode)
      "seed": int, "backend": null|"gloo"|"nccl", "reference": bool, "sync": bool, "capture": bool,
-     "options": {...}}                                       # the launch's: a benchmark's extras
+     "options": {...}}                                       # the launch's: a benchmark's extras; "profile": true
+                                                             #   adds a "profile" to each configuration's result
+                                                             #   (RankContext.profiled)
 
 Per-rank result ``RUN/rank{r}.json`` (format ``llmcomm.rank/1``; written to a temporary name and renamed, so a file
 that exists is complete). A sweep runner writes ``RUN/rank{r}.c{i}.json`` in this format for configuration i as soon
@@ -148,6 +150,16 @@ class RankContext:
                 yield
 
         return hooked
+
+    def profiled(self, forward, hf_model, input_ids, G: int) -> dict:
+        """``{"profile": ...}``: one extra generation of the configuration under ``torch.profiler``
+        (:func:`llmcomm.measure.opprofile.profile_generation`), run after its timed generation and never instead of
+        it, when the launch's options ask for it (``"profile": true``); else ``{}``. Collective (every rank calls it)."""
+        if not self.options.get("profile"):
+            return {}
+        from llmcomm.measure.opprofile import profile_generation
+
+        return {"profile": profile_generation(forward, hf_model, input_ids, G, rank=self.rank, beat=self.beat)}
 
     def sweep(self):
         """``(i, workload)`` for every configuration of the launch, ``self.config`` set to i meanwhile."""

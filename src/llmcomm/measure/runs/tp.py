@@ -14,7 +14,8 @@ Started on every rank by :func:`llmcomm.measure.launch.measure_many` (through th
    ``decode``) with a fresh KV cache, then ``rank{r}.c{i}.json`` (format in :mod:`llmcomm.measure.runs.rankio`).
    Before the first configuration whose expert layout is ``tp-experts`` a mixture of experts has every expert
    sharded t ways (:func:`llmcomm.measure.moe_adapter.shard_experts`: local, it sends nothing), and stays so: the
-   launcher runs those configurations last.
+   launcher runs those configurations last. With the launch option ``profile`` one more, untimed generation of
+   the configuration runs under ``torch.profiler`` (:meth:`~llmcomm.measure.runs.rankio.RankContext.profiled`).
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def run(ctx: RankContext):
         with ctx.capture() as cap:
             gen = generate(engine, engine.module, prompts[i], w.G, phase=ctx.phase_hook(cap), beat=ctx.beat)
         yield {"tokens": gen.tokens, "reference_tokens": references[i] and references[i].tokens,
-               "timings": gen.timings}
+               "timings": gen.timings, **ctx.profiled(engine, engine.module, prompts[i], w.G)}
 
 
 if __name__ == "__main__":
