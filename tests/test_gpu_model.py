@@ -204,9 +204,59 @@ def test_custom_allreduce_replaces_nccl_below_its_limit():
     fast = predict_latency(M8B, Layout(4), wl, h100, Deployment("vllm", profile="vllm-v0-custom-ar"))
     ar = [m for m in fast["breakdown"]["decode"]["messages"] if m["op"] == "all_reduce"][0]
     m = ar["bytes_per_call"]
-    assert m <= 8 * 2 ** 20
-    assert ar["time_s"] == pytest.approx(ar["calls"] * (9e-6 + 1.5 * m / 300e9))
-    assert fast["tpot_s"] != base["tpot_s"]
+    # the decode replays vLLM 0.14.0's custom kernel in a CUDA graph: its fit on 4 GPUs, no floor
+    fit = h100.nccl["custom_allreduce"]["vllm-custom-graph"]["versions"]["0.14.0"]["by_n"]["4"]
+    assert m < fit["max_bytes"] and "floor_s" not in fit
+    assert ar["time_s"] == pytest.approx(ar["calls"] * float(C.custom_allreduce_time(4, m, fit)))
+    nccl = [x for x in base["breakdown"]["decode"]["messages"] if x["op"] == "all_reduce"][0]
+    assert nccl["time_s"] == pytest.approx(nccl["calls"] * float(C.nccl_time("all_reduce", 4, m, h100.nccl)))
+    assert ar["time_s"] < nccl["time_s"]
+
+
+def test_every_collective_pays_its_code_paths_floor():
+    h100 = load_hardware("h100-sxm")
+    floor = h100.nccl["floors"]["nccl-eager"]["floor_s"]
+    for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all"):
+        for n in (2, 8):
+            graph = float(h100.collective_time(op, n, 512, path="nccl-graph"))
+            assert 0 < graph < floor or n == 8                     # on 2 GPUs a small kernel sits below the floor
+            for path in ("nccl-eager", "deepspeed-eager"):
+                assert float(h100.collective_time(op, n, 512, path=path)) == max(floor, graph)
+    with pytest.raises(SpecError, match="unknown collective code path"):
+        h100.collective_time("all_reduce", 8, 512, path="nccl-fast")
+
+
+def test_each_engine_profile_names_its_path_with_a_source():
+    for name in ("deepspeed-eager", "deepspeed-cpu", "vllm-v0", "vllm-v0-custom-ar"):
+        prof = load_profile(name)
+        assert set(prof.raw["collectives"]) == {"prefill", "decode"} and len(prof.raw["source"]["collectives"]) > 40
+    assert [load_profile("deepspeed-eager").collective_path(ph) for ph in ("prefill", "decode")] == \
+        ["deepspeed-eager", "deepspeed-eager"]
+    assert [load_profile("vllm-v0").collective_path(ph) for ph in ("prefill", "decode")] == ["nccl-eager", "nccl-graph"]
+    with pytest.raises(SpecError, match="unknown collective code path"):
+        load_profile({"name": "x", "framework": "vllm", "prefill": {}, "decode": {}, "collectives": {"decode": "y"}})
+
+
+def test_unmeasured_ops_in_the_committed_table_are_the_presets_predictions():
+    from llmcomm import record
+
+    h100 = load_hardware("h100-sxm")
+    un, _ = record.load_frame("gpu_unmeasured", "validation")
+    mine = un[(un.system == "h100_sxm") & (un.version.astype(str) == "2.29.2")]
+    assert set(zip(mine.op, mine.n)) == {("all_to_all", 2), ("all_to_all", 4), ("all_to_all", 8), ("all_gather", 8)}
+    for (op, n), grp in mine.groupby(["op", "n"]):
+        np.testing.assert_allclose(grp.predicted_s, C.nccl_time(op, n, grp.m.to_numpy(), h100.nccl), rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_held_out_nccl_error_on_a_public_table_meets_the_goal():
+    from llmcomm.compare import nccl_data as nd
+
+    _, rows = nd.check_table("h200_sxm", "2.29.2")                 # ~30 s: one fit per left-out size decade
+    err = nd.summarise(rows[rows.validation == "losdo"], ["op", "n"])
+    assert len(err) == 8
+    # the issue's goal, median |error| ≤ 10 % per (op, n) leave one size decade out (5.8-9.7 % when committed)
+    assert (err.median_abs_err <= 0.10).all(), err
 
 
 # ------------------------------------------------------------------------------------------------------------- CLI
@@ -224,10 +274,20 @@ def test_cost_cli_rows_and_errors():
                        "64M", "--json"])
     r = json.loads(out)["ops"][0]
     assert st == 0 and set(r) == {"op", "ranks", "gpus_per_node", "message_bytes", "seconds", "algbw_GBps",
-                                  "busbw_GBps"}
+                                  "busbw_GBps", "algorithm", "protocol", "path"}
     assert r["message_bytes"] == 64 << 20
     assert r["busbw_GBps"] == pytest.approx(r["algbw_GBps"] * 1.75)
+    # NCCL's choice: LL for a small call, Simple (ring or NVLS) for a large one, on 8 H100s in a CUDA graph
+    st, out, _ = _cli(["cost", "--hardware", "h100-sxm", "--collective", "all_reduce", "--ranks", "8", "--bytes",
+                       "512", "256M", "--path", "nccl-graph", "--json"])
+    small, big = json.loads(out)["ops"]
+    assert (small["algorithm"], small["protocol"]) == ("ring", "LL") and big["protocol"] == "Simple"
+    st, out, _ = _cli(["cost", "--hardware", "h100-sxm", "--collective", "all_reduce", "--ranks", "16", "--bytes",
+                       "64M", "--path", "nccl-graph", "--json"])
+    assert json.loads(out)["ops"][0]["algorithm"] in ("ring", "tree")           # across two nodes: no NVLS
     for bad in (["cost", "--hardware", "h100-sxm"],
+                ["cost", "--hardware", "h100-sxm", "--collective", "all_reduce", "--ranks", "2", "--bytes", "1K",
+                 "--path", "nccl-fast"],
                 ["cost", "--hardware", "h100-sxm", "--model", "llama-3.1-8b", "--tp", "3", "--tokens", "4"],
                 ["cost", "--hardware", "h100-sxm", "--collective", "send_recv", "--ranks", "4", "--bytes", "1K"],
                 ["cost", "--hardware", "nope", "--collective", "all_reduce", "--ranks", "2", "--bytes", "1K"]):

@@ -34,7 +34,7 @@ from ..predict.collectives import custom_allreduce_time, nccl_time
 from ..record import repo_root
 
 __all__ = ["DATA", "SOURCE", "NCCL_VERSIONS", "PRESET_VERSION", "PRESET_OF", "CUSTOM_PATHS", "load_nccl",
-           "load_custom", "size_decade", "losdo", "fit_nccl_tables", "predict_unmeasured", "fit_custom_tables",
+           "load_custom", "size_decade", "losdo", "check_table", "fit_nccl_tables", "predict_unmeasured", "fit_custom_tables",
            "custom_section", "floors_table", "allreduce_paths_table", "summarise"]
 
 DATA = Path("data") / "external" / "aiconfigurator"
@@ -105,17 +105,24 @@ def _predict(params: dict, rows: pd.DataFrame):
     return fit.nccl_predict(rows.op, rows.n, rows.m, params, rows.nvls.to_numpy())
 
 
+def check_table(system: str, version: str) -> tuple[dict, pd.DataFrame]:
+    """One NCCL table fitted (all its rows) and checked leave one size decade out: ``(params, rows)``, one row per
+    prediction (``validation`` in_sample or losdo, ``predicted_s``)."""
+    frame = load_nccl(system, version)
+    full = _fit(frame)
+    return full, pd.concat([frame.assign(predicted_s=_predict(full, frame), validation="in_sample"),
+                            losdo(frame, _fit, _predict)], ignore_index=True)
+
+
 def fit_nccl_tables(log=print) -> tuple[dict, pd.DataFrame]:
-    """Every NCCL table fitted (all its rows) and checked leave one size decade out: ``(params, rows)`` with
-    ``params[system][version]`` and one row per prediction (``validation`` in_sample or losdo, ``predicted_s``)."""
+    """Every NCCL table fitted and checked (:func:`check_table`): ``(params, rows)`` with ``params[system][version]``
+    and every table's rows."""
     params, rows = {}, []
     for system, versions in NCCL_VERSIONS.items():
         for version in versions:
-            frame = load_nccl(system, version)
-            full = _fit(frame)
+            full, checked = check_table(system, version)
             params.setdefault(system, {})[version] = full
-            rows.append(frame.assign(predicted_s=_predict(full, frame), validation="in_sample"))
-            rows.append(losdo(frame, _fit, _predict))
+            rows.append(checked)
             log(f"  nccl {system} {version}: fitted ({'NVLS' if 'nvls' in full else 'no NVLS'})")
     return params, pd.concat(rows, ignore_index=True)
 

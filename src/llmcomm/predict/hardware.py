@@ -333,7 +333,7 @@ def _derive(preset: Mapping[str, Any], name: str) -> dict:
     """A preset written as another plus changes (``"derive_from": {"preset", "kernel_bandwidth_scale"}``): the base
     preset's fields, replaced by this one's (``source`` merged), the fitted kernels' bandwidths (GEMM and
     memory-bound ``bytes_per_s``) scaled by the HBM ratio, and ``nccl`` entries replaced key by key
-    (``nccl_changes``)."""
+    (``nccl_changes``; ``null`` removes an entry)."""
     spec = preset["derive_from"]
     try:
         base, _ = read_preset_or_file("hardware", str(spec["preset"]), "hardware")
@@ -349,7 +349,10 @@ def _derive(preset: Mapping[str, Any], name: str) -> dict:
             params["bytes_per_s"] = float(params["bytes_per_s"]) * scale
         out["kernels"]["derived"] = f"from {spec['preset']}: bandwidths x {scale:.4g} (ASSUMPTION: HBM ratio)"
     for key, value in (preset.get("nccl_changes") or {}).items():
-        out.setdefault("nccl", {})[key] = dict(out.get("nccl", {}).get(key, {}), **value)
+        if value is None:                       # a part the derived hardware lacks (e.g. NVLS without an NVSwitch)
+            out.setdefault("nccl", {}).pop(key, None)
+        else:
+            out.setdefault("nccl", {})[key] = dict(out.get("nccl", {}).get(key, {}), **value)
     return out
 
 
