@@ -281,6 +281,8 @@ def calibrate_public_gpu(command: str | None = None, log=None) -> dict:
     tables["allreduce_paths"] = nd.allreduce_paths_table(nccl_rows, custom_rows)
     root = data_dir("validation").parent
     for name, df in tables.items():
+        # byte counts are whole numbers: written exactly, not through the float format (1 MiB is not 1048600)
+        df = df.assign(**{col: df[col].round().astype("Int64") for col in ("m", "size_bytes") if col in df})
         save_frame(df, f"gpu_{name}", command, machine="validation", root=root, float_format="%.5g",
                    source=f"data/external/vidur (Vidur, MIT); {nd.SOURCE}")
     for preset, system in (("a100-sxm-80gb", None), ("h100-sxm", "h100_sxm"), ("h200", "h200_sxm")):

@@ -55,7 +55,7 @@ Simple, (n−1)/n·m per rank at the n−1-step ops' bandwidth — a PREDICTION:
 
 Across ``nodes`` nodes of g = n/nodes GPUs (``net`` = {``hop_s``: extra latency of a network hop, ``bytes_per_s``:
 what one rail moves, ``rails``: rails a node's rings spread over}, from the cluster's own send/recv; the node's network
-carries ``rails·bytes_per_s`` each way)::
+carries ``min(rails, g)·bytes_per_s`` each way: one NIC per GPU, only the g GPUs' own NICs carry the group)::
 
     ring:  τ = latency_s[P] + (hops − inter)·hop_s[P] + inter·(hop_s[P] + net.hop_s) + f·m / (eff[P]·min(bw(g), net))
     tree:  τ = latency_s[P] + 2·((g−1)·hop_s[P] + ⌈log2 nodes⌉·(hop_s[P] + net.hop_s))
@@ -193,7 +193,7 @@ def nccl_candidates(op: str, n, size_bytes, params, nodes=1, nvls=True):
     if multi.any() and not net:
         raise ValueError("a group across nodes needs the 'net' parameters (hop_s, bytes_per_s, rails)")
     net_hop = float(net.get("hop_s", 0.0))
-    net_bw = float(net.get("rails") or 1.0) * float(net.get("bytes_per_s", np.inf))
+    net_bw = np.minimum(float(net.get("rails") or 1.0), g) * float(net.get("bytes_per_s", np.inf))
     bw_g = np.where(g > 1, ring_bandwidth(params, op, g), np.inf)
     f = np.asarray(bus_factor(op, n), dtype=float)
     labels, times = [], []
