@@ -271,8 +271,10 @@ def calibrate_public_gpu(command: str | None = None, log=None) -> dict:
     both = pd.concat([oos, public_oos], ignore_index=True)
     tables["out_of_sample"] = both[[col for col in keep if col in both]]
     tables["unmeasured"] = nd.predict_unmeasured(nccl_params)
-    tables["cross_node"] = pd.concat([cross_node_predictions(params, system) for system in ("a100_dgx", "h100_dgx")],
-                                     ignore_index=True)
+    # the A100 cluster only: Vidur's H100 fit lets NVLS take every 8-GPU all-reduce, so its ring bandwidth at n = 8
+    # (what a cross-node ring of 8 GPUs per node runs at) is not identified by its rows; the h100-sxm preset prices
+    # cross-node calls with aiconfigurator's NCCL model instead
+    tables["cross_node"] = cross_node_predictions(params, "a100_dgx")
     tables["custom_allreduce"] = nd.summarise(custom_rows, ["system", "path", "version", "n", "validation"])
     floors = {system: (float(value), f"fitted to {SOURCE} (h100_dgx all_reduce rows: eager back-to-back launches)"
                        + ("; ASSUMPTION for H200: H100's" if system == "h200_sxm" else ""))
