@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from llmcomm.derive.conventions import bus_factor, canonical_op
+from llmcomm.derive.traffic import sent_factor
 from llmcomm.predict import collectives as C
 from llmcomm.predict.fit import fit_alpha_beta, fit_table
 from llmcomm.predict.hardware import hardware_names, load_hardware
@@ -59,7 +60,9 @@ def test_tree_direct_auto():
     assert tree_time("all_reduce", 8, 1e6, a, b) == pytest.approx(12e-6 + 1.75e-4, rel=1e-14)
     # n = 6 → ⌈log2 6⌉ = 3
     assert tree_time("all_gather", 6, 0, a, b) == pytest.approx(3 * a)
-    assert C.alpha_beta_time("all_reduce", 4, 1e6, a, b, "direct") == pytest.approx(a + 1.5e-4, rel=1e-14)
+    # direct (one-shot): one latency and the bytes one rank sends, (n−1)·m — the traffic model's own count
+    assert C.alpha_beta_time("all_reduce", 4, 1e6, a, b, "direct") == pytest.approx(a + 3e-4, rel=1e-14)
+    assert C.bytes_factor("all_reduce", 4, "direct") == sent_factor("all_reduce", 4, "direct") == 3
     ring, tree = ring_time("all_reduce", 8, 4, a, b), tree_time("all_reduce", 8, 4, a, b)
     assert C.best_time("all_reduce", 8, 4, a, b) == min(ring, tree) == tree
     assert C.alpha_beta_time("all_reduce", 8, 4, a, b, "auto") == tree

@@ -7,9 +7,11 @@ import io
 import json
 import math
 
+import numpy as np
 import pytest
 
 from llmcomm.cli import main
+from llmcomm.derive.traffic import sent_factor
 from llmcomm.predict import collectives as C, kernels as K
 from llmcomm.predict.compute import forward_compute, layer_cost
 from llmcomm.deployment import Deployment
@@ -87,33 +89,96 @@ def test_fitted_gemm_rate_scales_with_dtype_peak():
 
 
 # ------------------------------------------------------------------------------------------------------ collectives
-NC = {"floor_s": 30e-6, "latency_s": 10e-6, "step_s": 2e-6, "bytes_per_s": 200e9, "bw_growth": 0.0,
-      "latency_ll_s": 5e-6, "step_ll_s": 1e-6, "ll_efficiency": 0.5}
+# NCCL's tuning structure with numbers chosen by hand (not fitted): per protocol a base latency, a per-hop latency and
+# an efficiency; Simple's ring bus bandwidth per (table, n); NVLS
+NC = {"protocols": {"LL": {"latency_s": 5e-6, "hop_s": 0.5e-6, "efficiency": 0.5},
+                    "LL128": {"latency_s": 8e-6, "hop_s": 0.6e-6, "efficiency": 0.9},
+                    "Simple": {"latency_s": 12e-6, "hop_s": 1e-6, "efficiency": 1.0}},
+      "ring_bytes_per_s": {"all_reduce": {"2": 200e9, "8": 300e9}, "all_gather": {"2": 150e9, "8": 250e9}},
+      "nvls": {"latency_s": 20e-6, "bytes_per_s": 400e9}}
+MiB = 2 ** 20
 
 
-def test_nccl_model_is_min_of_protocols_above_the_floor():
-    n, S = 4, 64 * 2 ** 20
-    simple = 10e-6 + 6 * 2e-6 + 1.5 * S / 200e9
-    ll = 5e-6 + 6 * 1e-6 + 1.5 * S / 100e9
-    assert C.nccl_ring_time("all_reduce", n, S, NC) == pytest.approx(min(simple, ll))
-    assert C.nccl_ring_time("all_reduce", n, 4, NC) == pytest.approx(30e-6)                  # the floor
-    assert C.nccl_ring_time("all_reduce", n, 4, NC, floor=False) == pytest.approx(5e-6 + 6e-6 + 1.5 * 4 / 100e9)
-    s_star = float(C.nccl_allreduce_switch_size(n, NC))
-    assert C.nccl_ring_time("all_reduce", n, s_star * 1.01, NC, floor=False) < \
-        5e-6 + 6e-6 + 1.5 * s_star * 1.01 / 100e9                                           # Simple wins above S*
-    # all_gather derived: n−1 steps, (n−1)/n
-    assert C.nccl_ring_time("all_gather", n, S, NC, floor=False) == pytest.approx(
-        min(10e-6 + 3 * 2e-6 + 0.75 * S / 200e9, 5e-6 + 3 * 1e-6 + 0.75 * S / 100e9))
+def _ring8(proto, m):
+    """all_reduce on 8 ranks of one node by hand: latency + 2(n−1) hops + 2(n−1)/n·m / (efficiency·busbw(8))."""
+    lat, hop, eff = {"LL": (5e-6, 0.5e-6, 0.5), "LL128": (8e-6, 0.6e-6, 0.9), "Simple": (12e-6, 1e-6, 1.0)}[proto]
+    return lat + 14 * hop + 1.75 * m / (eff * 300e9)
 
 
-def test_cross_node_allreduce_is_limited_by_nics_and_network_steps():
-    net = {"step_net_s": 15e-6, "nic_bytes_per_s": 47e9}
-    S = 2 ** 30
-    t = C.cross_node_allreduce_time(S, 16, 2, NC, net, rails=8, algorithm="ring", floor=False)
-    assert t == pytest.approx(10e-6 + 30 * 15e-6 + 2 * 15 / 16 * S / min(200e9, 8 * 47e9))
-    assert C.cross_node_allreduce_time(S, 8, 1, NC, net) == C.nccl_ring_time("all_reduce", 8, S, NC)
-    with pytest.raises(ValueError, match="evenly"):
-        C.cross_node_allreduce_time(S, 12, 5, NC, net)
+def test_nccl_time_is_the_fastest_algorithm_and_protocol():
+    nvls = lambda m: 20e-6 + 9 / 8 * m / 400e9                                   # noqa: E731  (n+1)/n·m each way
+    for m, want, nvls_ok in ((512, ("ring", "LL"), True), (64 * MiB, ("nvls", "Simple"), True),
+                             (64 * MiB, ("ring", "Simple"), False), (4 * MiB, ("ring", "LL128"), False)):
+        cands = {("ring", p): _ring8(p, m) for p in ("LL", "LL128", "Simple")}
+        if nvls_ok:
+            cands[("nvls", "Simple")] = nvls(m)
+        assert min(cands, key=cands.get) == want                                 # the hand-computed choice
+        tau, alg, proto = C.nccl_time("all_reduce", 8, m, NC, nvls=nvls_ok, detail=True)
+        assert (str(alg), str(proto)) == want and float(tau) == pytest.approx(cands[want], rel=1e-12)
+    # NVLS needs more than 2 GPUs (ncclNvlsInit); the bandwidth of n = 4 interpolates in log n: √(200·300) GB/s
+    assert str(C.nccl_time("all_reduce", 2, 64 * MiB, NC, detail=True)[1]) == "ring"
+    assert float(C.ring_bandwidth(NC, "all_reduce", 4)) == pytest.approx((200e9 * 300e9) ** 0.5)
+    # the n−1-step ops: n−1 hops, (n−1)/n·m, the all_gather table; the floor of a code path
+    assert float(C.nccl_time("all_gather", 4, 64 * MiB, NC)) == pytest.approx(
+        12e-6 + 3e-6 + 0.75 * 64 * MiB / (150e9 * 250e9) ** 0.5)
+    assert float(C.nccl_time("all_reduce", 8, 512, NC, floor_s=30e-6)) == 30e-6
+    assert float(C.nccl_time("all_reduce", 1, 64 * MiB, NC)) == 0.0
+    assert float(C.nccl_ring_time("all_reduce", 8, 64 * MiB, NC)) == pytest.approx(_ring8("Simple", 64 * MiB))
+
+
+def test_all_to_all_is_grouped_send_recv_with_the_p2p_protocol_switch():
+    # each peer's chunk m/n: LL up to 16 KiB (NCCL_P2P_LL_THRESHOLD), Simple above; one hop, (n−1)/n·m per rank
+    tau, alg, proto = C.nccl_time("all_to_all", 8, 64 * 2 ** 10, NC, detail=True)
+    assert (str(alg), str(proto)) == ("pairwise", "LL")
+    assert float(tau) == pytest.approx(5e-6 + 0.5e-6 + 0.875 * 64 * 2 ** 10 / (0.5 * 250e9))
+    tau, alg, proto = C.nccl_time("all_to_all", 8, MiB, NC, detail=True)
+    assert str(proto) == "Simple" and float(tau) == pytest.approx(12e-6 + 1e-6 + 0.875 * MiB / 250e9)
+
+
+def test_cross_node_all_reduce_takes_the_tree_where_the_network_binds():
+    net = {"hop_s": 10e-6, "bytes_per_s": 25e9, "rails": 1}
+    prm = dict(NC, net=net)
+    m = 64 * MiB
+    # 16 ranks on 2 nodes of 8: ring = 2·15 hops, 2·nodes of them cross the network, busbw min(bw(8), network)
+    ring = 12e-6 + 30 * 1e-6 + 4 * 10e-6 + 1.875 * m / 25e9
+    # double binary tree: 2·((g−1) hops + ⌈log2 nodes⌉ network hops); m each way over the boundary of two nodes
+    tree = 12e-6 + 2 * (7 * 1e-6 + (1e-6 + 10e-6)) + max(1.75 * m / 300e9, m / 25e9)
+    tau, alg, proto = C.nccl_time("all_reduce", 16, m, prm, nodes=2, detail=True)
+    assert tree < ring and (str(alg), str(proto)) == ("tree", "Simple") and float(tau) == pytest.approx(tree)
+    tau, alg, proto = C.nccl_time("all_reduce", 16, 2048, prm, nodes=2, detail=True)
+    assert (str(alg), str(proto)) == ("tree", "LL")
+    assert float(tau) == pytest.approx(5e-6 + 2 * (7 * 0.5e-6 + 0.5e-6 + 10e-6) + 2048 / 25e9 / 0.5)
+    with pytest.raises(ValueError, match="net"):
+        C.nccl_time("all_reduce", 16, m, NC, nodes=2)
+
+
+def test_fit_nccl_recovers_the_parameters_that_made_the_data():
+    from llmcomm.predict.fit import fit_nccl, nccl_predict
+
+    sizes = 512.0 * 4.0 ** np.arange(11)
+    rows = [(op, n, m, dt) for op, ns in (("all_reduce", (2, 4, 8)), ("all_gather", (2, 8)),
+                                          ("reduce_scatter", (2, 4, 8))) for n in ns for m in sizes
+            for dt in (True, False)]
+    ops, n, m, nv = (np.array(x) for x in zip(*rows))
+    tau = nccl_predict(ops, n, m, dict(NC, ring_bytes_per_s={"all_reduce": {"2": 200e9, "4": 260e9, "8": 300e9},
+                                                             "all_gather": {"2": 150e9, "8": 250e9}}), nv)
+    got = fit_nccl(ops, n, m, tau, nvls=nv, with_nvls=True)
+    assert got["ring_bytes_per_s"]["all_reduce"]["8"] == pytest.approx(300e9, rel=0.02)
+    assert got["ring_bytes_per_s"]["all_gather"]["2"] == pytest.approx(150e9, rel=0.02)
+    assert got["nvls"]["bytes_per_s"] == pytest.approx(400e9, rel=0.05)
+    assert got["protocols"]["LL"]["latency_s"] + 14 * got["protocols"]["LL"]["hop_s"] == pytest.approx(12e-6, rel=0.05)
+    assert np.median(np.abs(nccl_predict(ops, n, m, got, nv) / tau - 1)) < 0.01
+
+
+def test_custom_allreduce_one_shot_moves_what_the_traffic_model_counts():
+    fit = {"one_shot_latency_s": 6e-6, "one_shot_bytes_per_s": 100e9, "two_shot_latency_s": 10e-6,
+           "two_shot_bytes_per_s": 200e9}
+    m = 256 * 2 ** 10
+    one = 6e-6 + float(sent_factor("all_reduce", 8, "direct")) * m / 100e9               # 7·m: every peer's buffer
+    two = 10e-6 + 1.75 * m / 200e9
+    tau, shot = C.custom_allreduce_time(8, m, fit, detail=True)
+    assert float(tau) == pytest.approx(min(one, two)) and str(shot) == ("one-shot" if one < two else "two-shot")
+    assert float(C.custom_allreduce_time(8, 512, dict(fit, floor_s=20e-6))) == 20e-6
 
 
 # -------------------------------------------------------------------------------------------------- host profiles
@@ -139,9 +204,59 @@ def test_custom_allreduce_replaces_nccl_below_its_limit():
     fast = predict_latency(M8B, Layout(4), wl, h100, Deployment("vllm", profile="vllm-v0-custom-ar"))
     ar = [m for m in fast["breakdown"]["decode"]["messages"] if m["op"] == "all_reduce"][0]
     m = ar["bytes_per_call"]
-    assert m <= 8 * 2 ** 20
-    assert ar["time_s"] == pytest.approx(ar["calls"] * (9e-6 + 1.5 * m / 300e9))
-    assert fast["tpot_s"] != base["tpot_s"]
+    # the decode replays vLLM 0.14.0's custom kernel in a CUDA graph: its fit on 4 GPUs, no floor
+    fit = h100.nccl["custom_allreduce"]["vllm-custom-graph"]["versions"]["0.14.0"]["by_n"]["4"]
+    assert m < fit["max_bytes"] and "floor_s" not in fit
+    assert ar["time_s"] == pytest.approx(ar["calls"] * float(C.custom_allreduce_time(4, m, fit)))
+    nccl = [x for x in base["breakdown"]["decode"]["messages"] if x["op"] == "all_reduce"][0]
+    assert nccl["time_s"] == pytest.approx(nccl["calls"] * float(C.nccl_time("all_reduce", 4, m, h100.nccl)))
+    assert ar["time_s"] < nccl["time_s"]
+
+
+def test_every_collective_pays_its_code_paths_floor():
+    h100 = load_hardware("h100-sxm")
+    floor = h100.nccl["floors"]["nccl-eager"]["floor_s"]
+    for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all"):
+        for n in (2, 8):
+            graph = float(h100.collective_time(op, n, 512, path="nccl-graph"))
+            assert 0 < graph < floor or n == 8                     # on 2 GPUs a small kernel sits below the floor
+            for path in ("nccl-eager", "deepspeed-eager"):
+                assert float(h100.collective_time(op, n, 512, path=path)) == max(floor, graph)
+    with pytest.raises(SpecError, match="unknown collective code path"):
+        h100.collective_time("all_reduce", 8, 512, path="nccl-fast")
+
+
+def test_each_engine_profile_names_its_path_with_a_source():
+    for name in ("deepspeed-eager", "deepspeed-cpu", "vllm-v0", "vllm-v0-custom-ar"):
+        prof = load_profile(name)
+        assert set(prof.raw["collectives"]) == {"prefill", "decode"} and len(prof.raw["source"]["collectives"]) > 40
+    assert [load_profile("deepspeed-eager").collective_path(ph) for ph in ("prefill", "decode")] == \
+        ["deepspeed-eager", "deepspeed-eager"]
+    assert [load_profile("vllm-v0").collective_path(ph) for ph in ("prefill", "decode")] == ["nccl-eager", "nccl-graph"]
+    with pytest.raises(SpecError, match="unknown collective code path"):
+        load_profile({"name": "x", "framework": "vllm", "prefill": {}, "decode": {}, "collectives": {"decode": "y"}})
+
+
+def test_unmeasured_ops_in_the_committed_table_are_the_presets_predictions():
+    from llmcomm import record
+
+    h100 = load_hardware("h100-sxm")
+    un, _ = record.load_frame("gpu_unmeasured", "validation")
+    mine = un[(un.system == "h100_sxm") & (un.version.astype(str) == "2.29.2")]
+    assert set(zip(mine.op, mine.n)) == {("all_to_all", 2), ("all_to_all", 4), ("all_to_all", 8), ("all_gather", 8)}
+    for (op, n), grp in mine.groupby(["op", "n"]):
+        np.testing.assert_allclose(grp.predicted_s, C.nccl_time(op, n, grp.m.to_numpy(), h100.nccl), rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_held_out_nccl_error_on_a_public_table_meets_the_goal():
+    from llmcomm.compare import nccl_data as nd
+
+    _, rows = nd.check_table("h200_sxm", "2.29.2")                 # ~30 s: one fit per left-out size decade
+    err = nd.summarise(rows[rows.validation == "losdo"], ["op", "n"])
+    assert len(err) == 8
+    # the issue's goal, median |error| ≤ 10 % per (op, n) leave one size decade out (5.8-9.7 % when committed)
+    assert (err.median_abs_err <= 0.10).all(), err
 
 
 # ------------------------------------------------------------------------------------------------------------- CLI
@@ -159,10 +274,20 @@ def test_cost_cli_rows_and_errors():
                        "64M", "--json"])
     r = json.loads(out)["ops"][0]
     assert st == 0 and set(r) == {"op", "ranks", "gpus_per_node", "message_bytes", "seconds", "algbw_GBps",
-                                  "busbw_GBps"}
+                                  "busbw_GBps", "algorithm", "protocol", "path"}
     assert r["message_bytes"] == 64 << 20
     assert r["busbw_GBps"] == pytest.approx(r["algbw_GBps"] * 1.75)
+    # NCCL's choice: LL for a small call, Simple (ring or NVLS) for a large one, on 8 H100s in a CUDA graph
+    st, out, _ = _cli(["cost", "--hardware", "h100-sxm", "--collective", "all_reduce", "--ranks", "8", "--bytes",
+                       "512", "256M", "--path", "nccl-graph", "--json"])
+    small, big = json.loads(out)["ops"]
+    assert (small["algorithm"], small["protocol"]) == ("ring", "LL") and big["protocol"] == "Simple"
+    st, out, _ = _cli(["cost", "--hardware", "h100-sxm", "--collective", "all_reduce", "--ranks", "16", "--bytes",
+                       "64M", "--path", "nccl-graph", "--json"])
+    assert json.loads(out)["ops"][0]["algorithm"] in ("ring", "tree")           # across two nodes: no NVLS
     for bad in (["cost", "--hardware", "h100-sxm"],
+                ["cost", "--hardware", "h100-sxm", "--collective", "all_reduce", "--ranks", "2", "--bytes", "1K",
+                 "--path", "nccl-fast"],
                 ["cost", "--hardware", "h100-sxm", "--model", "llama-3.1-8b", "--tp", "3", "--tokens", "4"],
                 ["cost", "--hardware", "h100-sxm", "--collective", "send_recv", "--ranks", "4", "--bytes", "1K"],
                 ["cost", "--hardware", "nope", "--collective", "all_reduce", "--ranks", "2", "--bytes", "1K"]):

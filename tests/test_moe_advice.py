@@ -123,6 +123,10 @@ def test_report_and_cli(capsys):
     assert rep["routing"] == {"mode": "capacity", "capacity_factor": 1.0, "min_capacity": 4, "asked": False,
                               "lossless_only": True}
     assert {r["routing"] for r in rep["layouts"] if r["scheme"] == "ep"} == {"dropless"}
+    # ranked by the objective (E2E): the first layout is the fastest that fits (which scheme wins is the time
+    # model's answer, with every collective, all-to-all included, paying its code path's floor)
+    assert rep["layouts"][0]["e2e_s"] == min(r["e2e_s"] for r in rep["layouts"] if r["fits"])
+    assert {r["scheme"] for r in rep["layouts"]} == {"autotp", "tp-experts", "ep"}
     assert main(["advise", "--model", "qwen3-30b-a3b", "--gpus", "8", "--batch", "8", "--moe-routing", "dropless",
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -36,7 +36,7 @@ _allow("predict/compute.py", "key", "e C")                      # ExpertLayout(e
 _allow("predict/cost.py", "name", "w h V t g T m")
 _allow("predict/cost.py", "key", "g")                           # collective_time(…, g=…)
 _allow("predict/fit.py", "name", "w M_g N_g K_g m n alpha beta tau")
-_allow("predict/hardware.py", "name", "w t p g n alpha beta")
+_allow("predict/hardware.py", "name", "w t p g n alpha beta tau")
 _allow("predict/kernels.py", "name", "b w h a d E k F_ex F_sh t e s T C M_g N_g K_g tau")
 _allow("predict/latency.py", "name", "b S G w t p e g s m n")
 _allow("predict/latency.py", "key", "e g m n")                  # a message's m and n; e=…, g=… arguments
@@ -47,7 +47,7 @@ _allow("predict/placement.py", "name", "L t p g")
 # compare/: measured and predicted frames carry the configuration's columns (t, p, e, b, S, G), model tables the
 # model's (h, L, V, a_kv, E, k, F_ex, L_moe), the public data's frames m (message bytes), n (ranks) and T (tokens).
 _allow("compare/calibration.py", "name", "S h t p n")
-_allow("compare/calibration.py", "key", "S h L V T m")
+_allow("compare/calibration.py", "key", "S h L V T m n")
 _allow("compare/cpu_calibration.py", "name", "S G s M_g N_g K_g")
 _allow("compare/cpu_calibration.py", "key", "S L V h")                # ModelSpec(L=…, V=…) of a timed layer shape
 _allow("compare/gpu.py", "name", "b S t")
@@ -63,7 +63,9 @@ _allow("compare/sweeps.py", "key", "b S G t p e")
 _allow("compare/validate.py", "name", "t p")
 _allow("compare/validate.py", "key", "G t p")
 _allow("compare/vidur.py", "name", "w h a d T M_g N_g K_g m n tau")
-_allow("compare/vidur.py", "key", "T m")
+_allow("compare/vidur.py", "key", "T m n")                   # a network row's m and n
+_allow("compare/nccl_data.py", "name", "m n tau")
+_allow("compare/nccl_data.py", "key", "m n")               # a table row's m (bytes) and n (ranks)
 
 # The GEMM dimension columns: the GEMM op records (predict/kernels.py) and the frames and the out-of-sample table built
 # from the public kernel times (compare/vidur.py, compare/calibration.py) and this CPU's (compare/cpu_calibration.py)

@@ -124,7 +124,7 @@ def test_tp_group_spanning_nodes_pays_inter_link():
     two_nodes = predict_latency(m, Layout(8, 1), wl, h100, gpus_per_node=4)
     assert two_nodes["breakdown"]["prefill"]["compute_s"] == one_node["breakdown"]["prefill"]["compute_s"]
     # every layer all-reduce of the spanning group is charged the cross-node NCCL time (g = 4: two nodes), the
-    # one-node group the NVSwitch time; the cross-node ring is the slower
+    # one-node group the NVSwitch time; the cross-node call is the slower
     for res, level, g in ((one_node, "intra", 8), (two_nodes, "inter", 4)):
         ar = max((x for x in res["breakdown"]["prefill"]["messages"] if x["op"] == "all_reduce"),
                  key=lambda x: x["calls"])
@@ -132,7 +132,7 @@ def test_tp_group_spanning_nodes_pays_inter_link():
         assert ar["inter_fraction"] == (1.0 if level == "inter" else 0.0)
         expect = float(h100.collective_time("all_reduce", 8, ar["bytes_per_call"], level, g=g))
         assert ar["time_s"] == pytest.approx(ar["calls"] * expect, rel=1e-12)
-    assert two_nodes["breakdown"]["prefill"]["comm_s"] > 1.5 * one_node["breakdown"]["prefill"]["comm_s"]
+    assert two_nodes["breakdown"]["prefill"]["comm_s"] > one_node["breakdown"]["prefill"]["comm_s"]
 
 
 def test_vectorised_equals_scalar():

@@ -119,7 +119,7 @@ def cmd_cost(args) -> int:
                       tokens=args.tokens, context=args.context, dtype=args.dtype, experts=experts,
                       collective=args.collective, ranks=args.ranks,
                       sizes=[parse_size(x) for x in args.bytes] if args.bytes else None,
-                      gpus_per_node=args.gpus_per_node)
+                      gpus_per_node=args.gpus_per_node, path=args.path)
     _emit(rep, args.json, render_cost(rep), False)
     return 0
 
@@ -257,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--ranks", type=positive_int, help="ranks n of the collective")
     co.add_argument("--gpus-per-node", type=positive_int, default=None, help="ranks placed g per node")
     co.add_argument("--bytes", nargs="+", metavar="m", help="message sizes m (4 64K 1M …)")
+    co.add_argument("--path", default="nccl-eager", help="code path: nccl-eager, nccl-graph, vllm-custom-graph[:ver] …")
     co.add_argument("--json", action="store_true", help="print one JSON object")
     co.set_defaults(func=cmd_cost)
 

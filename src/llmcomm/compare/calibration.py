@@ -8,8 +8,8 @@ the packaged preset (:func:`write_calibration` merges new sections into it, atom
 * :func:`calibrate_in_run` — ``llmcomm calibrate --in-run``: compute and all-reduces inside runs of each validated
   layout (:mod:`llmcomm.compare.inrun`);
 * :func:`calibrate_public_gpu` — ``llmcomm calibrate --public-gpu`` (``make gpu-fits``): the GPU kernel and NCCL
-  models fitted to the public Vidur measurements (:mod:`llmcomm.compare.vidur`), and their out-of-sample errors into
-  ``data/validation/``.
+  models fitted to the public Vidur and aiconfigurator measurements (:mod:`llmcomm.compare.vidur`,
+  :mod:`llmcomm.compare.nccl_data`), and their out-of-sample errors into ``data/validation/``.
 
 Collectives: the α-β fits (:mod:`llmcomm.predict.fit`) of a ``llmcomm bench-collectives`` table — all_reduce from
 DeepSpeed's shm kernel (``shm``: its one-shot path below 1 MiB and its two-phase path above, each fitted on its own
@@ -267,31 +267,71 @@ def calibrate_machine(command: str | None = None, log=None, reps: int = 3, csv_p
 
 
 def calibrate_public_gpu(command: str | None = None, log=None) -> dict:
-    """``llmcomm calibrate --public-gpu``: the GPU kernel and NCCL models fitted to the public Vidur measurements
-    (:func:`llmcomm.compare.vidur.fit_all`), written as the ``kernels`` and ``nccl`` sections of the GPU presets'
-    calibrations, and their error tables (out of sample included) to ``data/validation/gpu_<name>.csv`` with
-    sidecars. Returns the error tables."""
+    """``llmcomm calibrate --public-gpu``: the GPU kernel and NCCL models fitted to the public measurements — Vidur
+    (:func:`llmcomm.compare.vidur.fit_all`: kernels, A100/H100 NCCL all-reduce and send/recv with their eager floor)
+    and aiconfigurator (:mod:`llmcomm.compare.nccl_data`: H100/H200 NCCL per version, custom all-reduce) — written as
+    the ``kernels`` and ``nccl`` sections of the GPU presets' calibrations (``h100-sxm``: Vidur's kernels, the NCCL
+    model of aiconfigurator's NCCL 2.29.2 table, Vidur's eager floor, send/recv and network; ``a100-sxm-80gb``: all
+    Vidur; ``h200``: aiconfigurator's H200 NCCL and custom tables, the rest as h100-sxm), and their error tables
+    (out of sample included), the never-fitted predictions and the floors to ``data/validation/gpu_<name>.csv``
+    with sidecars. Returns the tables."""
+    import pandas as pd
+
     from ..record import data_dir, save_frame
-    from .vidur import PRESET_OF, error_summary, fit_all, preset_sections
+    from . import nccl_data as nd
+    from .vidur import SOURCE, cross_node_predictions, error_summary, fit_all, preset_sections
 
     command = command or "llmcomm calibrate --public-gpu"
-    params, errors = fit_all(log=log or (lambda msg: None))
+    log = log or (lambda msg: None)
+    params, errors = fit_all(log=log)
+    nccl_params, nccl_rows = nd.fit_nccl_tables(log=log)
+    eager = {system: params["nccl"][vidur_system]["all_reduce"]["floor_s"]
+             for system, vidur_system in (("h100_sxm", "h100_dgx"), ("h200_sxm", "h100_dgx"))}
+    custom, custom_rows = nd.fit_custom_tables(nccl_params, eager, log=log)
     prov = provenance(command)
     tables = error_summary(errors)
+    keys = ["system", "collective", "num_workers", "devices_per_node", "validation"]
+    public = nccl_rows.assign(collective=nccl_rows.op, num_workers=nccl_rows.n, devices_per_node=nccl_rows.n,
+                              nccl_version=nccl_rows.version)
+    tables["collectives"] = pd.concat([tables["collectives"].assign(source="vidur", nccl_version="not stated"),
+                                       nd.summarise(public, keys + ["nccl_version"]).assign(source="aiconfigurator")],
+                                      ignore_index=True)
     # out-of-sample predictions row by row for the book's figures (H100 GEMMs, every collective; the other kernels,
     # 100k rows, are summarised only), beside the summaries
-    oos = errors[errors.validation.isin(["lomo", "logo", "extrapolation"])]
-    oos = oos[(oos.part == "collective") | ((oos.part == "gemm") & (oos.gpu == "h100"))]
-    keep = ["part", "validation", "gpu", "model", "tp", "op", "M", "N", "K", "T", "system", "collective",
-            "num_workers", "devices_per_node", "m", "seconds", "predicted_s", "rel_err"]
-    tables["out_of_sample"] = oos[[col for col in keep if col in oos]]
+    oos = errors[errors.validation.isin(["lomo", "logo", "losdo"])]
+    oos = oos[(oos.part == "collective") | ((oos.part == "gemm") & (oos.gpu == "h100"))].assign(source="vidur")
+    public_oos = public[public.validation == "losdo"].assign(part="collective", source="aiconfigurator",
+                                                             rel_err=lambda x: x.predicted_s / x.seconds - 1)
+    keep = ["source", "part", "validation", "gpu", "model", "tp", "op", "M", "N", "K", "T", "system", "nccl_version",
+            "collective", "num_workers", "devices_per_node", "dtype", "m", "seconds", "predicted_s", "rel_err"]
+    both = pd.concat([oos, public_oos], ignore_index=True)
+    tables["out_of_sample"] = both[[col for col in keep if col in both]]
+    tables["unmeasured"] = nd.predict_unmeasured(nccl_params)
+    # the A100 cluster only: Vidur's H100 fit lets NVLS take every 8-GPU all-reduce, so its ring bandwidth at n = 8
+    # (what a cross-node ring of 8 GPUs per node runs at) is not identified by its rows; the h100-sxm preset prices
+    # cross-node calls with aiconfigurator's NCCL model instead
+    tables["cross_node"] = cross_node_predictions(params, "a100_dgx")
+    tables["custom_allreduce"] = nd.summarise(custom_rows, ["system", "path", "version", "n", "validation"])
+    floors = {system: (float(value), f"fitted to {SOURCE} (h100_dgx all_reduce rows: eager back-to-back launches)"
+                       + ("; ASSUMPTION for H200: H100's" if system == "h200_sxm" else ""))
+              for system, value in eager.items()}
+    tables["floors"] = nd.floors_table(nccl_params, custom, floors)
+    tables["allreduce_paths"] = nd.allreduce_paths_table(nccl_rows, custom_rows)
     root = data_dir("validation").parent
     for name, df in tables.items():
+        # byte counts are whole numbers: written exactly, not through the float format (1 MiB is not 1048600)
+        df = df.assign(**{col: df[col].round().astype("Int64") for col in ("m", "size_bytes") if col in df})
         save_frame(df, f"gpu_{name}", command, machine="validation", root=root, float_format="%.5g",
-                   source="data/external/vidur (Vidur, MIT)")
-    for preset in PRESET_OF:
-        sections = preset_sections(params, preset)
-        for key in ("kernels", "nccl"):
-            sections[key]["provenance"] = prov
+                   source=f"data/external/vidur (Vidur, MIT); {nd.SOURCE}")
+    for preset, system in (("a100-sxm-80gb", None), ("h100-sxm", "h100_sxm"), ("h200", "h200_sxm")):
+        base = "h100-sxm" if preset == "h200" else preset
+        model = nccl_params[system][nd.PRESET_VERSION] if system else None
+        source = f"NCCL model fitted to {nd.SOURCE} ({system} NCCL {nd.PRESET_VERSION} table)" if system else ""
+        sections = preset_sections(params, base, model, source, nd.custom_section(custom[system]) if system else None)
+        if preset == "h200":
+            sections.pop("kernels")                 # derived from h100-sxm's (HBM ratio): the preset says so
+            sections["nccl"]["source"] += " H200: send_recv, the eager floor and the network are H100's (ASSUMPTION)."
+        for section in sections.values():
+            section["provenance"] = prov
         write_calibration(preset, sections, command)
     return tables

@@ -1,7 +1,8 @@
-"""α-β cost models of collectives, numpy-vectorised, in the nccl-tests conventions of
-:mod:`llmcomm.derive.conventions` (size m; algbw = m/τ; busbw = algbw · f(n)).
+"""Time models of collectives, numpy-vectorised, in the nccl-tests conventions of :mod:`llmcomm.derive.conventions`
+(size m; algbw = m/τ; busbw = algbw · f(n)): the α-β forms of links and microbenchmark fits, and NCCL's own
+structure for GPUs.
 
-α-β (Hockney) model: a message of m bytes over one link costs α + m·β (α latency in s, β inverse bandwidth in s/B).
+**α-β** (Hockney): a message of m bytes over one link costs α + m·β (α latency in s, β inverse bandwidth in s/B).
 Collective costs are the standard ones (Thakur, Rabenseifner & Gropp, IJHPCA 2005; NCCL's ring and tree):
 
 =============  ==========================================  =============================================
@@ -16,26 +17,67 @@ broadcast      (n−1)·α + m·β      (pipelined chain)        ⌈log2 n⌉·�
 send_recv      α + m·β                                     α + m·β
 =============  ==========================================  =============================================
 
-all_to_all is the pairwise exchange (n−1 steps, each rank sends (n−1)/n of its m bytes): ASSUMPTION — no public
-all-to-all time is fitted here; GPU presets charge it on the link's α and β (:meth:`llmcomm.predict.hardware.Hardware.collective_time`).
+The bandwidth term of a ring or tree row is ``m·β·f(n)`` (the bus factor): a fitted β is the inverse of the
+asymptotic busbw. ``direct`` is the one-shot form (vLLM's one-shot custom all-reduce, DeepSpeed's shm one-shot path):
+one latency and **the bytes a rank sends under the one-shot algorithm** — ONE definition with the traffic counts,
+:func:`llmcomm.derive.traffic.sent_factor` (``direct``: (n−1)·m per rank for an all-reduce, every rank sends its whole
+buffer to every other), so ``α + sent(n)·m·β`` where β is the inverse of the bandwidth at which one rank sends. For
+n = 2 this equals the busbw form (sent = f = 1); from n = 3 on the one-shot moves (n−1)·m, not 2(n−1)/n·m, and its
+time grows as its bytes do (:func:`bytes_factor`). ``shm`` is DeepSpeed's CPU shared-memory all-reduce, which picks
+its path by size (:func:`llmcomm.derive.conventions.shm_split`): the one-shot bytes cost ``α₁ + sent_direct(n)·m₁·β₁``
+and the two-phase bytes ``⌈m₂/32 MiB⌉·α₂ + f(n)·m₂·β₂`` (one α₂ per 32 MiB chunk), each path with its own fitted α and
+β (:func:`shm_time`). The latency steps of every op and algorithm come from the registry
+(:func:`llmcomm.derive.conventions.latency_steps`). Every function takes scalars or numpy arrays (broadcast together).
 
-The bandwidth term of every row is ``m·β·f(n)`` (the bus factor): a fitted β is the inverse of the asymptotic busbw.
-``direct`` is the one-shot form (NCCL's one-shot NVLS, vLLM's custom all-reduce): a single latency and the busbw
-term, ``α + f(n)·m·β``. ``shm`` is DeepSpeed's CPU shared-memory all-reduce, which picks its path by size
-(:func:`llmcomm.derive.conventions.shm_split`): the one-shot bytes cost ``α₁ + f(n)·m₁·β₁`` and the two-phase bytes
-``⌈m₂/32 MiB⌉·α₂ + f(n)·m₂·β₂`` (one α₂ per 32 MiB chunk), each path with its own fitted α and β
-(:func:`shm_time`). The latency steps of every op and algorithm come from the registry
-(:func:`llmcomm.derive.conventions.latency_steps`). Every function takes scalars or numpy arrays (broadcast
-together).
+**NCCL** (:func:`nccl_time`): the structure of NCCL's own tuning model (``src/graph/tuning.cc``,
+``ncclTopoTuneModel`` and ``ncclTopoGetAlgoTime``): for every allowed (algorithm, protocol) a latency — a base
+(``baseLat[a][p]``) plus a per-hop latency times the hops (``hwLat[NVLINK|PCI|NET][a][p]``: intra-node hops and network
+hops apart) — plus the bytes over a bus bandwidth scaled by the protocol's efficiency (LL ×1/4, LL128 ×0.92 of Simple
+in tuning.cc); the time is the minimum over the allowed pairs. Algorithms: ``ring`` (every op), ``tree`` (all-reduce
+across nodes: on one node NCCL's tree is a chain with the ring's hops and less bandwidth), ``nvls`` (NVLink SHARP: the
+all-reduce on one NVSwitch node of more than 2 GPUs (``ncclNvlsInit``: no NVLS for ≤ 2 GPUs) in a dtype the switch
+reduces (``ncclNvlsSupported``: fp16/bf16/fp32/int32/int64, not int8)); protocols LL, LL128, Simple. The NUMBERS are
+not NCCL's: every latency, hop, efficiency and bandwidth is fitted per system to public kernel times
+(:func:`llmcomm.predict.fit.fit_nccl`; what fitted each is in the calibration's ``source``). For a message of m bytes
+on n ranks of one node::
+
+    ring, protocol P:  τ = latency_s[P] + hops(op, n)·hop_s[P] + f(op, n)·m / (efficiency[P] · bw(op, n))
+    nvls:              τ = nvls.latency_s + (n+1)/n · m / nvls.bytes_per_s
+
+``hops`` = 2(n−1) for all_reduce, n−1 for the others (tuning.cc's ``nsteps``); ``bw(op, n)`` is Simple's fitted bus
+bandwidth of a group of n (``ring_bytes_per_s``: one table for all_reduce, one for the n−1-step ops — all_gather,
+reduce_scatter, broadcast, reduce, all_to_all; interpolated in log n between measured n, held at the ends). NVLS
+moves (n+1)/n·m per rank each way (multimem reduce-load of the m bytes every GPU holds plus m/n of its slice's result;
+multicast store of its m/n and receipt of the whole m): derived from NVLS's two phases, not from tuning.cc's fixed
+ratio. ``all_to_all`` is NCCL's grouped send/recv (the nccl-tests ``alltoall_perf``): one p2p hop with every peer's
+transfer on its own channels (concurrent), LL when a peer's chunk m/n ≤ 16 KiB (``NCCL_P2P_LL_THRESHOLD``) else
+Simple, (n−1)/n·m per rank at the n−1-step ops' bandwidth — a PREDICTION: no all-to-all time is fitted.
+
+Across ``nodes`` nodes of g = n/nodes GPUs (``net`` = {``hop_s``: extra latency of a network hop, ``bytes_per_s``:
+what one rail moves, ``rails``: rails a node's rings spread over}, from the cluster's own send/recv; the node's network
+carries ``min(rails, g)·bytes_per_s`` each way: one NIC per GPU, only the g GPUs' own NICs carry the group)::
+
+    ring:  τ = latency_s[P] + (hops − inter)·hop_s[P] + inter·(hop_s[P] + net.hop_s) + f·m / (eff[P]·min(bw(g), net))
+    tree:  τ = latency_s[P] + 2·((g−1)·hop_s[P] + ⌈log2 nodes⌉·(hop_s[P] + net.hop_s))
+               + max(2(g−1)/g·m / bw(g), m·(1 if nodes = 2 else 2) / net) / eff[P]
+
+``inter`` = 2·nodes network hops for all_reduce, nodes−1 for the n−1-step ops (tuning.cc's ``nInterSteps``). NCCL's
+double binary tree sends m each way across the boundary of two nodes (each tree carries m/2 up and m/2 down, the
+roots on opposite nodes), about 2m through an interior node of more. Cross-node times are PREDICTIONS.
+
+Floors (:mod:`llmcomm.predict.paths`): a code path that launches collectives eagerly from Python pays
+``max(floor_s, τ)``; in a CUDA graph a collective costs its kernel time.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..derive.conventions import SHM_CHUNK, bus_factor, canonical_op, latency_steps, shm_split
+from ..derive.traffic import sent_factor
 
-__all__ = ["algbw", "busbw", "alpha_beta_time", "best_time", "shm_time", "nccl_ring_time",
-           "nccl_allreduce_switch_size", "nccl_sendrecv_time", "cross_node_allreduce_time"]
+__all__ = ["algbw", "busbw", "bytes_factor", "alpha_beta_time", "best_time", "shm_time", "NCCL_ALGORITHMS",
+           "NCCL_PROTOCOLS", "P2P_LL_THRESHOLD", "ring_bandwidth", "nccl_candidates", "nccl_time", "nccl_ring_time",
+           "nccl_sendrecv_time", "custom_allreduce_time"]
 
 
 def _out(x):
@@ -53,21 +95,36 @@ def busbw(op: str, n, size_bytes, seconds):
     return _out(algbw(size_bytes, seconds) * bus_factor(op, n))
 
 
-def alpha_beta_time(op: str, n, size_bytes, alpha, beta, algorithm: str = "ring"):
-    """Seconds of ``op`` of size m = ``size_bytes`` on ``n`` ranks: ``steps(op, n)·α + f(op, n)·m·β``.
+def bytes_factor(op: str, n, algorithm: str = "ring"):
+    """What the bandwidth term of ``algorithm`` multiplies m by: the bytes one rank sends under the one-shot
+    algorithm (``direct``: :func:`llmcomm.derive.traffic.sent_factor`, the traffic model's own count — (n−1) for an
+    all-reduce), else the bus factor f(n) (ring and tree move f(n)·m per rank; β is then the inverse busbw). 0 for a
+    group of one (send_recv always moves its message)."""
+    op = canonical_op(op)
+    n_arr = np.asarray(n, dtype=float)
+    if algorithm == "direct":
+        f = np.asarray(sent_factor(op, n_arr, "direct"), dtype=float)
+    else:
+        f = np.asarray(bus_factor(op, n_arr), dtype=float)
+    if op != "send_recv":
+        f = np.where(n_arr > 1, f, 0.0)
+    return _out(f)
 
-    ``alpha`` in seconds per step, ``beta`` in seconds per byte (1/busbw); ``algorithm`` one of ring, tree, direct,
-    ``auto`` (the faster of ring and tree; ``shm`` needs two parameter sets: :func:`shm_time`). A group of one rank
-    costs nothing (except send_recv, which always moves its message)."""
+
+def alpha_beta_time(op: str, n, size_bytes, alpha, beta, algorithm: str = "ring"):
+    """Seconds of ``op`` of size m = ``size_bytes`` on ``n`` ranks: ``steps(op, n)·α + bytes_factor·m·β``.
+
+    ``alpha`` in seconds per step, ``beta`` in seconds per byte (1/busbw for ring and tree; for ``direct`` 1/the
+    bandwidth one rank sends at, its bytes being :func:`llmcomm.derive.traffic.sent_factor`'s); ``algorithm`` one of
+    ring, tree, direct, ``auto`` (the faster of ring and tree; ``shm`` needs two parameter sets: :func:`shm_time`).
+    A group of one rank costs nothing (except send_recv, which always moves its message)."""
     if algorithm == "auto":
         return best_time(op, n, size_bytes, alpha, beta)
     if algorithm == "shm":
         raise ValueError("the shm all-reduce has a one-shot and a two-phase path: use shm_time")
     op = canonical_op(op)
     n_arr = np.asarray(n, dtype=float)
-    f = np.asarray(bus_factor(op, n_arr), dtype=float)
-    if op != "send_recv":
-        f = np.where(n_arr > 1, f, 0.0)
+    f = np.asarray(bytes_factor(op, n_arr, algorithm), dtype=float)
     return _out(latency_steps(op, n_arr, algorithm) * np.asarray(alpha, dtype=float)
                 + f * np.asarray(size_bytes, dtype=float) * np.asarray(beta, dtype=float))
 
@@ -80,75 +137,127 @@ def best_time(op, n, size_bytes, alpha, beta):
 
 def shm_time(n, size_bytes, one_shot: tuple[float, float], two_phase: tuple[float, float]):
     """Seconds of DeepSpeed's shm all-reduce of ``size_bytes`` on ``n`` ranks: the one-shot bytes m₁ at
-    ``one_shot`` = (α₁, β₁), the two-phase bytes m₂ at ``two_phase`` = (α₂, β₂), one α per chunk, each bandwidth term
-    f(n)·m·β (:func:`llmcomm.derive.conventions.shm_split`). A group of one rank costs nothing."""
+    ``one_shot`` = (α₁, β₁) with the one-shot's bytes per rank ((n−1)·m₁: :func:`bytes_factor` ``direct``), the
+    two-phase bytes m₂ at ``two_phase`` = (α₂, β₂) with f(n)·m₂, one α per chunk
+    (:func:`llmcomm.derive.conventions.shm_split`). A group of one rank costs nothing."""
     n = np.asarray(n, dtype=float)
     m = np.asarray(size_bytes, dtype=float)
     one, two = (np.asarray(x, dtype=float) for x in shm_split(m))
-    f = np.asarray(bus_factor("all_reduce", n), dtype=float)
-    tau = np.where(one > 0, one_shot[0] + f * one * one_shot[1], 0.0) + \
-        np.ceil(two / SHM_CHUNK) * two_phase[0] + f * two * two_phase[1]
+    f_one = np.asarray(bytes_factor("all_reduce", n, "direct"), dtype=float)
+    f_two = np.asarray(bus_factor("all_reduce", n), dtype=float)
+    tau = np.where(one > 0, one_shot[0] + f_one * one * one_shot[1], 0.0) + \
+        np.ceil(two / SHM_CHUNK) * two_phase[0] + f_two * two * two_phase[1]
     return _out(np.where(n > 1, tau, 0.0))
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# NCCL as measured: the fitted model of single-node NCCL kernels, and the cross-node prediction built on it.
-#
-# On NVSwitch/NVLink nodes NCCL's ring all-reduce switches protocol with size (LL/LL128 for low latency, Simple for
-# bandwidth) and its bus bandwidth grows with n (more channels; NVLS on H100 n = 8), which one α-β line cannot follow.
-# The fitted form (parameters per system, keyed by what they are; :mod:`llmcomm.compare.vidur` fits them to public
-# kernel times), for a message of m bytes on n ranks::
-#
-#     f(n) = 2(n−1)/n,  steps = 2(n−1),  bw(n) = bytes_per_s·(n/2)^bw_growth
-#     τ_simple = latency_s    + steps·step_s    + f·m/bw(n)
-#     τ_ll     = latency_ll_s + steps·step_ll_s + f·m/(ll_efficiency·bw(n))
-#     τ        = max(floor_s, min(τ_simple, τ_ll))     floor_s: the launch-bound floor of eager, back-to-back launches
-#
-# send_recv: τ = max(floor_s, latency_s + m/bytes_per_s + (⌈m/chunk_bytes⌉ − 1)·chunk_s), chunk_bytes = 1 MiB. Other
-# ring collectives (all_gather, reduce_scatter, gather, broadcast) are *derived* from the all-reduce parameters (n−1
-# steps, their own bus factor): no public data checks them. Across nodes (``nodes`` nodes of g GPUs, one NIC per
-# GPU): every ring enters and leaves each node once and the rings spread over the rails, so busbw =
-# min(bw(g), rails·nic_bytes_per_s) and each ring step waits for the network hop (step_net_s); NCCL's tree for small
-# sizes: 2(⌈log2 nodes⌉·step_net_s + (g−1)·step_s). A PREDICTION: the public data hold no cross-node all-reduce.
+# NCCL as its tuner models it (module doc), with fitted numbers.
 # ------------------------------------------------------------------------------------------------------------------
-def _bw_n(params, n):
-    return float(params["bytes_per_s"]) * (np.asarray(n, dtype=float) / 2.0) ** float(params.get("bw_growth", 0.0))
+NCCL_ALGORITHMS = ("ring", "tree", "nvls")
+NCCL_PROTOCOLS = ("LL", "LL128", "Simple")
+#: NCCL's send/recv switches from LL to Simple above this many bytes per peer (``NCCL_P2P_LL_THRESHOLD``,
+#: src/enqueue.cc, default 16384)
+P2P_LL_THRESHOLD = 16384
+#: the ops of n−1 ring steps whose bandwidth is the all_gather table
+_GATHER_KIND = ("all_gather", "reduce_scatter", "broadcast", "reduce", "gather", "scatter", "all_to_all")
 
 
-def nccl_ring_time(op: str, n, size_bytes, params, floor: bool = True):
-    """Seconds of ``op`` on ``n`` ranks of one node under the fitted NCCL model ``params`` (all_reduce as fitted; the
-    other ring ops derived with their step count and bus factor). ``floor``: apply the eager launch floor
-    ``floor_s``."""
+def ring_bandwidth(params, op: str, n):
+    """Simple's fitted ring bus bandwidth (B/s) of ``op`` on groups of ``n``: the ``ring_bytes_per_s`` table of
+    all_reduce, or of all_gather for the other ring ops (either one when the data had only the other), interpolated
+    linearly in (log2 n, log bandwidth) between the measured group sizes and held at the ends."""
+    tables = params["ring_bytes_per_s"]
+    kind = "all_reduce" if canonical_op(op) == "all_reduce" else "all_gather"
+    table = tables.get(kind) or tables.get("all_gather" if kind == "all_reduce" else "all_reduce")
+    keys = sorted(int(x) for x in table)
+    x = np.log2(np.maximum(np.asarray(n, dtype=float), 1.0))
+    return np.exp(np.interp(x, np.log2(keys), np.log([float(table[str(x)]) for x in keys])))
+
+
+def _protocol(params, name):
+    pr = params["protocols"][name]
+    return float(pr["latency_s"]), float(pr["hop_s"]), float(pr.get("efficiency", 1.0))
+
+
+def nccl_candidates(op: str, n, size_bytes, params, nodes=1, nvls=True):
+    """Every allowed (algorithm, protocol) of ``op`` and its seconds (module doc): ``(labels, times)`` with
+    ``labels`` a list of ``(algorithm, protocol)`` and ``times`` an array of shape ``(len(labels),) + shape`` (inf
+    where a pair is not allowed for a point). ``nodes``: nodes the n ranks span (g = n/nodes per node); ``nvls``:
+    whether the dtype allows NVLS's in-switch reduction (bool or array)."""
     op = canonical_op(op)
-    m, n = np.asarray(size_bytes, dtype=float), np.asarray(n, dtype=float)
+    n, m = np.broadcast_arrays(np.asarray(n, dtype=float), np.asarray(size_bytes, dtype=float))
+    nodes = np.broadcast_to(np.asarray(nodes, dtype=float), n.shape)
+    g = n / nodes
+    multi = nodes > 1
+    net = params.get("net") or {}
+    if multi.any() and not net:
+        raise ValueError("a group across nodes needs the 'net' parameters (hop_s, bytes_per_s, rails)")
+    net_hop = float(net.get("hop_s", 0.0))
+    net_bw = np.minimum(float(net.get("rails") or 1.0), g) * float(net.get("bytes_per_s", np.inf))
+    bw_g = np.where(g > 1, ring_bandwidth(params, op, g), np.inf)
     f = np.asarray(bus_factor(op, n), dtype=float)
-    steps = 2.0 * (n - 1.0) if op == "all_reduce" else (n - 1.0)
-    bw = _bw_n(params, n)
-    tau = params["latency_s"] + steps * params["step_s"] + f * m / bw
-    if "latency_ll_s" in params:
-        tau = np.minimum(tau, params["latency_ll_s"] + steps * params["step_ll_s"]
-                         + f * m / (params["ll_efficiency"] * bw))
-    if floor:
-        tau = np.maximum(float(params.get("floor_s", 0.0)), tau)
-    return _out(np.where(n > 1, tau, 0.0))
+    labels, times = [], []
+    if op == "all_to_all":
+        ll = m / n <= P2P_LL_THRESHOLD
+        for proto in ("LL", "Simple"):
+            lat, hop, eff = _protocol(params, proto)
+            intra = (g - 1) / n * m / bw_g
+            over = g * (n - g) / n * m / net_bw
+            tau = lat + hop + np.where(multi, net_hop, 0.0) + np.maximum(np.where(g > 1, intra, 0.0),
+                                                                         np.where(multi, over, 0.0)) / eff
+            labels.append(("pairwise", proto))
+            times.append(np.where(ll == (proto == "LL"), tau, np.inf))
+        return labels, np.stack(times)
+    hops = 2 * (n - 1) if op == "all_reduce" else n - 1
+    inter = np.where(multi, 2 * nodes if op == "all_reduce" else nodes - 1, 0.0)
+    bw_ring = np.minimum(bw_g, np.where(multi, net_bw, np.inf))
+    for proto in NCCL_PROTOCOLS:
+        lat, hop, eff = _protocol(params, proto)
+        labels.append(("ring", proto))
+        times.append(lat + hops * hop + inter * net_hop + f * m / (eff * bw_ring))
+        if op == "all_reduce":
+            tree = lat + 2 * ((g - 1) * hop + np.ceil(np.log2(np.maximum(nodes, 1.0))) * (hop + net_hop)) + \
+                np.maximum(np.where(g > 1, 2 * (g - 1) / g * m / bw_g, 0.0),
+                           m * np.where(nodes > 2, 2.0, 1.0) / net_bw) / eff
+            labels.append(("tree", proto))
+            times.append(np.where(multi, tree, np.inf))
+    nv = params.get("nvls")
+    if op == "all_reduce" and nv:
+        ok = (~multi) & (n > 2) & (n <= float(nv.get("max_ranks", np.inf))) & np.asarray(nvls, dtype=bool)
+        labels.append(("nvls", "Simple"))
+        times.append(np.where(ok, float(nv["latency_s"]) + (n + 1) / n * m / float(nv["bytes_per_s"]), np.inf))
+    return labels, np.stack(np.broadcast_arrays(*times))
 
 
-def nccl_allreduce_switch_size(n, params):
-    """Size (bytes) where the fitted all-reduce switches from the LL branch to Simple (nan if never)."""
-    if "latency_ll_s" not in params:
-        return np.nan
-    n = np.asarray(n, dtype=float)
-    f, steps, bw = 2 * (n - 1) / n, 2 * (n - 1), _bw_n(params, n)
-    dlat = (params["latency_s"] + steps * params["step_s"]) - (params["latency_ll_s"] + steps * params["step_ll_s"])
-    dbw = f / bw * (1.0 / params["ll_efficiency"] - 1.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        size = dlat / dbw
-    return _out(np.where(size > 0, size, np.nan))
+def nccl_time(op: str, n, size_bytes, params, nodes=1, nvls=True, floor_s=0.0, detail: bool = False):
+    """Seconds of one ``op`` of m = ``size_bytes`` on ``n`` ranks (over ``nodes`` nodes) under the fitted NCCL model
+    ``params``: the fastest allowed (algorithm, protocol), at least ``floor_s`` (a code path's floor). A group of one
+    costs nothing. ``detail``: also the chosen algorithm and protocol (arrays of names)."""
+    labels, times = nccl_candidates(op, n, size_bytes, params, nodes, nvls)
+    best = times.argmin(axis=0)
+    tau = np.take_along_axis(times, best[None], axis=0)[0]
+    n_arr = np.broadcast_to(np.asarray(n, dtype=float), tau.shape)
+    tau = np.where(n_arr > 1, np.maximum(float(floor_s), tau), 0.0)
+    if not detail:
+        return _out(tau)
+    names = np.array([x[0] for x in labels]), np.array([x[1] for x in labels])
+    return _out(tau), _out(names[0][best]), _out(names[1][best])
+
+
+def nccl_ring_time(op: str, n, size_bytes, params, floor_s=0.0):
+    """Seconds of ``op`` under the ring algorithm alone (its fastest protocol; one node), at least ``floor_s``: the
+    form a single α-β line cannot follow, and what :func:`nccl_time` takes where no other algorithm is faster."""
+    labels, times = nccl_candidates(op, n, size_bytes, params, nvls=False)
+    ring = np.array([alg == "ring" for alg, _ in labels])
+    tau = times[ring].min(axis=0)
+    return _out(np.where(np.broadcast_to(np.asarray(n, dtype=float), tau.shape) > 1, np.maximum(float(floor_s), tau),
+                         0.0))
 
 
 def nccl_sendrecv_time(size_bytes, params, floor: bool = True):
     """Seconds of one send/recv of m = ``size_bytes`` under the fitted model ``params``:
-    max(floor_s, latency_s + m/bytes_per_s + (⌈m/chunk_bytes⌉−1)·chunk_s)."""
+    max(floor_s, latency_s + m/bytes_per_s + (⌈m/chunk_bytes⌉−1)·chunk_s); ``floor``: apply ``floor_s`` (the eager
+    floor of the source's back-to-back launches)."""
     m = np.asarray(size_bytes, dtype=float)
     chunk = float(params.get("chunk_bytes", 2 ** 20))
     tau = params["latency_s"] + m / params["bytes_per_s"] \
@@ -156,24 +265,20 @@ def nccl_sendrecv_time(size_bytes, params, floor: bool = True):
     return _out(np.maximum(float(params.get("floor_s", 0.0)), tau) if floor else tau)
 
 
-def cross_node_allreduce_time(size_bytes, n, nodes, intra, net, rails=None, algorithm: str = "auto",
-                              floor: bool = True):
-    """PREDICTED all-reduce seconds of ``n`` ranks over ``nodes`` nodes (g = n/nodes GPUs each), from the
-    single-node fit ``intra`` and the network link ``net`` = ``{"step_net_s", "nic_bytes_per_s"}`` (s per step, B/s
-    per NIC); ``rails``: NICs per node (default one per GPU). Not fitted to any cross-node all-reduce: the public
-    data have none."""
+def custom_allreduce_time(n, size_bytes, fit, detail: bool = False):
+    """Seconds of a custom (vLLM / SGLang / TRT-LLM) all-reduce kernel of m = ``size_bytes`` on ``n`` ranks of one
+    node under ``fit``: the faster of the one-shot ``one_shot_latency_s + sent_direct(n)·m / one_shot_bytes_per_s``
+    (every rank reads every peer's whole buffer: (n−1)·m, :func:`bytes_factor` ``direct``) and the two-shot
+    ``two_shot_latency_s + f(n)·m / two_shot_bytes_per_s`` (a reduce-scatter then an all-gather: 2(n−1)/n·m), at least
+    ``floor_s`` (the eager host floor; absent in a CUDA graph). ``detail``: also which shot."""
+    n = np.asarray(n, dtype=float)
     m = np.asarray(size_bytes, dtype=float)
-    n, nodes = float(n), int(nodes)
-    g = n / nodes
-    if nodes < 1 or g != int(g):
-        raise ValueError(f"n={n:g} ranks cannot be spread evenly over {nodes} nodes")
-    if nodes == 1:
-        return nccl_ring_time("all_reduce", n, m, intra, floor)
-    rails = g if rails is None else float(rails)
-    f = 2 * (n - 1) / n
-    bw = min(float(_bw_n(intra, g)) if g > 1 else np.inf, rails * float(net["nic_bytes_per_s"]))
-    tau_ring = intra["latency_s"] + 2 * (n - 1) * float(net["step_net_s"]) + f * m / bw
-    tau_tree = intra["latency_s"] + 2 * (np.ceil(np.log2(nodes)) * float(net["step_net_s"])
-                                         + (g - 1) * float(intra["step_s"])) + f * m / bw
-    tau = {"ring": tau_ring, "tree": tau_tree, "auto": np.minimum(tau_ring, tau_tree)}[algorithm]
-    return _out(np.maximum(float(intra.get("floor_s", 0.0)), tau) if floor else tau)
+    one = float(fit["one_shot_latency_s"]) + bytes_factor("all_reduce", n, "direct") * m / \
+        float(fit["one_shot_bytes_per_s"])
+    if "two_shot_latency_s" in fit:
+        two = float(fit["two_shot_latency_s"]) + bytes_factor("all_reduce", n) * m / float(fit["two_shot_bytes_per_s"])
+    else:
+        two = np.full(np.broadcast(one, m).shape, np.inf)
+    tau = np.maximum(float(fit.get("floor_s", 0.0)), np.minimum(one, two))
+    tau = np.where(n > 1, tau, 0.0)
+    return (_out(tau), _out(np.where(two < one, "two-shot", "one-shot"))) if detail else _out(tau)

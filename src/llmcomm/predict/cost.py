@@ -7,8 +7,8 @@
   mixture of experts gives the rows of one MoE layer: ``router``, ``expert_gate_up_proj``, ``expert_down_proj``,
   ``expert_act`` (with ``calls``: the experts the tokens touch, an expectation under uniform routing, and ``M``: the
   tokens each computes), the shared expert's when it has one.
-* :func:`collective_costs`: one collective of m bytes (nccl-tests size) on n ranks placed g per node, with its
-  algorithm and bus bandwidth.
+* :func:`collective_costs`: one collective of m bytes (nccl-tests size) on n ranks placed g per node, through one
+  code path, with the algorithm and protocol the model chooses and its bus bandwidth.
 * :func:`cost_report`: what ``llmcomm cost`` prints (``{head…, "ops": rows}``), one or the other.
 
 Keys: ``message_bytes`` is m, the nccl-tests size of one call; ``memory_bytes`` what an op reads and writes in
@@ -24,6 +24,7 @@ from ..spec import DTYPE_BYTES, Layout, ModelSpec, SpecError
 from .hardware import Hardware
 from .compute import expert_layout
 from .kernels import gemm_time, layer_ops, memop_time, op_times
+from .paths import parse_path
 
 __all__ = ["compute_costs", "collective_costs", "cost_report", "COLLECTIVE_OPS"]
 
@@ -76,13 +77,17 @@ def compute_costs(model: ModelSpec, hw: Hardware, t: int, tokens, context: int |
 
 
 def collective_costs(hw: Hardware, op: str, ranks: int, sizes, gpus_per_node: int | None = None,
-                     floor: bool = True) -> list[dict]:
-    """Rows ``{"op", "ranks", "gpus_per_node", "message_bytes", "seconds", "algbw_GBps", "busbw_GBps"}`` of ``op`` on
-    ``ranks`` ranks placed ``gpus_per_node`` per node (default: as many as fit on one node of ``hw``), for each
-    size (nccl-tests convention). ``floor``: the eager launch floor of a fitted NCCL model."""
+                     path: str = "nccl-eager") -> list[dict]:
+    """Rows ``{"op", "ranks", "gpus_per_node", "message_bytes", "seconds", "algbw_GBps", "busbw_GBps", "algorithm",
+    "protocol", "path"}`` of ``op`` on ``ranks`` ranks placed ``gpus_per_node`` per node (default: as many as fit on
+    one node of ``hw``), for each size (nccl-tests convention), through code path ``path``
+    (:mod:`llmcomm.predict.paths`: ``nccl-eager`` pays the eager floor, ``nccl-graph`` not, a custom path its own
+    kernel): the (algorithm, protocol) NCCL's model chooses (a custom kernel's shot; on hardware without an NCCL model
+    the α-β form's algorithm, protocol ``-``, path ``host``)."""
     op = canonical_op(op)
     if op not in COLLECTIVE_OPS:
         raise SpecError(f"collective {op!r} is not one of {', '.join(COLLECTIVE_OPS)}")
+    parse_path(path)
     ranks = int(ranks)
     if ranks < 2 or (op == "send_recv" and ranks != 2):
         raise SpecError(f"{op} needs {'exactly 2' if op == 'send_recv' else 'at least 2'} ranks, got {ranks}")
@@ -90,22 +95,27 @@ def collective_costs(hw: Hardware, op: str, ranks: int, sizes, gpus_per_node: in
     if g < 1:
         raise SpecError(f"gpus_per_node={g} must be at least 1")
     level = "intra" if ranks <= g else "inter"
+    if any(int(m) < 1 for m in sizes):
+        raise SpecError(f"message size m={min(int(m) for m in sizes)} must be at least 1 byte")
+    choice = hw.collective_choice(op, ranks, np.asarray([float(m) for m in sizes]), level, g=g, path=path)
     rows = []
-    for m in sizes:
-        if int(m) < 1:
-            raise SpecError(f"message size m={m} must be at least 1 byte")
-        sec = float(np.asarray(hw.collective_time(op, ranks, float(m), level, g=g, floor=floor)))
+    for i, m in enumerate(sizes):
+        sec = float(np.asarray(choice["seconds"]).reshape(-1)[i])
         alg = float(m) / sec
         rows.append({"op": op, "ranks": ranks, "gpus_per_node": g, "message_bytes": int(m), "seconds": sec,
-                     "algbw_GBps": alg / 1e9, "busbw_GBps": alg * float(bus_factor(op, ranks)) / 1e9})
+                     "algbw_GBps": alg / 1e9, "busbw_GBps": alg * float(bus_factor(op, ranks)) / 1e9,
+                     "algorithm": str(np.asarray(choice["algorithm"]).reshape(-1)[i]),
+                     "protocol": str(np.asarray(choice["protocol"]).reshape(-1)[i]), "path": choice["path"]})
     return rows
 
 
 def cost_report(hw: Hardware, *, model: ModelSpec | None = None, t: int = 1, tokens=None, context: int | None = None,
                 dtype: str = "bf16", experts: str | None = None, collective: str | None = None,
-                ranks: int | None = None, sizes=None, gpus_per_node: int | None = None) -> dict:
+                ranks: int | None = None, sizes=None, gpus_per_node: int | None = None,
+                path: str = "nccl-eager") -> dict:
     """What ``llmcomm cost`` prints: ``{head…, "ops": rows}`` — a layer's ops (``model``, ``t``, ``tokens``:
-    :func:`compute_costs`) or one collective (``collective``, ``ranks``, ``sizes``: :func:`collective_costs`)."""
+    :func:`compute_costs`) or one collective (``collective``, ``ranks``, ``sizes``, code path ``path``:
+    :func:`collective_costs`)."""
     if (model is None) == (collective is None):
         raise SpecError("cost: give either a model (with tp and tokens) or a collective (with ranks and sizes)")
     if model is not None:
@@ -118,6 +128,6 @@ def cost_report(hw: Hardware, *, model: ModelSpec | None = None, t: int = 1, tok
         return dict(head, ops=rows)
     if ranks is None or not sizes:
         raise SpecError("cost of a collective needs ranks n and sizes m [m ...]")
-    rows = collective_costs(hw, collective, ranks, sizes, gpus_per_node)
+    rows = collective_costs(hw, collective, ranks, sizes, gpus_per_node, path)
     return {"hardware": hw.name, "collective": canonical_op(collective), "ranks": ranks,
-            "gpus_per_node": rows[0]["gpus_per_node"], "ops": rows}
+            "gpus_per_node": rows[0]["gpus_per_node"], "path": rows[0]["path"], "ops": rows}

@@ -11,8 +11,9 @@ A preset is a JSON file in ``llmcomm/presets/hardware`` (or any path / dict with
                                                               # (cpu-local; for_ranks picks one)
      "kernels": {"gemm": {...}, "memops": {kind: {...}}},    # optional: fitted kernel model (llmcomm.predict.kernels);
                                                               # without it: the roofline of peak·efficiency
-     "nccl": {"all_reduce": FITTED, "send_recv": {"intra": .., "inter": ..},
-              "net": {"step_net_s", "nic_bytes_per_s", "rails"}},
+     "nccl": {"protocols", "ring_bytes_per_s", "nvls", "send_recv": {"intra", "inter"},
+              "net": {"hop_s", "bytes_per_s", "rails"}, "floors": {path: {"floor_s"}},
+              "custom_allreduce": {path: {"default_version", "versions": {v: {"by_n": {n: FIT}}}}}},
                                                               # optional: fitted NCCL model (llmcomm.predict.collectives)
      "source": {field: where the number comes from},          # every number is labelled (published or ASSUMPTION)
      "calibrated_in": "data/calibration/<name>.json"}         # optional: fitted sections kept with the data
@@ -28,11 +29,14 @@ package (:mod:`llmcomm.compare.calibration` writes them).
     FIT  = {"alpha_us", "busbw_GBps", "algorithm", "backend", ...}
 
 ``level`` is ``intra`` (ranks on one node: NVLink, or shared memory on a CPU) or ``inter`` (ranks on different
-nodes: InfiniBand). With an ``nccl`` section (GPU presets fitted to public NCCL kernel times), all-reduces and
-sends/receives follow the fitted NCCL model and its cross-node prediction (:mod:`llmcomm.predict.collectives`), the
-other collectives are derived from the all-reduce fit. Otherwise a collective on ``n`` ranks costs :func:`llmcomm.predict.collectives.alpha_beta_time` with the α (s per
-step) and β (s per busbw-byte) of the fitted entry for (level, op, n) when there is one, else of (level, op, "any"),
-else of the link (β = 1 / (bw·efficiency)).
+nodes: InfiniBand). With an ``nccl`` section (GPU presets fitted to public NCCL kernel times) every collective
+follows the fitted NCCL model (:func:`llmcomm.predict.collectives.nccl_time`: the fastest (algorithm, protocol) of
+NCCL's tuning structure; across nodes a prediction from the cluster's own send/recv), sends and receives their own fit,
+and every call pays the floor of its code path (:mod:`llmcomm.predict.paths`: eager launches from Python, a CUDA
+graph, a custom all-reduce). Otherwise a collective on ``n`` ranks costs
+:func:`llmcomm.predict.collectives.alpha_beta_time` with the α (s per step) and β (s per busbw-byte; per byte a rank
+sends for a one-shot ``direct`` fit) of the fitted entry for (level, op, n) when there is one, else of (level, op,
+"any"), else of the link (β = 1 / (bw·efficiency)).
 
 :func:`for_ranks` picks, from a CPU preset's ``compute_by_threads``, the calibration at the thread count each rank of
 a run has; :func:`scale_links` is the what-if of faster links.
@@ -47,11 +51,11 @@ import json
 
 import numpy as np
 
-from ..derive.conventions import bus_factor, canonical_op
+from ..derive.conventions import canonical_op, latency_steps
 from ..record import repo_root
 from ..spec import SpecError, cpu_threads_per_rank, preset_names, read_json_file, read_preset_or_file, resolve
-from ..derive.conventions import latency_steps
-from .collectives import cross_node_allreduce_time, nccl_ring_time, nccl_sendrecv_time, shm_time
+from .collectives import bytes_factor, custom_allreduce_time, nccl_sendrecv_time, nccl_time, shm_time
+from .paths import parse_path, path_for
 from .kernels import roofline_device
 
 __all__ = ["Hardware", "Link", "hardware_names", "load_hardware", "for_ranks", "for_layout", "scale_links",
@@ -196,13 +200,13 @@ class Hardware:
 
     def collective_coeffs(self, op: str, n: int, level: str = "intra", subgroup: bool = False) -> tuple[float, float]:
         """(fixed, per_byte) with seconds = fixed + per_byte·m for ``op`` on ``n`` ranks: fixed = steps·α (``auto``:
-        the fewer steps of ring and tree, whose bandwidth terms are equal), per_byte = f(n)·β (0 for a group of
-        one, except send_recv). Not for an ``shm`` fit (two paths: :meth:`collective_time`)."""
+        the fewer steps of ring and tree, whose bandwidth terms are equal), per_byte = f(n)·β, for ``direct`` the
+        bytes one rank sends ((n−1)·β for an all-reduce: :func:`llmcomm.predict.collectives.bytes_factor`); 0 for a
+        group of one, except send_recv. Not for an ``shm`` fit (two paths: :meth:`collective_time`)."""
         alpha, beta, alg = self.coll_params(op, int(n), level, subgroup)
         steps = min(float(latency_steps(op, n, "ring")), float(latency_steps(op, n, "tree"))) if alg == "auto" \
             else float(latency_steps(op, n, alg))
-        f = float(bus_factor(op, n)) if (n > 1 or canonical_op(op) == "send_recv") else 0.0
-        return steps * alpha, f * beta
+        return steps * alpha, float(bytes_factor(op, n, alg)) * beta
 
     def _alpha_beta_time(self, op: str, n: int, size, level: str, subgroup: bool):
         """Seconds of ``op`` on a group of ``n`` ranks (one n, sizes an array) under the α-β fits or the link."""
@@ -233,55 +237,105 @@ class Hardware:
         """The fitted NCCL model (empty when the preset has none)."""
         return self.raw.get("nccl") or {}
 
-    def _nccl_time(self, op: str, n: int, size, level: str, g: int | None, floor: bool):
-        """Seconds under the fitted NCCL model, or None where it has no answer (then α-β applies)."""
+    def _custom_fit(self, path, version, n: int):
+        """The fitted custom all-reduce of ``path`` (at ``version``, else the calibration's default) for a group of
+        ``n``: the fit of n, else of the nearest measured group above it; None when the hardware has none."""
+        entry = (self.nccl.get("custom_allreduce") or {}).get(path.name)
+        if not entry:
+            return None
+        fits = entry["versions"].get(version or entry["default_version"])
+        if fits is None:
+            raise SpecError(f"hardware {self.name!r} has no {path.name} fit at version {version!r}; fitted: "
+                            f"{', '.join(entry['versions'])}")
+        sizes = sorted(int(x) for x in fits["by_n"] if int(x) >= n)
+        return fits["by_n"][str(sizes[0])] if sizes else None
+
+    def _nccl_call(self, op: str, n: int, size, level: str, g: int | None, path: str, custom=None):
+        """(seconds, algorithm, protocol) of ``op`` on ``n`` ranks under the fitted NCCL model and code path ``path``
+        (:mod:`llmcomm.predict.paths`), or None where the model has no answer (then α-β applies). ``custom``: a
+        profile's own custom all-reduce numbers (``max_bytes``, ``alpha_us``, ``link_GBps``), used when the
+        hardware has no fit for the path."""
         op, nc = canonical_op(op), self.nccl
+        kind, version = parse_path(path)
+        if not kind.nccl:
+            return None
+        size = np.asarray(size, dtype=float)
         if op == "send_recv":
             fit = nc.get("send_recv", {}).get(level)
-            return None if fit is None else nccl_sendrecv_time(size, fit, floor)
-        ring = nc.get("all_reduce")
-        if ring is None or op not in ("all_reduce", "all_gather", "reduce_scatter", "gather", "broadcast"):
+            if fit is None:
+                return None
+            return nccl_sendrecv_time(size, fit, floor=kind.eager), "p2p", "Simple"
+        if "protocols" not in nc:
             return None
-        if level == "intra":
-            return nccl_ring_time(op, n, size, ring, floor)
-        g = int(g or self.gpus_per_node)
-        if op == "all_reduce" and "net" in nc and n % g == 0:
-            return cross_node_allreduce_time(size, n, n // g, ring, nc["net"], nc["net"].get("rails"), floor=floor)
-        return None
+        nodes = 1
+        if level != "intra":
+            g = int(g or self.gpus_per_node)
+            if n % g or "net" not in nc:
+                return None
+            nodes = n // g
+        floor_s = float(nc.get("floors", {}).get(kind.floor_of, {}).get("floor_s", 0.0)) if kind.floor_of else 0.0
+        tau, alg, proto = nccl_time(op, n, size, nc, nodes=nodes, floor_s=floor_s, detail=True)
+        if kind.custom and op == "all_reduce" and nodes == 1 and n > 1:
+            fit = self._custom_fit(kind, version, n)
+            if fit is None and custom:
+                fit = {"one_shot_latency_s": float(custom["alpha_us"]) * 1e-6,
+                       "one_shot_bytes_per_s": float(custom["link_GBps"]) * 1e9,
+                       "max_bytes": float(custom["max_bytes"]), "floor_s": floor_s}
+            if fit is not None:
+                mine, shot = custom_allreduce_time(n, size, fit, detail=True)
+                take = size < float(fit.get("max_bytes", np.inf))
+                tau = np.where(take, mine, tau)
+                alg = np.where(take, shot, alg)
+                proto = np.where(take, f"{kind.custom} custom", proto)
+        return tau, alg, proto
 
     def collective_time(self, op: str, n, size_bytes, level: str = "intra", subgroup: bool = False,
-                        g: int | None = None, floor: bool = True):
+                        g: int | None = None, floor: bool = True, path: str | None = None, custom=None):
         """Seconds of one ``op`` of size m = ``size_bytes`` on ``n`` ranks at ``level``; ``n`` and ``size_bytes``
         may be numpy arrays (evaluated once per distinct n, over all sizes at once). An ``shm`` fit (DeepSpeed's CPU
         all-reduce) prices its one-shot and two-phase paths by size (:func:`~llmcomm.predict.collectives.shm_time`).
-        With a fitted NCCL model: ``g`` GPUs per node (for groups that span nodes; default the preset's) and
-        ``floor`` (apply its eager launch floor; an engine that replays CUDA graphs does not pay it).
 
-        ``all_to_all`` (expert parallelism's dispatch and combine) always takes the α-β form: (n−1)·α + (n−1)/n·m·β,
-        n−1 pairwise exchange steps (:func:`~llmcomm.derive.conventions.latency_steps`), on the link of ``level``
-        (``inter`` for a group that spans nodes, as every α-β op). ASSUMPTION: no public all-to-all measurement is
-        fitted, so the link's α and β (or a preset's fitted ``collectives`` entry for all_to_all) stand for NCCL's
-        all-to-all; the fitted NCCL launch floor is not applied to it."""
+        With a fitted NCCL model every op — all_to_all (expert parallelism's dispatch and combine) included — takes
+        NCCL's structure (:func:`~llmcomm.predict.collectives.nccl_time`; across nodes for a group of whole nodes,
+        ``g`` GPUs per node, default the preset's) and pays the floor of its code path ``path``
+        (:mod:`llmcomm.predict.paths`; default from ``floor``: ``nccl-eager`` when True, ``nccl-graph`` when False);
+        ``custom``: a profile's own custom all-reduce numbers for hardware without a fit of that path. Without one,
+        the α-β fits or links of the preset (every op, all_to_all too: (n−1)·α + (n−1)/n·m·β)."""
         n_arr = np.asarray(n)
         size = np.asarray(size_bytes, dtype=float)
+        path = path or path_for(floor)
         # per group size: the NCCL model where it has one for (op, n), else the α-β fits or link of that n — chosen
         # element by element, so that a point's time never depends on the other points of a grid
         shape = np.broadcast(n_arr, size).shape
         out = np.zeros(shape)
         for x in (int(v) for v in np.unique(n_arr)):
-            sec = self._nccl_time(op, x, size, level, g, floor) if self.nccl else None
-            if sec is None:
-                sec = self._alpha_beta_time(op, x, size, level, subgroup)
+            call = self._nccl_call(op, x, size, level, g, path, custom) if self.nccl else None
+            sec = call[0] if call is not None else self._alpha_beta_time(op, x, size, level, subgroup)
             out = np.where(n_arr == x, sec, out) if n_arr.ndim else sec + out
         return out
+
+    def collective_choice(self, op: str, n: int, size_bytes, level: str = "intra", g: int | None = None,
+                          path: str = "nccl-eager", custom=None) -> dict:
+        """What one call of ``op`` on ``n`` ranks does (sizes an array): ``{"seconds", "algorithm", "protocol",
+        "path"}`` — NCCL's chosen (algorithm, protocol), a custom kernel's shot, or the α-β form's algorithm (protocol
+        ``-``) on hardware without an NCCL model."""
+        size = np.asarray(size_bytes, dtype=float)
+        call = self._nccl_call(op, int(n), size, level, g, path, custom) if self.nccl else None
+        if call is None:
+            fit = self._fit(canonical_op(op), int(n), level, False)
+            alg = str((fit or {}).get("algorithm") or self.links[level].algorithm)
+            shape = np.broadcast(size, 0).shape
+            call = (self._alpha_beta_time(op, int(n), size, level, False), np.full(shape, alg), np.full(shape, "-"))
+            path = "host"
+        return {"seconds": call[0], "algorithm": call[1], "protocol": call[2], "path": path}
 
 
 def _derive(preset: Mapping[str, Any], name: str) -> dict:
     """A preset written as another plus changes (``"derive_from": {"preset", "kernel_bandwidth_scale"}``): the base
     preset's fields, replaced by this one's (``source`` merged), the fitted kernels' bandwidths (GEMM and
     memory-bound ``bytes_per_s``) scaled by the HBM ratio, and ``nccl`` entries replaced key by key
-    (``nccl_changes``). The base preset is taken with its calibration overlay (its fitted kernels and NCCL model
-    live in ``data/calibration/``), as :func:`load_hardware` would load it."""
+    (``nccl_changes``; ``null`` removes an entry). The base preset is taken with its calibration overlay (its fitted
+    kernels and NCCL model live in ``data/calibration/``), as :func:`load_hardware` would load it."""
     spec = preset["derive_from"]
     try:
         base, _ = read_preset_or_file("hardware", str(spec["preset"]), "hardware")
@@ -298,7 +352,10 @@ def _derive(preset: Mapping[str, Any], name: str) -> dict:
             params["bytes_per_s"] = float(params["bytes_per_s"]) * scale
         out["kernels"]["derived"] = f"from {spec['preset']}: bandwidths x {scale:.4g} (ASSUMPTION: HBM ratio)"
     for key, value in (preset.get("nccl_changes") or {}).items():
-        out.setdefault("nccl", {})[key] = dict(out.get("nccl", {}).get(key, {}), **value)
+        if value is None:                       # a part the derived hardware lacks (e.g. NVLS without an NVSwitch)
+            out.setdefault("nccl", {}).pop(key, None)
+        else:
+            out.setdefault("nccl", {})[key] = dict(out.get("nccl", {}).get(key, {}), **value)
     return out
 
 

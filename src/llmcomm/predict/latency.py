@@ -18,9 +18,9 @@ consecutive ranks, placed g per node like a TP group: its messages cross the int
 Phases: ``TTFT = prefill forward``; ``TPOT = one decode forward`` at the mean KV length; ``E2E = TTFT + (G−1)·TPOT``.
 
 Host overheads come from the host profile (:mod:`.profiles`, :func:`~llmcomm.predict.profiles.profile_for` the
-deployment and the hardware): per layer and per forward, per phase; under CUDA graphs collectives do not pay the
-eager launch floor of the fitted NCCL model, and vLLM's custom all-reduce (when the profile has it on) replaces NCCL
-for the sizes it takes.
+deployment and the hardware): per layer and per forward, per phase; each phase's collectives take the profile's code
+path (:mod:`.paths`: eager NCCL pays the eager floor, a CUDA graph does not, a custom all-reduce replaces NCCL for the
+sizes it takes).
 
 What-if levers (book: "Choosing a layout"): ``comm_w`` (bytes per element on the wire), ``overlap`` (``max``
 instead of the sum of compute and communication: a bound), :func:`llmcomm.predict.hardware.scale_links`.
@@ -40,24 +40,13 @@ from ..spec import Layout, ModelSpec, SpecError, Workload
 from .compute import expert_layout, forward_compute, phase_context
 from .hardware import Hardware
 from .placement import placement_fractions, wrap_inter_fraction
-from .profiles import HostProfile, profile_for
+from .profiles import profile_for
 from .unique import on_unique
 
 __all__ = ["forward_comm", "predict_latency", "predict_latency_grid", "METRICS"]
 
 #: the latency metrics, in the order tables show them
 METRICS = ("ttft_s", "tpot_s", "e2e_s")
-
-
-def _custom_allreduce(prof: HostProfile, op, n, m, seconds):
-    """vLLM's one-shot custom all-reduce for the sizes it takes (intra-node, m ≤ max_bytes): α + f(n)·m/busbw."""
-    ca = prof.custom_allreduce
-    if not ca or op != "all_reduce":
-        return seconds
-    m = np.asarray(m, dtype=float)
-    n = np.asarray(n, dtype=float)
-    one_shot = float(ca["alpha_us"]) * 1e-6 + 2 * (n - 1) / n * m / (float(ca["busbw_GBps"]) * 1e9)
-    return np.where(m <= float(ca["max_bytes"]), one_shot, seconds)
 
 
 def forward_comm(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str, g, deployment: Deployment | None = None,
@@ -72,7 +61,7 @@ def forward_comm(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str, g
     dep = (deployment or Deployment()).resolve(model, Layout(1, 1, int(e)))
     pattern = dep.pattern(model, Layout(1, 1, int(e)))
     prof = profile_for(dep, hw)
-    floor = prof.launch_floor(phase)
+    path = prof.collective_path(phase)
     s, _, _ = phase_context(phase, S, G)
     xl = expert_layout(model, dep.experts, t, e, b, s, dep.routing)
     cap = 0 if xl is None else xl.C
@@ -92,10 +81,11 @@ def forward_comm(model: ModelSpec, hw: Hardware, t, p, b, S, G, w, phase: str, g
         sub_here = sub and msg["path"] == "tp"
 
         def level_time(level):
-            sec = hw.collective_time(op, n, m, level, g=g_one, floor=floor)
+            sec = hw.collective_time(op, n, m, level, g=g_one, path=path, custom=prof.custom_allreduce)
             if sub_here:
-                sec = np.where(p > 1, hw.collective_time(op, n, m, level, subgroup=True, g=g_one, floor=floor), sec)
-            return _custom_allreduce(prof, op, n, m, sec) if level == "intra" else sec
+                sec = np.where(p > 1, hw.collective_time(op, n, m, level, subgroup=True, g=g_one, path=path,
+                                                         custom=prof.custom_allreduce), sec)
+            return sec
 
         frac = frac_of["experts" if msg["where"] == "experts" else msg["path"]]
         intra = level_time("intra")

@@ -4,7 +4,9 @@ A profile is a JSON file in ``llmcomm/presets/profiles`` (or a path / dict of th
 
     {"name", "description", "framework": "deepspeed" | "vllm",    # whose host behaviour (llmcomm.deployment)
      "prefill": PHASE, "decode": PHASE,
-     "custom_allreduce": {"max_bytes", "alpha_us", "busbw_GBps"} | null,   # vLLM's one-shot kernel, when on
+     "collectives": {"prefill": PATH, "decode": PATH},   # the code path each phase's collectives take
+     "custom_allreduce": {"max_bytes", "alpha_us", "link_GBps"} | null,   # a custom kernel's numbers for hardware
+                                                                          #   without a fit of its path
      "moe_layer": MOE | absent,              # host ops of a MoE layer (below); absent: priced as a dense layer
      "source": {field: where the number comes from}}
 
@@ -12,9 +14,17 @@ A profile is a JSON file in ``llmcomm/presets/profiles`` (or a path / dict of th
                                            #   no eager launch floor on collectives
              "layer_overhead_us": float | "calibrated",   # host time per decoder layer ("calibrated": the hardware
                                                            #   preset's measured layer_overhead_us, CPU ranks)
-             "forward_overhead_us": float,  # host time per forward outside the layers (scheduling, sampling,
+             "forward_overhead_us": float | "calibrated",  # host time per forward outside the layers (scheduling,
+                                            #   sampling,
                                             #   input preparation, the graph launch itself)
              "host_overlaps_device": bool}  # the host enqueues while the device runs: max(host, kernels)
+
+    PATH = "nccl-eager" | "nccl-graph" | "deepspeed-eager" | "vllm-custom-graph[:version]" | … | "host"
+
+A phase's path (:mod:`llmcomm.predict.paths`) says how its collectives are issued — eagerly from Python (they pay the
+eager floor), replayed in a CUDA graph, or through a custom all-reduce kernel — and so which fitted floor and kernel
+model price them (:meth:`llmcomm.predict.hardware.Hardware.collective_time`). Without ``collectives`` a phase takes
+``nccl-graph`` under CUDA graphs and ``nccl-eager`` otherwise.
 
     MOE = {"host_per_op_us": float | "calibrated",   # host time per launching op ("calibrated": the layer overhead
                                                      #   over the dense layer's launching ops)
@@ -40,6 +50,7 @@ from typing import Any, Mapping
 
 from ..deployment import FRAMEWORKS, Deployment
 from ..spec import SpecError, resolve
+from .paths import parse_path, path_for
 
 __all__ = ["HostProfile", "load_profile", "profile_for", "PHASES"]
 
@@ -73,6 +84,9 @@ class HostProfile:
             raise SpecError(f"host profile {name!r}: framework {framework!r} is not one of {', '.join(FRAMEWORKS)}")
         if raw.get("moe_layer") is not None:
             _check_moe_layer(raw["moe_layer"], name)
+        for ph, path in (raw.get("collectives") or {}).items():
+            if ph in PHASES:
+                parse_path(path)
         return cls(name=name, framework=framework, phases=phases, custom_allreduce=raw.get("custom_allreduce"),
                    raw=dict(raw))
 
@@ -126,9 +140,14 @@ class HostProfile:
             return float(host.get("forward", 0.0)) * 1e-6
         return float(v) * 1e-6
 
+    def collective_path(self, phase: str) -> str:
+        """The code path of ``phase``'s collectives (:mod:`llmcomm.predict.paths`): the profile's ``collectives``
+        entry, else ``nccl-graph`` under CUDA graphs and ``nccl-eager`` without."""
+        return str((self.raw.get("collectives") or {}).get(phase) or path_for(not self.cuda_graphs(phase)))
+
     def launch_floor(self, phase: str) -> bool:
-        """Whether collectives pay the eager launch floor of the fitted NCCL model (not under CUDA graphs)."""
-        return not self.cuda_graphs(phase)
+        """Whether ``phase``'s collectives are launched eagerly (and pay their path's eager floor)."""
+        return parse_path(self.collective_path(phase))[0].eager
 
 
 def _check_moe_layer(spec, name: str) -> None:

@@ -530,20 +530,22 @@ def gpu_kernel_errors(summary: pd.DataFrame, validation: str = "lomo") -> pd.Dat
 
 
 def gpu_collective_errors(summary: pd.DataFrame) -> pd.DataFrame:
-    """Per (system, op, n, GPUs per node): median |error| (percent) of each validation the data allow — leave one
-    group size out where there are several group sizes of one link, size extrapolation (fit ≤ 8 MiB, predict above),
-    in-sample for reference — and whether the 10 % goal is met out of sample (LOGO where it exists)."""
-    keys = ["system", "collective", "num_workers", "devices_per_node"]
+    """Per (source, system, NCCL version, op, n, GPUs per node): median |error| (percent) of each validation the data
+    allow — leave one size decade out (LOSDO, every table), leave one group size out (LOGO, Vidur's NVSwitch
+    all-reduces), in-sample for reference — and whether the 10 % goal is met out of sample (LOSDO)."""
+    keys = [k for k in ("source", "system", "nccl_version", "collective", "num_workers", "devices_per_node")
+            if k in summary]
     wide = summary.pivot_table(index=keys, columns="validation", values="median_abs_err").reset_index()
-    for v in ("logo", "extrapolation", "in_sample"):
+    for v in ("losdo", "logo", "in_sample"):
         if v not in wide:
             wide[v] = np.nan
     goal = GPU_GOALS["collective"][0]
-    wide["met (LOGO ≤ 10 %)"] = np.where(wide.logo.notna(), np.where(wide.logo <= goal, "yes", "no"), "no LOGO possible")
-    for v in ("logo", "extrapolation", "in_sample"):
+    wide["met (LOSDO ≤ 10 %)"] = np.where(wide.losdo.notna(), np.where(wide.losdo <= goal, "yes", "no"), "no LOSDO")
+    for v in ("losdo", "logo", "in_sample"):
         wide[v] = (100 * wide[v]).round(1)
-    return wide.rename(columns={"num_workers": "n", "devices_per_node": "per node", "logo": "LOGO %",
-                                "extrapolation": "> 8 MiB from ≤ 8 MiB %", "in_sample": "in-sample %"})
+    cols = keys + ["losdo", "logo", "in_sample", "met (LOSDO ≤ 10 %)"]
+    return wide[cols].rename(columns={"num_workers": "n", "devices_per_node": "per node", "nccl_version": "NCCL",
+                                      "losdo": "LOSDO %", "logo": "LOGO %", "in_sample": "in-sample %"})
 
 
 def in_run_calibration(raw: dict) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -144,7 +144,8 @@ _COST_FMT = {"seconds": lambda v: f"{v * 1e6:,.2f} us", "flops": lambda v: f"{v:
 def render_cost(rep: dict) -> str:
     """``cost`` as text: the request, then one line per op."""
     cols = ("op", "tokens", "seconds", "flops", "memory_bytes") if "model" in rep else \
-        ("op", "ranks", "gpus_per_node", "message_bytes", "seconds", "algbw_GBps", "busbw_GBps")
+        ("op", "ranks", "gpus_per_node", "message_bytes", "seconds", "algbw_GBps", "busbw_GBps", "algorithm",
+         "protocol")
     head = " ".join(f"{k}={v}" for k, v in rep.items() if k != "ops" and v is not None)
     return "\n".join([head] + table(rep["ops"], {c: c for c in cols}, {c: _COST_FMT.get(c, str) for c in cols}))
 
@@ -169,10 +170,10 @@ def render_fits(fits) -> str:
 
 def render_gpu_fits(tables: dict) -> str:
     """The out-of-sample errors of the GPU fits (``calibrate --public-gpu``): kernels leave-one-model-out,
-    collectives leave-one-group-out."""
+    collectives leave-one-size-decade-out (and leave-one-group-out)."""
     kern, coll = tables["kernels"], tables["collectives"]
     return "\n".join([kern[kern.validation == "lomo"].to_string(index=False),
-                      coll[coll.validation == "logo"].to_string(index=False)])
+                      coll[coll.validation.isin(["losdo", "logo"])].to_string(index=False)])
 
 
 def render_in_run(entries: dict) -> str:
