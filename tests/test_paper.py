@@ -36,7 +36,8 @@ def test_derived_preset_keeps_the_base_calibration(hw):
     """h100-94gb-x4 is h100-sxm plus changes: it must carry h100-sxm's fitted NCCL model and kernels (kept in
     data/calibration/), the kernels' bandwidths scaled by 0.7164 — not fall back to the bare link α-β."""
     base = load_hardware("h100-sxm")
-    assert hw.nccl["all_reduce"] == base.nccl["all_reduce"]
+    assert hw.nccl["protocols"] == base.nccl["protocols"] and hw.nccl["ring_bytes_per_s"] == base.nccl["ring_bytes_per_s"]
+    assert "nvls" in base.nccl and "nvls" not in hw.nccl              # no NVSwitch: NVLS is not a candidate there
     assert hw.nccl["net"]["rails"] == 4
     assert hw.raw["kernels"]["gemm"]["bytes_per_s"] == pytest.approx(base.raw["kernels"]["gemm"]["bytes_per_s"] * 0.7164)
     for op, params in hw.raw["kernels"]["memops"].items():

@@ -57,6 +57,7 @@ from ..spec import SpecError, cpu_threads_per_rank, preset_names, read_json_file
 from .collectives import bytes_factor, custom_allreduce_time, nccl_sendrecv_time, nccl_time, shm_time
 from .paths import parse_path, path_for
 from .kernels import roofline_device
+from .unique import on_unique
 
 __all__ = ["Hardware", "Link", "hardware_names", "load_hardware", "for_ranks", "for_layout", "scale_links",
            "calibration_path", "CALIBRATION_ENV"]
@@ -301,9 +302,12 @@ class Hardware:
         (:mod:`llmcomm.predict.paths`; default from ``floor``: ``nccl-eager`` when True, ``nccl-graph`` when False);
         ``custom``: a profile's own custom all-reduce numbers for hardware without a fit of that path. Without one,
         the α-β fits or links of the preset (every op, all_to_all too: (n−1)·α + (n−1)/n·m·β)."""
-        n_arr = np.asarray(n)
-        size = np.asarray(size_bytes, dtype=float)
         path = path or path_for(floor)
+        # once per distinct (n, m) of a grid (the NCCL model takes the minimum over algorithms and protocols)
+        return on_unique(lambda n_, m_: self._collective_seconds(op, n_, m_, level, subgroup, g, path, custom),
+                         np.asarray(n), np.asarray(size_bytes, dtype=float))
+
+    def _collective_seconds(self, op, n_arr, size, level, subgroup, g, path, custom):
         # per group size: the NCCL model where it has one for (op, n), else the α-β fits or link of that n — chosen
         # element by element, so that a point's time never depends on the other points of a grid
         shape = np.broadcast(n_arr, size).shape
