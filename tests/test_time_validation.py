@@ -166,3 +166,17 @@ def test_advice_map_and_what_if():
     ref = {(r["tp"], r["pp"]): r["e2e_s"] for r in advise.advise(m70, 8, 4, h100, S=1024, G=16)}
     for _, r in base.reset_index().iterrows():
         assert r.e2e_s == pytest.approx(ref[(r.tp, r.pp)])
+
+
+def test_rerun_spread_by_hand():
+    # two points; TPOT counts only where G > 1: run 1 vs run 2 deviate 10 %, 20 % (TTFT), 0 %, 50 % (E2E), 25 % (TPOT
+    # of the G > 1 point) -> median of [0.1, 0.2, 0.25, 0, 0.5] = 0.2; run 2 vs run 1: [1/11, 1/6, 0.2, 0, 1/3]
+    import pandas as pd
+    from llmcomm.compare.validate import rerun_spread
+
+    def frame(ttft, tpot, e2e):
+        return pd.DataFrame({"G": [1, 4], "ttft_s_measured": ttft, "tpot_s_measured": tpot, "e2e_s_measured": e2e})
+    runs = {1: (frame([1.1, 1.2], [9.0, 1.25], [2.0, 3.0]), {}), 2: (frame([1.0, 1.0], [1.0, 1.0], [2.0, 2.0]), {})}
+    spread = rerun_spread(runs)
+    assert spread[1] == pytest.approx(0.2)
+    assert spread[2] == pytest.approx(1 / 6)

@@ -21,7 +21,8 @@ from ..predict.latency import METRICS, predict_latency
 from ..spec import SpecError, cpu_threads_per_rank
 from .sweeps import Config, measure_configs
 
-__all__ = ["latency_errors", "measured_comm_s", "validate_latency", "load_runs", "explain", "METRICS"]
+__all__ = ["latency_errors", "measured_comm_s", "validate_latency", "load_runs", "rerun_spread", "explain",
+           "METRICS"]
 
 
 def latency_errors(df: pd.DataFrame):
@@ -140,6 +141,24 @@ def load_runs(machine: str = "cpu-local") -> dict:
     for path in sorted(data_dir(machine).glob("latency_validation_run*.csv")):
         run = int(re.search(r"run(\d+)", path.name).group(1))
         out[run] = (pd.read_csv(path), read_sidecar(path))
+    return out
+
+
+def rerun_spread(runs: dict) -> dict:
+    """How far the measurements themselves move between reruns (:func:`load_runs`, two or more): per rerun, the
+    median over points and metrics (TTFT, TPOT where G > 1, E2E) of |measured / the mean of the other reruns'
+    measurements − 1| — the scale below which a model's error cannot be told from the machine's. Returns
+    ``{run: spread}``."""
+    frames = {run: df.reset_index(drop=True) for run, (df, _) in runs.items()}
+    out = {}
+    for run, df in frames.items():
+        others = [f for j, f in frames.items() if j != run]
+        devs = []
+        for metric in METRICS:
+            rest = pd.concat([f[f"{metric}_measured"] for f in others], axis=1).mean(axis=1)
+            keep = (df.G > 1) if metric == "tpot_s" else np.ones(len(df), dtype=bool)
+            devs += list((df[f"{metric}_measured"] / rest - 1).abs()[keep])
+        out[run] = float(np.median(devs)) if others else float("nan")
     return out
 
 
