@@ -198,14 +198,16 @@ DENSE_BEFORE = {(1, 1, 1): (0.01475839202357897, 0.011553664496084316, 152945295
 def test_dense_predictions_unchanged(tpb):
     t, p, b = tpb
     r = predict_latency(load_model("llama-3.1-8b"), Layout(t, p), Workload(b=b, S=512, G=64, dtype="bf16"), H100)
+    # within 1e-5: refitting the public data (make gpu-fits) moves them by ~2e-7 (the optimiser's tolerance); a
+    # change of the model moves them by far more
     assert (r["ttft_s"], r["tpot_s"], r["breakdown"]["decode"]["flops"], r["breakdown"]["prefill"]["bytes"]) \
-        == DENSE_BEFORE[tpb]
+        == pytest.approx(DENSE_BEFORE[tpb], rel=1e-5)
 
 
 def test_dense_grid_unchanged():
     g = predict_latency_grid(load_model("llama-3.1-8b"), H100, np.array([1, 2, 4, 8]), 1, 4, 512, 64, 2)
-    assert g["tpot_s"].tolist() == [0.011553664508899372, 0.012253576766636852, 0.012258831565904215,
-                                    0.01265028871913813]
+    assert g["tpot_s"].tolist() == pytest.approx([0.011553664508899372, 0.012253576766636852, 0.012258831565904215,
+                                                  0.01265028871913813], rel=1e-5)
 
 
 def test_cli_predict_hardware_ep(capsys):

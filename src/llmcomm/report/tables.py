@@ -569,18 +569,17 @@ def in_run_calibration(raw: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.DataFrame(comp).round(3), pd.DataFrame(calls).round(2)
 
 
-def validation_runs(runs: dict) -> pd.DataFrame:
+def validation_runs(runs: dict, spread: dict | None = None) -> pd.DataFrame:
     """One row per rerun of the CPU validation (``{k: (frame, json)}`` from ``latency_validation_run<k>``): median
-    |error| per metric and over all, how far its measurements lie from the reruns' median
-    (:func:`llmcomm.compare.validate.rerun_spread`), the load average when it started, its date and commit."""
-    from ..compare.validate import rerun_spread
-
-    rows, spread = [], rerun_spread(runs)
+    |error| per metric and over all, how far its measurements lie from the other reruns' (``spread``, from
+    :func:`llmcomm.compare.validate.rerun_spread`, when given), the load average when it started, its date and
+    commit."""
+    rows = []
     for run, (df, meta) in sorted(runs.items()):
         summ, prov = meta["summary"], meta["provenance"]
         rows.append({"run": run, "median |err| all": summ["median_abs_err"], "TTFT": summ["median_abs_err_ttft"],
                      "TPOT": summ["median_abs_err_tpot"], "E2E": summ["median_abs_err_e2e"],
-                     "measured vs the other reruns (median |dev|)": spread[run],
+                     **({"measured vs the other reruns (median |dev|)": spread[run]} if spread else {}),
                      "points × reps": f"{len(df)} × {prov.get('reps')}",
                      "load avg (1, 5, 15 min)": prov.get("load_avg_before"), "date": prov.get("date"),
                      "git": prov.get("git")})
