@@ -141,18 +141,13 @@ def cmd_bench(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from .compare import calibration
-    from .record import writable_dir
     from .report.text import render_fits, render_gpu_fits, render_in_run
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    write = args.write or None                               # "" (a bare --write): the default file
-    if write:
-        writable_dir(os.path.dirname(write) or ".", "--write folder")
+    write = calibration.write_target(args.write, required=args.in_run and not args.public_gpu)
     if args.public_gpu:
         print(render_gpu_fits(calibration.calibrate_public_gpu(args.command, log)))
     elif args.in_run:
-        if args.write is None:
-            raise SpecError("calibrate --in-run writes the calibration's in_run section: give --write [PATH]")
         print(render_in_run(calibration.calibrate_in_run(args.reps, args.command, write, log)))
     else:
         _, fits = calibration.read_bench_table(args.csv)

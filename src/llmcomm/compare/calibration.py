@@ -33,7 +33,8 @@ from ..record import provenance, write_json
 from ..spec import ModelSpec, SpecError, cpu_threads_per_rank, read_json_file
 from .cpu_calibration import fit_cpu_kernels
 
-__all__ = ["calibrate_cpu_local", "calibrate_in_run", "calibrate_machine", "calibrate_public_gpu", "write_calibration", "fit_roofline",
+__all__ = ["calibrate_cpu_local", "calibrate_in_run", "calibrate_machine", "calibrate_public_gpu", "write_calibration",
+           "write_target", "fit_roofline",
            "default_threads", "subgroup_fits", "read_bench_table"]
 
 
@@ -41,13 +42,26 @@ def write_calibration(preset: str, overlay: dict, command: str, path: str | Path
     """Merge ``overlay`` into the calibration file of ``preset`` (default :func:`~llmcomm.predict.hardware.
     calibration_path`; ``path`` to write elsewhere): its keys replace the file's, ``source`` is merged; the file's
     provenance becomes this write's (each section keeps the provenance it carries). Checked before anything runs:
-    :func:`writable`."""
+    :func:`write_target`."""
     path = Path(path) if path is not None else calibration_path(preset)
     old = read_json_file(path, "calibration") if path.exists() else {"overlay": {}}
     merged = dict(old.get("overlay") or {})
     merged.update({key: v for key, v in overlay.items() if key != "source"})
     merged["source"] = dict(merged.get("source", {}), **overlay.get("source", {}))
     return write_json(path, {"provenance": provenance(command), "preset": preset, "overlay": merged}, indent=1)
+
+
+def write_target(write: str | None, required: bool = False) -> str | None:
+    """The calibration file a ``--write [PATH]`` names (None: not given; ``""``, a bare ``--write``: the default
+    file, returned as None), its folder checked writable before anything runs (one :class:`SpecError`, as when
+    ``required`` and it was not given)."""
+    from ..record import writable_dir
+
+    if write is None and required:
+        raise SpecError("calibrate --in-run writes the calibration's in_run section: give --write [PATH]")
+    if write:
+        writable_dir(os.path.dirname(write) or ".", "--write folder")
+    return write or None
 
 
 def read_bench_table(csv_path):
