@@ -171,7 +171,7 @@ def f(S, *, k=1, **F):
         pass
     except ValueError as e:
         pass
-    return {"B": 1, "V": p["b"]}, dict(n=1), f"{x:e} m{x}"
+    return {"Q": 1, "V": p["b"]}, dict(n=1), f"{x:e} m{x}"
 '''
     got = {(kind, name) for kind, name, _ in _uses(ast.parse(src)) if name in NOTATION}
     names = {"e", "S", "k", "F", "t", "N", "h", "L", "G", "s", "g", "w", "T", "c"}

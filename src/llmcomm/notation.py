@@ -52,6 +52,8 @@ _ENTRIES = (
              "--generate", "generate"),
     Notation("w", "w", "bytes per element of the model dtype (fp32 4, bf16/fp16 2)", "workload", "Workload.w",
              "--dtype", "dtype"),
+    Notation("w_kv", r"w_{\mathrm{kv}}", "bytes per element of the KV cache (the model dtype's w, or fp8: 1)",
+             "workload", "Disaggregation.w_kv", "--kv-dtype", "kv_dtype"),
     # model
     Notation("h", "h", "hidden size", "model", "ModelSpec.h", "", "", "hidden_size"),
     Notation("L", "L", "decoder layers", "model", "ModelSpec.L", "", "", "num_hidden_layers"),
@@ -77,6 +79,14 @@ _ENTRIES = (
              "sequences", "layout", "Layout.e", "--ep", "ep"),
     Notation("N", "N", "GPUs (ranks) of a layout, N = t·p (N = e with expert parallelism)", "layout", "Layout.ranks",
              "--gpus", "gpus"),
+    Notation("t_P", r"t_{\mathrm{P}}", "TP degree of the prefill side of a disaggregated layout", "layout",
+             "Disaggregation.prefill.t", "--prefill-tp", "prefill_tp"),
+    Notation("p_P", r"p_{\mathrm{P}}", "PP degree of the prefill side", "layout", "Disaggregation.prefill.p",
+             "--prefill-pp", "prefill_pp"),
+    Notation("t_D", r"t_{\mathrm{D}}", "TP degree of the decode side", "layout", "Disaggregation.decode.t",
+             "--decode-tp", "decode_tp"),
+    Notation("p_D", r"p_{\mathrm{D}}", "PP degree of the decode side", "layout", "Disaggregation.decode.p",
+             "--decode-pp", "decode_pp"),
     Notation("g", "g", "GPUs per node (ranks placed in order, g per node)", "layout", "gpus_per_node",
              "--gpus-per-node", "gpus_per_node"),
     # one forward
@@ -108,6 +118,8 @@ _ENTRIES = (
     # messages
     Notation("m", "m", "message size in bytes, as nccl-tests defines it for the op", "message", "size_bytes", "",
              "message_bytes"),
+    Notation("B", "B", "KV block (page) size in tokens of a paged KV cache", "message", "Disaggregation.block",
+             "--kv-block", "kv_block"),
     Notation("n", "n", "ranks in the group a collective runs on", "message", "group_size", "--ranks",
              "group_size"),
     # time
@@ -139,4 +151,6 @@ s, T, ell, c = (symbol(x) for x in ("s", "T", "ell", "c"))
 M_g, N_g, K_g = (symbol(x) for x in ("M_g", "N_g", "K_g"))
 gamma, C_min, C, kappa = (symbol(x) for x in ("gamma", "C_min", "C", "kappa"))
 m, n = symbol("m"), symbol("n")
+w_kv, B = symbol("w_kv"), symbol("B")
+t_P, p_P, t_D, p_D = (symbol(x) for x in ("t_P", "p_P", "t_D", "p_D"))
 alpha, beta, tau = symbol("alpha"), symbol("beta"), symbol("tau")

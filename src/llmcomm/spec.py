@@ -21,7 +21,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["SpecError", "ModelSpec", "MoESpec", "MOE_FAMILIES", "Layout", "Workload", "DTYPE_BYTES", "preset_names", "load_model",
+__all__ = ["SpecError", "ModelSpec", "MoESpec", "MOE_FAMILIES", "Layout", "Workload", "DTYPE_BYTES", "KV_DTYPE_BYTES",
+           "Disaggregation", "preset_names", "load_model",
            "stage_layers", "read_preset_or_file", "read_json_file", "resolve", "cpu_threads_per_rank",
            "workload_grid"]
 
@@ -31,6 +32,9 @@ class SpecError(ValueError):
 
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+#: bytes per element a KV cache may be stored (and handed off) in: the model dtypes, and fp8 (e4m3/e5m2), which
+#: serving engines offer for the KV cache alone (``--kv-cache-dtype fp8``); the weights stay in the model dtype
+KV_DTYPE_BYTES = {**DTYPE_BYTES, "fp8": 1}
 
 
 @lru_cache(maxsize=None)
@@ -414,6 +418,58 @@ class Workload:
     @property
     def label(self) -> str:
         return f"b={self.b} S={self.S} G={self.G} {self.dtype}"
+
+
+@dataclass(frozen=True)
+class Disaggregation:
+    """Prefill and decode on different ranks: the prefill side laid out ``prefill`` (t_P × p_P ranks: global ranks
+    0 … N_P − 1), the decode side ``decode`` (t_D × p_D ranks: N_P … N_P + N_D − 1); each side's ranks numbered as
+    a layout numbers them (stage·t + TP rank). After the prefill the KV cache of the S prompt tokens moves from the
+    prefill side to the decode side (:mod:`llmcomm.derive.disagg`), stored in ``kv_dtype`` (None: the workload's
+    dtype) and, for the piece count, in pages of ``block`` tokens (None: one contiguous piece per message). Expert
+    parallelism on either side is not modelled (e = 1)."""
+
+    prefill: Layout
+    decode: Layout
+    kv_dtype: str | None = None
+    block: int | None = None
+
+    def __post_init__(self):
+        for side in ("prefill", "decode"):
+            lay = getattr(self, side)
+            if not isinstance(lay, Layout):
+                raise SpecError(f"the {side} side must be a Layout, got {lay!r}")
+            if lay.e > 1:
+                raise SpecError(f"expert parallelism on the {side} side (e={lay.e}) is not modelled in a "
+                                f"disaggregated layout: use t and p")
+        if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPE_BYTES:
+            raise SpecError(f"KV dtype {self.kv_dtype!r} is not one of {', '.join(KV_DTYPE_BYTES)}")
+        if self.block is not None and (isinstance(self.block, bool) or not isinstance(self.block, int)
+                                       or self.block < 1):
+            raise SpecError(f"KV block size {self.block!r} must be a positive number of tokens")
+
+    @property
+    def ranks(self) -> int:
+        """N_P + N_D."""
+        return self.prefill.ranks + self.decode.ranks
+
+    def validate(self, model: "ModelSpec") -> "Disaggregation":
+        """Both sides laid out on ``model`` (t divides the heads and the KV heads, p ≤ L); return self."""
+        for side in ("prefill", "decode"):
+            try:
+                getattr(self, side).validate(model)
+            except SpecError as e:
+                raise SpecError(f"{side} side: {e}") from None
+        return self
+
+    def w_kv(self, workload: "Workload") -> int:
+        """Bytes per KV element: the KV dtype's, or the workload's dtype's."""
+        return KV_DTYPE_BYTES[self.kv_dtype or workload.dtype]
+
+    @property
+    def label(self) -> str:
+        return (f"prefill t={self.prefill.t} p={self.prefill.p} -> decode t={self.decode.t} p={self.decode.p}"
+                + (f" kv {self.kv_dtype}" if self.kv_dtype else ""))
 
 
 def workload_grid(b: Sequence[int] = (1,), S: Sequence[int] = (16,), G: Sequence[int] = (4,),
