@@ -127,3 +127,18 @@ def test_bad_specs():
         Disaggregation(Layout(1), Layout(1), block=0)
     with pytest.raises(SpecError, match="expert parallelism on the decode side"):
         Disaggregation(Layout(1), Layout(1, 1, 2))
+
+
+def test_placement_puts_the_decode_side_on_its_own_nodes():
+    from llmcomm.derive.traffic import summary
+
+    dis = Disaggregation(Layout(2), Layout(4))
+    node = D.node_of(dis, 8)
+    assert [node(r) for r in range(6)] == [0, 0, 1, 1, 1, 1]
+    assert [D.node_of(dis, 8, separate=False)(r) for r in range(6)] == [0] * 6
+    m, w = load_model("qwen3-8b"), Workload(b=1, S=128, G=2, dtype="bf16")
+    calls = D.handoff_calls(m, dis, w)
+    total = D.handoff_summary(m, dis, w)["bytes"]
+    assert summary(calls, node)["inter_node_bytes"] == total           # every byte crosses to the decode node
+    assert summary(calls, D.node_of(dis, 8, separate=False))["inter_node_bytes"] == 0
+    assert summary(calls, D.node_of(dis, 2, separate=False))["inter_node_bytes"] == total

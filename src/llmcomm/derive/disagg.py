@@ -46,7 +46,7 @@ from ..notation import B, L, S, a_kv, b, d, p_D, p_P, t_D, t_P, w_kv
 from ..spec import Disaggregation, ModelSpec, SpecError, Workload, stage_layers
 
 __all__ = ["KV_PHASE", "TOKEN_BYTES", "gcd", "closed_forms", "HandoffMessage", "head_ranges", "handoff_messages",
-           "handoff_calls", "handoff_summary", "rank_split", "pieces", "check_disaggregation", "values"]
+           "handoff_calls", "handoff_summary", "rank_split", "pieces", "check_disaggregation", "node_of", "values"]
 
 #: the phase of the hand-off's messages (between the prefill and the decode phases)
 KV_PHASE = "kv_transfer"
@@ -233,6 +233,20 @@ def handoff_summary(model: ModelSpec, dis: Disaggregation, workload: Workload) -
             "kv_messages": len(kv), "message_sizes": dict(sorted(sizes.items())),
             "pieces": pieces(model, dis, workload) if dis.block is not None else None,
             "sent_bytes_busiest": max(sent.values()), "received_bytes_busiest": max(got.values())}
+
+
+def node_of(dis: Disaggregation, gpus_per_node: int, separate: bool = True):
+    """Global rank → node: the prefill side's ranks g per node from node 0; the decode side's likewise, starting on a
+    node of its own (``separate``: how disaggregated deployments place them — the two sides never share a node) or
+    right after the prefill's last rank (``separate=False``: the ranks of both sides in order, g per node)."""
+    from .traffic import node_of_placement
+
+    if not separate:
+        return node_of_placement(gpus_per_node)
+    plain = node_of_placement(gpus_per_node)
+    n_p = dis.prefill.ranks
+    first = -(-n_p // gpus_per_node)                         # the decode side's first node
+    return lambda r: plain(r) if r < n_p else first + plain(r - n_p)
 
 
 def values(model: ModelSpec, dis: Disaggregation, workload: Workload, block: int | None = None) -> dict:
