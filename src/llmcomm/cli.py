@@ -1,12 +1,8 @@
-"""The ``llmcomm`` command: every subcommand, and the only module that parses a user's arguments. It parses, calls
-the library (``predict`` → :func:`llmcomm.predict.report.predict_report`, ``measure`` →
-:func:`llmcomm.measure.launch.measure_sweep`, ``cost`` → :func:`llmcomm.predict.cost.cost_report`, ``advise`` →
-:func:`llmcomm.predict.advise.advise_report`, ``bench-collectives`` → :func:`llmcomm.measure.bench.run_bench`,
-``calibrate`` → :mod:`llmcomm.compare.calibration`, ``validate-time`` →
-:func:`llmcomm.compare.validate.validate_time_runs`) and renders: ``--json`` the library's dict (JSON Lines for
-several configurations), else :mod:`llmcomm.report.text` of the same dict. Inputs — model, hardware, the
-:class:`~llmcomm.deployment.Deployment` — are resolved here once; what a command will write is checked before
-anything runs. Exit status: 0 success; 2 bad input (one line on stderr); 1 a failed run (one line naming the rank).
+"""The ``llmcomm`` command: every subcommand, and (with its argparse types, :mod:`llmcomm.argtypes`) the only module that
+parses a user's arguments. It parses, calls the
+library (each ``cmd_*`` names the function it calls) and renders: ``--json`` the library's dict (JSON Lines for several
+configurations), else :mod:`llmcomm.report.text` of the same dict. Inputs are resolved here once; what a command will
+write is checked before anything runs. Exit status: 0 success; 2 bad input (one line on stderr); 1 a failed run.
 """
 from __future__ import annotations
 
@@ -18,33 +14,11 @@ import sys
 from functools import lru_cache
 
 from . import __version__
+from .argtypes import Parser as _Parser, non_negative_int, positive_float, positive_int, repetitions
 from .deployment import ENGINE_FLAGS, P2P_MODES, ROUTING_MODES, Deployment, Routing
-from .spec import DTYPE_BYTES, Layout, SpecError, load_model, workload_grid
+from .spec import DTYPE_BYTES, KV_DTYPE_BYTES, Disaggregation, Layout, SpecError, load_model, workload_grid
 
 __all__ = ["main", "build_parser"]
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line instead of usage + message
-        raise SpecError(f"{self.prog}: {message}")
-
-
-def _number(kind, low: float, strict: bool, what: str, high: float = float("inf")):
-    """argparse type: a finite ``kind`` (int or float) above ``low`` (``strict``) or at least ``low``; ≤ ``high``."""
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not ((v > low) if strict else (v >= low)) or v != v or v == float("inf") or v > high:
-            raise argparse.ArgumentTypeError(f"{text} must be {what}")
-        return v
-    return parse
-
-
-positive_int, non_negative_int = _number(int, 1, False, "at least 1"), _number(int, 0, False, "at least 0")
-repetitions = _number(int, 1, False, "between 1 and 1000", high=1000)     # of a point or of a whole sweep
-positive_float = _number(float, 0, True, "a positive, finite number")
 
 
 def _deployment(args) -> Deployment:
@@ -71,6 +45,23 @@ def _hardware(name):
     from .predict.hardware import load_hardware
 
     return load_hardware(name) if name else None
+
+
+def _disaggregated(args, dis: Disaggregation) -> int:
+    """``predict``/``measure --disaggregate``: the prefill side, the KV hand-off (phase kv_transfer), the decode side."""
+    from .report.text import render_rows
+
+    model = load_model(args.model)
+    workloads = [w.validate(model) for w in workload_grid(args.batch, args.prompt, args.generate, args.dtype)]
+    if args.func is cmd_predict:
+        from .predict.report import disaggregated_report as report
+        objs = report(model, dis, workloads, _hardware(args.hardware), args.gpus_per_node, args.algorithm)
+    else:
+        from .measure.disaggregate import measure_report as report
+        objs = report(model, dis, workloads, args.out, args.backend, args.timeout, args.startup_timeout)
+    for obj in objs:
+        _emit(obj, args.json, render_rows(obj), len(workloads) > 1)
+    return 0
 
 
 def cmd_predict(args) -> int:
@@ -183,6 +174,10 @@ def _add_spec_args(sp: argparse.ArgumentParser) -> None:
         help="stage-to-stage mode of the DeepSpeed pipeline runner when --pp > 1: "
              + "; ".join(f"{k}: {v}" for k, v in P2P_MODES.items()))
     add("--json", action="store_true", help="print one JSON object per configuration (one line each)")
+    add("--disaggregate", action="store_true", help="prefill and decode on different ranks, the KV cache handed over")
+    for flag in ("--prefill-tp", "--prefill-pp", "--decode-tp", "--decode-pp"):
+        add(flag, type=positive_int, default=None, help="with --disaggregate: a side's TP or PP degree (default 1)")
+    add("--kv-dtype", choices=list(KV_DTYPE_BYTES), default=None, help="with --disaggregate: the KV cache's dtype")
 
 
 def _add_moe_args(sp, ep: bool = True) -> None:
@@ -328,7 +323,8 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.command = "llmcomm " + shlex.join(argv)
-        return args.func(args)
+        dis = Disaggregation.from_flags(vars(args))               # None unless --disaggregate
+        return args.func(args) if dis is None else _disaggregated(args, dis)
     except SystemExit as e:                      # --help, --version
         return e.code if isinstance(e.code, int) else 0
     except SpecError as e:

@@ -202,3 +202,12 @@ def config_header(model: ModelSpec, layout: Layout, workload: Workload, deployme
     if layout.e > 1:
         head.update(ep=layout.e, moe_routing=deployment.routing.mode)
     return head
+
+
+def disaggregated_header(model: ModelSpec, dis, workload: Workload) -> dict:
+    """The head of a ``predict``/``measure --disaggregate`` result: ``model``, ``disaggregate``, both sides' degrees
+    (``prefill_tp``, ``prefill_pp``, ``decode_tp``, ``decode_pp``), the workload, ``kv_dtype``, ``engine``."""
+    return {"model": model.name, "disaggregate": True, "prefill_tp": dis.prefill.t, "prefill_pp": dis.prefill.p,
+            "decode_tp": dis.decode.t, "decode_pp": dis.decode.p, "batch": workload.b, "prompt": workload.S,
+            "generate": workload.G, "dtype": workload.dtype, "kv_dtype": dis.kv_dtype or workload.dtype,
+            "engine": "deepspeed"}

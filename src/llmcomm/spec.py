@@ -466,6 +466,25 @@ class Disaggregation:
         """Bytes per KV element: the KV dtype's, or the workload's dtype's."""
         return KV_DTYPE_BYTES[self.kv_dtype or workload.dtype]
 
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any]) -> "Disaggregation | None":
+        """What the command line asks for (``--disaggregate --prefill-tp --prefill-pp --decode-tp --decode-pp
+        --kv-dtype``; a side's degrees default to 1), None without ``--disaggregate``; one :class:`SpecError` for a
+        side's flag without ``--disaggregate`` or ``--tp``/``--pp``/``--ep`` beside it."""
+        names = ("prefill_tp", "prefill_pp", "decode_tp", "decode_pp", "kv_dtype")
+        given = [x for x in names if flags.get(x) is not None]
+        if not flags.get("disaggregate"):
+            if given:
+                raise SpecError(f"--{given[0].replace('_', '-')} needs --disaggregate")
+            return None
+        clash = [x for x in ("tp", "pp", "ep") if flags.get(x, 1) != 1]
+        if clash:
+            raise SpecError(f"--disaggregate lays the sides out with --prefill-tp/--prefill-pp/--decode-tp/"
+                            f"--decode-pp, not --{clash[0]}")
+        deg = {x: flags.get(x) or 1 for x in names[:4]}
+        return cls(Layout(deg["prefill_tp"], deg["prefill_pp"]), Layout(deg["decode_tp"], deg["decode_pp"]),
+                   flags.get("kv_dtype"))
+
     @property
     def label(self) -> str:
         return (f"prefill t={self.prefill.t} p={self.prefill.p} -> decode t={self.decode.t} p={self.decode.p}"

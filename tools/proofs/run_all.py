@@ -27,7 +27,7 @@ from llmcomm.record import provenance, write_json  # noqa: E402
 #: proof → ranks it needs
 PROOFS = {"autotp_pattern": 2, "eval_batch_no_kv_cache": 2, "shape_trap": 2, "return_logits_last_microbatch": 2,
           "init_inference_ignores_tp_group": 2, "shm_allreduce_ignores_subgroups": 4, "shm_buffers_left_behind": 2,
-          "moe_layer": 2, "per_config_options": 2, "experts_grouped_mm": 2}
+          "moe_layer": 2, "per_config_options": 2, "experts_grouped_mm": 2, "disagg_unequal_tp_broadcast": 3}
 
 
 def _free_port() -> int:

@@ -44,12 +44,14 @@ import sympy as sp
 
 from ..notation import B, L, S, a_kv, b, d, p_D, p_P, t_D, t_P, w_kv
 from ..spec import Disaggregation, ModelSpec, SpecError, Workload, stage_layers
+from .phases import KV_TRANSFER
 
 __all__ = ["KV_PHASE", "TOKEN_BYTES", "gcd", "closed_forms", "HandoffMessage", "head_ranges", "handoff_messages",
-           "handoff_calls", "handoff_summary", "rank_split", "pieces", "check_disaggregation", "node_of", "values"]
+           "handoff_calls", "handoff_summary", "rank_split", "pieces", "check_disaggregation", "node_of", "values",
+           "disaggregated_calls"]
 
 #: the phase of the hand-off's messages (between the prefill and the decode phases)
-KV_PHASE = "kv_transfer"
+KV_PHASE = KV_TRANSFER
 #: bytes of one token id as the runs hand it over (int64)
 TOKEN_BYTES = 8
 
@@ -174,6 +176,25 @@ def handoff_calls(model: ModelSpec, dis: Disaggregation, workload: Workload) -> 
     :func:`llmcomm.derive.traffic.rows_of_calls` / :func:`~llmcomm.derive.traffic.summary`."""
     return [(KV_PHASE, "send_recv", (x.src, x.dst), x.nbytes, 1, None)
             for x in handoff_messages(model, dis, workload)]
+
+
+def disaggregated_calls(model: ModelSpec, dis: Disaggregation, workload: Workload, prefill_pattern: str,
+                        decode_pattern: str | None = None) -> list[tuple]:
+    """Every call of a disaggregated generation ``(phase, op, ranks, m, count, root)``: the prefill side's prefill
+    forward (pattern ``prefill_pattern`` on its layout, global ranks 0 …), the hand-off (:func:`handoff_calls`), the
+    decode side's G − 1 decode forwards (``decode_pattern``, default the same, its ranks shifted by N_P)."""
+    from .evaluate import generation_calls
+
+    check_disaggregation(model, dis)
+    first = Workload(workload.b, workload.S, 1, workload.dtype)            # the prefill side runs no decode step
+    out = [c for c in generation_calls(model, dis.prefill, first, prefill_pattern) if c[0] == "prefill"]
+    out += handoff_calls(model, dis, workload)
+    base = dis.prefill.ranks
+    for phase, op, ranks, m_, count, root in generation_calls(model, dis.decode, workload,
+                                                               decode_pattern or prefill_pattern):
+        if phase == "decode":
+            out.append((phase, op, tuple(r + base for r in ranks), m_, count, None if root is None else root + base))
+    return out
 
 
 def pieces(model: ModelSpec, dis: Disaggregation, workload: Workload, block: int | None = None,

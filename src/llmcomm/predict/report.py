@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..deployment import Deployment, config_header
+from ..deployment import Deployment, config_header, disaggregated_header
 from ..derive.evaluate import rows as predict_rows, traffic_totals
 from ..derive.moe import moe_summary
 from ..spec import Layout, ModelSpec, SpecError, Workload
 from .hardware import GiB, Hardware
 
-__all__ = ["predict_report", "memory_needed"]
+__all__ = ["predict_report", "memory_needed", "disaggregated_report"]
 
 
 def memory_needed(model: ModelSpec, layout: Layout, workload: Workload, deployment: Deployment) -> float:
@@ -64,5 +64,35 @@ def predict_report(model: ModelSpec, layout: Layout, workloads: Sequence[Workloa
             need = memory_needed(model, layout, workload, deployment)
             obj["memory"] = {"fits": need <= hardware.usable_memory_bytes, "needed_gib_per_rank": need / GiB,
                              "usable_gib_per_rank": hardware.usable_memory_bytes / GiB}
+        out.append(obj)
+    return out
+
+
+def disaggregated_report(model: ModelSpec, dis, workloads: Sequence[Workload], hardware: Hardware | None = None,
+                         gpus_per_node: int | None = None, algorithm: str = "ring") -> list[dict]:
+    """``predict --disaggregate``: one dict per workload — the header (both layouts, ``kv_dtype``), ``ops`` (the
+    prefill side's prefill rows, the hand-off's ``kv_transfer`` ``send_recv`` row, the decode side's decode rows:
+    :func:`llmcomm.derive.disagg.disaggregated_calls`), ``traffic``, ``handoff`` (its summary and ``per_rank`` split:
+    :func:`~llmcomm.derive.disagg.handoff_summary`, :func:`~llmcomm.derive.disagg.rank_split`) and, with a hardware
+    preset, ``latency`` (TTFT including the hand-off: :func:`llmcomm.predict.handoff.disaggregated_latency`).
+    ``gpus_per_node`` places each side on nodes of its own (:func:`llmcomm.derive.disagg.node_of`). A dense model runs
+    DeepSpeed's pattern with whole-tensor stage sends (what the measured runs do); a mixture of experts AutoTP's."""
+    from ..derive.disagg import check_disaggregation, disaggregated_calls, handoff_summary, node_of, rank_split
+    from ..derive.traffic import rows_of_calls, summary
+
+    check_disaggregation(model, dis)
+    pattern = Deployment(p2p="full").pattern(model, dis.prefill)
+    node = node_of(dis, gpus_per_node) if gpus_per_node is not None else None
+    out = []
+    for workload in workloads:
+        workload.validate(model)
+        calls = disaggregated_calls(model, dis, workload, pattern)
+        obj = dict(disaggregated_header(model, dis, workload), ops=rows_of_calls(calls, node, algorithm),
+                   traffic=summary(calls, node, algorithm),
+                   handoff=dict(handoff_summary(model, dis, workload), per_rank=rank_split(model, dis, workload)))
+        if hardware is not None:
+            from .handoff import disaggregated_latency
+
+            obj["latency"] = disaggregated_latency(model, dis, workload, hardware, gpus_per_node)
         out.append(obj)
     return out

@@ -17,7 +17,8 @@ __all__ = ["render_rows", "render_memory_warning", "render_advice", "render_cost
 _COLUMNS = {"phase": "phase", "op": "op", "group_size": "n", "calls": "calls", "bytes": "bytes (m)",
             "algorithm": "algorithm", "sent_bytes_per_rank": "busiest sends", "link_bytes": "all links",
             "inter_node_bytes": "inter-node"}
-_HEAD = ("model", "tp", "pp", "batch", "prompt", "generate", "dtype", "engine", "p2p", "ep", "moe_routing")
+_HEAD = ("model", "tp", "pp", "prefill_tp", "prefill_pp", "decode_tp", "decode_pp", "batch", "prompt", "generate",
+         "dtype", "kv_dtype", "engine", "p2p", "ep", "moe_routing")
 
 
 def _fmt(v) -> str:
@@ -78,6 +79,7 @@ def render_rows(obj: dict, stored: str | None = None) -> str:
                          f"{_fmt(traffic['sent_bytes_busiest_rank'])} B; all links carry {_fmt(traffic['link_bytes'])} B"
                          + (f"; {_fmt(inter)} B cross nodes" if inter is not None else ""))
     lines += _moe_lines(obj.get("moe"))
+    lines += _handoff_lines(obj.get("handoff"), obj.get("handoff_s"))
     lat = obj.get("latency")
     if lat:
         lines.append(f"TTFT {lat['ttft_s'] * 1e3:.3f} ms  TPOT {lat['tpot_s'] * 1e3:.3f} ms  E2E {lat['e2e_s'] * 1e3:.3f} ms"
@@ -87,6 +89,22 @@ def render_rows(obj: dict, stored: str | None = None) -> str:
         lines.append(f"TTFT {obj['ttft_s'] * 1e3:.2f} ms  TPOT {obj['tpot_s'] * 1e3:.2f} ms  E2E {obj['e2e_s'] * 1e3:.2f} ms"
                      + (f" (stored: {stored})" if stored else " (this machine; tokens match the reference)"))
     return "\n".join(lines)
+
+
+def _handoff_lines(handoff: dict | None, seconds: float | None) -> list[str]:
+    """The KV hand-off of a disaggregated result: its size and messages, and who sends what to whom."""
+    out = []
+    if handoff:
+        out.append(f"KV hand-off: {handoff['kv_bytes']:,} B in {handoff['kv_messages']} messages (sizes "
+                   + ", ".join(f"{n} x {_fmt(m)} B" for m, n in handoff["message_sizes"].items())
+                   + f") + the first token to {handoff['messages'] - handoff['kv_messages']} decode ranks")
+        out += [f"  rank {r['src']} (prefill stage {r['side_src'][0]}, TP {r['side_src'][1]}) -> rank {r['dst']} "
+                f"(decode stage {r['side_dst'][0]}, TP {r['side_dst'][1]}): layers {r['layers'][0]}-{r['layers'][1]}, "
+                f"KV heads {', '.join(f'{a}-{b - 1}' for a, b in r['heads'])}, {r['messages']} messages, "
+                f"{r['bytes']:,} B" for r in handoff["per_rank"] if r["kind"] == "kv"]
+    if seconds is not None:
+        out.append(f"hand-off measured: {seconds * 1e3:.2f} ms (this machine)")
+    return out
 
 
 def render_memory_warning(obj: dict) -> str | None:
