@@ -142,3 +142,36 @@ def test_placement_puts_the_decode_side_on_its_own_nodes():
     assert summary(calls, node)["inter_node_bytes"] == total           # every byte crosses to the decode node
     assert summary(calls, D.node_of(dis, 8, separate=False))["inter_node_bytes"] == 0
     assert summary(calls, D.node_of(dis, 2, separate=False))["inter_node_bytes"] == total
+
+
+def test_cli_predict_disaggregate_json(capsys):
+    import json
+
+    from llmcomm.cli import main
+
+    assert main(["predict", "--model", "qwen3-8b", "--disaggregate", "--prefill-tp", "2", "--decode-tp", "4",
+                 "--prompt", "4096", "--generate", "3", "--dtype", "bf16", "--kv-dtype", "fp8",
+                 "--gpus-per-node", "8", "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert (obj["prefill_tp"], obj["decode_tp"], obj["kv_dtype"]) == (2, 4, "fp8")
+    (kv,) = [r for r in obj["ops"] if r["phase"] == "kv_transfer"]
+    assert kv["op"] == "send_recv" and kv["calls"] == 36 * 4 + 4
+    assert kv["bytes"] == 147_456 // 2 * 4096 + 4 * 8                  # fp8 KV: half of bf16's bytes per token
+    assert kv["inter_node_bytes"] == kv["bytes"]                       # the decode side on a node of its own
+    assert [r["phase"] for r in obj["ops"]] == ["prefill", "kv_transfer", "decode"]
+    assert obj["handoff"]["kv_messages"] == 144 and len(obj["handoff"]["per_rank"]) == 4 + 4
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--disaggregate", "--decode-tp", "3"], "decode side: t=3 does not divide"),
+    (["--prefill-tp", "2"], "--prefill-tp needs --disaggregate"),
+    (["--disaggregate", "--tp", "2"], "not --tp"),
+    (["--disaggregate", "--prefill-pp", "9"], "prefill side"),
+    (["--disaggregate", "--kv-dtype", "int4"], "invalid choice"),
+])
+def test_cli_bad_combinations_exit_2(argv, msg, capsys):
+    from llmcomm.cli import main
+
+    assert main(["predict", "--model", "tiny-llama", *argv]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1

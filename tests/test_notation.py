@@ -50,6 +50,7 @@ _allow("compare/calibration.py", "name", "S h t p n")
 _allow("compare/calibration.py", "key", "S h L V T m n")
 _allow("compare/cpu_calibration.py", "name", "S G s M_g N_g K_g")
 _allow("compare/cpu_calibration.py", "key", "S L V h")                # ModelSpec(L=…, V=…) of a timed layer shape
+_allow("compare/disaggregated.py", "key", "b S G")
 _allow("compare/gpu.py", "name", "b S t")
 _allow("compare/gpu.py", "key", "b S G t")
 _allow("compare/inrun.py", "name", "b S G w t p m n beta")

@@ -132,10 +132,17 @@ def first_failure(out: Path, nranks: int, launcher_rc: int | None) -> tuple[int 
     """After a run ended without all results: which rank failed first, and how."""
     errors = {r: read_json(out / f"rank{r}.error.json") for r in range(nranks)}
     errors = {r: e for r, e in errors.items() if e}
-    if errors:
-        r = min(errors)
-        return r, f"rank {r} failed: {errors[r]['error']}"
     exits = [e for e in (read_json(out / f"rank{r}.exit.json") for r in range(nranks)) if e and e["returncode"]]
+    if errors:
+        # A rank that died without a report (os._exit, a signal other than the launcher's SIGKILL) before any report
+        # was written is the culprit: its peers' reports only say that it went away ("Connection closed by peer").
+        first_report = min((out / f"rank{r}.error.json").stat().st_mtime for r in errors)
+        silent = [e for e in exits if e["rank"] not in errors and e["returncode"] != -signal.SIGKILL
+                  and e["t"] <= first_report]
+        if not silent:
+            r = min(errors)
+            return r, f"rank {r} failed: {errors[r]['error']}"
+        exits = silent
     if exits:
         # the first to go is the culprit; the rest were killed by the launcher afterwards (SIGKILL, later)
         first = min(exits, key=lambda e: (e["returncode"] == -signal.SIGKILL, e["t"]))

@@ -2,6 +2,8 @@
 the matplotlib Figure; the data logic lives in volumes/launch/timing, not here."""
 from __future__ import annotations
 
+import math
+
 import matplotlib
 
 matplotlib.use("Agg", force=False)  # headless by default (book builds, CI); notebooks still display inline
@@ -424,5 +426,56 @@ def moe_skew(df: pd.DataFrame, title: str = ""):
     sns.lineplot(data=df, x="phi", y="relative", hue="phase", marker="o", ax=ax)
     ax.set(xlabel="share φ of a rank's tokens routed to the busiest expert", ylabel="all-to-all bytes ÷ balanced",
            title=title)
+    fig.tight_layout()
+    return fig
+
+
+def handoff_diagram(kv_heads: int, pairs: list, t_prefill: int, t_decode: int, title: str = ""):
+    """The hand-off's re-layout between a prefill side of TP degree ``t_prefill`` and a decode side of ``t_decode``:
+    each side's ranks as columns of the a_kv KV heads they hold, one arrow per (sender, receiver) pair with the heads
+    it carries (``pairs``: the kv rows of :func:`llmcomm.derive.disagg.rank_split`, global ranks; the decode side
+    numbered after the prefill's ranks)."""
+    from matplotlib.patches import FancyArrowPatch, Rectangle
+
+    fig, ax = plt.subplots(figsize=(7.2, 0.55 * kv_heads + 1.6))
+    ax.set_xlim(-0.6, 6.6)
+    ax.set_ylim(-0.9, kv_heads + 0.7)
+    ax.axis("off")
+    colors = sns.color_palette("pastel", max(t_prefill, t_decode))
+    sides = ((0.0, t_prefill, "prefill"), (5.0, t_decode, "decode"))
+    first_decode = min(r["dst"] for r in pairs) if pairs else 0
+    for x, t, name in sides:
+        q = kv_heads // t
+        for i in range(t):
+            ax.add_patch(Rectangle((x, kv_heads - (i + 1) * q), 1.0, q, fc=colors[i], ec="0.3", lw=1))
+            ax.text(x + 0.5, kv_heads - (i + 0.5) * q, f"{name}\nTP rank {i}", ha="center", va="center", fontsize=8)
+        ax.text(x + 0.5, kv_heads + 0.35, f"{name}, t = {t}", ha="center", fontsize=9, weight="bold")
+    for r in pairs:
+        lo, hi = r["heads"][0][0], r["heads"][-1][1]
+        mid = kv_heads - (lo + hi) / 2
+        ax.add_patch(FancyArrowPatch((1.05, mid), (4.95, mid), arrowstyle="->", mutation_scale=12, color="0.25",
+                                     lw=1.2))
+        ax.text(3.0, mid + 0.12, f"rank {r['src']} → rank {r['dst']}: KV heads {lo}–{hi - 1}", ha="center",
+                va="bottom", fontsize=8)
+    ax.text(3.0, -0.6, f"a_kv = {kv_heads} KV heads; t_P + t_D − gcd(t_P, t_D) = "
+            f"{t_prefill + t_decode - math.gcd(t_prefill, t_decode)} pairs per layer "
+            f"(decode ranks from global rank {first_decode})", ha="center", fontsize=8.5)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def pairs_diagonal(df: pd.DataFrame, title: str = ""):
+    """Measured against predicted bytes of every (sender, receiver) pair of every hand-off (columns
+    ``bytes_predicted``, ``bytes_measured``, ``config``, ``kind``); the diagonal is y = x."""
+    fig, ax = plt.subplots(figsize=(5.6, 4.6))
+    sns.scatterplot(data=df, x="bytes_predicted", y="bytes_measured", hue="config", style="kind", s=70, ax=ax)
+    lo = max(1.0, min(df.bytes_predicted.min(), df.bytes_measured.min()) / 2)
+    hi = max(df.bytes_predicted.max(), df.bytes_measured.max()) * 2
+    ax.plot([lo, hi], [lo, hi], color="0.4", lw=1, ls="--", zorder=0, label="measured = predicted")
+    ax.set(xscale="log", yscale="log", xlabel="predicted bytes (derive.disagg)", ylabel="measured bytes (capture)",
+           title=title)
+    ax.legend(fontsize=7.5, loc="upper left")
     fig.tight_layout()
     return fig
