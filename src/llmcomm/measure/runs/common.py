@@ -22,6 +22,7 @@ import torch
 from llmcomm.spec import ModelSpec, Workload, SpecError
 
 __all__ = ["TORCH_DTYPES", "pick_device", "synchronize", "build_model", "prompt_ids", "Generation", "generate",
+           "keep_stage",
            "reference_generations", "warm_up", "versions"]
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -81,6 +82,18 @@ class Generation:
         """The ``timings`` of a rank result."""
         return {"ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "e2e_s": self.e2e_s,
                 "decode_steps_s": self.decode_steps_s}
+
+
+def keep_stage(hf, start: int, stop: int, first: bool, last: bool) -> None:
+    """Cut the HF causal LM ``hf`` down to one pipeline stage, in place: decoder layers [start, stop) (each keeps
+    its global ``layer_idx``, so the KV cache is indexed as in the whole model), the embedding only on the first
+    stage, the final norm and ``lm_head`` only on the last."""
+    hf.model.layers = torch.nn.ModuleList(list(hf.model.layers)[start:stop])
+    if not first:
+        hf.model.embed_tokens = None
+    if not last:
+        hf.model.norm = None
+        hf.lm_head = None
 
 
 def cache_kwarg(fn) -> str:

@@ -72,7 +72,7 @@ class SideStage:
         import deepspeed.comm as dist
         from deepspeed.inference.engine import InferenceEngine
 
-        from llmcomm.measure.runs.common import TORCH_DTYPES, cache_kwarg
+        from llmcomm.measure.runs.common import TORCH_DTYPES, cache_kwarg, keep_stage
 
         prefill = ctx.rank < dis.prefill.ranks
         self.side, self.layout = ("prefill", dis.prefill) if prefill else ("decode", dis.decode)
@@ -85,12 +85,7 @@ class SideStage:
         self.first, self.last = self.stage == 0, self.stage == p - 1
         self.device, self.dtype, self.h = ctx.device, TORCH_DTYPES[ctx.dtype], ctx.model.h
 
-        hf.model.layers = torch.nn.ModuleList(list(hf.model.layers)[self.start:self.stop])
-        if not self.first:
-            hf.model.embed_tokens = None
-        if not self.last:
-            hf.model.norm = None
-            hf.lm_head = None
+        keep_stage(hf, self.start, self.stop, self.first, self.last)
         other = dis.decode if prefill else dis.prefill
         if t > 1:
             dist.comm.cdb.shm_vector_kernel_level = 0        # a TP group inside a larger world: gloo's all-reduce

@@ -135,7 +135,7 @@ class Stage:
         from deepspeed.runtime.pipe import p2p
         from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-        from llmcomm.measure.runs.common import TORCH_DTYPES, cache_kwarg
+        from llmcomm.measure.runs.common import TORCH_DTYPES, cache_kwarg, keep_stage
 
         model, layout = ctx.model, ctx.layout
         t, p, e = layout.t, layout.p, layout.e
@@ -164,12 +164,7 @@ class Stage:
         self.tp_group = grid.get_slice_parallel_group()
 
         # 2. The stage's slice of the HF model, sharded by AutoTP as the TP-only runs shard the whole model.
-        hf.model.layers = torch.nn.ModuleList(list(hf.model.layers)[self.start:self.stop])
-        if not self.first:
-            hf.model.embed_tokens = None
-        if not self.last:
-            hf.model.norm = None
-            hf.lm_head = None
+        keep_stage(hf, self.start, self.stop, self.first, self.last)
         if t > 1:
             if torch.distributed.get_world_size(self.tp_group) != torch.distributed.get_world_size():
                 # A TP group inside a larger world: the shm all-reduce would sum over the world (see module doc).
