@@ -24,7 +24,7 @@ from ..spec import Disaggregation, Layout, ModelSpec, Workload, load_model
 from .sweeps import compare_rows
 
 __all__ = ["MODEL", "CONFIGS", "WORKLOADS", "measure_all", "rows_frame", "pairs_frame", "messages_match",
-           "predicted_rows", "runs_frame"]
+           "predicted_rows", "runs_frame", "run_chapter"]
 
 MODEL = "tiny-llama"
 #: label → the disaggregated layout the chapter and the tests measure
@@ -119,3 +119,17 @@ def runs_frame(measured: list[tuple]) -> pd.DataFrame:
                           "prefill_ms": res.provenance["prefill_s"] * 1e3,
                           "handoff_ms": res.provenance["handoff_s"] * 1e3, "ttft_ms": res.ttft_s * 1e3,
                           "tpot_ms": res.tpot_s * 1e3} for label, model, dis, wl, res in measured])
+
+
+def run_chapter(command: str) -> tuple[list, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The chapter's measurement: every configuration × workload (:func:`measure_all`), its rows, pairs and run
+    frames, saved with provenance as ``disagg_rows``, ``disagg_pairs`` and ``disagg_runs`` when ``$LLMCOMM_SAVE=1``
+    (:func:`llmcomm.compare.sweeps.save`), checked: every run's tokens equal the single-process reference."""
+    from .sweeps import save
+
+    measured = measure_all(progress_timeout_s=240)
+    rows, pairs, runs = rows_frame(measured), pairs_frame(measured), runs_frame(measured)
+    for df, name in ((rows, "disagg_rows"), (pairs, "disagg_pairs"), (runs, "disagg_runs")):
+        save(df, name, command)
+    assert runs.tokens_match.all(), f"tokens differ from the single-process reference:\n{runs[~runs.tokens_match]}"
+    return measured, rows, pairs, runs

@@ -584,3 +584,47 @@ def validation_runs(runs: dict, spread: dict | None = None) -> pd.DataFrame:
                      "load avg (1, 5, 15 min)": prov.get("load_avg_before"), "date": prov.get("date"),
                      "git": prov.get("git")})
     return pd.DataFrame(rows).round(3)
+
+
+def handoff_frame(models: Iterable[ModelSpec], sides: Iterable[tuple], workload: Workload,
+                  block: int = 16) -> pd.DataFrame:
+    """The KV hand-off of each model × (prefill layout, decode layout) (:mod:`llmcomm.derive.disagg`): KV bytes per
+    token, the whole hand-off, its messages and their sizes, the busiest prefill rank's share, and the pieces of a
+    paged cache of ``block`` tokens (heads-major blocks; token-major ones in the last column). Layouts a model cannot
+    take (t not dividing its KV heads) are left out."""
+    from ..derive.disagg import handoff_summary, pieces
+    from ..spec import Disaggregation, SpecError
+
+    out = []
+    for model in models:
+        for prefill, decode in sides:
+            dis = Disaggregation(prefill, decode, block=block)
+            try:
+                hs = handoff_summary(model, dis, workload)
+            except SpecError:
+                continue
+            out.append({"model": model.name, "prefill t×p": f"{prefill.t}×{prefill.p}",
+                        "decode t×p": f"{decode.t}×{decode.p}",
+                        "KV B/token": hs["kv_bytes"] // (workload.b * workload.S),
+                        "KV MiB": hs["kv_bytes"] / 2**20, "messages": hs["messages"],
+                        "message sizes (KiB × count)": ", ".join(f"{m / 1024:g} × {c}"
+                                                                for m, c in hs["message_sizes"].items()),
+                        "busiest sender MiB": hs["sent_bytes_busiest"] / 2**20,
+                        f"pieces (B={block}, HND)": hs["pieces"],
+                        f"pieces (B={block}, NHD)": pieces(model, dis, workload, block_layout="NHD")})
+    return pd.DataFrame(out)
+
+
+def rank_split_frame(model: ModelSpec, dis, workload: Workload) -> pd.DataFrame:
+    """Who sends what in a hand-off (:func:`llmcomm.derive.disagg.rank_split`), one row per (sender, receiver):
+    global ranks, each side's (stage, TP rank), the layers and KV heads, messages and bytes."""
+    from ..derive.disagg import rank_split
+
+    rows = []
+    for r in rank_split(model, dis, workload):
+        rows.append({"kind": r["kind"], "from rank": r["src"], "prefill (stage, TP)": tuple(r["side_src"]),
+                     "to rank": r["dst"], "decode (stage, TP)": tuple(r["side_dst"]),
+                     "layers": f"{r['layers'][0]}–{r['layers'][1]}" if r["kind"] == "kv" else "",
+                     "KV heads": ", ".join(f"{lo}–{hi - 1}" for lo, hi in r["heads"]),
+                     "messages": r["messages"], "bytes": r["bytes"]})
+    return pd.DataFrame(rows)

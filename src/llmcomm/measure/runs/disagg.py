@@ -36,7 +36,8 @@ One configuration (phases as the capture names them):
 * ``decode`` — the decode side's G − 1 forwards from that cache (positions S, S + 1, …), stage to stage as above,
   the token handed back from its last stage to its first after every forward (as the pipeline runner does).
 
-Tokens: the decode side's first stage reports all G (the first one received, the others its own); they must equal
+Each configuration starts with a world barrier outside the capture (both sides begin together: the decode side is
+waiting when the prefill ends, as an idle decode instance would). Tokens: the decode side's first stage reports all G (the first one received, the others its own); they must equal
 the single-process reference. Timings (wall clock ``time.time()`` of the machine, so comparable between ranks of one
 host only): the prefill ranks report their prefill's start and end, the decode ranks the hand-off's end and their
 decode steps; :func:`llmcomm.measure.disaggregate.measure_disaggregated` turns them into TTFT = hand-off end −
@@ -242,7 +243,11 @@ def run(ctx: RankContext):
         groups = _groups(dis)
         st = SideStage(ctx, hf, dis, groups)
     config = hf.config
+    import llmcomm.derive.disagg  # noqa: F401  (the hand-off's head ranges: imported now, not inside the timing)
     for i, w in ctx.sweep():
+        # Both sides start each configuration together (outside the capture: not a message of the run), so the
+        # hand-off's time is the transfer's, not the decode side finishing the configuration before.
+        torch.distributed.barrier()
         with torch.no_grad(), ctx.capture() as cap:
             phase = ctx.phase_hook(cap)
             cache = DynamicCache(config=config)
