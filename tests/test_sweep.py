@@ -232,18 +232,16 @@ def test_first_failure_names_the_rank_that_went_first(tmp_path):
     (tmp_path / "rank1.exit.json").write_text(json.dumps({"rank": 1, "returncode": 3, "t": 5.0}))
     (tmp_path / "rank0.exit.json").write_text(json.dumps({"rank": 0, "returncode": -9, "t": 4.0}))
     assert diagnose.first_failure(tmp_path, 2, 1) == (1, "rank 1 exited with status 3 before writing its result")
-    # a rank's report wins over a silent exit that came after it (epoch seconds, as the supervisor writes them) ...
+    # a rank's own error wins over a silent exit ...
     (tmp_path / "rank0.error.json").write_text(json.dumps({"rank": 0, "error": "SpecError: no"}))
-    late = time.time() + 100
-    (tmp_path / "rank1.exit.json").write_text(json.dumps({"rank": 1, "returncode": 3, "t": late}))
     assert diagnose.first_failure(tmp_path, 2, 1) == (0, "rank 0 failed: SpecError: no")
-    # ... and a rank that died without a report before any peer reported is the culprit (the peers' reports only
-    # say "Connection closed by peer"); the launcher's SIGKILL of the others never is
-    (tmp_path / "rank1.exit.json").write_text(json.dumps({"rank": 1, "returncode": 3, "t": 5.0}))
+    # ... but a report that only says the peer went away (what gloo raises on the survivors) points at the rank that
+    # died without one; the launcher's SIGKILL of the others never makes a culprit
+    gone = "RuntimeError: [gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:23425"
+    (tmp_path / "rank0.error.json").write_text(json.dumps({"rank": 0, "error": gone}))
     assert diagnose.first_failure(tmp_path, 2, 1) == (1, "rank 1 exited with status 3 before writing its result")
     (tmp_path / "rank1.exit.json").write_text(json.dumps({"rank": 1, "returncode": -9, "t": 5.0}))
-    assert diagnose.first_failure(tmp_path, 2, 1) == (0, "rank 0 failed: SpecError: no")
-
+    assert diagnose.first_failure(tmp_path, 2, 1) == (0, f"rank 0 failed: {gone}")
 
 # -------------------------------------------------------------------------------------------- the op-load lock
 def _env(root: Path) -> dict:

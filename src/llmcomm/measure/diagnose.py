@@ -128,18 +128,20 @@ def diagnose_hang(out: Path, pending: list[int], env: Mapping[str, str] | None =
     return culprits, " ".join(parts)
 
 
+#: what a rank's error says when only its peer failed (gloo's and NCCL's words for a connection a dead rank dropped)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker", "Broken pipe")
+
+
 def first_failure(out: Path, nranks: int, launcher_rc: int | None) -> tuple[int | None, str]:
     """After a run ended without all results: which rank failed first, and how."""
     errors = {r: read_json(out / f"rank{r}.error.json") for r in range(nranks)}
     errors = {r: e for r, e in errors.items() if e}
     exits = [e for e in (read_json(out / f"rank{r}.exit.json") for r in range(nranks)) if e and e["returncode"]]
     if errors:
-        # A rank that died without a report (os._exit, a signal other than the launcher's SIGKILL) before any report
-        # was written is the culprit: its peers' reports only say that it went away ("Connection closed by peer").
-        first_report = min((out / f"rank{r}.error.json").stat().st_mtime for r in errors)
-        silent = [e for e in exits if e["rank"] not in errors and e["returncode"] != -signal.SIGKILL
-                  and e["t"] <= first_report]
-        if not silent:
+        # A rank that died without a report (os._exit, a signal other than the launcher's SIGKILL) is the culprit
+        # when every report only says that a peer went away (gloo/NCCL: "Connection closed by peer", …)
+        silent = [e for e in exits if e["rank"] not in errors and e["returncode"] != -signal.SIGKILL]
+        if not silent or not all(any(x in e["error"] for x in _PEER_GONE) for e in errors.values()):
             r = min(errors)
             return r, f"rank {r} failed: {errors[r]['error']}"
         exits = silent
