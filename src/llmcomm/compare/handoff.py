@@ -27,10 +27,14 @@ from ..derive.disagg import handoff_summary
 from ..predict.handoff import handoff_time, message_pieces
 from ..predict.hardware import Hardware, load_hardware
 from ..record import load_frame
-from ..spec import Disaggregation, Layout, SpecError, Workload, load_model
+from ..spec import Disaggregation, Layout, SpecError, Workload, load_model, read_preset_or_file
 
 __all__ = ["FOLDER", "MOONCAKE_BLOCK", "ISSUE_POINTS", "mooncake_points", "mooncake_setup", "moved_tokens",
-           "mooncake_bytes", "fit_inter", "mooncake_comparison", "mooncake_ttft", "nixl_point", "UNITS"]
+           "mooncake_bytes", "fit_inter", "mooncake_comparison", "mooncake_ttft", "nixl_point", "UNITS",
+           "calibrate_handoff", "HANDOFF_COMMAND"]
+
+#: the command that writes the hand-off's calibration alone (``make gpu-fits`` writes it with the GPU fits)
+HANDOFF_COMMAND = "python -c 'from llmcomm.compare.handoff import calibrate_handoff; calibrate_handoff()'"
 
 #: where the public points live under data/
 FOLDER = "external/kv_transfer"
@@ -47,12 +51,17 @@ def mooncake_points() -> tuple[pd.DataFrame, dict]:
     return load_frame("mooncake_vllm_v1", FOLDER)
 
 
-def mooncake_setup(block: int | None = MOONCAKE_BLOCK):
+def mooncake_setup(block: int | None = MOONCAKE_BLOCK, calibrated: bool = True):
     """(model, disaggregation, hardware, GPUs per node) of the Mooncake runs: Qwen3-8B, TP 8 → TP 8 on two H800
-    nodes (``h800-roce``)."""
+    nodes (``h800-roce``; ``calibrated=False``: the preset without its calibration file, as the fit that writes it
+    needs — the fit gives every parameter it uses)."""
     model = load_model("qwen3-8b")
     dis = Disaggregation(Layout(8, 1), Layout(8, 1), block=block).validate(model)
-    return model, dis, load_hardware("h800-roce"), 8
+    if calibrated:
+        return model, dis, load_hardware("h800-roce"), 8
+    preset, _ = read_preset_or_file("hardware", "h800-roce", "hardware")
+    bare = {key: v for key, v in preset.items() if key != "calibrated_in"}
+    return model, dis, Hardware.from_dict(bare, name="h800-roce"), 8
 
 
 def moved_tokens(prompt: int, block: int = MOONCAKE_BLOCK) -> int:
@@ -65,7 +74,7 @@ def mooncake_bytes() -> pd.DataFrame:
     """Per point: the derived KV bytes of S and of the moved tokens beside the reported size (binary units), and the
     gaps (%) — the reported size is printed to 2-3 digits, so a gap under its rounding is agreement."""
     df, _ = mooncake_points()
-    model, dis, _, _ = mooncake_setup()
+    model, dis, _, _ = mooncake_setup(calibrated=False)
     rows = []
     for r in df.itertuples():
         reported = float(r.kv_size_reported) * UNITS[r.kv_size_unit]
@@ -96,7 +105,7 @@ def fit_inter(prompts, seconds) -> dict:
     prompts, seconds = list(prompts), np.asarray(seconds, dtype=float)
     if len(prompts) < 2 or len(prompts) != len(seconds):
         raise SpecError("fitting the hand-off needs at least two points, each a prompt length and a time")
-    model, dis, hw, g = mooncake_setup()
+    model, dis, hw, g = mooncake_setup(calibrated=False)
     feats = np.array([_features(model, dis, hw, g, x) for x in prompts])
     coef, _ = nnls(feats / seconds[:, None], np.ones(len(prompts)))
     if coef[1] <= 0:
@@ -105,7 +114,7 @@ def fit_inter(prompts, seconds) -> dict:
 
 
 def _predict(prompt: int, params: dict) -> float:
-    model, dis, hw, g = mooncake_setup()
+    model, dis, hw, g = mooncake_setup(calibrated=False)
     wl = Workload(1, moved_tokens(prompt), 2, "bf16")
     return handoff_time(model, dis, wl, hw, g, params={"inter": params}, tokens=False)["seconds"]
 
@@ -170,7 +179,7 @@ def nixl_point(mb_unit: int = 2 ** 20) -> dict:
     seconds, post = float(r["avg_xfer_ms"]) / 1e3, float(r["avg_post_ms"]) / 1e3
     piece_s = post / float(r["avg_descriptors"])
     rate = nbytes / (seconds - post)
-    model, dis, _, _ = mooncake_setup()
+    model, dis, _, _ = mooncake_setup(calibrated=False)
     wl = Workload(1, moved_tokens(32768), 2, "bf16")
     per_rank = message_pieces("kv", wl, dis) * model.L           # one KV head per rank: L messages per rank
     moon, _ = mooncake_points()
@@ -180,3 +189,28 @@ def nixl_point(mb_unit: int = 2 ** 20) -> dict:
             "bytes_per_descriptor": nbytes / float(r["avg_descriptors"]),
             "mooncake_32k_pieces_per_rank": per_rank, "mooncake_32k_piece_s_total": per_rank * piece_s,
             "mooncake_32k_reported_s": float(moon.loc[moon["prompt_tokens"] == 32768, "transfer_ms"].iloc[0]) / 1e3}
+
+
+def calibrate_handoff(command: str | None = None, path=None) -> dict:
+    """The ``h800-roce`` preset's ``kv_transfer.inter`` fitted on all nine Mooncake points (:func:`fit_inter`),
+    written to its calibration file (:func:`llmcomm.compare.calibration.write_calibration`; ``path`` elsewhere),
+    and the leave-one-out comparison (:func:`mooncake_comparison`) to ``data/validation/handoff_mooncake.csv`` with
+    its sidecar. Returns the fitted parameters."""
+    from ..record import data_dir, save_frame
+    from .calibration import write_calibration
+
+    command = command or HANDOFF_COMMAND
+    df, _ = mooncake_points()
+    fit = fit_inter(df["prompt_tokens"].astype(int), df["transfer_ms"].astype(float) / 1e3)
+    note = ("fitted by llmcomm.compare.handoff.fit_inter on all nine Mooncake points (data/external/kv_transfer/"
+            "mooncake_vllm_v1.csv): the per-message floor and one rank's bandwidth, non-negative least squares of the "
+            "relative error; each point predicted from the others in data/validation/handoff_mooncake.csv")
+    overlay = {"kv_transfer": {"inter": fit}, "source": {
+        "kv_transfer.inter": note,
+        "kv_transfer.inter.piece_s": "ASSUMPTION: 0 (not identifiable from the Mooncake points: at fixed TP degrees "
+                                     "the pieces grow with the bytes; the one public per-piece figure, NIXL on one "
+                                     "host, is another transport)"}}
+    write_calibration("h800-roce", overlay, command, path)
+    save_frame(mooncake_comparison(), "handoff_mooncake", command, machine="validation",
+               root=data_dir("validation").parent, float_format="%.6g", source="data/external/kv_transfer")
+    return fit
