@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-import llmcomm
 from llmcomm.compare import handoff as C
 from llmcomm.predict import handoff as H
-from llmcomm.predict.hardware import Hardware, load_hardware
+from llmcomm.predict.hardware import Hardware, calibration_path, load_hardware
 from llmcomm.predict.latency import predict_latency
 from llmcomm.spec import Disaggregation, Layout, SpecError, Workload, load_model
 
@@ -72,8 +70,7 @@ def test_one_node_uses_the_intra_level_and_unequal_tp_loads_the_sender():
 
 def test_parameters_come_from_the_preset_or_the_links():
     par = H.kv_transfer_params(HW)
-    raw = json.loads((Path(llmcomm.__file__).parent / "presets" / "hardware" / "h800-roce.json").read_text())
-    raw = raw["kv_transfer"]
+    raw = json.loads(calibration_path("h800-roce").read_text())["overlay"]["kv_transfer"]      # the fit, as written
     assert par["inter"]["floor_s"] == raw["inter"]["floor_s"] and par["inter"]["from"] == "h800-roce kv_transfer"
     # no intra block: the NVLink link's alpha (3 us) and 200 GB/s x 0.8
     assert par["intra"]["floor_s"] == pytest.approx(3e-6) and par["intra"]["bytes_per_s"] == pytest.approx(160e9)

@@ -6,8 +6,8 @@ E2E or the bytes that cross nodes, memory-feasible — and when splitting pays.
 parallelism: an 8B model on 8 GPUs is as likely eight single-GPU engines as one TP-8 engine); the b sequences of the
 batch are spread over the replicas, ⌈b/r⌉ each, and so are the arriving prompts. The ranks are placed in order, g per
 node: the prefill side's replicas first, then the decode side's (N GPUs on ⌈N/g⌉ nodes, as a co-located deployment
-of N); each replica's latency is predicted as if it started on a node (:func:`llmcomm.predict.latency
-.predict_latency_grid`), its bytes crossing nodes where it really lies.
+of N); each replica's latency is predicted as if it started on a node (:func:`~.latency.predict_latency_grid`), its
+bytes crossing nodes where it really lies.
 
 **The serving model (an ASSUMPTION, and a parameter).** One request's TTFT and a decode step's TPOT alone never favour
 a split: each phase gets fewer GPUs and the hand-off is added. What a split removes is the **interference of
@@ -31,12 +31,13 @@ modelled on either side.
 (x/r)·prefill_c. The split beats every fitting co-located deployment once x > max_c r_c·(TPOT_split − decode_c) /
 prefill_c (``pays_above``), as long as its prefill side keeps up, x ≤ r_P·TPOT_split / prefill_P
 (``prefill_limit``). :func:`when_splitting_pays` reads the rows and says whether that window is empty and where the
-given x falls. Splitting always costs TTFT (the hand-off, and fewer GPUs for the prefill).
+given x falls. A split pays for it in TTFT: the hand-off, and fewer GPUs for a prefill than a co-located layout of all
+N could give it (compare the rows' ``ttft_s``).
 
-**Memory** (every replica holds the whole model's weights over its ranks, :func:`llmcomm.predict.advise
-.memory_per_rank`): a prefill replica the KV of one request's S tokens and its activations; a decode replica the KV of
-⌈b/r⌉·(S + G) tokens and a decode step's activations; a co-located replica both (advise's count: KV of ⌈b/r⌉·(S + G),
-activations of ⌈b/r⌉·S). KV counted in the KV dtype. **Bytes crossing nodes** over a generation of the b sequences:
+**Memory** (every replica holds the whole model's weights over its ranks, :func:`~.advise.memory_per_rank`): a
+prefill replica the KV of one request's S tokens and its activations; a decode replica the KV of ⌈b/r⌉·(S + G) tokens
+and a decode step's activations; a co-located replica both (advise's count: KV of ⌈b/r⌉·(S + G), activations of
+⌈b/r⌉·S). KV counted in the KV dtype. **Bytes crossing nodes** over a generation of the b sequences:
 every replica's forwards (a split: the prefill forwards on its side, the G − 1 decode forwards on the other) and the
 b hand-offs (request i from prefill replica i mod r_P to decode replica i mod r_D), all at their placed ranks.
 """

@@ -21,8 +21,8 @@ Layer-wise overlap (:func:`exposed_seconds`): a connector that sends layer l's K
 the transfer behind the prefill; with the hand-off's time τ spread evenly over the L layers and a prefill of L equal
 layers of c = prefill/L each, the link finishes ``max(τ/L, τ − (L−1)·c)`` after the prefill — what stays exposed.
 
-:func:`disaggregated_latency` composes TTFT = the prefill side's prefill (:func:`llmcomm.predict.latency
-.predict_latency` of its layout) + the (exposed) hand-off; TPOT is the decode side's; :func:`handoff_share_frame`
+:func:`disaggregated_latency` composes TTFT = the prefill side's prefill (:func:`~.latency.predict_latency` of its
+layout) + the (exposed) hand-off; TPOT is the decode side's; :func:`handoff_share_frame`
 is the share of TTFT the hand-off takes over a grid of prompt lengths S and batches b.
 
 The per-level parameters come from the hardware preset's ``kv_transfer`` block (``{"intra"|"inter": {"floor_s",
