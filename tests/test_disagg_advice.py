@@ -78,6 +78,15 @@ def test_split_across_nodes_moves_every_prompts_kv_over_the_network(rows):
     assert co["inter_node_bytes"] == 0                                  # each TP-2 replica on its own node
 
 
+def test_one_co_located_engine_crosses_nodes_as_advise_counts_it(rows):
+    """The TP-4 engine on 2 nodes of 2: its bytes crossing nodes are what llmcomm.predict.advise counts."""
+    from llmcomm.derive.evaluate import traffic_totals
+
+    co = next(r for r in rows if r["kind"] == "co-located" and r["prefill_tp"] == 4)
+    want = traffic_totals(QWEN, Layout(4, 1), Workload(BATCH, S, G, "bf16"), "deepspeed", "ring", 2)
+    assert co["inter_node_bytes"] == want["inter_node_bytes"] > 0
+
+
 def test_memory_counts_each_side_whole_weights():
     """A 70B model in bf16 (~129 GiB of weights) on 2 x 80 GB: co-located TP 2 fits, a 1 + 1 split cannot (each side
     would hold every weight on one GPU)."""

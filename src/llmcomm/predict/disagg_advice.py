@@ -234,9 +234,9 @@ def when_splitting_pays(rows: list[dict]) -> dict:
                                                 "sustain."}
     lo, hi = best["pays_above"], best["prefill_limit"]
     now = bool(lo < x <= hi)
-    text = (f"{_name(best)} beats every co-located deployment on TPOT when more than {lo:.3g} prompts arrive per "
-            f"decode step, up to {hi:.3g} (what its prefill side sustains); at x = {x:.3g} it "
-            f"{'pays' if now else 'does not pay'}")
+    load = f"when more than {lo:.3g} prompts arrive per decode step, up to" if lo > 0 else "at any load up to"
+    text = (f"{_name(best)} beats every co-located deployment on TPOT {load} {hi:.3g} prompts per decode step (what "
+            f"its prefill side sustains); at x = {x:.3g} it {'pays' if now else 'does not pay'}")
     if best_co is not None:
         text += (f": TPOT {best['tpot_s'] * 1e3:.3g} ms vs {best_co['tpot_s'] * 1e3:.3g} ms ({_name(best_co)}), "
                  f"at the price of TTFT {best['ttft_s'] * 1e3:.3g} ms vs {best_co['ttft_s'] * 1e3:.3g} ms")
