@@ -120,6 +120,13 @@ def test_when_splitting_pays(rows):
     none = A.when_splitting_pays(A.advise_disaggregated(QWEN, 4, HW, gpus_per_node=2, S=S, G=G, b=BATCH,
                                                         prefills_per_step=0.0))
     assert none["pays_now"] is False and "\n" not in none["statement"]
+    flood = A.advise_disaggregated(QWEN, 4, HW, gpus_per_node=2, S=S, G=G, b=BATCH, prefills_per_step=100.0)
+    assert not any(r["keeps_up"] for r in flood if r["kind"] == "split")   # no prefill side sustains 100 per step
+    assert A.when_splitting_pays(flood)["pays_now"] is False
+    busy = A.when_splitting_pays(A.advise_disaggregated(QWEN, 4, HW, gpus_per_node=2, S=S, G=G, b=BATCH,
+                                                        prefills_per_step=0.6))
+    lo, hi = busy["window"]
+    assert busy["pays_now"] == (lo < 0.6 <= hi)
 
 
 @pytest.mark.parametrize("kwargs, msg", [

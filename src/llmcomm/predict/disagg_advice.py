@@ -217,16 +217,19 @@ def _name(r: dict | None) -> str | None:
 
 
 def when_splitting_pays(rows: list[dict]) -> dict:
-    """From :func:`advise_disaggregated`'s rows: ``{"best_co_located" (its lowest TPOT), "best_split" (the fitting
-    split that pays from the fewest prefills per step), "prefills_per_step", "window": [pays_above, prefill_limit]
-    (None when no fitting split has one), "pays_now" (the given x inside it), "statement"}``."""
+    """From :func:`advise_disaggregated`'s rows: ``{"best_co_located" (its lowest TPOT), "best_split" (of the
+    fitting splits that pay at the rows' x, the lowest TPOT; when none does, the one that pays from the fewest
+    prefills per step), "prefills_per_step", "window": [pays_above, prefill_limit] of that split (None when no
+    fitting split has one), "pays_now" (x inside it), "statement"}``."""
     if not rows:
         raise SpecError("no rows to judge")
     x = rows[0]["prefills_per_step"]
     co = [r for r in rows if r["kind"] == "co-located" and r["fits"]]
     splits = [r for r in rows if r["kind"] == "split" and r["fits"] and r["pays_above"] < r["prefill_limit"]]
     best_co = min(co, key=lambda r: r["tpot_s"]) if co else None
-    best = min(splits, key=lambda r: (r["pays_above"], r["tpot_s"])) if splits else None
+    inside = [r for r in splits if r["pays_above"] < x <= r["prefill_limit"]]
+    best = (min(inside, key=lambda r: (r["tpot_s"], r["ttft_s"])) if inside else
+            min(splits, key=lambda r: (r["pays_above"], r["tpot_s"])) if splits else None)
     if best is None:
         return {"best_co_located": _name(best_co), "best_split": None, "prefills_per_step": x, "window": None,
                 "pays_now": False, "statement": "No split pays on TPOT here: for every fitting split, some co-located "
