@@ -32,6 +32,9 @@ _allow("predict/advise.py", "name", "b S G w h L V t p g e")
 _allow("predict/advise.py", "key", "b S G e")                   # the workload of each advice row
 _allow("predict/collectives.py", "name", "g m n alpha beta tau")
 _allow("predict/compute.py", "name", "b S G w h V t p e s T")
+_allow("predict/disagg_advice.py", "name", "b S G g t p m")         # the workload, layouts, a call's m bytes
+_allow("predict/handoff.py", "name", "G g")
+_allow("predict/handoff.py", "key", "b S")                      # the share frame's workload columns
 _allow("predict/compute.py", "key", "e C")                      # ExpertLayout(e=…, C=…)
 _allow("predict/cost.py", "name", "w h V t g T m")
 _allow("predict/cost.py", "key", "g")                           # collective_time(…, g=…)
@@ -51,6 +54,7 @@ _allow("compare/calibration.py", "key", "S h L V T m n")
 _allow("compare/cpu_calibration.py", "name", "S G s M_g N_g K_g")
 _allow("compare/cpu_calibration.py", "key", "S L V h")                # ModelSpec(L=…, V=…) of a timed layer shape
 _allow("compare/disaggregated.py", "key", "b S G")
+_allow("compare/handoff.py", "name", "g")                       # GPUs per node of the public setup
 _allow("compare/gpu.py", "name", "b S t")
 _allow("compare/gpu.py", "key", "b S G t")
 _allow("compare/inrun.py", "name", "b S G w t p m n beta")

@@ -9,7 +9,8 @@ the packaged preset (:func:`write_calibration` merges new sections into it, atom
   layout (:mod:`llmcomm.compare.inrun`);
 * :func:`calibrate_public_gpu` — ``llmcomm calibrate --public-gpu`` (``make gpu-fits``): the GPU kernel and NCCL
   models fitted to the public Vidur and aiconfigurator measurements (:mod:`llmcomm.compare.vidur`,
-  :mod:`llmcomm.compare.nccl_data`), and their out-of-sample errors into ``data/validation/``.
+  :mod:`llmcomm.compare.nccl_data`), and their out-of-sample errors into ``data/validation/``; and the
+  ``h800-roce`` preset's KV hand-off fitted to the Mooncake points (:func:`llmcomm.compare.handoff.calibrate_handoff`).
 
 Collectives: the α-β fits (:mod:`llmcomm.predict.fit`) of a ``llmcomm bench-collectives`` table — all_reduce from
 DeepSpeed's shm kernel (``shm``: its one-shot path below 1 MiB and its two-phase path above, each fitted on its own
@@ -348,4 +349,7 @@ def calibrate_public_gpu(command: str | None = None, log=None) -> dict:
         for section in sections.values():
             section["provenance"] = prov
         write_calibration(preset, sections, command)
+    from .handoff import calibrate_handoff
+
+    calibrate_handoff(command)              # the h800-roce preset's KV hand-off, fitted to the Mooncake points
     return tables
