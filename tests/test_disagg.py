@@ -175,3 +175,20 @@ def test_cli_bad_combinations_exit_2(argv, msg, capsys):
     assert main(["predict", "--model", "tiny-llama", *argv]) == 2
     err = capsys.readouterr().err
     assert msg in err and err.count("\n") == 1
+
+
+def test_cli_advise_disaggregate(capsys):
+    import json
+
+    from llmcomm.cli import main
+
+    assert main(["advise", "--model", "qwen3-8b", "--gpus", "8", "--hardware", "h800-roce", "--disaggregate",
+                 "--prompt", "2048", "--generate", "256", "--batch", "32", "--objective", "tpot", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    kinds = {r["kind"] for r in rep["rows"]}
+    assert kinds == {"co-located", "split"} and rep["verdict"]["prefills_per_step"] == 32 / 256
+    assert all(r["prefill_gpus"] + r["decode_gpus"] == 8 for r in rep["rows"] if r["kind"] == "split")
+    ranked = [r for r in rep["rows"] if r["fits"] and r.get("keeps_up", True)]
+    assert [r["tpot_s"] for r in ranked] == sorted(r["tpot_s"] for r in ranked)
+    assert main(["advise", "--model", "qwen3-8b", "--gpus", "8", "--disaggregate", "--objective", "link_bytes"]) == 2
+    assert "objective 'link_bytes' is not one of" in capsys.readouterr().err

@@ -33,6 +33,7 @@ _allow("predict/advise.py", "key", "b S G e")                   # the workload o
 _allow("predict/collectives.py", "name", "g m n alpha beta tau")
 _allow("predict/compute.py", "name", "b S G w h V t p e s T")
 _allow("predict/disagg_advice.py", "name", "b S G g t p m")         # the workload, layouts, a call's m bytes
+_allow("predict/disagg_advice.py", "key", "b S G")                 # the workload of the advice report
 _allow("predict/handoff.py", "name", "G g")
 _allow("predict/handoff.py", "key", "b S")                      # the share frame's workload columns
 _allow("predict/compute.py", "key", "e C")                      # ExpertLayout(e=…, C=…)

@@ -28,10 +28,10 @@ def _deployment(args) -> Deployment:
                                  routing=routing, profile=getattr(args, "host_profile", None))
 
 
-def _specs(args):
+def _specs(args, layout: Layout | None = None):
     """The model, layout, workloads (the cross product of the workload options) and deployment of a command."""
     model = load_model(args.model)
-    layout = Layout(args.tp, args.pp, getattr(args, "ep", 1)).validate(model)
+    layout = (layout or Layout(args.tp, args.pp, getattr(args, "ep", 1))).validate(model)
     workloads = [w.validate(model) for w in workload_grid(args.batch, args.prompt, args.generate, args.dtype)]
     return model, layout, workloads, _deployment(args).resolve(model, layout)
 
@@ -50,9 +50,7 @@ def _hardware(name):
 def _disaggregated(args, dis: Disaggregation) -> int:
     """``predict``/``measure --disaggregate``: the prefill side, the KV hand-off (phase kv_transfer), the decode side."""
     from .report.text import render_rows
-
-    model = load_model(args.model)
-    workloads = [w.validate(model) for w in workload_grid(args.batch, args.prompt, args.generate, args.dtype)]
+    model, _, workloads, _ = _specs(args, Layout())                # the sides' layouts are checked by the library
     if args.func is cmd_predict:
         from .predict.report import disaggregated_report as report
         objs = report(model, dis, workloads, _hardware(args.hardware), args.gpus_per_node, args.algorithm)
@@ -91,12 +89,18 @@ def cmd_measure(args) -> int:
 
 def cmd_advise(args) -> int:
     from .predict.advise import advise_report
-    from .report.text import render_advice
+    from .predict.disagg_advice import disaggregated_advice_report
+    from .report.text import render_advice, render_disaggregated_advice
 
     model = load_model(args.model)
-    rep = advise_report(model, args.gpus, args.gpus_per_node, _hardware(args.hardware), args.prompt, args.generate,
-                        args.batch, args.objective, args.dtype, _deployment(args), args.moe_routing is not None)
-    _emit(rep, args.json, render_advice(rep), False)
+    if args.split:                                   # advise --disaggregate: splits beside co-located deployments
+        rep = disaggregated_advice_report(model, args.gpus, args.gpus_per_node, _hardware(args.hardware), args.prompt,
+                                          args.generate, args.batch, args.objective, args.dtype)
+    else:
+        rep = advise_report(model, args.gpus, args.gpus_per_node, _hardware(args.hardware), args.prompt,
+                            args.generate, args.batch, args.objective, args.dtype, _deployment(args),
+                            args.moe_routing is not None)
+    _emit(rep, args.json, (render_disaggregated_advice if args.split else render_advice)(rep), False)
     return 0
 
 
@@ -264,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "sent_bytes_busiest_rank", "link_bytes"],
                     help="rank by a latency or by a traffic metric of the whole generation")
     ad.add_argument("--engine", choices=["deepspeed", "vllm"], default="deepspeed", help="whose host profile")
+    ad.add_argument("--disaggregate", dest="split", action="store_true", help="splits beside co-located deployments")
     _add_moe_args(ad, ep=False)
     ad.add_argument("--json", action="store_true", help="print one JSON object")
     ad.set_defaults(func=cmd_advise, moe_routing=None)                  # None: only lossless layouts are ranked

@@ -24,7 +24,7 @@ from ..spec import Disaggregation, Layout, ModelSpec, Workload, load_model
 from .sweeps import compare_rows
 
 __all__ = ["MODEL", "CONFIGS", "WORKLOADS", "measure_all", "rows_frame", "pairs_frame", "messages_match",
-           "predicted_rows", "runs_frame", "run_chapter"]
+           "predicted_rows", "runs_frame", "run_chapter", "cpu_handoff_frame"]
 
 MODEL = "tiny-llama"
 #: label → the disaggregated layout the chapter and the tests measure
@@ -133,3 +133,20 @@ def run_chapter(command: str) -> tuple[list, pd.DataFrame, pd.DataFrame, pd.Data
         save(df, name, command)
     assert runs.tokens_match.all(), f"tokens differ from the single-process reference:\n{runs[~runs.tokens_match]}"
     return measured, rows, pairs, runs
+
+
+def cpu_handoff_frame(measured: list[tuple], hw) -> pd.DataFrame:
+    """The measured runs' hand-off time beside :func:`llmcomm.predict.handoff.handoff_time` on this machine's
+    calibration ``hw`` (per-message floor and bandwidth from its point-to-point link; all ranks on one host): a
+    benchmark (timings of a shared 2-core machine), not a check."""
+    from ..predict.handoff import handoff_time
+    from ..predict.hardware import for_ranks
+
+    rows = []
+    for label, model, dis, wl, res in measured:
+        pred = handoff_time(model, dis, wl, for_ranks(hw, dis.ranks), gpus_per_node=dis.ranks)
+        meas = res.provenance["handoff_s"]
+        rows.append({"config": label, "b": wl.b, "S": wl.S, "messages": pred["messages"],
+                     "measured_ms": meas * 1e3, "predicted_ms": pred["seconds"] * 1e3,
+                     "measured / predicted": meas / pred["seconds"]})
+    return pd.DataFrame(rows)

@@ -55,7 +55,7 @@ from .handoff import exposed_seconds, handoff_time
 from .hardware import GiB, Hardware
 from .latency import predict_latency_grid
 
-__all__ = ["OBJECTIVES", "deployments", "advise_disaggregated", "when_splitting_pays"]
+__all__ = ["OBJECTIVES", "deployments", "advise_disaggregated", "when_splitting_pays", "disaggregated_advice_report"]
 
 #: what the deployments can be ranked by
 OBJECTIVES = ("ttft", "tpot", "e2e", "inter_node_bytes")
@@ -245,3 +245,16 @@ def when_splitting_pays(rows: list[dict]) -> dict:
                  f"at the price of TTFT {best['ttft_s'] * 1e3:.3g} ms vs {best_co['ttft_s'] * 1e3:.3g} ms")
     return {"best_co_located": _name(best_co), "best_split": _name(best), "prefills_per_step": x,
             "window": [lo, hi], "pays_now": now, "statement": text + "."}
+
+
+def disaggregated_advice_report(model: ModelSpec, gpus: int, gpus_per_node: int | None, hw: Hardware, S: int = 1024,
+                                G: int = 128, b: int = 8, objective: str = "tpot", dtype: str = "bf16",
+                                prefills_per_step: float | None = None) -> dict:
+    """What ``llmcomm advise --disaggregate`` prints: ``{"model", "gpus", "hardware", "workload", "rows"`` (every
+    co-located deployment and every split, ranked: :func:`advise_disaggregated`) ``, "verdict"``
+    (:func:`when_splitting_pays`) ``}``."""
+    rows = advise_disaggregated(model, gpus, hw, gpus_per_node, S, G, b, dtype, objective=objective,
+                                prefills_per_step=prefills_per_step)
+    return {"model": model.name, "gpus": gpus, "hardware": hw.name, "workload": {"b": b, "S": S, "G": G,
+                                                                                "dtype": dtype},
+            "objective": objective, "rows": rows, "verdict": when_splitting_pays(rows)}

@@ -93,6 +93,8 @@ def disaggregated_report(model: ModelSpec, dis, workloads: Sequence[Workload], h
         if hardware is not None:
             from .handoff import disaggregated_latency
 
-            obj["latency"] = disaggregated_latency(model, dis, workload, hardware, gpus_per_node)
+            lat = disaggregated_latency(model, dis, workload, hardware, gpus_per_node)
+            where = ("hardware", "gpus_per_node", "host_profile")          # as predict_latency names them
+            obj["latency"] = dict(lat, **{key: lat["prefill"][key] for key in where})
         out.append(obj)
     return out

@@ -479,3 +479,28 @@ def pairs_diagonal(df: pd.DataFrame, title: str = ""):
     ax.legend(fontsize=7.5, loc="upper left")
     fig.tight_layout()
     return fig
+
+
+def handoff_times(df: pd.DataFrame, title: str = ""):
+    """Predicted against reported hand-off times (columns ``reported_ms``, ``predicted_ms``, ``scheme``: how the
+    prediction's parameters were fitted), log–log, with the diagonal."""
+    fig, ax = plt.subplots(figsize=(5.6, 4.4))
+    sns.scatterplot(data=df, x="reported_ms", y="predicted_ms", hue="scheme", style="scheme", s=70, ax=ax)
+    lo = min(df.reported_ms.min(), df.predicted_ms.min()) / 1.5
+    hi = max(df.reported_ms.max(), df.predicted_ms.max()) * 1.5
+    ax.plot([lo, hi], [lo, hi], color="0.4", lw=1, ls="--", zorder=0, label="predicted = reported")
+    ax.set(xscale="log", yscale="log", xlabel="reported (ms)", ylabel="predicted (ms)", title=title)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def handoff_share(df: pd.DataFrame, title: str = ""):
+    """The share of TTFT the hand-off takes against the prompt length S, one line per batch b (columns ``S``, ``b``,
+    ``handoff_share``)."""
+    fig, ax = plt.subplots(figsize=(5.8, 3.8))
+    sns.lineplot(data=df, x="S", y="handoff_share", hue="b", marker="o", palette="viridis", ax=ax)
+    ax.set(xscale="log", xlabel="prompt length S (tokens)", ylabel="hand-off / TTFT", title=title)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    fig.tight_layout()
+    return fig

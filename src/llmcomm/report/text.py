@@ -85,6 +85,9 @@ def render_rows(obj: dict, stored: str | None = None) -> str:
         lines.append(f"TTFT {lat['ttft_s'] * 1e3:.3f} ms  TPOT {lat['tpot_s'] * 1e3:.3f} ms  E2E {lat['e2e_s'] * 1e3:.3f} ms"
                      f"  (hardware {lat['hardware']}, {lat['gpus_per_node']} GPUs per node, host profile "
                      f"{lat['host_profile']})")
+        if "handoff_s" in lat:
+            lines.append(f"KV hand-off {lat['handoff_s'] * 1e3:.3f} ms = {lat['handoff_share']:.1%} of TTFT "
+                         f"(prefill {lat['prefill_s'] * 1e3:.3f} ms on the prefill side)")
     if "ttft_s" in obj:
         lines.append(f"TTFT {obj['ttft_s'] * 1e3:.2f} ms  TPOT {obj['tpot_s'] * 1e3:.2f} ms  E2E {obj['e2e_s'] * 1e3:.2f} ms"
                      + (f" (stored: {stored})" if stored else " (this machine; tokens match the reference)"))
@@ -214,3 +217,24 @@ def render_validation(summaries: list[dict]) -> str:
                      f"run {s['run']}: median |error| {s['median_abs_err']:.1%} (TTFT {s['median_abs_err_ttft']:.1%}, "
                      f"TPOT {s['median_abs_err_tpot']:.1%}, E2E {s['median_abs_err_e2e']:.1%}); load average "
                      f"{s['load_avg']}" for s in summaries)
+
+
+def render_disaggregated_advice(rep: dict, top: int = 12) -> str:
+    """``advise --disaggregate`` as text: the ranked deployments (co-located and split), then the verdict."""
+    w = rep["workload"]
+    lines = [f"model={rep['model']} gpus={rep['gpus']} hardware={rep['hardware']} b={w['b']} S={w['S']} G={w['G']} "
+             f"{w['dtype']}  ranked by {rep['objective']} (x = {rep['rows'][0]['prefills_per_step']:g} prefills per "
+             f"decode step)"]
+    rows = []
+    for r in rep["rows"][:top]:
+        side = lambda k: f"{r[k + '_replicas']}x({r[k + '_tp']}x{r[k + '_pp']})"  # noqa: E731
+        rows.append({"rank": r["rank"], "kind": r["kind"],
+                     "layout": side("prefill") if r["kind"] == "co-located" else f"{side('prefill')} -> "
+                                                                                f"{side('decode')}",
+                     "TTFT ms": f"{r['ttft_s'] * 1e3:.2f}", "TPOT ms": f"{r['tpot_s'] * 1e3:.2f}",
+                     "hand-off ms": f"{r['handoff_s'] * 1e3:.3f}" if r["kind"] == "split" else "",
+                     "inter-node B": _fmt(r["inter_node_bytes"]), "fits": "yes" if r["fits"] else "no",
+                     "keeps up": "" if r["kind"] == "co-located" else ("yes" if r["keeps_up"] else "no")})
+    lines += table(rows, {k: k for k in rows[0]}) if rows else ["(no deployment)"]
+    lines.append(rep["verdict"]["statement"])
+    return "\n".join(lines)

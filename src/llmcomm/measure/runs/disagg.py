@@ -37,8 +37,8 @@ One configuration (phases as the capture names them):
   the token handed back from its last stage to its first after every forward (as the pipeline runner does).
 
 Each configuration starts with a world barrier outside the capture (both sides begin together: the decode side is
-waiting when the prefill ends, as an idle decode instance would). Tokens: the decode side's first stage reports all G (the first one received, the others its own); they must equal
-the single-process reference. Timings (wall clock ``time.time()`` of the machine, so comparable between ranks of one
+waiting when the prefill ends, as an idle decode instance would). Tokens: the decode side's first stage reports all G
+(the first one received, the others its own); they must equal the single-process reference. Timings (wall clock ``time.time()`` of the machine, so comparable between ranks of one
 host only): the prefill ranks report their prefill's start and end, the decode ranks the hand-off's end and their
 decode steps; :func:`llmcomm.measure.disaggregate.measure_disaggregated` turns them into TTFT = hand-off end −
 prefill start and the hand-off's own time = hand-off end − prefill end.
