@@ -38,13 +38,13 @@ def test_every_message_as_planned_and_tokens_match(measured):
 
 
 def test_handoff_bytes_by_hand(measured):
-    """tiny-llama: L = 4, a_kv = 2, d = 16, fp32. b = 2, S = 8: 2·4·2·16·4·2·8 = 8,192 bytes of KV; unequal TP
+    """tiny-llama: L = 4, a_kv = 2, d = 16, fp32. b = 2, S = 8: 2·4·2·16·4·2·8 = 16,384 bytes of KV; unequal TP
     1 → 2: 4·(1 + 2 − 1) = 8 messages of 2·2·8·1·16·4 = 2,048 B, + 2 token messages of 16 B."""
     m = load_model("tiny-llama")
     assert (m.L, m.kv_heads, m.head_dim) == (4, 2, 16)
     (res,) = [r for label, _, _, w, r in measured if label == "unequal TP 1 → 2" and (w.b, w.S) == (2, 8)]
     kv = [r for r in res.rows if r["phase"] == "kv_transfer"]
-    assert kv == [dict(kv[0], calls=10, bytes=8 * 2048 + 2 * 16)]
+    assert kv == [dict(kv[0], calls=10, bytes=16_384 + 2 * 16)] and 8 * 2048 == 16_384
     sends = [e for e in res.events if e["phase"] == "kv_transfer" and e["op"] == "send"]
     assert sorted({(e["rank"], e["peer"], e["bytes"]) for e in sends}) == [(0, 1, 16), (0, 1, 2048), (0, 2, 16),
                                                                           (0, 2, 2048)]

@@ -61,20 +61,27 @@ def bytes_by_op(df: pd.DataFrame, x: str, col: str | None = None, title: str = "
     return g.figure
 
 
+def _log_diagonal(d: pd.DataFrame, x: str, y: str, hue: str, style: str, xlabel: str, ylabel: str, title: str,
+                  line: str, figsize=(5.2, 4.6), pad: float = 2.0, floor: float = 1.0, legend_size: float = 8):
+    """``y`` against ``x``, one point per row (colour ``hue``, marker ``style``), log–log, with the line y = x
+    (labelled ``line``) from ``floor`` or the data's minimum / ``pad`` to its maximum × ``pad``."""
+    fig, ax = plt.subplots(figsize=figsize)
+    sns.scatterplot(data=d, x=x, y=y, hue=hue, style=style, s=70, ax=ax)
+    lo = max(floor, min(d[x].min(), d[y].min()) / pad)
+    hi = max(d[x].max(), d[y].max()) * pad
+    ax.plot([lo, hi], [lo, hi], color="0.4", lw=1, ls="--", zorder=0, label=line)
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.legend(fontsize=legend_size, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
 def measured_vs_predicted(df: pd.DataFrame, title: str = ""):
     """Measured bytes against predicted bytes, one point per (configuration, phase, op); the diagonal is y = x.
 
     Expects columns ``bytes_predicted``, ``bytes_measured``, ``phase``, ``op``."""
-    d = df.assign(what=_label(df))
-    fig, ax = plt.subplots(figsize=(5.2, 4.6))
-    sns.scatterplot(data=d, x="bytes_predicted", y="bytes_measured", hue="what", style="what", s=70, ax=ax)
-    lo = max(1.0, min(d.bytes_predicted.min(), d.bytes_measured.min()) / 2)
-    hi = max(d.bytes_predicted.max(), d.bytes_measured.max()) * 2
-    ax.plot([lo, hi], [lo, hi], color="0.4", lw=1, ls="--", zorder=0, label="measured = predicted")
-    ax.set(xscale="log", yscale="log", xlabel="predicted bytes", ylabel="measured bytes", title=title)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    return fig
+    return _log_diagonal(df.assign(what=_label(df)), "bytes_predicted", "bytes_measured", "what", "what",
+                         "predicted bytes", "measured bytes", title, "measured = predicted")
 
 
 def layout_lines(df: pd.DataFrame, x: str = "S", y: str = "bytes", hue: str = "layout", col: str | None = "model",
@@ -469,30 +476,15 @@ def handoff_diagram(kv_heads: int, pairs: list, t_prefill: int, t_decode: int, t
 def pairs_diagonal(df: pd.DataFrame, title: str = ""):
     """Measured against predicted bytes of every (sender, receiver) pair of every hand-off (columns
     ``bytes_predicted``, ``bytes_measured``, ``config``, ``kind``); the diagonal is y = x."""
-    fig, ax = plt.subplots(figsize=(5.6, 4.6))
-    sns.scatterplot(data=df, x="bytes_predicted", y="bytes_measured", hue="config", style="kind", s=70, ax=ax)
-    lo = max(1.0, min(df.bytes_predicted.min(), df.bytes_measured.min()) / 2)
-    hi = max(df.bytes_predicted.max(), df.bytes_measured.max()) * 2
-    ax.plot([lo, hi], [lo, hi], color="0.4", lw=1, ls="--", zorder=0, label="measured = predicted")
-    ax.set(xscale="log", yscale="log", xlabel="predicted bytes (derive.disagg)", ylabel="measured bytes (capture)",
-           title=title)
-    ax.legend(fontsize=7.5, loc="upper left")
-    fig.tight_layout()
-    return fig
+    return _log_diagonal(df, "bytes_predicted", "bytes_measured", "config", "kind", "predicted bytes (derive.disagg)",
+                         "measured bytes (capture)", title, "measured = predicted", (5.6, 4.6), legend_size=7.5)
 
 
 def handoff_times(df: pd.DataFrame, title: str = ""):
     """Predicted against reported hand-off times (columns ``reported_ms``, ``predicted_ms``, ``scheme``: how the
     prediction's parameters were fitted), log–log, with the diagonal."""
-    fig, ax = plt.subplots(figsize=(5.6, 4.4))
-    sns.scatterplot(data=df, x="reported_ms", y="predicted_ms", hue="scheme", style="scheme", s=70, ax=ax)
-    lo = min(df.reported_ms.min(), df.predicted_ms.min()) / 1.5
-    hi = max(df.reported_ms.max(), df.predicted_ms.max()) * 1.5
-    ax.plot([lo, hi], [lo, hi], color="0.4", lw=1, ls="--", zorder=0, label="predicted = reported")
-    ax.set(xscale="log", yscale="log", xlabel="reported (ms)", ylabel="predicted (ms)", title=title)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    return fig
+    return _log_diagonal(df, "reported_ms", "predicted_ms", "scheme", "scheme", "reported (ms)", "predicted (ms)", title,
+                         "predicted = reported", (5.6, 4.4), pad=1.5, floor=0.0)
 
 
 def handoff_share(df: pd.DataFrame, title: str = ""):
