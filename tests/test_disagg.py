@@ -168,6 +168,8 @@ def test_cli_predict_disaggregate_json(capsys):
     (["--disaggregate", "--tp", "2"], "not --tp"),
     (["--disaggregate", "--prefill-pp", "9"], "prefill side"),
     (["--disaggregate", "--kv-dtype", "int4"], "invalid choice"),
+    (["--disaggregate", "--prefill-tp", "2", "--decode-tp", "2", "--gpus", "3"], "4 ranks, more than the 3 GPUs"),
+    (["--gpus", "3"], "--gpus needs --disaggregate"),
 ])
 def test_cli_bad_combinations_exit_2(argv, msg, capsys):
     from llmcomm.cli import main

@@ -182,6 +182,7 @@ def _add_spec_args(sp: argparse.ArgumentParser) -> None:
     for flag in ("--prefill-tp", "--prefill-pp", "--decode-tp", "--decode-pp"):
         add(flag, type=positive_int, default=None, help="with --disaggregate: a side's TP or PP degree (default 1)")
     add("--kv-dtype", choices=list(KV_DTYPE_BYTES), default=None, help="with --disaggregate: the KV cache's dtype")
+    add("--gpus", dest="gpus_given", type=positive_int, help="with --disaggregate: GPUs given (N_P + N_D must fit)")
 
 
 def _add_moe_args(sp, ep: bool = True) -> None:

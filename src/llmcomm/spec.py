@@ -469,21 +469,26 @@ class Disaggregation:
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any]) -> "Disaggregation | None":
         """What the command line asks for (``--disaggregate --prefill-tp --prefill-pp --decode-tp --decode-pp
-        --kv-dtype``; a side's degrees default to 1), None without ``--disaggregate``; one :class:`SpecError` for a
-        side's flag without ``--disaggregate`` or ``--tp``/``--pp``/``--ep`` beside it."""
-        names = ("prefill_tp", "prefill_pp", "decode_tp", "decode_pp", "kv_dtype")
+        --kv-dtype [--gpus N]``; a side's degrees default to 1), None without ``--disaggregate``; one
+        :class:`SpecError` for a side's flag without ``--disaggregate``, ``--tp``/``--pp``/``--ep`` beside it, or more
+        ranks N_P + N_D than the N GPUs given."""
+        names = ("prefill_tp", "prefill_pp", "decode_tp", "decode_pp", "kv_dtype", "gpus_given")
         given = [x for x in names if flags.get(x) is not None]
         if not flags.get("disaggregate"):
             if given:
-                raise SpecError(f"--{given[0].replace('_', '-')} needs --disaggregate")
+                raise SpecError(f"--{given[0].replace('_given', '').replace('_', '-')} needs --disaggregate")
             return None
         clash = [x for x in ("tp", "pp", "ep") if flags.get(x, 1) != 1]
         if clash:
             raise SpecError(f"--disaggregate lays the sides out with --prefill-tp/--prefill-pp/--decode-tp/"
                             f"--decode-pp, not --{clash[0]}")
         deg = {x: flags.get(x) or 1 for x in names[:4]}
-        return cls(Layout(deg["prefill_tp"], deg["prefill_pp"]), Layout(deg["decode_tp"], deg["decode_pp"]),
-                   flags.get("kv_dtype"))
+        dis = cls(Layout(deg["prefill_tp"], deg["prefill_pp"]), Layout(deg["decode_tp"], deg["decode_pp"]),
+                  flags.get("kv_dtype"))
+        if flags.get("gpus_given") is not None and dis.ranks > flags["gpus_given"]:
+            raise SpecError(f"prefill {dis.prefill.t}x{dis.prefill.p} + decode {dis.decode.t}x{dis.decode.p} = "
+                            f"{dis.ranks} ranks, more than the {flags['gpus_given']} GPUs given (--gpus)")
+        return dis
 
     @property
     def label(self) -> str:
