@@ -86,3 +86,28 @@ def test_refused_before_any_rank_starts(dis, msg):
         measure_disaggregated(load_model("tiny-llama"), dis, [Workload(1, 8, 2)])
     with pytest.raises(SpecError, match="mixture of experts"):
         measure_disaggregated(load_model("tiny-mixtral"), Disaggregation(Layout(1), Layout(1)), [Workload(1, 8, 2)])
+
+
+def test_cli_measure_equals_predict(measured, capsys, tmp_path):
+    """``measure --disaggregate --json`` prints the rows ``predict --disaggregate --json`` prints (setup apart; gloo's
+    ring all-reduce, as predict counts by default), but for where the ranks are: this run put all three on one host,
+    while ``predict --gpus-per-node`` puts the decode side on nodes of its own (so all its hand-off crosses nodes)."""
+    import json
+
+    from llmcomm.cli import main
+
+    argv = ["--model", "tiny-llama", "--disaggregate", "--decode-tp", "2", "--batch", "2", "--prompt", "8",
+            "--generate", "4", "--json"]
+    assert main(["measure", *argv, "--out", str(tmp_path / "run")]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert main(["predict", *argv, "--gpus-per-node", "3"]) == 0
+    want = json.loads(capsys.readouterr().out)
+    placed = lambda rows: [{k: v for k, v in r.items() if k != "inter_node_bytes"} for r in rows]  # noqa: E731
+    assert placed(r for r in got["ops"] if r["phase"] != "setup") == placed(want["ops"])
+    kv = [(g["inter_node_bytes"], p["inter_node_bytes"], p["bytes"]) for g, p in zip(got["ops"][1:], want["ops"])
+          if p["phase"] == "kv_transfer"]
+    assert kv == [(0, 16_416, 16_416)]
+    assert got["tokens"] == got["reference_tokens"] and got["handoff_s"] > 0
+    assert json.loads((tmp_path / "run" / "result.c0.json").read_text()) == got
+    assert {k: got[k] for k in ("prefill_tp", "decode_tp", "kv_dtype")} == {"prefill_tp": 1, "decode_tp": 2,
+                                                                            "kv_dtype": "fp32"}

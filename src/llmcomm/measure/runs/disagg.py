@@ -104,7 +104,7 @@ class SideStage:
         """Global rank of this rank's TP peer on ``stage`` of its side."""
         return self.base + stage * self.layout.t + self.tp_rank
 
-    def forward(self, ids, cache, keep_last: bool = True):
+    def forward(self, ids, cache):
         """One forward of the side over ``ids`` ``[b, s]`` (only its shape is read off the first stage)."""
         import torch
         import torch.distributed as tdist
