@@ -10,7 +10,8 @@ one launch each (:func:`llmcomm.measure.disaggregate.measure_disaggregated`), an
 * :func:`messages_match`: message by message, in order — sender, receiver, bytes and shape ``[2, b, heads, S, d]``.
 
 Measured on CPU with the tiny Llama (2 KV heads, so t ≤ 2 on a side): equal TP (2 → 2), unequal TP (1 → 2, the
-issue's example, and 2 → 1), and a pipeline on the prefill side (p_P = 2 → t_D = 2).
+issue's example, and 2 → 1), a pipeline on the prefill side (p_P = 2 → t_D = 2) and one on the decode side
+(1 → p_D = 2: its last stage hands each token back to its first).
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ MODEL = "tiny-llama"
 CONFIGS = {"equal TP 2 → 2": Disaggregation(Layout(2), Layout(2)),
            "unequal TP 1 → 2": Disaggregation(Layout(1), Layout(2)),
            "unequal TP 2 → 1": Disaggregation(Layout(2), Layout(1)),
-           "prefill PP 1×2 → TP 2": Disaggregation(Layout(1, 2), Layout(2))}
+           "prefill PP 1×2 → TP 2": Disaggregation(Layout(1, 2), Layout(2)),
+           "decode PP 1 → 1×2": Disaggregation(Layout(1), Layout(1, 2))}
 WORKLOADS = (Workload(b=2, S=8, G=4), Workload(b=1, S=32, G=3))
 
 
