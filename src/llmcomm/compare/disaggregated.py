@@ -25,7 +25,8 @@ from ..spec import Disaggregation, Layout, ModelSpec, Workload, load_model
 from .sweeps import compare_rows
 
 __all__ = ["MODEL", "CONFIGS", "WORKLOADS", "measure_all", "rows_frame", "pairs_frame", "messages_match",
-           "predicted_rows", "runs_frame", "run_chapter", "cpu_handoff_frame"]
+           "predicted_rows", "runs_frame", "run_chapter", "cpu_handoff_frame", "handoff_breakdown",
+           "p2p_sizes_frame"]
 
 MODEL = "tiny-llama"
 #: label → the disaggregated layout the chapter and the tests measure
@@ -151,4 +152,54 @@ def cpu_handoff_frame(measured: list[tuple], hw) -> pd.DataFrame:
         rows.append({"config": label, "b": wl.b, "S": wl.S, "messages": pred["messages"],
                      "measured_ms": meas * 1e3, "predicted_ms": pred["seconds"] * 1e3,
                      "measured / predicted": meas / pred["seconds"]})
+    return pd.DataFrame(rows)
+
+
+def handoff_breakdown(measured: list[tuple]) -> pd.DataFrame:
+    """Where a measured hand-off's time goes, from the busiest sender's captured send calls (their wall-clock start
+    and end, the prefill's end): ``handoff_ms`` (prefill end → the decode side's last receive done), the sender's
+    time ``before_first_send_ms``, ``in_send_ms`` (inside its send calls), ``between_sends_ms`` (slicing and
+    stacking K and V between them) and ``after_last_send_ms``, and ``per_send_us``, the mean time inside one send.
+    Timings of this machine (wall clock of one host), shown, not checked."""
+    rows = []
+    for label, model, dis, wl, res in measured:
+        stamps = [r.get("timings", {}) for r in res.ranks]
+        prefill_end = max(x["prefill_end"] for x in stamps if "prefill_end" in x)
+        handoff_end = max(x["handoff_end"] for x in stamps if "handoff_end" in x)
+        per_rank: dict[int, list] = {}
+        for ev in _sends(res):
+            per_rank.setdefault(ev["rank"], []).append(ev)
+        sender = max(per_rank, key=lambda r: (len(per_rank[r]), -r))
+        sends = per_rank[sender]                       # in the rank's order (_sends sorts by rank, seq)
+        inside = sum(ev["t_end"] - ev["t_start"] for ev in sends)
+        span = sends[-1]["t_end"] - sends[0]["t_start"]
+        rows.append({"config": label, "b": wl.b, "S": wl.S, "handoff_ms": (handoff_end - prefill_end) * 1e3,
+                     "sender": sender, "sends": len(sends),
+                     "before_first_send_ms": (sends[0]["t_start"] - prefill_end) * 1e3,
+                     "in_send_ms": inside * 1e3, "between_sends_ms": (span - inside) * 1e3,
+                     "after_last_send_ms": (handoff_end - sends[-1]["t_end"]) * 1e3,
+                     "per_send_us": inside / len(sends) * 1e6})
+    return pd.DataFrame(rows)
+
+
+def p2p_sizes_frame(measured: list[tuple], hw, csv=None) -> pd.DataFrame:
+    """The point-to-point microbenchmark of this machine (``bench-collectives``, gloo, 2 ranks) at the sizes the
+    measured hand-offs sent: its median and 10th–90th percentile beside the α-β line the time model uses
+    (``hw``'s intra link: one fit over every size of the sweep) — at a few KiB the line is below the medians.
+    ``csv``: the benchmark table (default ``data/cpu-local/collectives.csv`` of the checkout)."""
+    from ..record import data_dir
+    from .calibration import read_bench_table
+
+    table, _ = read_bench_table(csv or data_dir("cpu-local") / "collectives.csv")
+    p2p = table[(table.op == "send_recv") & (table.backend == "gloo")].set_index("bytes")
+    link = hw.links["intra"]
+    sizes = sorted({int(ev["bytes"]) for *_, res in measured for ev in _sends(res)})
+    rows = []
+    for m_ in sizes:
+        near = p2p.index[abs(p2p.index - m_).argmin()]           # the sweep's sizes are powers of two
+        rows.append({"message_bytes": m_, "benchmark_bytes": int(near),
+                     "benchmark_median_us": p2p.loc[near, "time_s"] * 1e6,
+                     "benchmark_p10_us": p2p.loc[near, "time_p10_s"] * 1e6,
+                     "benchmark_p90_us": p2p.loc[near, "time_p90_s"] * 1e6,
+                     "alpha_beta_line_us": (link.alpha_s + m_ * link.beta_s_per_B) * 1e6})
     return pd.DataFrame(rows)
