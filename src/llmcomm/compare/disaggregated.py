@@ -19,6 +19,7 @@ from typing import Iterable
 
 import pandas as pd
 
+from ..deployment import Deployment
 from ..derive.disagg import KV_PHASE, disaggregated_calls, handoff_messages, node_of, rank_split
 from ..derive.traffic import rows_of_calls
 from ..spec import Disaggregation, Layout, ModelSpec, Workload, load_model
@@ -55,7 +56,7 @@ def predicted_rows(model: ModelSpec, dis: Disaggregation, workload: Workload, re
     on the host the run put it on (one host: ranks in order)."""
     from ..measure.results import allreduce_algorithm
 
-    pattern = "deepspeed-full"                       # what the runner sends between stages: the whole [b, s, h]
+    pattern = Deployment(p2p="full").pattern(model, dis.prefill)    # as predict --disaggregate: whole [b, s, h]
     return rows_of_calls(disaggregated_calls(model, dis, workload, pattern),
                          node_of(dis, dis.ranks, separate=False), allreduce_algorithm(res.ranks))
 

@@ -24,7 +24,8 @@ import pandas as pd
 from scipy.optimize import nnls
 
 from ..derive.disagg import handoff_summary
-from ..predict.handoff import handoff_time, message_pieces
+from ..derive.disagg import message_pieces
+from ..predict.handoff import handoff_time
 from ..predict.hardware import Hardware, load_hardware
 from ..record import load_frame
 from ..spec import Disaggregation, Layout, SpecError, Workload, load_model, read_preset_or_file

@@ -47,7 +47,7 @@ from ..spec import Disaggregation, ModelSpec, SpecError, Workload, stage_layers
 from .phases import KV_TRANSFER
 
 __all__ = ["KV_PHASE", "TOKEN_BYTES", "gcd", "closed_forms", "HandoffMessage", "head_ranges", "handoff_messages",
-           "handoff_calls", "handoff_summary", "rank_split", "pieces", "check_disaggregation", "node_of", "values",
+           "handoff_calls", "handoff_summary", "rank_split", "pieces", "message_pieces", "layer_stages", "check_disaggregation", "node_of", "values",
            "disaggregated_calls"]
 
 #: the phase of the hand-off's messages (between the prefill and the decode phases)
@@ -141,7 +141,8 @@ class HandoffMessage:
     nbytes: int
 
 
-def _stage_of_layers(L_: int, p_: int) -> list[int]:
+def layer_stages(L_: int, p_: int) -> list[int]:
+    """The stage of each of the L layers on a side of p stages (:func:`llmcomm.spec.stage_layers`)."""
     out = []
     for stage, n_layers in enumerate(stage_layers(L_, p_)):
         out += [stage] * n_layers
@@ -155,7 +156,7 @@ def handoff_messages(model: ModelSpec, dis: Disaggregation, workload: Workload) 
     P, D = dis.prefill, dis.decode
     w_ = dis.w_kv(workload)
     pre, dec = head_ranges(model.kv_heads, P.t), head_ranges(model.kv_heads, D.t)
-    sp_, sd_ = _stage_of_layers(model.L, P.p), _stage_of_layers(model.L, D.p)
+    sp_, sd_ = layer_stages(model.L, P.p), layer_stages(model.L, D.p)
     base = P.ranks                                            # the decode side's first global rank
     per_head = 2 * workload.b * workload.S * model.head_dim * w_
     out = []
@@ -197,23 +198,27 @@ def disaggregated_calls(model: ModelSpec, dis: Disaggregation, workload: Workloa
     return out
 
 
-def pieces(model: ModelSpec, dis: Disaggregation, workload: Workload, block: int | None = None,
-           block_layout: str = "HND") -> int:
-    """Pieces (contiguous memory regions a transfer engine registers as descriptors) of the KV messages under a paged
-    cache of ``block`` tokens (default ``dis.block``; None: one piece per message): per message 2·b·⌈S/B⌉ blocks
-    (K and V apart), each one piece in the heads-major layout ``HND``; ``NHD`` (token-major) splits a block whose head
-    range is not the whole block into B pieces."""
+def message_pieces(kind: str, workload: Workload, dis: Disaggregation, block_layout: str = "HND",
+                   block: int | None = None) -> int:
+    """Pieces (contiguous memory regions a transfer engine registers as descriptors) of ONE message under a paged
+    cache of ``block`` tokens (default ``dis.block``): a KV message 2·b·⌈S/B⌉ blocks (K and V apart), each one piece
+    in the heads-major layout ``HND``; ``NHD`` (token-major) splits a block into B pieces when t_P ≠ t_D (a head
+    range is contiguous in a block only when it is all of the block's heads, on the sending and on the receiving side
+    at once — with unequal degrees one of the two never is). Without a block size, and for a token message: one."""
     if block_layout not in ("HND", "NHD"):
         raise SpecError(f"block layout {block_layout!r} is not HND or NHD")
     block = dis.block if block is None else block
-    kv = [x for x in handoff_messages(model, dis, workload) if x.kind == "kv"]
-    if block is None:
-        return len(kv)
-    blocks = 2 * workload.b * -(-workload.S // block)
-    # NHD: a head range is contiguous in a block only when it is all of the block's heads, on the sending and on the
-    # receiving side at once — with t_P ≠ t_D one of the two never is
-    per_block = block if block_layout == "NHD" and dis.prefill.t != dis.decode.t else 1
-    return len(kv) * blocks * per_block
+    if kind != "kv" or block is None:
+        return 1
+    strided = block_layout == "NHD" and dis.prefill.t != dis.decode.t
+    return 2 * workload.b * -(-workload.S // block) * (block if strided else 1)
+
+
+def pieces(model: ModelSpec, dis: Disaggregation, workload: Workload, block: int | None = None,
+           block_layout: str = "HND") -> int:
+    """Pieces of all the KV messages of a hand-off (:func:`message_pieces` each; default block ``dis.block``)."""
+    return sum(message_pieces(x.kind, workload, dis, block_layout, block)
+               for x in handoff_messages(model, dis, workload) if x.kind == "kv")
 
 
 def rank_split(model: ModelSpec, dis: Disaggregation, workload: Workload) -> list[dict]:

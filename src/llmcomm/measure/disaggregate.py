@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
+from llmcomm.deployment import Deployment
 from llmcomm.measure.cache import RunCache
 from llmcomm.measure.launch import _cache_for, check_run, rank_spec
 from llmcomm.measure.results import MeasureResult, assemble
@@ -39,7 +40,7 @@ def check_disaggregated_run(model: ModelSpec, dis: Disaggregation, workloads: Se
         raise SpecError(f"a measured disaggregated run is dense only; {model.name} is a mixture of experts "
                         f"(its hand-off is predicted: the KV cache is the attention's, the same formulas)")
     for side in (dis.prefill, dis.decode):
-        check_run(model, side, workloads, [_dense()] * len(workloads), backend)
+        check_run(model, side, workloads, [Deployment()] * len(workloads), backend)
     if dis.kv_dtype not in (None, *{w.dtype for w in workloads}):
         raise SpecError(f"a measured hand-off moves the KV cache in the model dtype "
                         f"({', '.join(sorted({w.dtype for w in workloads}))}), not {dis.kv_dtype}")
@@ -48,12 +49,6 @@ def check_disaggregated_run(model: ModelSpec, dis: Disaggregation, workloads: Se
     if backend != "gloo" and not has_cuda():
         raise SpecError(f"backend {backend!r} on CPU: a disaggregated run needs gloo (TP sub-groups)")
     return backend
-
-
-def _dense():
-    from llmcomm.deployment import Deployment
-
-    return Deployment()
 
 
 def measure_disaggregated(model: ModelSpec, dis: Disaggregation, workloads: Sequence[Workload], *,

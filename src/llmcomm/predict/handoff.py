@@ -9,7 +9,7 @@ then ``inter`` (the network), else ``intra`` (NVLink in one node). One message o
 
 with the level's parameters (:func:`kv_transfer_params`): a per-message floor (posting, completion), the bandwidth of
 **one rank's** link at that level (a GPU's NVLink, its NIC), and a per-piece cost (one descriptor of a paged cache:
-:func:`llmcomm.derive.disagg.pieces`; without a block size every message is one piece).
+:func:`llmcomm.derive.disagg.message_pieces`; without a block size every message is one piece).
 
 Concurrency (the choice made here): every rank has its own link per level, full duplex. The messages a rank sends at
 one level queue on its egress, those it receives on its ingress; messages of different ranks run at once. So a level
@@ -35,12 +35,12 @@ import math
 
 import pandas as pd
 
-from ..derive.disagg import handoff_messages, node_of
+from ..derive.disagg import handoff_messages, message_pieces, node_of
 from ..spec import Disaggregation, ModelSpec, SpecError, Workload
 from .hardware import Hardware
 from .latency import predict_latency
 
-__all__ = ["LEVELS", "PARAMS", "kv_transfer_params", "message_pieces", "handoff_time", "exposed_seconds",
+__all__ = ["LEVELS", "PARAMS", "kv_transfer_params", "handoff_time", "exposed_seconds",
            "disaggregated_latency", "handoff_share_frame"]
 
 #: the link levels of the hand-off
@@ -88,17 +88,6 @@ def kv_transfer_params(hw: Hardware, params: dict | None = None) -> dict[str, di
             out[level] = {"floor_s": link.alpha_s, "bytes_per_s": 1.0 / link.beta_s_per_B, "piece_s": 0.0,
                           "from": FROM_LINKS}
     return out
-
-
-def message_pieces(kind: str, workload: Workload, dis: Disaggregation, block_layout: str = "HND") -> int:
-    """Pieces of one message: a KV message 2·b·⌈S/B⌉ blocks (× B in the token-major ``NHD`` layout when t_P ≠ t_D:
-    :func:`llmcomm.derive.disagg.pieces`), one without a block size; a token message one."""
-    if block_layout not in ("HND", "NHD"):
-        raise SpecError(f"block layout {block_layout!r} is not HND or NHD")
-    if kind != "kv" or dis.block is None:
-        return 1
-    strided = block_layout == "NHD" and dis.prefill.t != dis.decode.t
-    return 2 * workload.b * -(-workload.S // dis.block) * (dis.block if strided else 1)
 
 
 def handoff_time(model: ModelSpec, dis: Disaggregation, workload: Workload, hw: Hardware,

@@ -166,13 +166,14 @@ def _handoff_send(st: SideStage, dis: Disaggregation, cache, model, tok) -> None
     import torch
     import torch.distributed as tdist
 
-    from llmcomm.derive.disagg import head_ranges
+    from llmcomm.derive.disagg import head_ranges, layer_stages
 
+    decode_stages = layer_stages(model.L, dis.decode.p)
     for layer in range(st.start, st.stop):
         keys, vals = cache.layers[layer].keys, cache.layers[layer].values    # [b, my heads, S, d]
         mine = keys.shape[1]
         lo_i = st.tp_rank * mine
-        dst_stage = _stage_of(layer, model.L, dis.decode.p)
+        dst_stage = decode_stages[layer]
         for j, (lo_j, hi_j) in enumerate(head_ranges(model.kv_heads, dis.decode.t)):
             lo, hi = max(lo_i, lo_j), min(lo_i + mine, hi_j)
             if lo < hi:
@@ -183,29 +184,20 @@ def _handoff_send(st: SideStage, dis: Disaggregation, cache, model, tok) -> None
             tdist.send(tok.view(-1, 1).to(torch.int64).contiguous(), dis.prefill.ranks + j)
 
 
-def _stage_of(layer: int, L: int, p: int) -> int:
-    """The stage of ``layer`` on a side of p stages (:func:`llmcomm.spec.stage_layers`)."""
-    acc = 0
-    for stage, n in enumerate(stage_layers(L, p)):
-        acc += n
-        if layer < acc:
-            return stage
-    raise SpecError(f"layer {layer} is on no stage")
-
-
 def _handoff_recv(st: SideStage, dis: Disaggregation, cache, model, w):
     """The decode rank's part of the hand-off: its layers' K and V into ``cache``; returns the first token on the
     first stage (None elsewhere)."""
     import torch
     import torch.distributed as tdist
 
-    from llmcomm.derive.disagg import head_ranges
+    from llmcomm.derive.disagg import head_ranges, layer_stages
 
+    prefill_stages = layer_stages(model.L, dis.prefill.p)
     heads = model.kv_heads // dis.decode.t
     lo_j = st.tp_rank * heads
     pre = head_ranges(model.kv_heads, dis.prefill.t)
     for layer in range(st.start, st.stop):
-        src_stage = _stage_of(layer, model.L, dis.prefill.p)
+        src_stage = prefill_stages[layer]
         parts = []
         for i, (lo_i, hi_i) in enumerate(pre):
             lo, hi = max(lo_i, lo_j), min(hi_i, lo_j + heads)
